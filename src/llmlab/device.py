@@ -1,0 +1,40 @@
+"""Device and dtype resolution shared by training, inference and evaluation.
+
+`device="auto"` picks cuda, then mps, then cpu; `dtype="auto"` is bf16 on GPUs that support it and fp32
+elsewhere (CPU bf16 matmuls are slow and lossy, so CPU runs stay in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmlab.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device={device!r} is not a device torch knows; use auto, cpu, cuda, cuda:N or mps") from e
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    device = torch.device(device)
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is unknown; use one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]

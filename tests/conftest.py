@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny corpora made on the fly, never downloads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests must be deterministic and not oversubscribe the 2 CI cores.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def small_corpus() -> list[str]:
+    """A few paragraphs of varied real-ish text (ASCII, unicode, code, numbers)."""
+    return [
+        "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.\n",
+        "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # 5\n",
+        "In 1905 Einstein published four papers. Their ideas changed physics for ever.\n",
+        "Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade, \u732b\u306f\u53ef\u611b\u3044 \U0001f600 emoji!\n",
+        "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\n" * 3,
+    ]
