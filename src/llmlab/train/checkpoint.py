@@ -1,0 +1,244 @@
+"""Checkpoints: runs/NAME/ckpt-STEP/{config.json, model.safetensors, train_state.pt, tokenizer/}.
+
+A checkpoint is written into a temporary sibling directory, fsynced and renamed into place
+(llmlab.fsutil.atomic_dir), so a directory named ckpt-STEP is always complete; a crash mid-write leaves
+only a hidden .ckpt-STEP.*.tmp that `latest()` ignores and the next save's pruning removes.
+
+- config.json + model.safetensors come from the model's own `save(dir)` (so `Transformer.load(ckpt)`
+  works on any checkpoint); a model without `save` gets a safetensors file of its state dict.
+- train_state.pt holds only tensors and primitive containers (optimizer state, step, tokens, the batch
+  source's state, RNG states, callback state) so it loads with torch.load(weights_only=True).
+- tokenizer/ is a copy of the run's tokenizer, so a checkpoint alone is enough for generate/export.
+
+`Checkpointer` is the single place the Trainer saves, finds, loads and prunes checkpoints; a distributed
+variant (torch.distributed.checkpoint under FSDP) can subclass it and override `write_model`/`read_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from llmlab.errors import CheckpointError
+from llmlab.fsutil import atomic_dir
+
+REQUIRED_FILES = ("config.json", "model.safetensors", "train_state.pt")
+STATE_VERSION = 1
+_CKPT_NAME = re.compile(r"^ckpt-(\d+)$")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# ---------------------------------------------------------------- RNG state (weights_only-safe)
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from: torch CPU/CUDA, NumPy's global, Python's `random`."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- one checkpoint directory
+
+def step_of(path: Path) -> int | None:
+    m = _CKPT_NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def check_complete(path: str | Path) -> Path:
+    """Raise a CheckpointError naming the first missing file; return the path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a ckpt-STEP directory or --resume auto")
+    for name in REQUIRED_FILES:
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}; it is incomplete, "
+                                  "resume from another checkpoint (--resume auto picks the newest complete one)")
+    return path
+
+
+def read_train_state(path: str | Path) -> dict[str, Any]:
+    """train_state.pt of a complete checkpoint, loaded with weights_only=True, files listed in it checked."""
+    path = check_complete(path)
+    try:
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated/corrupt pickle raises several different types
+        raise CheckpointError(f"checkpoint {path}/train_state.pt cannot be read ({type(e).__name__}); "
+                              "resume from another checkpoint") from e
+    for name in state.get("files", []):
+        if not (path / name).exists():
+            raise CheckpointError(f"checkpoint {path} is missing {name}; it is incomplete, "
+                                  "resume from another checkpoint")
+    return state
+
+
+def _model_config_dict(model: nn.Module) -> dict[str, Any] | None:
+    config = getattr(model, "config", None)
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
+
+
+def check_model_config(path: str | Path, model: nn.Module) -> None:
+    """A checkpoint's config.json must describe the model we are loading it into."""
+    ours = _model_config_dict(model)
+    if ours is None:
+        return
+    try:
+        theirs = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}/config.json is unreadable ({e}); resume from another checkpoint") from e
+    theirs = theirs.get("model", theirs)  # tolerate a config.json that nests the model config
+    diffs = [k for k in ours if k in theirs and _norm(theirs[k]) != _norm(ours[k])]
+    if diffs:
+        k = diffs[0]
+        more = f" (and {len(diffs) - 1} more: {', '.join(diffs[1:])})" if len(diffs) > 1 else ""
+        raise CheckpointError(f"checkpoint {path} has model.{k}={theirs[k]!r} but the config asks for "
+                              f"{ours[k]!r}{more}; set model.{k}={json.dumps(theirs[k])} to resume it, "
+                              "or start a new run (train.run_name=...)")
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def write_model(model: nn.Module, directory: Path) -> None:
+    """config.json + model.safetensors via the model's own save(), else from its state dict."""
+    if hasattr(model, "save"):
+        model.save(directory)
+        return
+    save_model(model, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(_model_config_dict(model) or {}, indent=2))
+
+
+def read_model(model: nn.Module, directory: Path) -> None:
+    """Load model.safetensors into `model` in place (strict: every tensor present with its shape)."""
+    check_model_config(directory, model)
+    try:
+        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint {directory} does not fit the model ({first}); "
+                              "make model.* match the checkpoint's config.json") from e
+    if missing or unexpected:
+        names = ", ".join((missing + unexpected)[:3])
+        raise CheckpointError(f"checkpoint {directory} does not fit the model (missing/unexpected tensors: "
+                              f"{names}); make model.* match the checkpoint's config.json")
+
+
+# ---------------------------------------------------------------- a run's checkpoints
+
+class Checkpointer:
+    """Saves ckpt-STEP directories under `run_dir`, keeps the newest `keep_last` plus pinned steps."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, tokenizer_dir: str | Path | None = None):
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
+        self.pinned: set[int] = set()  # steps that pruning must keep (e.g. the spike guard's rollback ring)
+
+    def path(self, step: int) -> Path:
+        return self.run_dir / f"ckpt-{step:06d}"
+
+    def save(self, step: int, model: nn.Module, train_state: dict[str, Any]) -> Path:
+        target = self.path(step)
+        with atomic_dir(target) as tmp:
+            self.write_model(unwrap(model), tmp)
+            files = list(REQUIRED_FILES)
+            if self.tokenizer_dir is not None:
+                shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
+                files += [f"tokenizer/{p.relative_to(self.tokenizer_dir)}" for p in sorted(self.tokenizer_dir.rglob("*"))
+                          if p.is_file()]
+            torch.save({**train_state, "version": STATE_VERSION, "files": files}, tmp / "train_state.pt")
+        self.prune()
+        return target
+
+    write_model = staticmethod(write_model)
+    read_model = staticmethod(read_model)
+
+    def load(self, path: str | Path, model: nn.Module) -> dict[str, Any]:
+        """Load weights into `model`; return the train_state dict for the caller to apply."""
+        state = read_train_state(path)
+        self.read_model(unwrap(model), Path(path))
+        return state
+
+    def all(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete-looking checkpoint, oldest first."""
+        if not self.run_dir.is_dir():
+            return []
+        found = [(step_of(p), p) for p in self.run_dir.iterdir() if p.is_dir() and step_of(p) is not None]
+        return sorted(found)
+
+    def latest(self, max_step: int | None = None) -> Path | None:
+        """Newest complete checkpoint (at or before `max_step`), or None."""
+        for step, path in reversed(self.all()):
+            if max_step is not None and step > max_step:
+                continue
+            if all((path / name).is_file() for name in REQUIRED_FILES):
+                return path
+        return None
+
+    def prune(self) -> None:
+        """Delete checkpoints beyond the newest keep_last (pinned ones stay) and stale temp dirs."""
+        for tmp in self.run_dir.glob(".ckpt-*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.keep_last <= 0:
+            return
+        ckpts = self.all()
+        for step, path in ckpts[:-self.keep_last]:
+            if step not in self.pinned:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_resume(resume: str | Path | None, run_dir: str | Path) -> Path | None:
+    """`auto` -> newest complete checkpoint in run_dir (None if there is none); a path -> that checkpoint.
+
+    A run directory given as the path means its newest checkpoint.
+    """
+    if resume is None or resume == "":
+        return None
+    if str(resume) == "auto":
+        return Checkpointer(run_dir).latest()
+    path = Path(resume)
+    if path.is_dir() and step_of(path) is None and not (path / "train_state.pt").exists():
+        latest = Checkpointer(path).latest()
+        if latest is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint; pass a ckpt-STEP directory")
+        return latest
+    check_complete(path)
+    return path

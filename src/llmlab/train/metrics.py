@@ -1,0 +1,165 @@
+"""Training metrics: the metrics.jsonl writer, throughput, and model FLOPs utilisation (MFU).
+
+metrics.jsonl holds one JSON object per logged optimizer step: step, tokens, loss, lr, grad_norm,
+clipped, tokens_per_s, mfu, events (a list of {"type": ...} dicts: eval, checkpoint, skip, rollback, ...)
+plus whatever the objective's loss function reported. Plots are derived from it, never the reverse.
+
+MFU (PaLM, Chowdhery et al. 2022, appendix B) = achieved model FLOPs/s / peak FLOPs/s, where the model
+FLOPs per token come from the model (6N for the matmuls of forward+backward plus the attention term) and
+do not count activation recomputation. Peaks are dense bf16 tensor-core figures from NVIDIA's datasheets
+for the GPUs in PEAK_FLOPS. For any other device (the CPU included) there is no honest datasheet number,
+so `peak_flops` measures the best matmul throughput this process achieves in the training dtype once
+(a 1024^3 GEMM, best of a few) and uses that: CPU "MFU" is therefore relative to what this machine's
+BLAS can do with the current thread count, not to a vendor figure. `train.peak_flops` overrides both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmlab.fsutil import write_text_atomic
+
+# Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per GPU, matched against
+# torch.cuda.get_device_name() in order, so the more specific names come first.
+PEAK_FLOPS: list[tuple[str, float]] = [
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),      # H200 SXM: same compute as H100 SXM, more and faster HBM
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),      # H100 SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", 312e12),      # A100 SXM4 and PCIe
+]
+
+_measured: dict[tuple[str, torch.dtype], float] = {}
+
+
+def table_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The datasheet peak for a GPU name in bf16/fp16, else None."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    for key, flops in PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 4) -> float:
+    """Best achieved FLOP/s of an n x n GEMM on `device` in `dtype` (cached per process)."""
+    key = (str(device), dtype)
+    if key not in _measured:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        best = math.inf
+        for _ in range(reps + 1):  # the first rep warms up the BLAS threads/kernels
+            _sync(device)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        _measured[key] = 2 * n**3 / best
+    return _measured[key]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None = None) -> float:
+    """Peak FLOP/s for MFU: `override`, else the datasheet table, else a measured GEMM peak."""
+    if override:
+        return float(override)
+    if device.type == "cuda":
+        found = table_peak_flops(torch.cuda.get_device_name(device), dtype)
+        if found:
+            return found
+    # Measuring must not disturb the training RNG streams (resume exactness depends on them).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return measure_matmul_flops(device, dtype)
+
+
+def mfu(flops_per_token: float | None, tokens_per_s: float, peak: float | None, world_size: int = 1) -> float | None:
+    """Model FLOPs utilisation in [0, 1] (None when the FLOPs per token or the peak is unknown)."""
+    if not flops_per_token or not peak:
+        return None
+    return flops_per_token * tokens_per_s / (peak * world_size)
+
+
+class Throughput:
+    """Tokens/s of the last step and an exponential moving average for the progress bar."""
+
+    def __init__(self, smoothing: float = 0.9):
+        self.smoothing = smoothing
+        self.last = 0.0
+        self.ema: float | None = None
+        self.total_tokens = 0
+        self.total_time = 0.0
+
+    def update(self, tokens: int, seconds: float) -> float:
+        self.last = tokens / max(seconds, 1e-9)
+        self.ema = self.last if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * self.last
+        self.total_tokens += tokens
+        self.total_time += seconds
+        return self.last
+
+    @property
+    def mean(self) -> float:
+        """Tokens/s over all timed steps (eval and checkpoint time excluded)."""
+        return self.total_tokens / self.total_time if self.total_time else 0.0
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: tensors to numbers, non-finite floats to None (strict JSON has no NaN/Infinity)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to metrics.jsonl, flushed per line so a crash loses at most one."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (left by a run that died after its last checkpoint) before resuming."""
+        if not self.path.exists():
+            return
+        kept = [line for line in read_metrics_lines(self.path) if json.loads(line).get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_clean(record)) + "\n")
+
+
+def read_metrics_lines(path: str | Path) -> list[str]:
+    """Complete lines of a metrics file (a torn last line from a crash is ignored)."""
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        lines.append(line)
+    return lines
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in read_metrics_lines(path)]

@@ -1,0 +1,64 @@
+"""AdamW with weight decay on weight matrices only, plus the optimizer settings every objective shares.
+
+Decoupled weight decay (Loshchilov & Hutter 2019, arXiv:1711.05101) pulls weights toward zero; it is
+meant for the matrices that mix features (linear layers, embeddings), not for the 1-D tensors that set
+a scale or offset (norm gains, biases), where decay just fights the gradient (the GPT-2/nanoGPT split:
+every parameter with dim >= 2 decays, the rest does not). Tied embeddings appear once because
+`named_parameters()` deduplicates shared tensors.
+
+On CUDA the fused AdamW kernel does the whole update in one launch; elsewhere the foreach
+implementation batches the per-tensor ops. Both give the same maths as the reference loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmlab.errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and LR-schedule settings (see schedule.py for the shape of the schedule)."""
+
+    lr: float = 6e-4                        # peak learning rate, reached at the end of warmup
+    betas: tuple[float, float] = (0.9, 0.95)  # beta2=0.95 is the LLM choice (GPT-3): steadier with big batches
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+    grad_clip: float = 1.0                  # clip the global grad norm to this; 0 disables clipping
+    warmup_steps: int = 100
+    max_steps: int = 1000                   # length of the run in optimizer steps; the cosine ends here
+    min_lr_ratio: float = 0.1               # the cosine decays to lr * min_lr_ratio
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0; try 6e-4")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must lie in [0, 1); try [0.9, 0.95]")
+        if self.max_steps < 1:
+            raise ConfigError(f"optim.max_steps={self.max_steps} must be >= 1")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]; try 0.1")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: tensors with dim >= 2 decay, the rest (biases, norm gains) do not."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model)`; fused on CUDA, foreach elsewhere. The LR is set each step."""
+    device = next(model.parameters()).device
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                             eps=cfg.eps, **fast)

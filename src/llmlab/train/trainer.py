@@ -1,0 +1,459 @@
+"""The one training loop every objective uses: pretraining, SFT, reward modelling, DPO, PPO.
+
+An objective plugs in by supplying two things:
+
+    loss_fn(model, batch) -> (loss, metrics)   loss: scalar tensor to minimise (mean over the micro-batch);
+                                               metrics: dict of floats/0-d tensors, averaged over the
+                                               micro-batches of a step and logged. The key "n_tokens"
+                                               (if given) is the token count used for tokens/s; otherwise
+                                               the first tensor of the batch is counted.
+    batches.next_batch() -> batch              plus state_dict()/load_state_dict() so resume is exact
+                                               (and skip(a, b) if a spike guard will roll back).
+
+Everything else is shared: gradient accumulation (`accum_steps` micro-batches per optimizer step, each
+loss divided by accum_steps so the gradient is the mean over the whole step), global grad-norm clipping
+(the pre-clip norm and whether it clipped are logged), the LR schedule (a pure function of the step,
+times `lr_scale`), bf16 autocast on GPUs that support it (fp32 on CPU), periodic evaluation through
+`eval_fn(model) -> {"val_loss": ...}`, checkpoints every `ckpt_every` steps and at the end, exact resume,
+metrics.jsonl, and a tqdm bar with loss, tokens/s and MFU.
+
+Extension points (issue 4 and later objectives hook in here, the loop itself stays as it is):
+- `callbacks`: objects with any of on_fit_start(trainer), before_optimizer_step(trainer, stats) ->
+  None | Skip | Rollback, on_step_end(trainer, record), on_checkpoint(trainer, path), and
+  state_dict()/load_state_dict() (saved in train_state.pt). A loss-spike guard is a callback: it sees
+  the step's loss and pre-clip grad norm before the update and can skip the update or roll back.
+- `rollback(Rollback)`: restore an older checkpoint, tell the batch source to skip the bad data range,
+  optionally scale the LR; the skipped ranges are kept by the trainer and re-applied after every restore.
+- `model` may arrive wrapped by a separate parallelize step (DDP, torch.compile; FSDP2 shards in
+  place): the loop only calls it, `unwrap()` finds the module to save, gradient sync is switched off on
+  all but the last micro-batch, and only rank 0 writes files.
+- `checkpointer`: a Checkpointer (or a distributed subclass) does all checkpoint I/O.
+- `should_stop`: set it (e.g. from a SIGTERM handler) and the loop checkpoints and returns after the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmlab.device import resolve_dtype
+from llmlab.errors import CheckpointError, ConfigError, LLMLabError
+from llmlab.train.checkpoint import Checkpointer, rng_state, set_rng_state, unwrap
+from llmlab.train.metrics import MetricsWriter, Throughput, mfu, peak_flops
+from llmlab.train.optim import OptimConfig, build_optimizer
+from llmlab.train.schedule import lr_at
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings shared by every objective (optimizer settings live in OptimConfig)."""
+
+    accum_steps: int = 1                 # micro-batches per optimizer step
+    tokens_per_step: int | None = None   # pretraining: sets accum_steps = tokens / (batch * block * world)
+    eval_every: int = 100                # steps between evaluations (0: only at the end)
+    eval_batches: int = 20               # val batches per evaluation
+    ckpt_every: int = 500                # steps between checkpoints (0: only at the end)
+    keep_last: int = 3                   # checkpoints kept on disk (0: keep all)
+    log_every: int = 1                   # steps between metrics.jsonl records (eval/ckpt steps always logged)
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"                  # autocast dtype: auto = bf16 on GPUs that have it, fp32 on CPU
+    seed: int = 1337
+    out_dir: str = "runs"                # the run directory is out_dir/run_name
+    run_name: str = "run"
+    overwrite: bool = False              # start over in an existing run directory (deletes its checkpoints)
+    progress: bool = True                # tqdm progress bar
+    peak_flops: float | None = None      # override the device peak FLOP/s used for MFU (see metrics.py)
+    plot: bool = True                    # write PNG plots at the end
+
+    def validate(self) -> None:
+        if self.accum_steps < 1:
+            raise ConfigError(f"train.accum_steps={self.accum_steps} must be >= 1")
+        for key in ("eval_every", "eval_batches", "ckpt_every", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every={self.log_every} must be >= 1")
+
+
+@dataclass
+class StepStats:
+    """What a callback sees before the optimizer step: loss and pre-clip grad norm of the whole step."""
+
+    step: int                 # index of the step being taken (0-based; the record will say step + 1)
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int               # tokens in this step
+    metrics: dict[str, float]
+    batch_range: tuple[int, int] | None  # batch-source positions [start, end) this step read, if known
+
+
+@dataclass
+class Skip:
+    """Do not apply this step's update (the data is consumed and the step counter advances)."""
+
+    reason: str = ""
+
+
+@dataclass
+class Rollback:
+    """Restore the newest checkpoint at or before `to_step` and skip batch positions `skip` = (a, b)."""
+
+    to_step: int
+    skip: tuple[int, int] | None = None
+    lr_scale: float | None = None   # multiply the schedule by this from now on (None: unchanged)
+    reason: str = ""
+
+
+class Callback:
+    """No-op base for trainer callbacks; override what you need."""
+
+    name = "callback"
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def before_optimizer_step(self, trainer: Trainer, stats: StepStats) -> Skip | Rollback | None: ...
+    def on_step_end(self, trainer: Trainer, record: dict) -> None: ...
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
+    def state_dict(self) -> dict: return {}
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def batch_tokens(batch: Any) -> int:
+    """Token count of a batch: numel of its first tensor (the inputs, by convention)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, dict):
+        batch = batch.get("input_ids", next(iter(batch.values())))
+        return batch_tokens(batch)
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_tokens(batch[0])
+    return 0
+
+
+MAX_NONFINITE = 10  # consecutive non-finite steps before the run stops instead of skipping
+
+
+class TrainingDiverged(LLMLabError):
+    """Loss or gradients stayed non-finite; lower the LR or resume from an earlier checkpoint."""
+
+
+class Trainer:
+    """Runs optimizer steps of `loss_fn` over `batches` (see the module docstring for the contract)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]],
+                 batches: Any, optim: OptimConfig, train: TrainConfig, *, run_dir: str | Path | None = None,
+                 eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+                 flops_per_token: float | None = None, tokenizer_dir: str | Path | None = None,
+                 callbacks: Sequence[Callback] = (), optimizer: torch.optim.Optimizer | None = None,
+                 checkpointer: Checkpointer | None = None):
+        optim.validate()
+        train.validate()
+        self.model, self.loss_fn, self.batches, self.eval_fn = model, loss_fn, batches, eval_fn
+        self.optim_cfg, self.cfg = optim, train
+        self.module = unwrap(model)
+        self.device = next(self.module.parameters()).device
+        self.amp_dtype = resolve_dtype(train.dtype, self.device)
+        if self.amp_dtype == torch.float16:
+            raise ConfigError("train.dtype=fp16 needs loss scaling, which llmlab does not do; use bf16 or fp32")
+        self.optimizer = optimizer or build_optimizer(self.module, optim)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.is_main = self.rank == 0
+        self.checkpointer = checkpointer or (
+            Checkpointer(self.run_dir, train.keep_last, tokenizer_dir) if self.run_dir is not None else None)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl") if self.run_dir is not None else None
+        self.callbacks = list(callbacks)
+        if flops_per_token is None and hasattr(self.module, "flops_per_token"):
+            flops_per_token = self.module.flops_per_token()
+        self.flops_per_token = flops_per_token
+        self.step = 0            # optimizer steps completed
+        self.tokens = 0          # tokens trained on (all ranks)
+        self.lr_scale = 1.0      # multiplies the schedule (a spike guard may lower it after a rollback)
+        self.skipped: list[tuple[int, int]] = []  # batch ranges skipped by rollbacks, re-applied on restore
+        self.should_stop = False
+        self.throughput = Throughput()
+        self.last_eval: dict[str, float] = {}
+        self._events: list[dict] = []
+        self._nonfinite = 0
+        self._peak: float | None = None
+        self._saved_step: int | None = None
+
+    # ------------------------------------------------------------------ the step
+
+    def lr(self) -> float:
+        o = self.optim_cfg
+        return self.lr_scale * lr_at(self.step, o.lr, o.warmup_steps, o.max_steps, o.min_lr_ratio)
+
+    def autocast(self):
+        """bf16 autocast where configured (weights and optimizer state stay fp32); nothing in fp32."""
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _grad_sync(self, enabled: bool):
+        """Gradient all-reduce only on the last micro-batch of a step (DDP no_sync / FSDP2 switch)."""
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(enabled)
+            return contextlib.nullcontext()
+        if not enabled and hasattr(self.model, "no_sync"):  # DDP
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values /= self.world_size
+        return values
+
+    def forward_backward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, tuple[int, int] | None]:
+        """Run accum_steps micro-batches, accumulating gradients; return the step's mean loss and metrics."""
+        accum = self.cfg.accum_steps
+        start = getattr(self.batches, "step", None)
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        n_tokens = 0
+        self.model.train()
+        for micro in range(accum):
+            batch = self.batches.next_batch()
+            with self._grad_sync(micro == accum - 1):
+                with self.autocast():
+                    loss, metrics = self.loss_fn(self.model, batch)
+                (loss / accum).backward()  # outside autocast, as torch recommends
+            loss_sum += loss.detach().float()
+            metrics = dict(metrics)
+            n_tokens += int(metrics.pop("n_tokens", batch_tokens(batch)))
+            for k, v in metrics.items():
+                v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                metric_sums[k] = metric_sums.get(k, 0) + v.to(self.device)
+        end = getattr(self.batches, "step", None)
+        means = {k: v / accum for k, v in metric_sums.items()}
+        return loss_sum / accum, means, n_tokens * self.world_size, (start, end) if start is not None else None
+
+    def clip_gradients(self) -> float:
+        """Clip the global grad norm to optim.grad_clip (0: no clipping) and return the pre-clip norm."""
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=self.device.type != "mps")
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def train_step(self) -> dict | None:
+        """One optimizer step; returns its metrics record (None if a callback rolled back instead)."""
+        t0 = time.perf_counter()
+        lr = self.lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_t, metrics_t, n_tokens, batch_range = self.forward_backward()
+        grad_norm = self.clip_gradients()
+        packed = self._mean_over_ranks(torch.stack([loss_t, *metrics_t.values()]).float()).tolist()
+        loss, metrics = packed[0], dict(zip(metrics_t, packed[1:], strict=True))
+        stats = StepStats(self.step, loss, grad_norm, lr, n_tokens, metrics, batch_range)
+
+        action = self._decide(stats)
+        if isinstance(action, Rollback):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.rollback(action)
+            return None
+        if isinstance(action, Skip):
+            self._events.append({"type": "skip", "reason": action.reason})
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += n_tokens
+        dt = time.perf_counter() - t0
+        tokens_per_s = self.throughput.update(n_tokens, dt)
+        clipped = 0 < self.optim_cfg.grad_clip < grad_norm
+        return {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "clipped": clipped, "tokens_per_s": tokens_per_s,
+                "mfu": mfu(self.flops_per_token, tokens_per_s, self._peak, self.world_size), **metrics}
+
+    def _decide(self, stats: StepStats) -> Skip | Rollback | None:
+        """Ask the callbacks; a rollback outranks a skip. Non-finite steps are skipped, then stop the run."""
+        actions = [cb.before_optimizer_step(self, stats) for cb in self.callbacks]
+        for kind in (Rollback, Skip):
+            for a in actions:
+                if isinstance(a, kind):
+                    return a
+        if math.isfinite(stats.loss) and math.isfinite(stats.grad_norm):
+            self._nonfinite = 0
+            return None
+        # Applying a NaN/inf gradient would poison every weight; skipping keeps the model usable.
+        self._nonfinite += 1
+        if self._nonfinite >= MAX_NONFINITE:
+            raise TrainingDiverged(f"loss/grad norm non-finite for {MAX_NONFINITE} steps in a row at step "
+                                   f"{stats.step}; lower optim.lr or resume from an earlier checkpoint")
+        return Skip(reason="non-finite loss or grad norm")
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        """Train until optim.max_steps (or should_stop); evaluate, checkpoint, log. Returns a summary."""
+        from tqdm.auto import tqdm
+
+        max_steps = self.optim_cfg.max_steps
+        self._peak = peak_flops(self.device, self.amp_dtype, self.cfg.peak_flops)
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        bar = tqdm(total=max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.cfg.progress and self.is_main))
+        while self.step < max_steps and not self.should_stop:
+            record = self.train_step()
+            if record is None:  # rolled back: the bar follows the restored step
+                bar.n = self.step
+                self._write(self._event_record())
+                continue
+            bar.update(1)
+            done = self.step >= max_steps
+            if self.eval_fn is not None and (done or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
+                record.update(self.evaluate())
+            if done or self.should_stop or (self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0):
+                self.save()
+            record["events"] = self._take_events()
+            if record["events"] or self.step % self.cfg.log_every == 0 or done:
+                self._write(record)
+            for cb in self.callbacks:
+                cb.on_step_end(self, record)
+            bar.set_postfix_str(self._postfix(record), refresh=False)
+        if self.should_stop and self._saved_step != self.step:  # stop requested after this step's save point
+            self.save()
+            self._write(self._event_record())
+        bar.close()
+        if self.cfg.plot and self.is_main and self.run_dir is not None:
+            from llmlab.train.plot import plot_run
+
+            plot_run(self.run_dir)
+        return self.summary()
+
+    def _postfix(self, record: dict) -> str:
+        parts = [f"loss {record['loss']:.4f}", f"{self.throughput.ema or 0:,.0f} tok/s"]
+        smoothed_mfu = mfu(self.flops_per_token, self.throughput.ema or 0, self._peak, self.world_size)
+        if smoothed_mfu is not None:
+            parts.append(f"mfu {100 * smoothed_mfu:.1f}%")
+        if "val_loss" in self.last_eval:
+            parts.append(f"val {self.last_eval['val_loss']:.4f}")
+        return " | ".join(parts)
+
+    def _take_events(self) -> list[dict]:
+        events, self._events = self._events, []
+        return events
+
+    def _event_record(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "events": self._take_events()}
+
+    def _write(self, record: dict) -> None:
+        if self.metrics is not None and self.is_main:
+            self.metrics.write(record)
+
+    def summary(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "tokens_per_s": self.throughput.mean,
+                "mfu": mfu(self.flops_per_token, self.throughput.mean, self._peak, self.world_size),
+                **self.last_eval, "run_dir": str(self.run_dir) if self.run_dir else None}
+
+    # ------------------------------------------------------------------ eval
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Call eval_fn(model) in eval mode under the training autocast; logged with an eval event."""
+        self.model.eval()
+        try:
+            with self.autocast():
+                result = {k: float(v) for k, v in self.eval_fn(self.model).items()}
+        finally:
+            self.model.train()
+        self.last_eval = result
+        self._events.append({"type": "eval", **result})
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything but the weights needed to continue exactly (tensors and primitives only)."""
+        return {
+            "step": self.step, "tokens": self.tokens, "lr_scale": self.lr_scale,
+            "skipped": [list(r) for r in self.skipped],
+            "optimizer": self.optimizer.state_dict(),
+            "batches": self.batches.state_dict(),
+            "rng": rng_state(),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "last_eval": dict(self.last_eval),
+            "optim_config": dataclasses.asdict(self.optim_cfg),
+        }
+
+    def save(self) -> Path | None:
+        """Write ckpt-STEP (rank 0; a distributed checkpointer overrides this policy) and log the event."""
+        if self.checkpointer is None:
+            return None
+        path = self.checkpointer.path(self.step)
+        self._saved_step = self.step
+        if self.is_main:
+            path = self.checkpointer.save(self.step, self.model, self.state_dict())
+        self._events.append({"type": "checkpoint", "path": path.name})
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, path)
+        return path
+
+    def restore(self, path: str | Path) -> None:
+        """Load weights, optimizer, batch position, RNG states and counters from a checkpoint."""
+        if self.checkpointer is None:
+            self.checkpointer = Checkpointer(Path(path).parent, self.cfg.keep_last)
+        state = self.checkpointer.load(path, self.model)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} has optimizer state that does not fit this model "
+                                  f"({e}); resume with the checkpoint's model config") from e
+        self.batches.load_state_dict(state["batches"])
+        set_rng_state(state["rng"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.skipped = [tuple(r) for r in state.get("skipped", [])]
+        self.last_eval = dict(state.get("last_eval", {}))
+        saved = state.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.name in saved:
+                cb.load_state_dict(saved[cb.name])
+
+    def resume(self, path: str | Path) -> None:
+        """Continue a run from `path`: restore, and drop metrics records newer than the checkpoint."""
+        self.restore(path)
+        if self.metrics is not None and self.is_main:
+            self.metrics.truncate_after(self.step)
+        self._events.append({"type": "resume", "path": Path(path).name})
+
+    def rollback(self, action: Rollback) -> Path:
+        """Go back to the newest checkpoint at or before `action.to_step` and skip the bad data.
+
+        Skipped ranges accumulate across rollbacks: restoring an old checkpoint brings back the batch
+        source's old state, so every range recorded so far is applied again.
+        """
+        if self.checkpointer is None:
+            raise CheckpointError("rollback needs checkpoints; give the Trainer a run_dir")
+        path = self.checkpointer.latest(max_step=action.to_step)
+        if path is None:
+            raise CheckpointError(f"no checkpoint at or before step {action.to_step} to roll back to "
+                                  f"in {self.checkpointer.run_dir}; keep more (train.keep_last) or checkpoint more often")
+        from_step, skipped = self.step, list(self.skipped)
+        if action.skip is not None:
+            skipped.append(tuple(int(x) for x in action.skip))
+        self.restore(path)
+        self.skipped = skipped
+        for a, b in self.skipped:
+            self.batches.skip(a, b)
+        if action.lr_scale is not None:
+            self.lr_scale = action.lr_scale
+        self._events.append({"type": "rollback", "from_step": from_step, "to_step": self.step,
+                             "skip": list(action.skip) if action.skip else None, "reason": action.reason})
+        return path
