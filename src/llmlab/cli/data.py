@@ -1,0 +1,95 @@
+"""`llmlab data prepare | info`: turn text into token shards and describe them."""
+
+from __future__ import annotations
+
+import json
+
+from llmlab.data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
+
+
+def register(sub, formatter_class) -> None:
+    data = sub.add_parser("data", help="tokenize text into shards and inspect them",
+                          formatter_class=formatter_class,
+                          description="Turn text sources into train/val token shards for pretraining.")
+    verbs = data.add_subparsers(dest="data_verb", metavar="ACTION")
+
+    p = verbs.add_parser(
+        "prepare", formatter_class=formatter_class, help="tokenize sources into train/val shards",
+        description="Tokenize SOURCES (.txt/.jsonl/.parquet files, globs, directories, or 'stdlib' for the "
+                    "built-in corpus) into OUT/{train,val}_NNNNN.bin plus meta.json.\nRe-running with the "
+                    "same inputs reuses finished shards.\n\nexample: llmlab data prepare stdlib "
+                    "--tokenizer tok --out shards")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="files, globs, directories or 'stdlib'")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (llmlab tokenizer train)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help="a shard closes at the first document end after this many tokens")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help="fraction of documents held out for validation (chosen by hash of seed and index)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
+    p.add_argument("--max-chars", type=int, default=None, help="stop after this many characters")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes; unset means all CPUs, or in-process for inputs under 1 MB")
+    p.add_argument("--overwrite", action="store_true", help="replace shards of a different preparation in OUT")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_prepare)
+
+    i = verbs.add_parser("info", formatter_class=formatter_class, help="token counts, dtype and splits of a shard dir",
+                         description="Check every shard header in DIR and print token counts, dtype and "
+                                     "split sizes.")
+    i.add_argument("dir", metavar="DIR", help="a directory made by `llmlab data prepare`")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=_info)
+    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
+
+
+def _prepare(args) -> int:
+    from llmlab.data.prepare import prepare_shards
+
+    meta = prepare_shards(args.sources, args.tokenizer, args.out, shard_tokens=args.shard_tokens,
+                          val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
+                          max_chars=args.max_chars, workers=args.workers, progress=not args.no_progress,
+                          overwrite=args.overwrite)
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"{args.out}: {meta['tokens']:,} tokens ({meta['dtype']}) from {meta['documents']:,} documents; "
+          f"train {train['tokens']:,} in {len(train['shards'])} shard(s), "
+          f"val {val['tokens']:,} in {len(val['shards'])} shard(s)")
+    if meta["options"]["val_fraction"] > 0 and not val["tokens"]:
+        print("note: no document fell in the val split; raise --val-fraction or add documents")
+    return 0
+
+
+def _info(args) -> int:
+    from llmlab.data.shards import describe_shards
+
+    info = describe_shards(args.dir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(format_info(info))
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
+def format_info(info: dict) -> str:
+    """The human-readable table of `llmlab data info`."""
+    lines = [f"{info['dir']}  (fingerprint {info['fingerprint']})",
+             f"  tokenizer   vocab {info['vocab_size']:,}, eos id {info['eos_id']}, tokens stored as {info['dtype']}"]
+    for s in info["sources"]:
+        extra = f" + {s['topics']} topics" if "topics" in s else ""
+        lines.append(f"  source      {s['source']} ({s['kind']}, {s['files']} files{extra}, {_mib(s['bytes'])})")
+    cpt = f", {info['chars_per_token']} chars/token" if info["chars_per_token"] else ""
+    if info["characters"]:  # shards written from token arrays (write_shard_dir) have no text statistics
+        lines.append(f"  documents   {info['documents']:,} ({info['characters']:,} chars{cpt})")
+    lines.append(f"  {'split':<8}{'shards':>8}{'tokens':>16}{'documents':>12}{'size':>14}")
+    total = {"shards": 0, "tokens": 0, "documents": 0, "bytes": 0}
+    for name, s in info["splits"].items():
+        lines.append(f"  {name:<8}{s['shards']:>8}{s['tokens']:>16,}{s['documents']:>12,}{_mib(s['bytes']):>14}")
+        total = {k: total[k] + s[k] for k in total}
+    lines.append(f"  {'total':<8}{total['shards']:>8}{total['tokens']:>16,}{total['documents']:>12,}"
+                 f"{_mib(total['bytes']):>14}")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""`llmlab data prepare | info` through llmlab.cli.main: bad input is one line on stderr with exit code 2
+and leaves no output behind; info reports the numbers in the shards."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llmlab.cli import main
+from llmlab.data.shards import describe_shards, write_shard_dir
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmlab: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    out = tmp_path / "shards"
+    write_shard_dir(out, {"train": [np.arange(1000) % 300, np.arange(500) % 300], "val": [np.arange(200)]},
+                    vocab_size=300, eos_id=299)
+    return out
+
+
+def test_prepare_missing_source(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "data", "prepare", str(tmp_path / "missing.txt"), "--tokenizer",
+                        str(tmp_path / "tok"), "--out", str(out))
+    _assert_one_line_error(code, err, "missing.txt does not exist", "check the path")
+    assert not out.exists()
+
+
+def test_prepare_empty_file(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "data", "prepare", str(tmp_path / "empty.txt"), "--tokenizer",
+                        str(tmp_path / "tok"), "--out", str(out))
+    _assert_one_line_error(code, err, "empty.txt is empty")
+    assert not out.exists()
+
+
+def test_prepare_empty_corpus(tmp_path, capsys):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text('{"text": ""}\n')
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "data", "prepare", str(tmp_path / "corpus"), "--tokenizer",
+                        str(tmp_path / "tok"), "--out", str(out))
+    _assert_one_line_error(code, err, "corpus is empty")
+    assert not out.exists()
+
+
+def test_prepare_missing_tokenizer(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("some text")
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "data", "prepare", str(tmp_path / "a.txt"), "--tokenizer",
+                        str(tmp_path / "tok"), "--out", str(out))
+    _assert_one_line_error(code, err, "tokenizer directory", "llmlab tokenizer train")
+    assert not out.exists()
+
+
+def test_info_table_and_json(shard_dir, capsys):
+    code, out, _ = _run(capsys, "data", "info", str(shard_dir))
+    assert code == 0
+    assert "vocab 300" in out and "uint16" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["train"][1:3] == ["2", "1,500"] and rows["val"][1:3] == ["1", "200"]
+    assert rows["total"][1:3] == ["3", "1,700"]
+    code, out, _ = _run(capsys, "data", "info", str(shard_dir), "--json")
+    info = json.loads(out)
+    assert info == json.loads(json.dumps(describe_shards(shard_dir)))
+    assert info["splits"]["train"]["tokens"] == 1500 and info["tokens"] == 1700
+    assert info["splits"]["train"]["bytes"] == 64 * 2 + 1500 * 2
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda raw: b"XXXXXXXX" + raw[8:], "is not an llmlab token shard"),
+    (lambda raw: raw[:16] + b"\xff" + raw[17:], "corrupt header"),
+    (lambda raw: raw[:30], "is truncated"),
+    (lambda raw: raw[:-2], "but its header promises"),
+])
+def test_info_on_damaged_shard(shard_dir, capsys, damage, fragment):
+    path = shard_dir / "train_00001.bin"
+    path.write_bytes(damage(path.read_bytes()))
+    code, out, err = _run(capsys, "data", "info", str(shard_dir))
+    _assert_one_line_error(code, err, "train_00001.bin", fragment, "llmlab data prepare")
+    assert out == ""
+
+
+def test_info_on_unprepared_dir(tmp_path, capsys):
+    (tmp_path / "half").mkdir()
+    code, _, err = _run(capsys, "data", "info", str(tmp_path / "half"))
+    _assert_one_line_error(code, err, "no meta.json", "re-run `llmlab data prepare")
+    code, _, err = _run(capsys, "data", "info", str(tmp_path / "absent"))
+    _assert_one_line_error(code, err, "does not exist")
+
+
+def test_data_without_action_prints_help(capsys):
+    code, out, _ = _run(capsys, "data")
+    assert code == 2 and "prepare" in out and "info" in out
