@@ -50,7 +50,7 @@ class ByteTokenizer:
 
 def _corpus(tmp_path, n=40):
     src = tmp_path / "src"
-    src.mkdir()
+    src.mkdir(parents=True)
     docs = [f"document {i}: " + "lorem ipsum \u732b " * (i % 7 + 1) for i in range(n)]
     lines = "".join(json.dumps({"text": d}) + "\n" for d in docs)
     (src / "docs.jsonl").write_text(lines, encoding="utf-8")
@@ -212,7 +212,8 @@ def test_bad_input_leaves_nothing(tmp_path):
     with pytest.raises(DataError, match=r"docs\.jsonl:42: invalid JSON"):
         prepare_shards([str(path)], ByteTokenizer(), out, progress=False)
     assert not out.exists()
-    with pytest.raises(DataError, match="no <|eos|> token"):
+    path, _ = _corpus(tmp_path / "good")
+    with pytest.raises(DataError, match=r"no <\|eos\|> token"):
         prepare_shards([str(path)], ByteTokenizer(eos=False), out, progress=False)
     with pytest.raises(DataError, match=r"tokenizer directory .*nowhere does not exist"):
         prepare_shards([str(path)], tmp_path / "nowhere", out, progress=False)
