@@ -152,3 +152,8 @@ def test_stdlib_corpus_excludes_tests_and_is_deterministic():
     summary = describe_sources(["stdlib"])[0]
     assert summary["kind"] == "stdlib" and summary["files"] == len(files)
     assert 8_000_000 < summary["bytes"] < 20_000_000  # "about 11 MB" of real text
+
+
+def test_bom_is_not_text(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello".encode())
+    assert list(iter_documents([str(tmp_path / "bom.txt")])) == ["hello"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -120,7 +121,8 @@ def _encode_docs(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     ids = tok.encode_batch(texts, allowed_special=set(), disallowed_special=())
     eos = tok.eos_id
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in (*x, eos)), dtype=np.uint32, count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable([*x, eos] for x in ids), dtype=np.uint32,
+                       count=int(lengths.sum()))
     return flat, lengths
 
 

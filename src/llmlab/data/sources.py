@@ -7,10 +7,10 @@ A source is one of
   the `text_field` column;
 - a glob (`data/*.txt`, `corpus/**/*.jsonl`): every matching file, in sorted order;
 - a directory: every supported file below it (recursively, hidden entries skipped), in sorted order;
-- the name `stdlib`: the built-in corpus, the running Python's standard-library `.py` sources (test
-  suites, site-packages and generated files excluded) followed by its pydoc topic texts. It is real
-  mixed prose and code of about 11 MB that needs no download, which makes it the default corpus for
-  demos and benchmarks.
+- the name `stdlib` (write `./stdlib` for a path of that name): the built-in corpus, the running
+  Python's standard-library `.py` sources (test suites, site-packages and generated files excluded)
+  followed by its pydoc topic texts. It is real mixed prose and code of about 11 MB that needs no
+  download, which makes it the default corpus for demos and benchmarks.
 
 The order of documents is a pure function of the sources (sorted paths), so a train/val split by document
 index is reproducible. All sources are resolved *before* the first document is produced, so a missing or
@@ -128,7 +128,7 @@ def resolve_sources(sources: list[str] | str) -> list[str | SourceFile]:
     resolved: list[str | SourceFile] = []
     for source in sources:
         source = os.fspath(source)
-        if source == STDLIB and not Path(source).exists():
+        if source == STDLIB:  # always the built-in corpus; write ./stdlib for a path of that name
             resolved.append(STDLIB)
             continue
         for f in _expand(source):
@@ -151,7 +151,7 @@ def _require_pyarrow(path: Path):
 
 def _read_text_file(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # -sig: a leading byte-order mark is not text
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not valid UTF-8 (byte {e.start}); convert it, e.g. "
                         f"`iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`") from None
