@@ -1,0 +1,155 @@
+"""ModelConfig: every number that decides a Transformer's shape, plus the named presets.
+
+One dataclass describes both flavours the codebase speaks:
+  gpt2  -- learned positions, LayerNorm, GELU(tanh) MLP, biases, tied input/output embeddings
+           (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners");
+  llama -- rotary positions, RMSNorm, SwiGLU MLP, no biases, untied embeddings, grouped-query attention
+           (Touvron et al. 2023; Su et al. 2021 "RoFormer"; Shazeer 2020 "GLU Variants"; Ainslie et al. 2023 "GQA").
+
+`d_ff` and `n_kv_head` may be left as None; the resolved values are the properties `ffn_dim`
+(4*d_model for GELU, 8/3*d_model rounded up to a multiple of 64 for SwiGLU, which keeps the MLP's
+parameter count equal to GELU's) and `kv_heads` (= n_head). Keeping the fields as written means an override
+of d_model later still gets the matching default d_ff.
+
+`qkv_bias` (None = follow `bias`) exists because Qwen2-style checkpoints put biases on the q/k/v projection
+only; it is not part of either preset.
+
+`validate()` raises ModelError naming the key and the fix; Transformer() calls it, so configs built field by
+field (TOML + key=value overrides) are checked once, when they are complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from llmlab.errors import ConfigError, ModelError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None -> n_head (plain multi-head attention)
+    d_model: int = 256
+    d_ff: int | None = None  # None -> flavour default, see ffn_dim
+    block_size: int = 256  # longest sequence the model accepts (learned positions / RoPE table)
+    position: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    qkv_bias: bool | None = None  # None -> bias; True with bias=False is the Qwen2 layout
+
+    # ----- resolved values -----
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            # Three d x ff matrices instead of two: 8/3 * d keeps the parameter count of a 4*d GELU MLP.
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+    @property
+    def attn_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    # ----- checks -----
+    def validate(self) -> ModelConfig:
+        """Raise ModelError for a config no Transformer can be built from; return self."""
+        for key in ("vocab_size", "n_layer", "n_head", "d_model", "block_size"):
+            _positive(key, getattr(self, key))
+        for key in ("n_kv_head", "d_ff"):
+            if getattr(self, key) is not None:
+                _positive(key, getattr(self, key))
+        _choice("position", self.position, ("learned", "rope"))
+        _choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _choice("mlp", self.mlp, ("gelu", "swiglu"))
+        if self.d_model % self.n_head:
+            raise ModelError(f"model config: d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                             f"choose n_head among {_divisors(self.d_model)}")
+        if self.n_head % self.kv_heads:
+            raise ModelError(f"model config: n_head={self.n_head} is not divisible by n_kv_head={self.kv_heads}; "
+                             f"choose n_kv_head among {_divisors(self.n_head)}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ModelError(f"model config: rope needs an even head_dim, got d_model/n_head={self.head_dim}; "
+                             "change d_model or n_head")
+        if self.position == "rope" and not self.rope_theta > 0:
+            raise ModelError(f"model config: rope_theta={self.rope_theta} must be > 0 (Llama uses 10000 or 500000)")
+        if not self.norm_eps > 0:
+            raise ModelError(f"model config: norm_eps={self.norm_eps} must be > 0 (e.g. 1e-5)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelError(f"model config: dropout={self.dropout} must be in [0, 1) (0 for pretraining)")
+        return self
+
+    # ----- presets -----
+    @classmethod
+    def preset(cls, flavour: str = "gpt2", size: str = "tiny", **overrides: Any) -> ModelConfig:
+        """A named flavour ("gpt2" | "llama") at a named size ("tiny", "mini", "small", "gpt2-124M", "gpt2-350M").
+
+        Overrides replace any field, e.g. ModelConfig.preset("llama", "mini", vocab_size=tok.vocab_size).
+        """
+        if flavour not in FLAVOURS:
+            raise ConfigError(f"unknown model flavour {flavour!r}; {_hint(flavour, FLAVOURS)}")
+        if size not in SIZES:
+            raise ConfigError(f"unknown model size {size!r}; {_hint(size, SIZES)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in overrides:
+            if key not in fields:
+                raise ConfigError(f"unknown model config key {key!r}; {_hint(key, fields)}")
+        values = {**FLAVOURS[flavour], **SIZES[size], **overrides}
+        if flavour == "llama" and "n_kv_head" not in overrides and "n_kv_head" not in SIZES[size]:
+            values["n_kv_head"] = values["n_head"]
+        return cls(**values).validate()
+
+
+FLAVOURS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(position="learned", norm="layernorm", norm_eps=1e-5, mlp="gelu", bias=True, tie_embeddings=True),
+    "llama": dict(position="rope", rope_theta=10000.0, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", bias=False,
+                  tie_embeddings=False),
+}
+
+# Sizes. tiny: ~0.1M parameters for tests; mini/small: a few M / ~10M for CPU runs in minutes;
+# gpt2-124M/350M: GPT-2 small/medium shapes (GPU). n_kv_head only applies to the llama flavour's GQA tests.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, n_layer=2, n_head=4, d_model=64, block_size=64),
+    "mini": dict(vocab_size=8192, n_layer=4, n_head=4, d_model=256, block_size=256),
+    "small": dict(vocab_size=8192, n_layer=6, n_head=6, d_model=384, block_size=512),
+    "gpt2-124M": dict(vocab_size=50257, n_layer=12, n_head=12, d_model=768, block_size=1024),
+    "gpt2-350M": dict(vocab_size=50257, n_layer=24, n_head=16, d_model=1024, block_size=1024),
+}
+
+
+def _positive(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ModelError(f"model config: {key}={value!r} must be a positive integer")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ModelError(f"model config: {key}={value!r} is not allowed; use one of {', '.join(choices)}")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
+
+
+def _hint(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(sorted(valid))}"

@@ -1,0 +1,332 @@
+"""The decoder-only Transformer: GPT-2 and Llama flavours in one module, small enough to read in one sitting.
+
+    x = tok_emb(idx) (+ pos_emb)                       # learned positions (GPT-2) or none here (RoPE)
+    for each block:  x = x + attn(norm(x));  x = x + mlp(norm(x))      # pre-norm residual blocks
+    logits = lm_head(norm(x))
+
+Attention is causal self-attention through torch's scaled_dot_product_attention (flash / memory-efficient
+kernels where the device has them) with the explicit softmax(QK^T/sqrt(d) + mask)V kept beside it for checking
+(`model.attn_impl = "math"`). Grouped-query attention shares each key/value head among n_head/n_kv_head query
+heads (Ainslie et al. 2023). RoPE (Su et al. 2021) uses the Hugging Face Llama "rotate_half" layout (the two
+halves of each head are the rotated pairs), so HF Llama q/k weights load without a permutation.
+
+Parameter names map one-to-one onto Hugging Face checkpoints:
+    tok_emb.weight          wte / embed_tokens          pos_emb.weight   wpe (learned positions only)
+    blocks.i.attn_norm      ln_1 / input_layernorm      blocks.i.mlp_norm  ln_2 / post_attention_layernorm
+    blocks.i.attn.qkv       c_attn (transposed) / cat(q_proj, k_proj, v_proj) along the output dim
+    blocks.i.attn.proj      attn.c_proj (transposed) / o_proj
+    blocks.i.mlp.fc         mlp.c_fc (transposed) / cat(gate_proj, up_proj) along the output dim
+    blocks.i.mlp.proj       mlp.c_proj (transposed) / down_proj
+    norm                    ln_f / model.norm           lm_head.weight   lm_head (absent from files when tied)
+
+Initialisation follows GPT-2: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2*n_layer)
+so the residual stream's variance does not grow with depth (Radford et al. 2019, section 2.3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmlab.errors import CheckpointError, ConfigError, ModelError
+from llmlab.fsutil import atomic_dir
+from llmlab.model.config import ModelConfig
+from llmlab.model.kv_cache import CacheStep, KVCache
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos [block_size, head_dim] and sin with the sign of rotate_half folded in (first half negated).
+
+    HF: q*cos + rotate_half(q)*sin with rotate_half(x) = cat(-x2, x1). Here roll(q, hd/2) = cat(x2, x1) and the
+    minus sign lives in the table, which saves two ops per step.
+    """
+    hd = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    sign = torch.cat([-torch.ones(hd // 2, device=device), torch.ones(hd // 2, device=device)])
+    return angles.cos(), angles.sin() * sign
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def math_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
+    """softmax(QK^T / sqrt(d) + mask) V, written out; the reference the SDPA path is tested against."""
+    if k.shape[1] != q.shape[1]:  # GQA: query head h reads key/value head h // (n_head / n_kv_head)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if is_causal:
+        T, L = q.shape[-2], k.shape[-2]
+        mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    if dropout_p > 0:
+        att = F.dropout(att, dropout_p)
+    return att @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.attn_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.impl = "sdpa"
+
+    def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None):
+        B, T, _ = x.shape
+        H, KV = self.n_head, self.n_kv_head
+        qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # [B, heads, T, hd]
+        if rope is not None:
+            qk = apply_rope(qkv[:, :H + KV], *rope)  # rotate q and k together: one set of ops
+            q, k = qk[:, :H], qk[:, H:]
+        else:
+            q, k = qkv[:, :H], qkv[:, H:H + KV]
+        v = qkv[:, H + KV:]
+        mask, causal = (None, True) if step is None else (step.mask, step.is_causal)
+        if cache is not None:
+            k, v = cache.update(self.layer, step, k, v)
+        p = self.dropout if self.training else 0.0
+        if self.impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                                               enable_gqa=KV != H)
+        else:
+            y = math_attention(q, k, v, mask, causal, p)
+        y = self.proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
+        return F.dropout(y, p) if p else y
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        # SwiGLU's gate and up projections are one matmul (rows [gate; up]), split after.
+        self.fc = nn.Linear(cfg.d_model, cfg.ffn_dim * (2 if self.swiglu else 1), bias=cfg.bias)
+        self.proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        y = self.proj(h)
+        return F.dropout(y, self.dropout) if self.training and self.dropout else y
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg, layer)
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope, cache, step):
+        x = x + self.attn(self.attn_norm(x), rope, cache, step)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self._make_rope()
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _make_rope(self, device=None) -> None:
+        if self.config.position == "rope":
+            cos, sin = rope_tables(self.config, device)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # ----- forward -----
+    @property
+    def attn_impl(self) -> str:
+        return self.blocks[0].attn.impl
+
+    @attn_impl.setter
+    def attn_impl(self, impl: str) -> None:
+        if impl not in ("sdpa", "math"):
+            raise ConfigError(f"attn_impl={impl!r} is unknown; use 'sdpa' (fast) or 'math' (explicit softmax)")
+        for block in self.blocks:
+            block.attn.impl = impl
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False):
+        """idx LongTensor [B, T] -> logits [B, T, vocab] (or the final-normed hidden states [B, T, d_model]).
+
+        With `cache`, idx continues each row at cache.pos (see kv_cache.py) and the cache advances by T.
+        """
+        B, T = idx.shape
+        if cache is None:
+            if T > self.config.block_size:
+                raise ModelError(f"input of {T} tokens is longer than the model's block_size "
+                                 f"{self.config.block_size}; shorten it to at most {self.config.block_size} tokens")
+            step, positions = None, slice(0, T)
+        else:
+            step = cache.begin(B, T)
+            positions = step.positions
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + (self.pos_emb.weight[positions] if isinstance(positions, slice) else self.pos_emb(positions))
+        rope = None
+        if self.config.position == "rope":
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            # [T, hd] broadcasts over [B, heads, T, hd]; per-row positions [B, T, hd] need a heads axis.
+            rope = (cos, sin) if cos.dim() == 2 else (cos[:, None], sin[:, None])
+        if self.training and self.config.dropout:
+            x = F.dropout(x, self.config.dropout)
+        for block in self.blocks:
+            x = block(x, rope, cache, step)
+        if cache is not None:
+            cache.commit(step)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    # ----- accounting -----
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once). non_embedding drops the token and position tables (Kaplan et
+        al. 2020's N); with tied embeddings that also drops the LM head, which is the same tensor."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward) = 6N + 12 * n_layer * d_model * seq_len.
+
+        N counts every parameter that takes part in a matmul: the non-embedding parameters plus the LM head
+        (vocab x d_model, counted even when tied, since the output projection is real compute). 6N is 2 FLOPs per
+        multiply-add times 3 (forward, and backward for activations and weights). The second term is the
+        attention score and value matmuls, QK^T and AV: 2 * 2 * seq_len * d_model per layer forward, times 3,
+        as in PaLM (Chowdhery et al. 2022, appendix B) and Chinchilla (Hoffmann et al. 2022, appendix F);
+        it counts the full T x T product, ignoring the causal mask, by the usual convention.
+        """
+        cfg = self.config
+        seq_len = cfg.block_size if seq_len is None else seq_len
+        n = self.num_params(non_embedding=True) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+        return 6 * n + 12 * cfg.n_layer * cfg.d_model * seq_len
+
+    # ----- checkpoints -----
+    def save(self, path: str | Path) -> None:
+        """Write PATH/config.json + PATH/model.safetensors atomically (PATH is replaced whole)."""
+        with atomic_dir(path) as tmp:
+            self.save_into(tmp)
+
+    def save_into(self, directory: str | Path) -> None:
+        """Write config.json + model.safetensors into an existing directory, for callers (the trainer) that
+        assemble a larger checkpoint inside their own atomic_dir."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        # safetensors refuses two names for one storage; the tied head is rebuilt from tok_emb on load.
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                 if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "producer": "llmlab"})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype=None) -> Transformer:
+        """Load a directory written by save(); dtype None keeps the stored dtype, "auto" picks per device."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from llmlab.device import resolve_device, resolve_dtype
+
+        path = Path(path)
+        config = read_config(path)
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(f"checkpoint {path} has no {WEIGHTS_FILE}; point at a complete checkpoint "
+                                  "directory (config.json + model.safetensors)")
+        device = resolve_device(device) if isinstance(device, str) else device
+        try:
+            state = load_file(str(weights), device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights} is not a readable safetensors file ({e}); re-save the checkpoint") from e
+        with torch.device("meta"):  # no random init, no second copy of the weights
+            model = cls(config)
+        check_state(model, state, weights)
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
+        model._make_rope(device)
+        # Rope tables follow the weights' dtype (as HF casts cos/sin to the activations' dtype).
+        model.to(resolve_dtype(dtype, device) if dtype is not None else model.tok_emb.weight.dtype)
+        return model.eval()
+
+
+def read_config(path: Path) -> ModelConfig:
+    """ModelConfig from PATH/config.json, with CheckpointError naming the file for every failure."""
+    from llmlab.config import from_dict
+
+    file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist; pass a directory holding "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE} (e.g. runs/NAME/ckpt-STEP)")
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {CONFIG_FILE}; point at a complete checkpoint directory")
+    try:
+        return from_dict(ModelConfig, json.loads(file.read_text())).validate()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); re-save the checkpoint") from e
+    except (ConfigError, ModelError) as e:
+        raise CheckpointError(f"{file}: {e}") from e
+
+
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:
+    """Every tensor the model needs is present with its shape, and nothing else is (CheckpointError otherwise)."""
+    expected = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)  # tolerated if a writer kept the duplicate
+    for name, t in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{source} lacks tensor {name!r} (shape {tuple(t.shape)}) that config.json "
+                                  "requires; the weights and config.json come from different models")
+        if state[name].shape != t.shape:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)} but config.json "
+                                  f"implies {tuple(t.shape)}; the weights and config.json do not match")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{source} has tensor {extra[0]!r} that the model from config.json does not use "
+                              f"({len(extra)} unexpected in all); the weights and config.json do not match")
