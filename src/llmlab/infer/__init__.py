@@ -1,0 +1,10 @@
+"""Inference: sampling transforms, KV-cached generation and streaming (speculative decoding, quantization,
+the batching engine and the server live beside them).
+
+    from llmlab.infer import generate, stream
+"""
+
+from llmlab.infer.generate import generate, stream
+from llmlab.infer.sampling import probs_from_logits
+
+__all__ = ["generate", "stream", "probs_from_logits"]
