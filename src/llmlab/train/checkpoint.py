@@ -138,9 +138,19 @@ def _norm(v: Any) -> Any:
 
 
 def write_model(model: nn.Module, directory: Path) -> None:
-    """config.json + model.safetensors via the model's own save(), else from its state dict."""
+    """config.json + model.safetensors via the model's own writer, else from its state dict.
+
+    `save_into(dir)` writes into a directory we already own (our atomic_dir); a model with only
+    `save(dir)` (which may replace `dir` whole) gets a subdirectory moved into place.
+    """
+    if hasattr(model, "save_into"):
+        model.save_into(directory)
+        return
     if hasattr(model, "save"):
-        model.save(directory)
+        model.save(directory / "model")
+        for item in (directory / "model").iterdir():
+            item.rename(directory / item.name)
+        (directory / "model").rmdir()
         return
     save_model(model, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(_model_config_dict(model) or {}, indent=2))

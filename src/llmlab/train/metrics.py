@@ -131,8 +131,7 @@ class MetricsWriter:
     """Appends one JSON object per line to metrics.jsonl, flushed per line so a crash loses at most one."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)  # created on the first write, so a run that fails early leaves nothing
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (left by a run that died after its last checkpoint) before resuming."""
@@ -142,6 +141,7 @@ class MetricsWriter:
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
 

@@ -1,0 +1,52 @@
+"""`llmlab pretrain` and `llmlab plot`: train a Transformer on token shards, and plot a run's metrics."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub, formatter_class) -> None:
+    p = sub.add_parser(
+        "pretrain", formatter_class=formatter_class, help="pretrain a Transformer on prepared token shards",
+        description="Pretrain a Transformer with next-token cross-entropy on shards from `llmlab data prepare`.\n"
+                    "Config: defaults <- --config TOML <- key=value overrides (keys as in configs/*.toml,\n"
+                    "e.g. optim.lr=3e-4 model.n_layer=4 data.shards=data/shards train.run_name=exp1).\n"
+                    "Writes train.out_dir/train.run_name/: config.toml, metrics.jsonl, ckpt-STEP/, plots/.\n\n"
+                    "examples:\n  llmlab pretrain --config configs/cpu-demo.toml\n"
+                    "  llmlab pretrain --config configs/cpu-demo.toml --resume auto\n"
+                    "  llmlab pretrain --print-config   # every key with its default")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (TOML literals)")
+    p.add_argument("--config", metavar="TOML", default=None, help="config file (see configs/)")
+    p.add_argument("--resume", metavar="PATH|auto", default=None,
+                   help="continue from a ckpt-STEP dir or a run dir's newest checkpoint; 'auto' = the newest "
+                        "complete checkpoint of this run if there is one, else start fresh")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.set_defaults(func=_pretrain)
+
+    q = sub.add_parser("plot", formatter_class=formatter_class, help="plot a run's metrics.jsonl as PNGs",
+                       description="Write RUN_DIR/plots/loss.png and training.png (loss, LR, grad norm, "
+                                   "throughput, marked events) from RUN_DIR/metrics.jsonl.")
+    q.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/demo")
+    q.set_defaults(func=_plot)
+
+
+def _pretrain(args) -> int:
+    from llmlab.config import load_config, to_toml
+    from llmlab.train.pretrain import PretrainConfig, run_pretrain
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if args.print_config:
+        print(to_toml(cfg), end="")
+        return 0
+    summary = run_pretrain(cfg, resume=args.resume)
+    print(json.dumps({k: summary[k] for k in ("run_dir", "step", "tokens", "val_loss", "tokens_per_s", "mfu")
+                      if k in summary}))
+    return 0
+
+
+def _plot(args) -> int:
+    from llmlab.train.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0

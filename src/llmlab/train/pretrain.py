@@ -1,0 +1,189 @@
+"""Next-token pretraining: PretrainConfig and run_pretrain(cfg), behind `llmlab pretrain`.
+
+    llmlab pretrain --config configs/cpu-demo.toml train.run_name=demo optim.max_steps=500
+    llmlab pretrain --config configs/cpu-demo.toml --resume auto      # continue runs/demo
+
+Wires a Transformer, a TokenLoader over prepared shards and the generic Trainer with the cross-entropy
+loss. Before anything is written it resolves and checks the config: model.vocab_size = 0 (the default)
+takes the shards' vocabulary and any other value must equal it; data.block_size defaults to (and may
+not exceed) model.block_size; train.tokens_per_step, when set, fixes the gradient-accumulation steps
+(tokens_per_step = batch_size x block_size x accum_steps x world_size). The run directory
+(train.out_dir/train.run_name) gets config.toml (the resolved config), metrics.jsonl, ckpt-STEP/
+checkpoints (each with a copy of the tokenizer), plots/ and summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from llmlab.config import to_toml
+from llmlab.device import resolve_device
+from llmlab.errors import ConfigError
+from llmlab.fsutil import write_text_atomic
+from llmlab.model import ModelConfig, Transformer
+from llmlab.train.checkpoint import Checkpointer, resolve_resume
+from llmlab.train.optim import OptimConfig
+from llmlab.train.trainer import TrainConfig, Trainer
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards"          # a directory written by `llmlab data prepare`
+    block_size: int | None = None        # training sequence length; None -> model.block_size
+    batch_size: int = 8                  # sequences per micro-batch (per process)
+    seed: int = 0                        # order of the training windows
+    tokenizer: str | None = None         # copied into every checkpoint; None -> the shard dir's own copy
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(vocab_size=0))  # 0: from the shards
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(run_name="pretrain"))
+
+
+def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Mean next-token cross-entropy (nats/token); the softmax runs in fp32 even under bf16 autocast."""
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)), {}
+
+
+def make_eval(loader, max_batches: int):
+    """eval_fn(model) -> {"val_loss"}: token-weighted mean loss over the first `max_batches` val batches."""
+
+    def eval_fn(model: torch.nn.Module) -> dict[str, float]:
+        total, count = 0.0, 0
+        for x, y in loader.iter_eval(max_batches):
+            loss, _ = lm_loss(model, (x, y))
+            total += loss.item() * y.numel()
+            count += y.numel()
+        return {"val_loss": total / count}
+
+    return eval_fn
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolve_config(cfg: PretrainConfig, meta: dict) -> PretrainConfig:
+    """Fill the derived values (vocab, block size, accumulation) and check them; nothing is written."""
+    shards = cfg.data.shards
+    vocab = int(meta["tokenizer"]["vocab_size"])
+    model = cfg.model
+    if model.vocab_size == 0:
+        model = dataclasses.replace(model, vocab_size=vocab)
+    elif model.vocab_size != vocab:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} does not match the tokenizer of {shards} "
+                          f"({vocab} tokens, see its meta.json); set model.vocab_size={vocab} or drop it (0 = from the shards)")
+    model.validate()
+    block = cfg.data.block_size or model.block_size
+    if block > model.block_size:
+        raise ConfigError(f"data.block_size={block} is longer than model.block_size={model.block_size}; "
+                          f"lower data.block_size or raise model.block_size")
+    train = cfg.train
+    if train.tokens_per_step:
+        per_micro = cfg.data.batch_size * block * _world()[1]
+        accum, rest = divmod(train.tokens_per_step, per_micro)
+        if rest or accum == 0:
+            near = max(1, round(train.tokens_per_step / per_micro)) * per_micro
+            raise ConfigError(f"train.tokens_per_step={train.tokens_per_step} is not a multiple of batch_size x "
+                              f"block_size x world_size = {per_micro}; use train.tokens_per_step={near}")
+        train = dataclasses.replace(train, accum_steps=accum)
+    out = dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, block_size=block), train=train)
+    out.optim.validate()
+    out.train.validate()
+    return out
+
+
+def _tokenizer_dir(cfg: PretrainConfig, meta: dict) -> Path | None:
+    if cfg.data.tokenizer:
+        path = Path(cfg.data.tokenizer)
+        if not path.is_dir():
+            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not a directory; point it at a saved "
+                              "tokenizer or drop it to use the shard directory's copy")
+        return path
+    copy = meta["tokenizer"].get("copy")
+    path = Path(cfg.data.shards) / copy if copy else None
+    return path if path is not None and path.is_dir() else None
+
+
+def _prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse to mix a fresh run into an old one unless asked; with overwrite, remove what a run writes."""
+    if resuming or not run_dir.exists():
+        return
+    old = [p for p in run_dir.iterdir() if p.name.startswith("ckpt-") or p.name == "metrics.jsonl"]
+    if not old:
+        return
+    if not overwrite:
+        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume auto to continue it, "
+                          "train.overwrite=true to start over, or another train.run_name")
+    for p in old + [run_dir / "plots", run_dir / "summary.json"]:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
+    """Pretrain per `cfg` (resume: a checkpoint, a run dir, or "auto"); return the run's summary."""
+    from llmlab.data.loader import TokenLoader
+    from llmlab.data.shards import read_meta
+
+    meta = read_meta(cfg.data.shards)  # DataError naming the dir and the fix if it is missing/unfinished
+    cfg = resolve_config(cfg, meta)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
+    rank, world = _world()
+    d = cfg.data
+    train_loader = TokenLoader(d.shards, "train", d.block_size, d.batch_size, seed=d.seed, rank=rank,
+                               world_size=world, device=device)
+    val_loader = TokenLoader(d.shards, "val", d.block_size, d.batch_size, seed=d.seed, rank=rank,
+                             world_size=world, device=device)
+    run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
+    resume_path = resolve_resume(resume, run_dir)
+    tokenizer_dir = _tokenizer_dir(cfg, meta)
+
+    seed_everything(cfg.train.seed)
+    model = Transformer(cfg.model).to(device)
+    trainer = Trainer(model, lm_loss, train_loader, cfg.optim, cfg.train, run_dir=run_dir,
+                      eval_fn=make_eval(val_loader, cfg.train.eval_batches),
+                      flops_per_token=model.flops_per_token(d.block_size),
+                      checkpointer=Checkpointer(run_dir, cfg.train.keep_last, tokenizer_dir))
+    if resume_path is not None:
+        trainer.resume(resume_path)  # CheckpointError if it is incomplete or does not fit cfg.model
+    elif rank == 0:
+        # `--resume auto` that found no checkpoint starts over: only a run killed before its first save is lost.
+        _prepare_run_dir(run_dir, resuming=False, overwrite=cfg.train.overwrite or resume == "auto")
+    if rank == 0:
+        write_text_atomic(run_dir / "config.toml", to_toml(cfg))
+    summary = trainer.fit()
+    summary.update(params=model.num_params(), non_embedding_params=model.num_params(non_embedding=True),
+                   flops_per_token=trainer.flops_per_token, accum_steps=cfg.train.accum_steps,
+                   tokens_per_step=cfg.train.accum_steps * d.batch_size * d.block_size * world,
+                   checkpoint=str(trainer.checkpointer.path(trainer.step)), device=str(device))
+    if rank == 0:
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

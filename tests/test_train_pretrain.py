@@ -1,0 +1,193 @@
+"""Pretraining end to end: Transformer + TokenLoader + Trainer via run_pretrain and `llmlab pretrain`.
+
+Shards are synthetic and learnable: runs of 16 tokens following x[t+1] = (5 x[t] + 3) mod 64 from a
+random start, so a tiny model can drive the loss far below the uniform ln(64) = 4.16 nats in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmlab.cli import main
+from llmlab.config import load_config
+from llmlab.data.shards import write_shard_dir
+from llmlab.errors import ConfigError
+from llmlab.model import ModelConfig, Transformer
+from llmlab.train import param_groups
+from llmlab.train.metrics import read_metrics
+from llmlab.train.pretrain import PretrainConfig, run_pretrain
+
+V = 64
+
+
+def _stream(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out, x = np.empty(n, dtype=np.int64), 0
+    for i in range(n):
+        x = int(rng.integers(V)) if i % 16 == 0 else (5 * x + 3) % V
+        out[i] = x
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shards"
+    tok = out / "tokenizer"
+    tok.mkdir(parents=True)
+    (tok / "llmlab.json").write_text('{"fake": true}')
+    write_shard_dir(out, {"train": [_stream(12000, 0), _stream(8000, 1)], "val": [_stream(2000, 2)]},
+                    vocab_size=V, extra={"tokenizer": {"vocab_size": V, "eos_id": None, "copy": "tokenizer"}})
+    return out
+
+
+def _cfg(shards, tmp_path, *overrides):
+    base = [f"data.shards={shards}", f"train.out_dir={tmp_path / 'runs'}", "train.progress=false",
+            "train.plot=false", "train.peak_flops=1e11"]
+    return load_config(PretrainConfig, "configs/tiny.toml", base + list(overrides))
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmlab: error: "), err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+# ------------------------------------------------------------------ learning and the run directory
+
+def test_pretrain_learns_and_writes_a_complete_run(shards, tmp_path):
+    cfg = _cfg(shards, tmp_path, "optim.max_steps=60", "optim.lr=1e-2", "train.eval_every=30", "train.plot=true")
+    summary = run_pretrain(cfg)
+    run = tmp_path / "runs" / "tiny"
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert records[0]["loss"] == pytest.approx(math.log(V), abs=0.15)  # starts near uniform
+    assert summary["val_loss"] < 1.6 and records[-1]["loss"] < 1.6     # the map is learned
+    assert summary["tokens"] == 60 * 4 * 32
+    assert summary["params"] == Transformer(dataclasses.replace(cfg.model, vocab_size=V)).num_params()
+
+    # the resolved config (vocab from the shards, block size from the model) round-trips
+    saved = load_config(PretrainConfig, run / "config.toml")
+    assert saved.model.vocab_size == V and saved.data.block_size == 32 and saved.optim.max_steps == 60
+    assert json.loads((run / "summary.json").read_text())["step"] == 60
+    assert (run / "plots" / "loss.png").is_file() and (run / "plots" / "training.png").is_file()
+
+    # a checkpoint is self-contained: the model loads on its own and the tokenizer came along
+    ckpt = run / "ckpt-000060"
+    assert (ckpt / "tokenizer" / "llmlab.json").read_text() == '{"fake": true}'
+    model = Transformer.load(ckpt)
+    x = torch.from_numpy(_stream(33, 7))[None]
+    loss = torch.nn.functional.cross_entropy(model(x[:, :-1])[0], x[0, 1:])
+    assert loss.item() < 1.6
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-000050", "ckpt-000060"]  # keep_last = 2
+
+
+def test_resume_gives_bitwise_identical_weights_with_dropout(shards, tmp_path):
+    common = ["optim.max_steps=12", "train.ckpt_every=6", "train.keep_last=0", "model.dropout=0.1",
+              "train.tokens_per_step=256"]  # accum 2 of batch 4 x block 32
+    run_pretrain(_cfg(shards, tmp_path, "train.run_name=full", *common))
+    full = tmp_path / "runs" / "full"
+    # continue from the step-6 checkpoint (as if the process died right after writing it) in a new run
+    run_pretrain(_cfg(shards, tmp_path, "train.run_name=resumed", *common), resume=str(full / "ckpt-000006"))
+    a = load_file(full / "ckpt-000012" / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "resumed" / "ckpt-000012" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = torch.load(full / "ckpt-000012" / "train_state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "runs" / "resumed" / "ckpt-000012" / "train_state.pt", weights_only=True)
+    assert sa["batches"] == sb["batches"] and sa["tokens"] == sb["tokens"] == 12 * 256
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_cli_resume_auto_continues_the_run(shards, tmp_path, capsys):
+    args = ["pretrain", "--config", "configs/tiny.toml", f"data.shards={shards}",
+            f"train.out_dir={tmp_path / 'runs'}", "train.progress=false", "train.plot=false",
+            "optim.max_steps=8", "train.ckpt_every=4"]
+    code, out, _ = _cli(capsys, *args)
+    assert code == 0 and json.loads(out)["step"] == 8
+    code, out, _ = _cli(capsys, *args[:-2], "optim.max_steps=10", "train.ckpt_every=4", "--resume", "auto")
+    assert code == 0 and json.loads(out)["step"] == 10
+    steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "tiny" / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 11))
+    resumed = [r for r in read_metrics(tmp_path / "runs" / "tiny" / "metrics.jsonl") if r["step"] == 9][0]
+    assert resumed["events"][0] == {"type": "resume", "path": "ckpt-000008"}
+
+
+def test_weight_decay_on_transformer_matrices_only():
+    for flavour in ("gpt2", "llama"):
+        model = Transformer(ModelConfig.preset(flavour, "tiny"))
+        decay, no_decay = param_groups(model, 0.1)
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed = {names[id(p)] for p in decay["params"]}
+        kept = {names[id(p)] for p in no_decay["params"]}
+        assert all(n.endswith(".bias") or "norm" in n for n in kept) and kept
+        assert all(n.endswith(".weight") and "norm" not in n for n in decayed)
+        assert "tok_emb.weight" in decayed and ("lm_head.weight" in decayed) == (flavour == "llama")
+        assert len(decayed) + len(kept) == len(list(model.parameters()))
+
+
+def test_vocab_size_defaults_from_shards_and_mismatch_is_an_error(shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.vocab_size=100 does not match .* \(64 tokens"):
+        run_pretrain(_cfg(shards, tmp_path, "model.vocab_size=100"))
+    assert not (tmp_path / "runs").exists()  # nothing written on a config error
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2
+
+def test_bad_input_is_one_line(shards, tmp_path, capsys):
+    base = ["pretrain", "--config", "configs/tiny.toml", f"train.out_dir={tmp_path / 'runs'}",
+            "train.progress=false", "train.plot=false"]
+    code, _, err = _cli(capsys, *base, f"data.shards={tmp_path / 'nope'}")
+    _one_line_error(code, err, "nope", "does not exist", "llmlab data prepare")
+
+    code, _, err = _cli(capsys, *base, f"data.shards={shards}", "optim.lrr=1")
+    _one_line_error(code, err, "optim.lrr", "did you mean 'lr'")
+
+    code, _, err = _cli(capsys, *base, f"data.shards={shards}", "train.tokens_per_step=100")
+    _one_line_error(code, err, "tokens_per_step=100", "use train.tokens_per_step=128")
+
+    small = tmp_path / "small"
+    write_shard_dir(small, {"train": [_stream(5000, 0)], "val": [_stream(20, 1)]}, vocab_size=V)
+    code, _, err = _cli(capsys, *base, f"data.shards={small}")
+    _one_line_error(code, err, "block_size 32", "val split", "has 20")
+    assert not (tmp_path / "runs").exists()
+
+    # a finished run to resume from
+    code, _, err = _cli(capsys, *base, f"data.shards={shards}", "optim.max_steps=2", "train.ckpt_every=1")
+    assert code == 0, err
+    ckpt = tmp_path / "runs" / "tiny" / "ckpt-000002"
+    code, _, err = _cli(capsys, *base, f"data.shards={shards}", "optim.max_steps=4", "model.n_layer=3",
+                        "--resume", str(ckpt))
+    _one_line_error(code, err, "model.n_layer=2", "asks for 3")
+
+    code, _, err = _cli(capsys, *base, f"data.shards={shards}")  # same run name without --resume
+    _one_line_error(code, err, "already holds a run", "--resume auto")
+
+    (ckpt / "model.safetensors").unlink()
+    code, _, err = _cli(capsys, *base, f"data.shards={shards}", "optim.max_steps=4", "--resume", str(ckpt))
+    _one_line_error(code, err, "ckpt-000002", "missing model.safetensors")
+
+    code, _, err = _cli(capsys, "plot", str(tmp_path))
+    _one_line_error(code, err, "no metrics.jsonl")
+
+
+def test_plot_cli(shards, tmp_path, capsys):
+    run_pretrain(_cfg(shards, tmp_path, "optim.max_steps=3"))
+    code, out, err = _cli(capsys, "plot", str(tmp_path / "runs" / "tiny"))
+    assert code == 0, err
+    assert [line.rsplit("/", 1)[-1] for line in out.split()] == ["loss.png", "training.png"]
