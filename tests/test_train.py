@@ -333,3 +333,11 @@ def test_plot_writes_pngs(tmp_path):
     paths = plot_run(tmp_path)
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_time_limit_ends_the_run_with_eval_and_checkpoint(tmp_path):
+    t = make_trainer(tmp_path, steps=50, max_minutes=1e-9, eval_fn=lambda m: {"val_loss": 1.0})
+    summary = t.fit()
+    assert summary["step"] == 1 and summary["val_loss"] == 1.0 and (tmp_path / "ckpt-000001").is_dir()
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert [e["type"] for e in last["events"]] == ["time_limit", "eval", "checkpoint"]

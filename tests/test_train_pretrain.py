@@ -191,3 +191,12 @@ def test_plot_cli(shards, tmp_path, capsys):
     code, out, err = _cli(capsys, "plot", str(tmp_path / "runs" / "tiny"))
     assert code == 0, err
     assert [line.rsplit("/", 1)[-1] for line in out.split()] == ["loss.png", "training.png"]
+
+
+@pytest.mark.parametrize("name", ["tiny", "cpu-demo", "gpt2-124M"])
+def test_presets_load_and_resolve(name):
+    from llmlab.train.pretrain import resolve_config
+
+    cfg = resolve_config(load_config(PretrainConfig, f"configs/{name}.toml"), {"tokenizer": {"vocab_size": 8192}})
+    assert cfg.model.vocab_size == 8192 and cfg.data.block_size <= cfg.model.block_size
+    Transformer(cfg.model) if name != "gpt2-124M" else cfg.model.validate()

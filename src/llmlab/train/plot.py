@@ -63,7 +63,7 @@ def _plot(ax, records, flags, key, label, color, log=False) -> None:
     old_x, old_y = _series(records, flags, key, live=False)
     if old_x:
         ax.plot(old_x, old_y, ".", color=color, alpha=0.25, markersize=3, label=f"{label} (rolled back)")
-    if log and ys and min(ys) > 0:
+    if log and ys and min(ys) > 0 and max(ys) / min(ys) > 20:  # log only when the range needs it
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_title(label)

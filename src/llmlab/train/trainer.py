@@ -74,6 +74,7 @@ class TrainConfig:
     progress: bool = True                # tqdm progress bar
     peak_flops: float | None = None      # override the device peak FLOP/s used for MFU (see metrics.py)
     plot: bool = True                    # write PNG plots at the end
+    max_minutes: float | None = None     # wall-clock cap: evaluate, checkpoint and stop early once reached
 
     def validate(self) -> None:
         if self.accum_steps < 1:
@@ -81,6 +82,8 @@ class TrainConfig:
         for key in ("eval_every", "eval_batches", "ckpt_every", "keep_last"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"train.max_minutes={self.max_minutes} must be > 0 (or unset for no limit)")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every={self.log_every} must be >= 1")
 
@@ -307,6 +310,7 @@ class Trainer:
         self._peak = peak_flops(self.device, self.amp_dtype, self.cfg.peak_flops)
         for cb in self.callbacks:
             cb.on_fit_start(self)
+        started = time.perf_counter()
         bar = tqdm(total=max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.cfg.progress and self.is_main))
         while self.step < max_steps and not self.should_stop:
@@ -317,6 +321,11 @@ class Trainer:
                 continue
             bar.update(1)
             done = self.step >= max_steps
+            if not done and self.cfg.max_minutes and time.perf_counter() - started > 60 * self.cfg.max_minutes:
+                # A time cap ends the run like the last step would (eval + checkpoint); the LR schedule
+                # is not stretched, so resuming later continues exactly where this stopped.
+                self._events.append({"type": "time_limit", "minutes": self.cfg.max_minutes})
+                done = self.should_stop = True
             if self.eval_fn is not None and (done or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
                 record.update(self.evaluate())
             if done or self.should_stop or (self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0):
