@@ -152,9 +152,9 @@ def test_rerun_after_crash_reuses_finished_shards(tmp_path, monkeypatch):
     encoded = []
     real_encode = prep._encode_docs
 
-    def counting_encode(tok, texts):
+    def counting_encode(tok, texts, **kwargs):
         encoded.extend(texts)
-        return real_encode(tok, texts)
+        return real_encode(tok, texts, **kwargs)
 
     monkeypatch.setattr(prep, "_encode_docs", counting_encode)
     prepare_shards([str(path)], ByteTokenizer(), out, shard_tokens=250, val_fraction=0.2, progress=False)

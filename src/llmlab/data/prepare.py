@@ -112,13 +112,13 @@ def _init_worker(module: str, qualname: str, path: str) -> None:
     _WORKER_TOKENIZER = _load_tokenizer_class(module, qualname, path)
 
 
-def _encode_docs(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _encode_docs(tok, texts: list[str], num_threads: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of each text followed by eos, concatenated, plus each document's length (eos included).
 
     Text that merely looks like a special token ("<|eos|>" inside a document) is encoded as ordinary text:
     a document must not be able to inject control tokens.
     """
-    ids = tok.encode_batch(texts, allowed_special=set(), disallowed_special=())
+    ids = tok.encode_batch(texts, allowed_special="none", num_threads=num_threads)
     eos = tok.eos_id
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable([*x, eos] for x in ids), dtype=np.uint32,
@@ -127,7 +127,7 @@ def _encode_docs(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return _encode_docs(_WORKER_TOKENIZER, texts)
+    return _encode_docs(_WORKER_TOKENIZER, texts, num_threads=1)  # the processes are the parallelism
 
 
 # ---- per-split shard writing ----
