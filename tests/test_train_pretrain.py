@@ -200,3 +200,23 @@ def test_presets_load_and_resolve(name):
     cfg = resolve_config(load_config(PretrainConfig, f"configs/{name}.toml"), {"tokenizer": {"vocab_size": 8192}})
     assert cfg.model.vocab_size == 8192 and cfg.data.block_size <= cfg.model.block_size
     Transformer(cfg.model) if name != "gpt2-124M" else cfg.model.validate()
+
+
+def test_lm_loss_same_through_a_wrapper():
+    from torch import nn
+
+    from llmlab.train.pretrain import lm_loss
+
+    class Compiled(nn.Module):  # shaped like torch.compile's wrapper: the module sits in _orig_mod
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, idx):
+            return self._orig_mod(idx)
+
+    model = Transformer(ModelConfig.preset("llama", "tiny"))
+    x = torch.randint(256, (2, 16))
+    y = torch.randint(256, (2, 16))
+    bare, wrapped = lm_loss(model, (x, y))[0], lm_loss(Compiled(model), (x, y))[0]
+    torch.testing.assert_close(bare, wrapped, rtol=1e-5, atol=1e-5)

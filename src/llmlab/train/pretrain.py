@@ -32,7 +32,7 @@ from llmlab.device import resolve_device
 from llmlab.errors import ConfigError
 from llmlab.fsutil import write_text_atomic
 from llmlab.model import ModelConfig, Transformer
-from llmlab.train.checkpoint import Checkpointer, resolve_resume
+from llmlab.train.checkpoint import Checkpointer, resolve_resume, unwrap
 from llmlab.train.optim import OptimConfig
 from llmlab.train.trainer import TrainConfig, Trainer
 
@@ -55,8 +55,15 @@ class PretrainConfig:
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Mean next-token cross-entropy (nats/token); the softmax runs in fp32 even under bf16 autocast."""
+    """Mean next-token cross-entropy (nats/token); the softmax runs in fp32 even under bf16 autocast.
+
+    A bare model with a `loss(idx, targets)` method (the Transformer's chunked head + cross-entropy,
+    which never materialises the [B, T, vocab] logits) uses it. A wrapped model (DDP, torch.compile)
+    must be called through the wrapper, whose forward returns logits, so it takes the plain path.
+    """
     x, y = batch
+    if unwrap(model) is model and hasattr(model, "loss"):
+        return model.loss(x, y), {}
     logits = model(x)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)), {}
 

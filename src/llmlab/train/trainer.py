@@ -26,7 +26,8 @@ Extension points (issue 4 and later objectives hook in here, the loop itself sta
   optionally scale the LR; the skipped ranges are kept by the trainer and re-applied after every restore.
 - `model` may arrive wrapped by a separate parallelize step (DDP, torch.compile; FSDP2 shards in
   place): the loop only calls it, `unwrap()` finds the module to save, gradient sync is switched off on
-  all but the last micro-batch, and only rank 0 writes files.
+  all but the last micro-batch, loss/metrics are averaged over ranks, and only rank 0 writes files.
+  Parallelize before constructing the Trainer: the optimizer is built over the parameters it finds.
 - `checkpointer`: a Checkpointer (or a distributed subclass) does all checkpoint I/O.
 - `should_stop`: set it (e.g. from a SIGTERM handler) and the loop checkpoints and returns after the step.
 """
