@@ -190,3 +190,24 @@ def test_config_loads_from_toml_overrides(tmp_path):
     assert cfg.ffn_dim == 64 * math.ceil(8 * 128 / 3 / 64)  # the SwiGLU default follows the final d_model
     with pytest.raises(ConfigError, match="norm"):
         load_config(ModelConfig, None, ["norm='batchnorm'"])
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_fused_loss_equals_cross_entropy_of_the_logits(flavour, monkeypatch):
+    import llmlab.model.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_chunk_rows", lambda vocab, device: 7)  # several uneven chunks
+    model = tiny(flavour).train()
+    x, y = tokens(3, 20, seed=2), tokens(3, 20, seed=3)
+    y[0, :5] = -100  # ignored positions (e.g. prompt tokens in SFT)
+    plain = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    (2 * plain).backward()  # a scaled loss, as with gradient accumulation
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    fused = model.loss(x, y)
+    (2 * fused).backward()
+    assert fused.item() == pytest.approx(plain.item(), abs=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():  # no gradient wanted: just the value
+        assert model.loss(x, y).item() == pytest.approx(plain.item(), abs=1e-6)

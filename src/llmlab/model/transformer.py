@@ -38,6 +38,7 @@ from llmlab.errors import CheckpointError, ConfigError, ModelError
 from llmlab.fsutil import atomic_dir
 from llmlab.model.config import ModelConfig
 from llmlab.model.kv_cache import CacheStep, KVCache
+from llmlab.model.loss import linear_cross_entropy
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -96,12 +97,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, KV = self.n_head, self.n_kv_head
         qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # [B, heads, T, hd]
+        # split (not slicing): its backward is one cat instead of zero-filled copies per slice.
         if rope is not None:
-            qk = apply_rope(qkv[:, :H + KV], *rope)  # rotate q and k together: one set of ops
-            q, k = qk[:, :H], qk[:, H:]
+            qk, v = qkv.split([H + KV, KV], dim=1)
+            q, k = apply_rope(qk, *rope).split([H, KV], dim=1)  # rotate q and k together: one set of ops
         else:
-            q, k = qkv[:, :H], qkv[:, H:H + KV]
-        v = qkv[:, H + KV:]
+            q, k, v = qkv.split([H, KV, KV], dim=1)
         mask, causal = (None, True) if step is None else (step.mask, step.is_causal)
         if cache is not None:
             k, v = cache.update(self.layer, step, k, v)
@@ -220,6 +221,18 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of idx [B, T] against targets [B, T] (ignore_index skipped).
+
+        Equal to F.cross_entropy(model(idx).flatten(0, 1), targets.flatten()) but computed chunk by chunk
+        without the full logits tensor (see loss.py): faster on CPU, lighter on GPU memory.
+        """
+        h = self(idx, return_hidden=True)
+        if type(self.lm_head) is nn.Linear:
+            return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index)
+        logits = self.lm_head(h).float()  # a swapped-in head (e.g. quantized): the plain way
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
     # ----- accounting -----
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once). non_embedding drops the token and position tables (Kaplan et
@@ -258,7 +271,10 @@ class Transformer(nn.Module):
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        meta = asdict(self.config)
+        if getattr(self, "quantization", None):  # the scheme of a quantized model (llmlab.infer.quant)
+            meta["quantization"] = self.quantization
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         # safetensors refuses two names for one storage; the tied head is rebuilt from tok_emb on load.
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not (self.config.tie_embeddings and k == "lm_head.weight")}
@@ -285,6 +301,11 @@ class Transformer(nn.Module):
             raise CheckpointError(f"{weights} is not a readable safetensors file ({e}); re-save the checkpoint") from e
         with torch.device("meta"):  # no random init, no second copy of the weights
             model = cls(config)
+            quant = json.loads((path / CONFIG_FILE).read_text()).get("quantization")
+            if quant:  # quantized checkpoint: put QuantLinear modules of the stored shapes in place first
+                from llmlab.infer.quant import prepare_quantized
+
+                prepare_quantized(model, quant, path / CONFIG_FILE)
         check_state(model, state, weights)
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_embeddings:
@@ -306,7 +327,10 @@ def read_config(path: Path) -> ModelConfig:
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has no {CONFIG_FILE}; point at a complete checkpoint directory")
     try:
-        return from_dict(ModelConfig, json.loads(file.read_text())).validate()
+        data = json.loads(file.read_text())
+        if isinstance(data, dict):
+            data.pop("quantization", None)  # read by Transformer.load, not part of the shape
+        return from_dict(ModelConfig, data).validate()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}); re-save the checkpoint") from e
     except (ConfigError, ModelError) as e:

@@ -1,0 +1,74 @@
+"""Cross-entropy of the LM head without materialising the full [tokens, vocab] logits.
+
+Why: for a small model the logits are the largest tensors in a training step (8 x 256 tokens x 8192 vocab
+is 67 MB in fp32, and log_softmax, its gradient and the logits' gradient are as large again). Computing the
+head and the loss chunk by chunk, and the gradients right there in the forward pass, keeps every temporary
+to a few MB: less memory traffic on CPU, less peak memory on GPU (the trick of Liger-Kernel's fused linear
+cross-entropy, Hsu et al. 2024). The FLOPs are the same three matmuls as the unfused head.
+
+    loss = linear_cross_entropy(hidden [N, d], weight [V, d], targets [N], ignore_index=-100)  # mean over kept
+
+The result equals F.cross_entropy(hidden @ weight.T, targets, ignore_index=...) (mean over non-ignored
+targets); its backward multiplies the stored gradients by the incoming scale, so loss scaling for
+gradient accumulation works as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _chunk_rows(vocab: int, device: torch.device) -> int:
+    # ~16 MB of fp32 logits per chunk on CPU (cache friendly), ~256 MB on GPUs (big matmuls).
+    budget = 2**22 if device.type == "cpu" else 2**26
+    return max(64, budget // vocab)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        kept = targets != ignore_index
+        n = kept.sum().clamp(min=1).to(torch.float32)
+        safe = targets.masked_fill(~kept, 0)[:, None]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        step = _chunk_rows(weight.shape[0], h.device)
+        for s in range(0, h.shape[0], step):
+            hc, keep, tgt = h[s:s + step], kept[s:s + step], safe[s:s + step]
+            # Softmax by hand, in place, so each chunk's logits are touched four times and never copied:
+            # shift by the row max, exponentiate, sum, then turn the exponentials into the gradient.
+            logits = (hc @ weight.T).float()
+            logits.sub_(logits.amax(dim=-1, keepdim=True))
+            picked = logits.gather(1, tgt).squeeze(1)
+            total_exp = logits.exp_().sum(dim=-1)
+            total += ((total_exp.log() - picked) * keep).sum()
+            if want_h or want_w:
+                # d(mean loss)/d logits = (softmax - onehot(target)) / n on kept rows, 0 on ignored ones.
+                scale = keep / n
+                g = logits.mul_((scale / total_exp)[:, None])
+                g.scatter_add_(1, tgt, -scale[:, None])
+                g = g.to(h.dtype)
+                if want_h:
+                    grad_h[s:s + step] = g @ weight
+                if want_w:
+                    grad_w.addmm_(g.T.float(), hc.float())
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype), None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of softmax(hidden @ weight.T) against targets, over targets != ignore_index.
+
+    hidden [..., d], targets [...] (same leading shape), weight [V, d]. Returns a float32 scalar.
+    """
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                     ignore_index)

@@ -1,0 +1,67 @@
+"""`llmlab generate`: text in, text out; bad checkpoints and over-long prompts are one line, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmlab.cli import main
+from llmlab.infer import generate
+from llmlab.model import ModelConfig, Transformer
+from llmlab.tokenizer import Tokenizer
+
+
+@pytest.fixture
+def checkpoint(tmp_path, small_corpus):
+    tok = Tokenizer.train(small_corpus, vocab_size=300, progress=False, workers=1)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("gpt2", "tiny", vocab_size=tok.vocab_size))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5)  # decisive greedy picks
+    model.save(tmp_path / "ckpt")
+    tok.save(tmp_path / "ckpt" / "tokenizer")
+    return tmp_path / "ckpt", tok, model
+
+
+def test_generate_prints_prompt_and_continuation(checkpoint, capsys):
+    ckpt, tok, model = checkpoint
+    args = ["generate", str(ckpt), "--prompt", "The quick", "--temperature", "0", "--max-new-tokens", "8",
+            "--ignore-eos"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    ids = [tok.eos_id] + tok.encode("The quick")
+    expected = generate(model.eval(), ids, 8, temperature=0)[len(ids):].tolist()
+    assert out == "The quick" + tok.decode(expected) + "\n"
+    assert main(args + ["--stream"]) == 0  # streaming prints the same text
+    assert capsys.readouterr().out == out
+
+
+def test_sampling_with_a_seed_is_reproducible(checkpoint, capsys):
+    ckpt, _, _ = checkpoint
+    args = ["generate", str(ckpt), "--prompt", "def", "--seed", "3", "--max-new-tokens", "10", "--top-p", "0.9"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+
+
+@pytest.mark.parametrize("make_args,match", [
+    (lambda ckpt: [str(ckpt), "--prompt", "fox " * 80], "context (block_size) is 64"),
+    (lambda ckpt: [str(ckpt), "--prompt", "fox", "--max-new-tokens", "100"], "ask for at most"),
+    (lambda ckpt: [str(ckpt.parent / "missing")], "missing does not exist"),
+    (lambda ckpt: [str(ckpt), "--tokenizer", str(ckpt / "nope")], "no tokenizer directory"),
+    (lambda ckpt: [str(ckpt), "--prompt", "a", "--top-p", "2"], "top_p=2.0"),
+])
+def test_bad_input_is_one_line_exit_2(checkpoint, capsys, make_args, match):
+    ckpt, _, _ = checkpoint
+    assert main(["generate", *make_args(ckpt)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing half-printed
+    assert match in captured.err and captured.err.count("\n") == 1
+
+
+def test_missing_weights_file_is_named(checkpoint, capsys):
+    ckpt, _, _ = checkpoint
+    (ckpt / "model.safetensors").unlink()
+    assert main(["generate", str(ckpt), "--prompt", "a"]) == 2
+    assert "has no model.safetensors" in capsys.readouterr().err
