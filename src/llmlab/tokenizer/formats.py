@@ -1,0 +1,394 @@
+"""Tokenizer file formats: llmlab's own directory, Hugging Face tokenizer.json, tiktoken rank files.
+
+- llmlab.json (inside a tokenizer directory, next to a tokenizer.json): {"format": "llmlab-tokenizer",
+  "format_version": 1, "pattern", "pattern_name", "semantics", "special_tokens", "options", "merges",
+  "tokens"}. "tokens" is null for the trained layout (ids 0-255 = bytes, 256 + i = merge i), else one
+  base64 string (or null) per id. A file with a higher format_version was written by a newer llmlab and
+  is refused with a message to upgrade.
+- tokenizer.json (Hugging Face `tokenizers`): a BPE model over byte-level strings. HF maps each byte to
+  a printable character (GPT-2's table: printable Latin-1 bytes stand for themselves, the other 68 bytes
+  for U+0100 onwards) so that vocab entries and merges are strings; we translate both ways. The
+  pre-tokenizer is ByteLevel (GPT-2 regex built in) or Sequence[Split(regex), ByteLevel(use_regex=false)].
+- .tiktoken: one "<base64 bytes> <rank>" line per token; the rank is the id and the merge priority.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+from pathlib import Path
+
+from llmlab import __version__
+from llmlab.errors import TokenizerError
+from llmlab.fsutil import atomic_dir
+from llmlab.tokenizer.patterns import GPT2_PATTERN, from_hf_spelling, hf_spelling, resolve_pattern
+
+FORMAT = "llmlab-tokenizer"
+FORMAT_VERSION = 1
+LLMLAB_JSON = "llmlab.json"
+HF_JSON = "tokenizer.json"
+# ByteLevel with use_regex=false and no Split: the whole text is one chunk.
+WHOLE_TEXT_PATTERN = r"[\s\S]+"
+_NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
+
+
+# ---- the byte <-> character alphabet of byte-level BPE (GPT-2) ---------------------------------------------
+
+@functools.cache
+def byte_to_char() -> tuple[str, ...]:
+    """Character standing for each byte: printable Latin-1 bytes map to themselves, the rest to U+0100+."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(0x100 + extra)
+            extra += 1
+    return tuple(table[b] for b in range(256))
+
+
+@functools.cache
+def char_to_byte() -> dict[str, int]:
+    return {c: b for b, c in enumerate(byte_to_char())}
+
+
+def bytes_to_hf(data: bytes) -> str:
+    table = byte_to_char()
+    return "".join(table[b] for b in data)
+
+
+def hf_to_bytes(text: str) -> bytes | None:
+    """The bytes a byte-level string stands for, or None if it has characters outside the alphabet."""
+    table = char_to_byte()
+    try:
+        return bytes(table[c] for c in text)
+    except KeyError:
+        return None
+
+
+# ---- llmlab's own directory --------------------------------------------------------------------------------
+
+def _trained_layout(tok) -> bool:
+    """Ids 0-255 are the bytes and id 256 + i is merge i: then the token table need not be stored."""
+    tokens = tok._tokens
+    n = 256 + len(tok._merges)
+    return (len(tokens) >= n and all(tokens[b] == bytes([b]) for b in range(256))
+            and tok._merged_ids == list(range(256, n)) and all(t is None for t in tokens[n:]))
+
+
+def llmlab_json(tok) -> dict:
+    opts = tok.options
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "llmlab_version": __version__,
+        "semantics": tok.semantics,
+        "pattern": tok.pattern,
+        "pattern_name": tok.pattern_name,
+        "special_tokens": tok.special_tokens,
+        "options": {"prefix_space": opts.prefix_space, "ignore_merges": opts.ignore_merges,
+                    "unk_id": opts.unk_id, "fuse_unk": opts.fuse_unk, "normalizer": opts.normalizer},
+        "vocab_size": tok.vocab_size,
+        "merges": [list(m) for m in tok._merges],
+        "tokens": None if _trained_layout(tok) else
+        [None if t is None else base64.b64encode(t).decode("ascii") for t in tok._tokens],
+    }
+
+
+def check_output_dir(directory: Path) -> None:
+    """Refuse to replace a directory that is not a tokenizer (saving swaps the whole directory)."""
+    if directory.exists():
+        if not directory.is_dir():
+            raise TokenizerError(f"{directory} exists and is a file; choose a directory path for the tokenizer")
+        if any(directory.iterdir()) and not (directory / LLMLAB_JSON).is_file():
+            raise TokenizerError(f"{directory} exists and is not a tokenizer directory (no {LLMLAB_JSON}); "
+                                 f"choose a new path or empty it first")
+
+
+def write_llmlab_dir(tok, directory: Path) -> None:
+    check_output_dir(directory)
+    text = json.dumps(llmlab_json(tok), ensure_ascii=False)
+    hf = hf_json_text(tok)
+    with atomic_dir(directory) as tmp:
+        (tmp / LLMLAB_JSON).write_text(text, encoding="utf-8")
+        (tmp / HF_JSON).write_text(hf, encoding="utf-8")
+
+
+def read_llmlab_dir(cls, directory: Path):
+    path = directory / LLMLAB_JSON
+    if not directory.is_dir():
+        raise TokenizerError(f"tokenizer directory {directory} does not exist; train one with "
+                             f"`llmlab tokenizer train SOURCES --out {directory}` or pass the right directory")
+    if not path.is_file():
+        hint = (f"; it has a tokenizer.json, import that with Tokenizer.from_hf('{directory / HF_JSON}')"
+                if (directory / HF_JSON).is_file() else "")
+        raise TokenizerError(f"{path} not found: {directory} is not an llmlab tokenizer directory{hint}")
+    data = _read_json(path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise TokenizerError(f"{path} is not an llmlab tokenizer file (no \"format\": \"{FORMAT}\"); "
+                             f"save the tokenizer again with llmlab")
+    version = data.get("format_version")
+    if not isinstance(version, int):
+        raise TokenizerError(f"{path} has no integer format_version; save the tokenizer again with llmlab")
+    if version > FORMAT_VERSION:
+        raise TokenizerError(
+            f"{path} has tokenizer format version {version}, written by a newer llmlab "
+            f"({data.get('llmlab_version', '?')}); this llmlab {__version__} reads up to version "
+            f"{FORMAT_VERSION}: upgrade llmlab (pip install -U llmlab)")
+    from llmlab.tokenizer.core import EncodingOptions
+
+    try:
+        merges = [(int(a), int(b)) for a, b in data["merges"]]
+        if data["tokens"] is None:
+            tokens: list[bytes | None] = [bytes([b]) for b in range(256)]
+            for a, b in merges:
+                tokens.append(tokens[a] + tokens[b])
+        else:
+            tokens = [None if t is None else base64.b64decode(t, validate=True) for t in data["tokens"]]
+        options = EncodingOptions(**data.get("options", {}))
+        tok = cls(tokens, merges, data["pattern"], {str(k): int(v) for k, v in data["special_tokens"].items()},
+                  semantics=data.get("semantics", "merges"), options=options)
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as e:
+        raise TokenizerError(f"{path} is corrupt ({type(e).__name__}: {e}); save the tokenizer again "
+                             f"or restore the file") from None
+    return tok
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TokenizerError(f"{path} does not exist; check the path") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path} is not valid JSON ({e}); restore or regenerate the file") from None
+
+
+# ---- Hugging Face tokenizer.json ----------------------------------------------------------------------------
+
+def _byte_level(prefix_space: bool, use_regex: bool) -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": prefix_space, "trim_offsets": True, "use_regex": use_regex}
+
+
+def hf_json(tok) -> dict:
+    """The tokenizer as a Hugging Face tokenizer.json document."""
+    opts = tok.options
+    if tok.pattern_name == "gpt2":  # HF's ByteLevel has exactly this regex built in
+        pre = _byte_level(opts.prefix_space, True)
+    elif tok.pattern == WHOLE_TEXT_PATTERN:
+        pre = _byte_level(opts.prefix_space, False)
+    else:
+        if opts.prefix_space:  # HF would add the space to every regex chunk, not once per text
+            raise TokenizerError("a tokenizer with prefix_space and a custom pattern cannot be written as "
+                                 "tokenizer.json; HF would add the space before every chunk")
+        split = {"type": "Split", "pattern": {"Regex": hf_spelling(tok.pattern, tok.pattern_name)},
+                 "behavior": "Isolated", "invert": False}
+        pre = {"type": "Sequence", "pretokenizers": [split, _byte_level(False, False)]}
+    tokens = tok._tokens
+    if tok.semantics == "ranks":
+        merges, ignore_merges = derive_merges(tokens), True  # the way HF converts tiktoken vocabularies
+    else:
+        merges, ignore_merges = tok._merges, opts.ignore_merges
+    special_ids = set(tok.special_tokens.values())
+    unk = None
+    if opts.unk_id is not None:
+        unk = tok.token_bytes(opts.unk_id).decode("utf-8") if opts.unk_id in special_ids else \
+            bytes_to_hf(tokens[opts.unk_id])
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True}
+                         for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])],
+        "normalizer": {"type": opts.normalizer} if opts.normalizer else None,
+        "pre_tokenizer": pre,
+        "post_processor": None,
+        "decoder": _byte_level(True, True),
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": opts.fuse_unk, "byte_fallback": False,
+            "ignore_merges": ignore_merges,
+            "vocab": {bytes_to_hf(t): i for i, t in enumerate(tokens) if t is not None},
+            "merges": [[bytes_to_hf(tokens[a]), bytes_to_hf(tokens[b])] for a, b in merges],
+        },
+    }
+
+
+def hf_json_text(tok) -> str:
+    return json.dumps(hf_json(tok), ensure_ascii=False, indent=1)
+
+
+def derive_merges(tokens: list[bytes | None]) -> list[tuple[int, int]]:
+    """Merge rules for a rank-defined vocabulary (id = rank): token T's rule is the last merge that rank
+    BPE, restricted to ranks below T's, makes on T's bytes. Tokens rank BPE never builds get no rule."""
+    from llmlab.tokenizer.reference import rank_bpe
+
+    ranks = {t: i for i, t in enumerate(tokens) if t is not None}
+    merges = []
+    for rank, t in enumerate(tokens):
+        if t is None or len(t) < 2:
+            continue
+        parts = rank_bpe(t, ranks, whole_piece=False, below=rank)
+        if len(parts) == 2:
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _parse_pre_tokenizer(pre, path: Path) -> tuple[str, bool]:
+    """(pattern, prefix_space) for the byte-level pre-tokenizers we can reproduce exactly."""
+    unsupported = TokenizerError(
+        f"{path}: pre_tokenizer {json.dumps(pre)[:120]} is not supported; llmlab imports byte-level BPE with "
+        f"a ByteLevel pre-tokenizer, optionally after one Split(regex, behavior=Isolated)")
+    if not isinstance(pre, dict):
+        raise unsupported
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    if not isinstance(steps, list) or not steps or not isinstance(steps[-1], dict):
+        raise unsupported
+    last = steps[-1]
+    if last.get("type") != "ByteLevel":
+        raise unsupported
+    prefix = bool(last.get("add_prefix_space", True))
+    use_regex = bool(last.get("use_regex", True))
+    if len(steps) == 1:
+        return (GPT2_PATTERN if use_regex else WHOLE_TEXT_PATTERN), prefix
+    split = steps[0]
+    if (len(steps) != 2 or use_regex or prefix or split.get("type") != "Split" or split.get("invert")
+            or str(split.get("behavior", "")).lower() != "isolated"):
+        raise unsupported
+    pattern = split.get("pattern", {})
+    if "Regex" in pattern:
+        text = pattern["Regex"]
+    elif "String" in pattern:
+        import regex
+
+        text = regex.escape(pattern["String"])
+    else:
+        raise unsupported
+    try:
+        return from_hf_spelling(text)[0], False
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
+
+
+def _parse_normalizer(norm, path: Path) -> str | None:
+    if norm is None:
+        return None
+    if isinstance(norm, dict) and norm.get("type") in _NORMALIZERS:
+        return norm["type"]
+    if isinstance(norm, dict) and norm.get("type") == "Sequence" and not norm.get("normalizers"):
+        return None
+    raise TokenizerError(f"{path}: normalizer {json.dumps(norm)[:100]} is not supported (only none or a "
+                         f"Unicode normal form NFC/NFD/NFKC/NFKD)")
+
+
+def _check_decoder(dec, path: Path) -> None:
+    steps = dec.get("decoders") if isinstance(dec, dict) and dec.get("type") == "Sequence" else [dec]
+    if dec is None or all(isinstance(s, dict) and s.get("type") == "ByteLevel" for s in steps or []):
+        return
+    raise TokenizerError(f"{path}: decoder {json.dumps(dec)[:100]} is not supported; byte-level BPE "
+                         f"tokenizers use the ByteLevel decoder")
+
+
+def read_hf(cls, path: Path):
+    """Import a tokenizer.json (or a directory holding one) as a merge-list tokenizer with HF's ids."""
+    from llmlab.tokenizer.core import EncodingOptions
+
+    if path.is_dir():
+        path = path / HF_JSON
+    data = _read_json(path)
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise TokenizerError(f"{path} has no \"model\" object; is it a Hugging Face tokenizer.json?")
+    kind = model.get("type", "BPE" if "merges" in model else None)
+    if kind != "BPE":
+        raise TokenizerError(f"{path}: model type {kind!r} is not supported; llmlab imports byte-level BPE "
+                             f"tokenizers (GPT-2, Llama 3, Qwen style), not WordPiece/Unigram/WordLevel")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise TokenizerError(f"{path}: BPE {key}={model[key]!r} is not supported by byte-level BPE")
+    if model.get("dropout") not in (None, 0, 0.0):
+        raise TokenizerError(f"{path}: BPE dropout={model['dropout']} makes encoding random; set it to null")
+    pattern, prefix_space = _parse_pre_tokenizer(data.get("pre_tokenizer"), path)
+    normalizer = _parse_normalizer(data.get("normalizer"), path)
+    _check_decoder(data.get("decoder"), path)
+
+    vocab = model.get("vocab") or {}
+    added = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
+    special_ids = set(added.values())
+    size = 1 + max([*vocab.values(), *special_ids, -1])
+    tokens: list[bytes | None] = [None] * size
+    for text, i in vocab.items():
+        if i in special_ids:  # HF trainers also list special tokens in the model vocab
+            continue
+        data_bytes = hf_to_bytes(text)
+        if data_bytes is None:
+            raise TokenizerError(f"{path}: vocab entry {text!r} (id {i}) is not a byte-level string; "
+                                 f"only byte-level BPE vocabularies can be imported")
+        tokens[i] = data_bytes
+    merges = []
+    for k, rule in enumerate(model.get("merges") or []):
+        try:
+            left, right = rule.split(" ") if isinstance(rule, str) else rule
+        except ValueError:
+            raise TokenizerError(f"{path}: merge #{k} {rule!r} is not a pair of tokens") from None
+        if left not in vocab or right not in vocab:
+            raise TokenizerError(f"{path}: merge #{k} {rule!r} uses a token missing from the vocab")
+        merges.append((vocab[left], vocab[right]))
+    unk = model.get("unk_token")
+    unk_id = None if unk is None else (added.get(unk, vocab.get(unk)))
+    options = EncodingOptions(prefix_space=prefix_space, ignore_merges=bool(model.get("ignore_merges", False)),
+                              unk_id=unk_id, fuse_unk=bool(model.get("fuse_unk", False)), normalizer=normalizer)
+    try:
+        return cls(tokens, merges, pattern, added, options=options)
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
+
+
+# ---- tiktoken rank files ------------------------------------------------------------------------------------
+
+def read_tiktoken(cls, path: Path, pattern: str, specials):
+    """Import a .tiktoken file; ids are ranks, and encoding follows tiktoken's rank semantics."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        raise TokenizerError(f"{path} does not exist; pass the path of a .tiktoken rank file") from None
+    except IsADirectoryError:
+        raise TokenizerError(f"{path} is a directory; pass the path of a .tiktoken rank file") from None
+    ranks: dict[int, bytes] = {}
+    seen: dict[bytes, int] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            token_b64, rank_text = line.split()
+            token = base64.b64decode(token_b64, validate=True)
+            rank = int(rank_text)
+        except (ValueError, binascii.Error):
+            raise TokenizerError(f"{path}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r}; "
+                                 f"is this a .tiktoken file?") from None
+        if rank < 0 or rank in ranks or token in seen or not token:
+            raise TokenizerError(f"{path}:{lineno}: rank {rank} or token {token!r} is negative, empty or "
+                                 f"repeated; each token and rank must appear once")
+        ranks[rank] = token
+        seen[token] = rank
+    if not ranks:
+        raise TokenizerError(f"{path} has no tokens; pass a non-empty .tiktoken file")
+    missing = [b for b in range(256) if bytes([b]) not in seen]
+    if missing:
+        raise TokenizerError(f"{path} lacks single-byte tokens (e.g. byte 0x{missing[0]:02x}); "
+                             f"byte-level BPE needs all 256")
+    tokens: list[bytes | None] = [None] * (max(ranks) + 1)
+    for rank, token in ranks.items():
+        tokens[rank] = token
+    if specials is None:
+        special_ids: dict[str, int] = {}
+    elif isinstance(specials, dict):
+        special_ids = {str(k): int(v) for k, v in specials.items()}
+    else:
+        special_ids = {s: len(tokens) + i for i, s in enumerate(specials)}
+    regex_text, _ = resolve_pattern(pattern)
+    return cls(tokens, [], regex_text, special_ids, semantics="ranks")

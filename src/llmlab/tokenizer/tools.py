@@ -1,0 +1,74 @@
+"""What the `llmlab tokenizer` commands do: train from sources, inspect a text, measure files.
+
+Each function is one CLI verb's work, kept here so it can be used (and tested) from Python too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from llmlab.tokenizer.core import Tokenizer
+
+
+def train_from_sources(sources: Sequence[str], out: str | os.PathLike, *, vocab_size: int = 8192,
+                       pattern: str = "gpt4", special_tokens: Sequence[str] | None = None,
+                       max_chars: int | None = None, text_field: str = "text", workers: int | None = None,
+                       progress: bool = True) -> Tokenizer:
+    """Train on the documents of `sources` (files, globs, directories, "stdlib") and save to `out`.
+
+    Everything is checked before any output exists; the directory appears complete or not at all.
+    """
+    from llmlab.data.sources import iter_documents
+    from llmlab.tokenizer.formats import check_output_dir
+
+    check_output_dir(Path(out))
+    docs = iter_documents(list(sources), text_field=text_field, max_chars=max_chars)
+    tok = Tokenizer.train(docs, vocab_size=vocab_size, pattern=pattern, special_tokens=special_tokens,
+                          max_chars=max_chars, progress=progress, workers=workers)
+    tok.save(out)
+    return tok
+
+
+def piece_label(data: bytes) -> str:
+    """A token's bytes, readable: the text when it is valid UTF-8, else the text parts plus <xx> bytes."""
+    try:
+        return repr(data.decode("utf-8"))[1:-1].replace(" ", "\u2423")  # visible spaces: ␣
+    except UnicodeDecodeError:
+        return "".join(f"<{b:02x}>" for b in data)
+
+
+def inspect_text(tok: Tokenizer, text: str, allowed_special="none") -> str:
+    """One line per token (position, id, piece) and a summary line; "猫" split over bytes shows <e7><8c>."""
+    ids = tok.encode(text, allowed_special=allowed_special)
+    width = len(str(max(ids, default=0)))
+    lines = [f"{i:>4}  {t:>{width}}  {piece_label(tok.token_bytes(t))}" for i, t in enumerate(ids)]
+    n_bytes = len(text.encode("utf-8", "surrogatepass"))
+    lines.append(f"{len(ids)} tokens for {len(text)} characters / {n_bytes} bytes"
+                 + (f" ({n_bytes / len(ids):.2f} bytes per token)" if ids else ""))
+    return "\n".join(lines)
+
+
+def file_stats(tok: Tokenizer, files: Sequence[str], text_field: str = "text") -> list[dict]:
+    """Per file: documents, characters, bytes, whitespace-separated words, tokens, bytes/token, tokens/word."""
+    from llmlab.data.sources import iter_documents
+
+    rows = []
+    for f in files:
+        docs = list(iter_documents([f], text_field=text_field))
+        n_tokens = sum(len(ids) for ids in tok.encode_batch(docs, allowed_special="none"))
+        n_bytes = sum(len(d.encode("utf-8", "surrogatepass")) for d in docs)
+        n_words = sum(len(d.split()) for d in docs)
+        rows.append({"file": f, "documents": len(docs), "chars": sum(map(len, docs)), "bytes": n_bytes,
+                     "words": n_words, "tokens": n_tokens,
+                     "bytes_per_token": n_bytes / n_tokens if n_tokens else 0.0,
+                     "tokens_per_word": n_tokens / n_words if n_words else 0.0})
+    return rows
+
+
+def format_stats(rows: list[dict]) -> str:
+    head = f"{'bytes/token':>11}  {'tokens/word':>11}  {'tokens':>10}  {'bytes':>11}  file"
+    body = [f"{r['bytes_per_token']:>11.3f}  {r['tokens_per_word']:>11.3f}  {r['tokens']:>10}  {r['bytes']:>11}  "
+            f"{r['file']}" for r in rows]
+    return "\n".join([head, *body])

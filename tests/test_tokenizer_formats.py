@@ -1,0 +1,187 @@
+"""Formats: save/load round trips; parity with Hugging Face `tokenizers` both ways (our tokenizer exported,
+and a tokenizer trained by `tokenizers` imported); unsupported or newer files fail with one clear error."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+import string
+
+import pytest
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from llmlab.errors import TokenizerError
+from llmlab.tokenizer import Tokenizer
+from llmlab.tokenizer.formats import byte_to_char, hf_to_bytes
+
+TRAIN = [inspect.getsource(json), inspect.getsource(string),
+         "Caf\u00e9 cr\u00e8me na\u00efve \u732b\u306f\u53ef\u611b\u3044 \U0001f600 \u0416\u0438\u0437\u043d\u044c "
+         "strawberry embedding xylophone 2024 I'm\r\n" * 5]
+HELD_OUT = [inspect.getsource(random)[:15000],
+            "The \u732b sat on the \u30de\u30c3\u30c8. \U0001f44d\U0001f3fd na\u00efve\u0301 \u00e9t\u00e9 \u00df "
+            "\u05e9\u05dc\u05d5\u05dd \u0928\u092e\u0938\u094d\u0924\u0947 \t\t\n\n  x  \r\n 123456789 you'LL",
+            "", " ", "\n\n", "a", "   leading and trailing   ", "\x00\x01\x7f\x85"]
+
+
+def hf_ids(hf: HFTokenizer, text: str) -> list[int]:
+    return hf.encode(text, add_special_tokens=False).ids
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(TRAIN, vocab_size=700, progress=False)
+
+
+def test_byte_alphabet_is_gpt2s():
+    table = byte_to_char()
+    assert len(set(table)) == 256 and table[ord("a")] == "a" and table[32] == "\u0120" and table[10] == "\u010a"
+    assert set(table) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert hf_to_bytes("\u0120hello\u010a") == b" hello\n" and hf_to_bytes("\u732b") is None
+
+
+def test_save_load_round_trip(tmp_path, tok):
+    tok.save(tmp_path / "t")
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["llmlab.json", "tokenizer.json"]
+    back = Tokenizer.load(tmp_path / "t")
+    assert back.merges == tok.merges and back.special_tokens == tok.special_tokens
+    assert back.pattern == tok.pattern and back.vocab_size == tok.vocab_size
+    assert [back.encode(t) for t in HELD_OUT] == [tok.encode(t) for t in HELD_OUT]
+    tok.save(tmp_path / "t")  # saving over a tokenizer directory replaces it
+    meta = json.loads((tmp_path / "t" / "llmlab.json").read_text())
+    assert meta["format_version"] == 1 and meta["tokens"] is None  # trained layout: table not stored
+
+
+@pytest.mark.parametrize("pattern", ["gpt4", "gpt2"])
+def test_exported_tokenizer_json_encodes_identically_in_hf(tmp_path, pattern):
+    ours = Tokenizer.train(TRAIN, vocab_size=600, pattern=pattern, progress=False)
+    ours.to_hf(tmp_path / "tokenizer.json")
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in HELD_OUT:
+        ids = ours.encode(text)
+        assert hf_ids(hf, text) == ids
+        assert hf.decode(ids) == ours.decode(ids)
+    specials = "<|bos|>hi<|eos|>"
+    assert hf_ids(hf, specials) == ours.encode(specials, allowed_special="all")
+    assert hf.get_vocab_size() == ours.vocab_size
+
+
+def _train_hf(prefix_space: bool = False, full_alphabet: bool = True, split: str | None = None) -> HFTokenizer:
+    hf = HFTokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space, use_regex=split is None)
+    hf.pre_tokenizer = byte_level if split is None else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if full_alphabet else [])
+    hf.train_from_iterator(TRAIN, trainer=trainer)
+    return hf
+
+
+@pytest.mark.parametrize("prefix_space, full_alphabet, split", [
+    (False, True, None),
+    (True, True, None),
+    (False, False, None),  # bytes never seen in training have no token: HF drops them, so must we
+    (False, True, r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"),
+    (False, True, r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+"),  # Llama 3's pattern, a custom regex for us
+])
+def test_tokenizer_trained_by_hf_imports_and_encodes_identically(tmp_path, prefix_space, full_alphabet, split):
+    hf = _train_hf(prefix_space, full_alphabet, split)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_hf(tmp_path / "tokenizer.json")
+    assert ours.uses_tiktoken == full_alphabet  # a missing byte routes to the exact reference encoder
+    assert ours.eos_id == hf.token_to_id("<|endoftext|>") and ours.pad_id == hf.token_to_id("<pad>")
+    for text in HELD_OUT:
+        assert ours.encode(text) == hf_ids(hf, text), text[:40]
+    assert ours.encode("a<pad>b", allowed_special="all") == hf_ids(hf, "a<pad>b")
+    # and out again: our tokenizer.json of the import is read by HF as the same tokenizer
+    ours.save(tmp_path / "again")
+    hf2 = HFTokenizer.from_file(str(tmp_path / "again" / "tokenizer.json"))
+    back = Tokenizer.load(tmp_path / "again")
+    for text in HELD_OUT:
+        assert hf_ids(hf2, text) == hf_ids(hf, text) == back.encode(text)
+
+
+def test_non_tiktoken_merge_list_matches_hf(tmp_path):
+    # "abc" is a token but merge-list BPE cannot reach it from a, bc: HF and llmlab agree on [a, bc].
+    tokens = [bytes([i]) for i in range(256)] + [b"bc", b"ab", b"abc"]
+    ours = Tokenizer(tokens, [(98, 99), (97, 98), (257, 99)], "gpt4")
+    ours.to_hf(tmp_path / "tokenizer.json")
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in ["abc", "abcabc ab bc", "xabc\u732b"]:
+        assert ours.encode(text) == hf_ids(hf, text)
+    again = Tokenizer.from_hf(tmp_path / "tokenizer.json")
+    assert not again.uses_tiktoken and again.encode("abc") == [97, 256]
+
+
+def test_from_tiktoken_export_to_hf(tmp_path, tok):
+    import base64
+
+    rank_file = tmp_path / "tok.tiktoken"
+    n = 256 + len(tok.merges)
+    rank_file.write_text("".join(f"{base64.b64encode(tok.token_bytes(i)).decode()} {i}\n" for i in range(n)))
+    imported = Tokenizer.from_tiktoken(rank_file, "gpt4", specials=["<|eos|>"])
+    assert imported.semantics == "ranks" and imported.eos_id == n
+    imported.to_hf(tmp_path / "tokenizer.json")  # merges recovered from the ranks, like HF's own converter
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in HELD_OUT:
+        assert imported.encode(text) == hf_ids(hf, text) == tok.encode(text)
+    imported.save(tmp_path / "saved")
+    assert Tokenizer.load(tmp_path / "saved").encode(HELD_OUT[0]) == imported.encode(HELD_OUT[0])
+
+
+@pytest.mark.parametrize("model", ["wordpiece", "unigram"])
+def test_unsupported_hf_model_types_raise(tmp_path, model):
+    if model == "wordpiece":
+        hf = HFTokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    else:
+        hf = HFTokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], 0))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(TokenizerError, match=r"model type '(WordPiece|Unigram)' is not supported"):
+        Tokenizer.from_hf(tmp_path / "tokenizer.json")
+
+
+def test_unsupported_hf_pieces_raise(tmp_path, tok):
+    tok.to_hf(tmp_path / "tokenizer.json")
+    base = json.loads((tmp_path / "tokenizer.json").read_text())
+    cases = [
+        ({"normalizer": {"type": "Lowercase"}}, "normalizer .* is not supported"),
+        ({"pre_tokenizer": {"type": "Whitespace"}}, "pre_tokenizer .* is not supported"),
+        ({"decoder": {"type": "WordPiece", "prefix": "##"}}, "decoder .* is not supported"),
+        ({"model": {**base["model"], "dropout": 0.1}}, "dropout=0.1 makes encoding random"),
+    ]
+    for change, message in cases:
+        (tmp_path / "bad.json").write_text(json.dumps({**base, **change}))
+        with pytest.raises(TokenizerError, match=message):
+            Tokenizer.from_hf(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="is not valid JSON"):
+        Tokenizer.from_hf(tmp_path / "broken.json")
+
+
+def test_load_refuses_newer_missing_and_corrupt(tmp_path, tok):
+    tok.save(tmp_path / "t")
+    meta_path = tmp_path / "t" / "llmlab.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format_version": 2, "llmlab_version": "9.0"}))
+    with pytest.raises(TokenizerError, match=r"format version 2, written by a newer llmlab \(9.0\).*upgrade llmlab"):
+        Tokenizer.load(tmp_path / "t")
+    meta_path.write_text(json.dumps({**meta, "merges": [[1, 99999]]}))
+    with pytest.raises(TokenizerError, match="llmlab.json"):
+        Tokenizer.load(tmp_path / "t")
+    with pytest.raises(TokenizerError, match="does not exist; train one"):
+        Tokenizer.load(tmp_path / "missing")
+    (tmp_path / "hf_only").mkdir()
+    tok.to_hf(tmp_path / "hf_only" / "tokenizer.json")
+    with pytest.raises(TokenizerError, match="import that with Tokenizer.from_hf"):
+        Tokenizer.load(tmp_path / "hf_only")
+
+
+def test_save_refuses_to_replace_a_foreign_directory(tmp_path, tok):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(TokenizerError, match="is not a tokenizer directory"):
+        tok.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
