@@ -109,3 +109,43 @@ def test_info_on_unprepared_dir(tmp_path, capsys):
 def test_data_without_action_prints_help(capsys):
     code, out, _ = _run(capsys, "data")
     assert code == 2 and "prepare" in out and "info" in out
+
+
+def test_prepare_end_to_end_with_the_real_tokenizer(tmp_path, capsys):
+    from llmlab.data.loader import TokenLoader
+    from llmlab.data.prepare import split_of
+    from llmlab.data.shards import read_meta, read_shard
+    from llmlab.tokenizer import Tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [
+        "The quick brown fox jumps over the lazy dog. " * 20,
+        "def add(a, b):\n    return a + b\n" * 15,
+        "A document that mentions <|eos|> and <|bos|> as plain text must not inject them.",
+        "Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade, \u732b\u306f\u53ef\u611b\u3044 \U0001f600 " * 10,
+    ] + [f"note {i}: numbers {i * 37} and words like tokenizer, shard, loader.\n" * 5 for i in range(12)]
+    for i, d in enumerate(docs):
+        (corpus / f"{i:02d}.txt").write_text(d, encoding="utf-8")
+    tok = Tokenizer.train(docs, vocab_size=400, progress=False)
+    tok.save(tmp_path / "tok")
+    out = tmp_path / "shards"
+    code, stdout, err = _run(capsys, "data", "prepare", str(corpus), "--tokenizer", str(tmp_path / "tok"),
+                             "--out", str(out), "--val-fraction", "0.25", "--workers", "2", "--no-progress")
+    assert code == 0, err
+    assert "tokens (uint16) from 16 documents" in stdout
+    meta = read_meta(out)
+    expected = {"train": [], "val": []}
+    for i, d in enumerate(docs):
+        expected[split_of(i, 0, 0.25)] += [*tok.encode(d, allowed_special="none"), tok.eos_id]
+    for split in ("train", "val"):
+        got = np.concatenate([read_shard(out / s["name"]) for s in meta["splits"][split]["shards"]]).tolist()
+        assert got == expected[split]
+    # eos appears exactly once per document: literal "<|eos|>" text was encoded as ordinary text.
+    total_eos = sum(expected[s].count(tok.eos_id) for s in expected)
+    assert total_eos == len(docs) and meta["tokenizer"]["eos_id"] == tok.eos_id
+    assert Tokenizer.load(out / "tokenizer").encode("fox") == tok.encode("fox")
+    x, y = TokenLoader(out, block_size=32, batch_size=4).next_batch()
+    assert x.shape == (4, 32) and int(x.max()) < tok.vocab_size
+    code, stdout, _ = _run(capsys, "data", "info", str(out))
+    assert code == 0 and f"{meta['tokens']:,}" in stdout
