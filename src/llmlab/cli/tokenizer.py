@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 DEFAULT_DIR = "tokenizer"
 
@@ -97,9 +98,13 @@ def _train(args) -> int:
 
     specials = [] if args.no_special else args.special
     start = time.perf_counter()
-    tok = train_from_sources(args.sources, args.out, vocab_size=args.vocab_size, pattern=args.pattern,
-                             special_tokens=specials, max_chars=args.max_chars, text_field=args.text_field,
-                             workers=args.workers, progress=not args.no_progress)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tok = train_from_sources(args.sources, args.out, vocab_size=args.vocab_size, pattern=args.pattern,
+                                 special_tokens=specials, max_chars=args.max_chars, text_field=args.text_field,
+                                 workers=args.workers, progress=not args.no_progress)
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
     print(f"{args.out}: {tok.vocab_size} tokens ({len(tok.merges)} merges, {len(tok.special_tokens)} special) "
           f"with the {tok.pattern_name or 'custom'} pattern in {time.perf_counter() - start:.1f}s")
     return 0

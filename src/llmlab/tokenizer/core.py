@@ -91,6 +91,9 @@ class Tokenizer:
         """
         from llmlab.tokenizer.train import count_chunks, learn_merges
 
+        if isinstance(texts, (str, bytes)):
+            raise TokenizerError("Tokenizer.train expects an iterable of documents, got a single "
+                                 f"{type(texts).__name__}; wrap it in a list: Tokenizer.train([text], ...)")
         specials = _check_specials(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
         regex_text, name = resolve_pattern(pattern)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
@@ -279,6 +282,7 @@ class Tokenizer:
         for s, i in self._special.items():
             table[i] = s.encode("utf-8")
         self._table = table
+        self._all_specials = frozenset(self._special)
         self._bytes_to_id: dict[bytes, int] = {}
         for i, t in enumerate(self._tokens):
             if t is not None:
@@ -327,6 +331,10 @@ class Tokenizer:
     def _specials_allowed(self, text, allowed_special, disallowed_special) -> frozenset:
         """The special tokens to recognise in `text`, after raising for any disallowed one it contains."""
         _check_text(text)
+        if allowed_special == "none_raise" and disallowed_special == "all":  # the default: one regex search
+            if self._special and text and self._special_re(self._all_specials).search(text):
+                self._raise_special(text, self._all_specials)
+            return frozenset()
         if allowed_special == "none":
             return frozenset()
         if allowed_special == "all":
@@ -346,16 +354,18 @@ class Tokenizer:
             disallowed = frozenset(self._special) - allowed
         else:
             disallowed = frozenset(disallowed_special) - allowed
-        if disallowed and text:
-            found = self._special_re(disallowed).search(text)
-            if found:
-                raise TokenizerError(
-                    f"the text contains the special token {found.group()!r} (at character {found.start()}); "
-                    f"pass allowed_special={{{found.group()!r}}} or 'all' to encode it as a special token, "
-                    f"or allowed_special='none' to encode it as ordinary text")
+        if disallowed and text and self._special_re(disallowed).search(text):
+            self._raise_special(text, disallowed)
         if allowed and text and self._special_re(allowed).search(text) is None:
             return frozenset()  # nothing to split on: take the plain path
         return allowed
+
+    def _raise_special(self, text: str, disallowed: frozenset):
+        found = self._special_re(disallowed).search(text)
+        raise TokenizerError(
+            f"the text contains the special token {found.group()!r} (at character {found.start()}); "
+            f"pass allowed_special={{{found.group()!r}}} or 'all' to encode it as a special token "
+            f"(CLI: --allow-special), or allowed_special='none' to encode it as ordinary text")
 
     def _special_re(self, names: frozenset) -> regex.Pattern:
         pat = self._special_res.get(names)

@@ -32,11 +32,17 @@ def train_from_sources(sources: Sequence[str], out: str | os.PathLike, *, vocab_
 
 
 def piece_label(data: bytes) -> str:
-    """A token's bytes, readable: the text when it is valid UTF-8, else the text parts plus <xx> bytes."""
-    try:
-        return repr(data.decode("utf-8"))[1:-1].replace(" ", "\u2423")  # visible spaces: ␣
-    except UnicodeDecodeError:
-        return "".join(f"<{b:02x}>" for b in data)
+    """A token's bytes, readable: UTF-8 text as text (spaces as ␣, control characters escaped) and bytes
+    that are not a whole UTF-8 character as <xx>, so the pieces of "猫" read <e7><8c><ab>."""
+    out = []
+    for c in data.decode("utf-8", "surrogateescape"):
+        if "\udc80" <= c <= "\udcff":  # an undecodable byte, smuggled through as a lone surrogate
+            out.append(f"<{ord(c) - 0xDC00:02x}>")
+        elif c == " ":
+            out.append("\u2423")
+        else:
+            out.append(c if c.isprintable() else repr(c)[1:-1])
+    return "".join(out)
 
 
 def inspect_text(tok: Tokenizer, text: str, allowed_special="none") -> str:
