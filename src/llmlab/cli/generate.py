@@ -23,8 +23,14 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-document token")
     p.add_argument("--no-doc-start", action="store_true",
                    help="do not prepend the end-of-document token that marks the start of a document")
-    p.add_argument("--draft", default=None, help="draft checkpoint for speculative decoding")
-    p.add_argument("--speculate-k", type=int, default=4, help="tokens the draft proposes per step")
+    p.add_argument("--draft", default=None,
+                   help="draft checkpoint (same tokenizer, smaller model) for speculative decoding: same output "
+                        "distribution, fewer target forward passes")
+    p.add_argument("--lookup", action="store_true",
+                   help="draft-free speculative decoding: propose the tokens that followed the last earlier "
+                        "occurrence of the context's final n-gram (prompt lookup)")
+    p.add_argument("--speculate-k", type=int, default=4,
+                   help="tokens proposed per speculative round (with --draft or --lookup)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), fp32, bf16, fp16")
     p.set_defaults(func=run)
@@ -36,7 +42,8 @@ def run(args) -> int:
     pieces = complete(args.checkpoint, args.prompt, tokenizer=args.tokenizer, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
                       stream_text=args.stream, stop_at_eos=not args.ignore_eos, doc_start=not args.no_doc_start,
-                      draft=args.draft, speculate_k=args.speculate_k, device=args.device, dtype=args.dtype)
+                      draft=args.draft, speculate_k=args.speculate_k, lookup=args.lookup, device=args.device,
+                      dtype=args.dtype)
     sys.stdout.write(args.prompt)
     for piece in pieces:
         sys.stdout.write(piece)

@@ -187,12 +187,14 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
              max_new_tokens: int | None = None, temperature: float = 0.8, top_k: int | None = 50,
              top_p: float | None = None, seed: int | None = None, stream_text: bool = False,
              stop_at_eos: bool = True, doc_start: bool = True, draft: str | Path | None = None,
-             speculate_k: int = 4, device: str = "auto", dtype: str = "auto") -> Iterator[str]:
+             speculate_k: int = 4, lookup: bool = False, device: str = "auto",
+             dtype: str = "auto") -> Iterator[str]:
     """Load CHECKPOINT (and its tokenizer), continue `prompt`; return an iterator over the new text (piece by
     piece as tokens are made if stream_text, else all at once). Loading and checks happen before it returns.
 
     doc_start prepends the tokenizer's eos id, which separates documents in the training shards, so the
     prompt reads as the start of a document. max_new_tokens None fills the context up to 256 new tokens.
+    `draft` (a checkpoint) or `lookup` (draft-free prompt lookup) switches to speculative decoding.
     """
     from llmlab.device import resolve_device
     from llmlab.model import Transformer
@@ -200,8 +202,14 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
     checkpoint = Path(checkpoint)
     dev = resolve_device(device)
     model = Transformer.load(checkpoint, device=dev, dtype=dtype)
+    draft_model = None
+    if draft is not None or lookup:  # checked before the tokenizer loads: a bad draft fails fast
+        from llmlab.infer.speculative import load_draft
+
+        tok_dir = Path(tokenizer) if tokenizer is not None else checkpoint / "tokenizer"
+        draft_model = load_draft(model, draft, lookup=lookup, speculate_k=speculate_k, tokenizer_dir=tok_dir,
+                                 device=dev, dtype=dtype)
     tok = _load_tokenizer(checkpoint, tokenizer)
-    draft_model = Transformer.load(draft, device=dev, dtype=dtype) if draft is not None else None
     ids = tok.encode(prompt, allowed_special="all")
     if doc_start and tok.eos_id is not None:
         ids = [tok.eos_id] + ids

@@ -1,0 +1,383 @@
+"""Speculative decoding: a cheap proposer guesses K tokens, the target model checks them all in one forward.
+
+    from llmlab.infer import generate
+    out = generate(target, ids, 200, temperature=0, draft=draft_model, speculate_k=4)   # same tokens, faster
+    out, stats = speculative_generate(target, "lookup", ids, 200, temperature=0, return_stats=True)
+    stats.acceptance_rate, stats.mean_accepted_length, stats.target_forwards_per_token
+
+Decoding one token at a time leaves the target's matmuls starved of work: a forward over K+1 tokens costs
+about as much as over one. Leviathan, Kalman & Matias 2023 ("Fast Inference from Transformers via
+Speculative Decoding") and Chen et al. 2023 ("Accelerating Large Language Model Decoding with Speculative
+Sampling") turn that spare width into tokens without changing the output distribution. One round, per row:
+
+  1. the draft, fed the last committed token, proposes d1..dK with its own KV cache (K one-token forwards),
+     keeping each q_i, its distribution after the sampling transform;
+  2. the target scores [cur, d1..dK] in one forward, giving p_1..p_{K+1} under the same transform
+     (llmlab.infer.sampling.probs_from_logits with the same temperature / top-k / top-p);
+  3. left to right, d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection the
+     next token is drawn from norm(max(0, p_i - q_i)) and the round ends; if all K are accepted, a bonus
+     token is drawn from p_{K+1}. A round emits 1..K+1 tokens for one target forward;
+  4. both KV caches are rolled back to the committed tokens with set_pos (llmlab/model/kv_cache.py):
+     entries of rejected guesses stay in memory and are overwritten by the next writes.
+
+Why the output is exact (Leviathan et al., appendix A.1): a token x is emitted at a position either as an
+accepted guess, with probability q(x) min(1, p(x)/q(x)) = min(q(x), p(x)), or after a rejection, which
+happens with probability 1 - sum_y min(q(y), p(y)) = sum_y max(0, p(y) - q(y)), from the normalised
+residual; the sum is min(q, p)(x) + max(0, p(x) - q(x)) = p(x). Stopping a row early (a stop token,
+max_new_tokens) keeps a prefix, whose distribution is the same prefix's under plain sampling.
+
+Greedy (temperature 0) is the one-hot case: a guess is accepted while it equals the target's argmax, and the
+next token is the target's argmax after the accepted prefix, so the tokens equal generate()'s one for one.
+
+Draft-free mode (draft="lookup" or llmlab.infer.lookup.PromptLookup(...)): proposals copied from earlier in
+the context. They are a deterministic function of the context, i.e. q is one-hot on the proposal; the same
+rule then accepts x with probability p(x) and on rejection samples p with x removed, renormalised: still
+exact. Rows without a match propose nothing, so their round is a plain decoding step.
+
+Batches: every row keeps its own cache positions, so rows accept different numbers of tokens and prompts may
+have different lengths; a row that has ended (stop token, max_new_tokens) rides along at position 0 and its
+results are ignored. K shrinks near the end so no row writes beyond its prompt + max_new_tokens (which also
+keeps learned position embeddings in range).
+
+Bookkeeping invariant: at the start of a round row b has n[b] committed tokens in ctx[b, :n[b]] (prompt +
+generated); the last one, `cur`, is not yet in either cache. The prompt prefill therefore leaves out each
+prompt's last token, which the first round feeds together with the first guesses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from llmlab.errors import ConfigError, ModelError
+from llmlab.infer.generate import _stop_tensor, assemble, prepare_prompts
+from llmlab.infer.lookup import PromptLookup
+from llmlab.infer.sampling import check_sampling, probs_from_logits, sample
+from llmlab.model.kv_cache import KVCache
+
+
+@dataclass
+class SpeculativeStats:
+    """Counters of one speculative_generate call; rows are counted separately, rounds once per batch."""
+
+    rows: int = 0              # batch size
+    rounds: int = 0            # verification rounds = target forwards after the prefill
+    target_forwards: int = 0   # including the prompt prefill (plain decoding needs one per token)
+    draft_forwards: int = 0    # 0 in draft-free mode
+    proposed: int = 0          # guesses offered to the target, summed over rows still generating
+    accepted: int = 0          # guesses the target accepted
+    row_rounds: int = 0        # (row, round) pairs with the row still generating
+    generated: int = 0         # new tokens emitted, summed over rows
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed guesses (1.0 when nothing was proposed)."""
+        return self.accepted / self.proposed if self.proposed else 1.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Guesses accepted per round and row (0..K); each round also emits one target token on top."""
+        return self.accepted / self.row_rounds if self.row_rounds else 0.0
+
+    @property
+    def target_forwards_per_token(self) -> float:
+        """Target forward passes (prefill included) per generated token of a row; plain decoding: 1.0."""
+        return self.target_forwards * self.rows / self.generated if self.generated else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "acceptance_rate": self.acceptance_rate,
+                "mean_accepted_length": self.mean_accepted_length,
+                "target_forwards_per_token": self.target_forwards_per_token}
+
+
+def speculative_generate(model, draft, ids, max_new_tokens: int, temperature: float = 1.0,
+                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                         stop=None, speculate_k: int = 4, pad_id: int = -1, return_stats: bool = False):
+    """generate() with proposals from `draft` (a Transformer sharing the target's vocabulary, a PromptLookup,
+    or the string "lookup"), checked by `model`. Same arguments and output format as llmlab.infer.generate;
+    return_stats=True returns (tokens, SpeculativeStats)."""
+    check_speculate_k(speculate_k)
+    prompt, lengths, single = prepare_prompts(model, ids, max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
+    stop_ids = _stop_tensor(stop, prompt.device)
+    B, P = prompt.shape
+    draft = check_draft(model, draft, P + max_new_tokens)
+    generator = None
+    if seed is not None and temperature > 0:
+        generator = torch.Generator(device=prompt.device).manual_seed(int(seed))
+    lens = torch.tensor(lengths or [P] * B, device=prompt.device)
+    stats = SpeculativeStats(rows=B)
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    models = [model] + ([draft] if isinstance(draft, torch.nn.Module) else [])
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        new = _speculate(model, draft, prompt, lens, max_new_tokens, speculate_k, opts, generator,
+                         stop_ids, pad_id, stats)
+    finally:
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+    out = assemble(prompt, lengths, new, pad_id, single, stop)
+    return (out, stats) if return_stats else out
+
+
+# ----- checks -----
+def check_speculate_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"speculate_k={k!r} must be an integer >= 1 (tokens the draft proposes per round; "
+                          "4 is a good start)")
+
+
+def check_draft(model, draft, needed_len: int):
+    """The proposer to use: a Transformer that can stand in for `model`, or a PromptLookup (ModelError if not)."""
+    if isinstance(draft, str):
+        if draft != "lookup":
+            raise ModelError(f"draft={draft!r} is not a model; pass a Transformer, a PromptLookup, or "
+                             "'lookup' for draft-free prompt lookup")
+        return PromptLookup()
+    if isinstance(draft, PromptLookup):
+        return draft
+    if not isinstance(draft, torch.nn.Module) or not hasattr(draft, "config"):
+        raise ModelError(f"draft of type {type(draft).__name__} is not a model; pass a Transformer sharing "
+                         "the target's vocabulary, a PromptLookup, or 'lookup'")
+    tv, dv = model.config.vocab_size, draft.config.vocab_size
+    if tv != dv:
+        raise ModelError(f"the draft model's vocabulary has {dv} tokens but the target's has {tv}; use a draft "
+                         "trained with the target's tokenizer (same vocab_size)")
+    if draft.config.block_size < needed_len:
+        raise ModelError(f"the draft model's context (block_size {draft.config.block_size}) is shorter than "
+                         f"the prompt plus max_new_tokens ({needed_len}); use a draft with a longer context "
+                         "or ask for fewer tokens")
+    td, dd = next(model.parameters()).device, next(draft.parameters()).device
+    if td != dd:
+        raise ModelError(f"the draft model is on {dd} but the target is on {td}; load both on the same device")
+    return draft
+
+
+def load_draft(model, draft: str | Path | None, *, lookup: bool = False, speculate_k: int = 4,
+               tokenizer_dir: str | Path | None = None, device="cpu", dtype=None):
+    """The proposer for `llmlab generate --draft CKPT` / `--lookup`: a loaded draft Transformer checked against
+    the target `model` (vocabulary size; the tokenizer too when both tokenizer directories exist), or a
+    PromptLookup. `tokenizer_dir` is the target's tokenizer; the draft's is CKPT/tokenizer."""
+    from llmlab.model import Transformer
+
+    check_speculate_k(speculate_k)
+    if lookup:
+        if draft is not None:
+            raise ConfigError(f"both a draft checkpoint ({draft}) and lookup were given; choose one: --draft CKPT "
+                              "for a draft model or --lookup for draft-free prompt lookup")
+        return PromptLookup()
+    draft_model = Transformer.load(draft, device=device, dtype=dtype)
+    check_draft(model, draft_model, 0)
+    if tokenizer_dir is not None:
+        check_same_tokenizer(Path(tokenizer_dir), Path(draft) / "tokenizer")
+    return draft_model
+
+
+def check_same_tokenizer(target_dir: Path, draft_dir: Path) -> None:
+    """ModelError if both tokenizer directories exist and map some id to different bytes (or differ in size or
+    special tokens). Identical files are accepted without loading them."""
+    if not (target_dir.is_dir() and draft_dir.is_dir()):
+        return
+    names = ("tokenizer.json", "llmlab.json")
+    if all((target_dir / f).is_file() and (draft_dir / f).is_file()
+           and (target_dir / f).read_bytes() == (draft_dir / f).read_bytes() for f in names):
+        return
+    from llmlab.tokenizer import Tokenizer
+
+    a, b = Tokenizer.load(target_dir), Tokenizer.load(draft_dir)
+    problem = None
+    if a.vocab_size != b.vocab_size:
+        problem = f"{b.vocab_size} tokens vs the target's {a.vocab_size}"
+    elif a.special_tokens != b.special_tokens:
+        problem = f"special tokens {b.special_tokens} vs the target's {a.special_tokens}"
+    else:
+        diff = next((i for i in range(a.vocab_size) if a.token_bytes(i) != b.token_bytes(i)), None)
+        if diff is not None:
+            problem = f"token {diff} is {b.token_bytes(diff)!r} vs the target's {a.token_bytes(diff)!r}"
+    if problem is not None:
+        raise ModelError(f"the draft's tokenizer {draft_dir} differs from the target's {target_dir} ({problem}); "
+                         "use a draft trained on data encoded with the target's tokenizer")
+
+
+# ----- the acceptance rule (module-level so tests can check it exactly, and break it on purpose) -----
+def accept_probability(px: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
+    """min(1, p(x) / q(x)) for guesses x drawn from q (so q(x) > 0)."""
+    return (px / qx).clamp(max=1.0)
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)) over the last axis: what to sample after a rejection. Where p <= q everywhere (then
+    p == q, and rejections only happen through rounding) it falls back to p."""
+    d = (p - q).clamp(min=0.0)
+    total = d.sum(-1, keepdim=True)
+    return torch.where(total > 0, d / total.clamp(min=1e-30), p)
+
+
+def verify(logits: torch.Tensor, proposal: torch.Tensor, n_proposed: torch.Tensor, q: torch.Tensor | None,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept/reject one round of guesses. -> (accepted [B], next_token [B]).
+
+    logits [B, K+1, V]: the target's logits after cur, d1..dK; proposal [B, K]: the guesses; n_proposed [B]:
+    how many of them row b really proposed (later ones are ignored); q [B, K, V]: the draft's distributions,
+    or None for deterministic proposals (one-hot q). Row b emits proposal[b, :accepted[b]] then next_token[b].
+    """
+    B, K = proposal.shape
+    device = logits.device
+    rows = torch.arange(B, device=device)
+    live = torch.arange(K, device=device) < n_proposed[:, None]  # [B, K]: guess i was really proposed
+    if temperature == 0:
+        best = logits.argmax(-1)  # [B, K+1]
+        ok = (proposal == best[:, :K]) & live
+        accepted = ok.long().cumprod(1).sum(1)
+        return accepted, best[rows, accepted]
+    p = probs_from_logits(logits, temperature, top_k, top_p)  # [B, K+1, V]
+    if K:
+        px = p[:, :K].gather(-1, proposal[..., None]).squeeze(-1)
+        qx = torch.ones_like(px) if q is None else q.gather(-1, proposal[..., None]).squeeze(-1)
+        u = torch.rand(B, K, device=device, generator=generator)
+        ok = (u < accept_probability(px, qx)) & live
+        accepted = ok.long().cumprod(1).sum(1)
+    else:
+        accepted = torch.zeros(B, dtype=torch.long, device=device)
+    p_next = p[rows, accepted]
+    rejected = accepted < n_proposed
+    if bool(rejected.any()):
+        at = accepted.clamp(max=max(K - 1, 0))
+        if q is None:
+            q_next = torch.zeros_like(p_next).scatter_(-1, proposal[rows, at][:, None], 1.0)
+        else:
+            q_next = q[rows, at]
+        p_next = torch.where(rejected[:, None], residual_distribution(p_next, q_next), p_next)
+    return accepted, sample(p_next, generator)
+
+
+# ----- proposers -----
+class _DraftProposer:
+    """A draft Transformer with its own KV cache. `valid[b]`: the cache holds row b's positions < valid[b]
+    (n[b]-1 normally, n[b]-2 after a round where every guess was accepted: dK never went through the draft).
+    The first forward of a round feeds the missing 1 or 2 tokens, ending with cur."""
+
+    def __init__(self, draft, batch: int, max_len: int, opts: dict, generator, stats: SpeculativeStats):
+        self.model, self.opts, self.generator, self.stats = draft, opts, generator, stats
+        self.greedy = opts["temperature"] == 0
+        self.cache = KVCache.for_model(draft, batch, max_len)
+        self.valid: torch.Tensor | None = None
+
+    def prefill(self, prompt: torch.Tensor, lens: torch.Tensor) -> None:
+        if prompt.shape[1] > 1:
+            self.model(prompt[:, :-1], cache=self.cache, return_hidden=True)
+            self.stats.draft_forwards += 1
+        self.valid = lens - 1
+
+    def propose(self, ctx, n, active, K):
+        T = int((n - self.valid)[active].max())
+        start = torch.where(active, n - T, 0)
+        self.cache.set_pos(start)
+        x = ctx.gather(1, start[:, None] + torch.arange(T, device=ctx.device))
+        guesses, qs = [], []
+        for _ in range(K):
+            logits = self.model(x, cache=self.cache)[:, -1]
+            if self.greedy:
+                d = logits.argmax(-1)
+            else:
+                qs.append(probs_from_logits(logits, **self.opts))
+                d = sample(qs[-1], self.generator)
+            guesses.append(d)
+            x = d[:, None]
+        self.stats.draft_forwards += K
+        q = torch.stack(qs, 1) if qs else None
+        return torch.stack(guesses, 1), q, torch.full_like(n, K)
+
+    def commit(self, n, accepted, K) -> None:
+        # Fed this round: cur at n-1 and d1..d_{K-1}; kept: cur and the accepted guesses.
+        self.valid = n + torch.minimum(accepted, torch.full_like(accepted, K - 1))
+
+
+class _LookupProposer:
+    def __init__(self, lookup: PromptLookup):
+        self.lookup = lookup
+
+    def prefill(self, prompt, lens) -> None:
+        pass
+
+    def propose(self, ctx, n, active, K):
+        proposal, count = self.lookup.propose(ctx, n, K)
+        count = torch.where(active, count, 0)
+        width = int(count.max())  # no row with a match -> an ordinary one-token step
+        return proposal[:, :width], None, count
+
+    def commit(self, n, accepted, K) -> None:
+        pass
+
+
+# ----- the loop -----
+def _speculate(model, draft, prompt, lens, max_new, k, opts, generator, stop_ids, pad_id, stats):
+    """New tokens [B, max generated] (pad_id after a row's end); fills `stats`."""
+    B, P = prompt.shape
+    device = prompt.device
+    if max_new == 0:
+        return prompt.new_empty(B, 0)
+    with torch.inference_mode():
+        width = P + max_new + k + 1  # room for a round's writes past the end
+        ctx = torch.zeros(B, width, dtype=torch.long, device=device)
+        ctx[:, :P] = prompt
+        n, gen = lens.clone(), torch.zeros_like(lens)
+        active = torch.ones(B, dtype=torch.bool, device=device)
+        cache = KVCache.for_model(model, B, P + max_new)
+        if P > 1:  # every prompt token but the last: the first round feeds it with the guesses
+            model(prompt[:, :-1], cache=cache, return_hidden=True)
+            stats.target_forwards += 1
+        if isinstance(draft, PromptLookup):
+            proposer = _LookupProposer(draft)
+        else:
+            proposer = _DraftProposer(draft, B, P + max_new, opts, generator, stats)
+        proposer.prefill(prompt, lens)
+        rows = torch.arange(B, device=device)
+        tally = torch.zeros(3, dtype=torch.long, device=device)  # proposed, accepted, row-rounds (no syncs)
+        while bool(active.any()):
+            remaining = max_new - gen
+            K = min(k, int(remaining[active].min()))  # keeps every row's writes below its P_b + max_new
+            guesses, q, n_proposed = proposer.propose(ctx, n, active, K)
+            cache.set_pos(torch.where(active, n - 1, 0))  # roll back: drop last round's rejected entries
+            logits = model(torch.cat([ctx[rows, n - 1][:, None], guesses], 1), cache=cache)
+            stats.target_forwards += 1
+            stats.rounds += 1
+            accepted, nxt = verify(logits, guesses, n_proposed, q, generator=generator, **opts)
+            emitted = torch.cat([guesses, nxt[:, None]], 1).scatter(1, accepted[:, None], nxt[:, None])
+            count, stopped = _emit_count(emitted, accepted, remaining, stop_ids)
+            count = torch.where(active, count, 0)
+            _write(ctx, n, emitted, count)
+            tally += torch.stack([n_proposed, accepted, torch.ones_like(accepted)]) @ active.long()
+            proposer.commit(n, accepted, K)
+            n, gen = n + count, gen + count
+            active = active & ~stopped & (gen < max_new)
+        stats.proposed, stats.accepted, stats.row_rounds = tally.tolist()
+        stats.generated = int(gen.sum())
+        offsets = torch.arange(int(gen.max()), device=device)
+        new = ctx.gather(1, lens[:, None] + offsets)
+        return new.masked_fill(offsets >= gen[:, None], pad_id)
+
+
+def _emit_count(emitted, accepted, remaining, stop_ids):
+    """How many of a row's emitted tokens to keep (accepted + 1, cut at max_new_tokens and just after the
+    first stop token) and whether the row stopped."""
+    count = torch.minimum(accepted + 1, remaining)
+    if stop_ids is None:
+        return count, torch.zeros_like(count, dtype=torch.bool)
+    j = torch.arange(emitted.shape[1], device=emitted.device)
+    hit = torch.isin(emitted, stop_ids) & (j < count[:, None])
+    stopped = hit.any(1)
+    first = hit.long().argmax(1) + 1
+    return torch.where(stopped, first, count), stopped
+
+
+def _write(ctx, n, emitted, count) -> None:
+    """ctx[b, n[b] : n[b] + count[b]] = emitted[b, :count[b]] (a gather/scatter: no host sync on a GPU)."""
+    j = torch.arange(emitted.shape[1], device=ctx.device)
+    index = (n[:, None] + j).clamp(max=ctx.shape[1] - 1)
+    ctx.scatter_(1, index, torch.where(j < count[:, None], emitted, ctx.gather(1, index)))
