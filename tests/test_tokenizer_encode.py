@@ -148,6 +148,13 @@ def test_bad_ids_and_inputs_raise_tokenizer_error(tok):
     assert tok.decode(np.array(tok.encode("hello"))) == "hello"
 
 
+def test_pickled_tokenizer_encodes_the_same(tok):
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(tok))  # worker processes may receive tokenizers this way
+    assert clone.encode(HELD_OUT) == tok.encode(HELD_OUT) and clone.special_tokens == tok.special_tokens
+
+
 def test_rank_and_merge_semantics_can_differ_and_we_stay_exact():
     # Rules: b+c first, then a+b, then ab+c. Merge-list BPE turns "abc" into [a, bc] (no rule joins them);
     # tiktoken would see that "abc" is a token and emit it whole. The check must route this to the

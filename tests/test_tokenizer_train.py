@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from llmlab.errors import TokenizerError
 from llmlab.tokenizer import DEFAULT_SPECIAL_TOKENS, GPT2_PATTERN, GPT4_PATTERN, Tokenizer
 from llmlab.tokenizer.patterns import ascii_twin
-from llmlab.tokenizer.train import count_chunks, learn_merges
+from llmlab.tokenizer.train import count_batch, count_chunks, learn_merges, split_document
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.\n",
@@ -107,6 +107,23 @@ def test_ascii_fast_path_splits_like_the_unicode_pattern(text):
         assert ascii_twin(name).findall(text) == regex.findall(pattern, text)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.sampled_from(list("ab1.\u00e9 \t\r\n\n\n")), max_size=120), st.integers(1, 30))
+def test_huge_documents_split_without_changing_chunks(doc, size):
+    # Training cuts documents longer than a batch at "x\ny" newlines; the chunk counts must not change.
+    pieces = split_document(doc, size)
+    assert "".join(pieces) == doc
+    for name, pattern in [("gpt4", GPT4_PATTERN), ("gpt2", GPT2_PATTERN)]:
+        assert count_batch(pieces, pattern, name) == count_batch([doc], pattern, name)
+
+
+def test_long_document_is_counted_in_pieces():
+    doc = "".join(TEXTS) * 5
+    assert len(split_document(doc, 500)) > 5
+    whole = count_chunks([doc], GPT4_PATTERN, "gpt4", progress=False, batch_chars=10**9)
+    assert count_chunks([doc], GPT4_PATTERN, "gpt4", progress=False, batch_chars=500, workers=2) == whole
+
+
 def test_custom_pattern_and_uncovered_text():
     tok = Tokenizer.train(TEXTS, vocab_size=300, pattern=r"\w+|\s+|[^\w\s]+", special_tokens=[], progress=False)
     assert tok.pattern_name is None and tok.decode(tok.encode("héllo, wörld!")) == "héllo, wörld!"
@@ -133,6 +150,8 @@ def test_empty_corpus_and_non_text_input():
         Tokenizer.train([], vocab_size=300, progress=False)
     with pytest.raises(TokenizerError, match="corpus is empty"):
         Tokenizer.train(["", ""], vocab_size=300, progress=False)
+    with pytest.raises(TokenizerError, match=r"got a single str; wrap it in a list"):
+        Tokenizer.train("just one string", vocab_size=300, progress=False)
     with pytest.raises(TokenizerError, match=re.escape("training text #1 is a bytes, not a str")):
         Tokenizer.train(["ok", b"bytes"], vocab_size=300, progress=False)
 

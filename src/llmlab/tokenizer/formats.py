@@ -294,9 +294,11 @@ def _check_decoder(dec, path: Path) -> None:
 
 
 def read_hf(cls, path: Path):
-    """Import a tokenizer.json (or a directory holding one) as a merge-list tokenizer with HF's ids."""
-    from llmlab.tokenizer.core import EncodingOptions
+    """Import a tokenizer.json (or a directory holding one) as a merge-list tokenizer with HF's ids.
 
+    Added tokens (special or not) become special tokens: recognised only when allowed_special says so,
+    where HF always splits them out of the text.
+    """
     if path.is_dir():
         path = path / HF_JSON
     data = _read_json(path)
@@ -315,9 +317,21 @@ def read_hf(cls, path: Path):
     pattern, prefix_space = _parse_pre_tokenizer(data.get("pre_tokenizer"), path)
     normalizer = _parse_normalizer(data.get("normalizer"), path)
     _check_decoder(data.get("decoder"), path)
+    try:
+        return _build_from_hf(cls, path, data, model, pattern, prefix_space, normalizer)
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TokenizerError(f"{path}: malformed tokenizer.json ({type(e).__name__}: {e}); "
+                             f"regenerate it with the tokenizers library") from None
 
-    vocab = model.get("vocab") or {}
-    added = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
+
+def _build_from_hf(cls, path: Path, data: dict, model: dict, pattern: str, prefix_space: bool,
+                   normalizer: str | None):
+    from llmlab.tokenizer.core import EncodingOptions
+
+    vocab = {str(k): int(v) for k, v in (model.get("vocab") or {}).items()}
+    added = {str(t["content"]): int(t["id"]) for t in data.get("added_tokens") or []}
     special_ids = set(added.values())
     size = 1 + max([*vocab.values(), *special_ids, -1])
     tokens: list[bytes | None] = [None] * size
@@ -326,26 +340,20 @@ def read_hf(cls, path: Path):
             continue
         data_bytes = hf_to_bytes(text)
         if data_bytes is None:
-            raise TokenizerError(f"{path}: vocab entry {text!r} (id {i}) is not a byte-level string; "
+            raise TokenizerError(f"vocab entry {text!r} (id {i}) is not a byte-level string; "
                                  f"only byte-level BPE vocabularies can be imported")
         tokens[i] = data_bytes
     merges = []
     for k, rule in enumerate(model.get("merges") or []):
-        try:
-            left, right = rule.split(" ") if isinstance(rule, str) else rule
-        except ValueError:
-            raise TokenizerError(f"{path}: merge #{k} {rule!r} is not a pair of tokens") from None
-        if left not in vocab or right not in vocab:
-            raise TokenizerError(f"{path}: merge #{k} {rule!r} uses a token missing from the vocab")
-        merges.append((vocab[left], vocab[right]))
+        parts = rule.split(" ") if isinstance(rule, str) else list(rule)
+        if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab:
+            raise TokenizerError(f"merge #{k} {rule!r} is not a pair of tokens from the vocab")
+        merges.append((vocab[parts[0]], vocab[parts[1]]))
     unk = model.get("unk_token")
-    unk_id = None if unk is None else (added.get(unk, vocab.get(unk)))
+    unk_id = None if unk is None else added.get(unk, vocab.get(unk))
     options = EncodingOptions(prefix_space=prefix_space, ignore_merges=bool(model.get("ignore_merges", False)),
                               unk_id=unk_id, fuse_unk=bool(model.get("fuse_unk", False)), normalizer=normalizer)
-    try:
-        return cls(tokens, merges, pattern, added, options=options)
-    except TokenizerError as e:
-        raise TokenizerError(f"{path}: {e}") from None
+    return cls(tokens, merges, pattern, added, options=options)
 
 
 # ---- tiktoken rank files ------------------------------------------------------------------------------------

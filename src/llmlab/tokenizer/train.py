@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import itertools
 import multiprocessing
 import os
 import sys
@@ -32,7 +33,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 
 from llmlab.errors import TokenizerError
-from llmlab.tokenizer.patterns import ascii_twin, compile_pattern
+from llmlab.tokenizer.patterns import NEWLINE_CUT_SAFE, ascii_twin, compile_pattern
 
 BATCH_CHARS = 1 << 20  # characters of text per counting task (~1 MB: big enough to amortise pickling)
 
@@ -76,8 +77,31 @@ def _first_gap(pattern: str, doc: str) -> str:
     return f"{doc[pos]!r} at character {pos} of {doc[max(0, pos - 20):pos + 20]!r}"
 
 
-def _batches(texts: Iterable[str], max_chars: int | None, batch_chars: int) -> Iterator[tuple[list[str], int]]:
-    """Group documents into batches of about batch_chars characters, stopping after max_chars in total."""
+def split_document(doc: str, size: int) -> list[str]:
+    """Pieces of about `size` characters, cut only just after a newline between two non-space characters
+    (where NEWLINE_CUT_SAFE patterns are known to split identically). A document without such a newline
+    stays whole."""
+    pieces, start, n = [], 0, len(doc)
+    while n - start > size:
+        p = doc.find("\n", start + size)
+        # str.isspace() counts a few more characters as space than \s does, which only makes this stricter.
+        while p != -1 and not (0 < p < n - 1 and not doc[p - 1].isspace() and not doc[p + 1].isspace()):
+            p = doc.find("\n", p + 1)
+        if p == -1:
+            break
+        pieces.append(doc[start:p + 1])
+        start = p + 1
+    pieces.append(doc[start:])
+    return pieces
+
+
+def _batches(texts: Iterable[str], max_chars: int | None, batch_chars: int,
+             splittable: bool = False) -> Iterator[tuple[list[str], int]]:
+    """Group documents into batches of about batch_chars characters, stopping after max_chars in total.
+
+    With `splittable`, a document longer than a batch is cut into batch-sized pieces (see split_document),
+    so one huge file never becomes one huge list of chunks in a worker.
+    """
     total = 0
     buf: list[str] = []
     size = 0
@@ -90,11 +114,12 @@ def _batches(texts: Iterable[str], max_chars: int | None, batch_chars: int) -> I
                 break
             text = text[: max_chars - total]
         total += len(text)
-        buf.append(text)
-        size += len(text)
-        if size >= batch_chars:
-            yield buf, size
-            buf, size = [], 0
+        for piece in split_document(text, batch_chars) if splittable and len(text) > batch_chars else [text]:
+            buf.append(piece)
+            size += len(piece)
+            if size >= batch_chars:
+                yield buf, size
+                buf, size = [], 0
     if buf:
         yield buf, size
 
@@ -121,58 +146,46 @@ def count_chunks(texts: Iterable[str], pattern: str, name: str | None, *, max_ch
     from tqdm.auto import tqdm
 
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
-    batches = _batches(texts, max_chars, batch_chars)
-    first = next(batches, None)
-    if first is None:
-        return collections.Counter()
-    second = next(batches, None)
+    batches = _batches(texts, max_chars, batch_chars, splittable=name in NEWLINE_CUT_SAFE)
+    head = list(itertools.islice(batches, 2))
+    # A corpus that fits in one batch is not worth starting processes for.
+    pool = _fork_pool(workers) if len(head) > 1 and workers > 1 else None
     counts: collections.Counter = collections.Counter()
-    bar = None
-
-    def absorb(result, size):
-        nonlocal bar
-        counter, uncovered = result
-        if uncovered is not None:
-            raise TokenizerError(
-                f"pattern {pattern!r} does not match every character of the training text (it skips "
-                f"{uncovered}); skipped text would be lost when encoding. Add a catch-all alternative "
-                f"such as |\\s+|\\S+ at the end of the pattern")
-        counts.update(counter)
-        if bar is not None:
-            bar.update(size)
-
-    pool = _fork_pool(workers) if second is not None and workers > 1 else None
-    if pool is None:  # small corpus, one worker asked for, or no fork: count in this process
-        bar = tqdm(desc="counting chunks", unit="char", unit_scale=True, disable=not progress, leave=False)
-        for batch, size in [first, *([second] if second else [])]:
-            absorb(count_batch(batch, pattern, name), size)
-        for batch, size in batches:
-            absorb(count_batch(batch, pattern, name), size)
-        bar.close()
-        return counts
-
     try:
-        bar = tqdm(desc="counting chunks", unit="char", unit_scale=True, disable=not progress, leave=False)
-        pending: collections.deque = collections.deque()
-        for batch, size in _chain(first, second, batches):
-            pending.append((pool.apply_async(count_batch, (batch, pattern, name)), size))
-            if len(pending) >= 2 * workers:  # bounded: the corpus is never all in flight at once
-                result, n = pending.popleft()
-                absorb(result.get(), n)
-        while pending:
-            result, n = pending.popleft()
-            absorb(result.get(), n)
-        bar.close()
+        with tqdm(desc="counting chunks", unit="char", unit_scale=True, total=max_chars,
+                  disable=not progress, leave=False) as bar:
+            for (counter, uncovered), size in _map_batches(pool, itertools.chain(head, batches),
+                                                           (pattern, name), workers):
+                if uncovered is not None:
+                    raise TokenizerError(
+                        f"pattern {pattern!r} does not match every character of the training text (it skips "
+                        f"{uncovered}); skipped text would be lost when encoding. Add a catch-all "
+                        f"alternative such as |\\s+|\\S+ at the end of the pattern")
+                counts.update(counter)
+                bar.update(size)
     finally:
-        pool.terminate()
-        pool.join()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     return counts
 
 
-def _chain(first, second, rest):
-    yield first
-    yield second
-    yield from rest
+def _map_batches(pool, batches, args, workers) -> Iterator:
+    """(count_batch result, batch size) for each batch, in order; at most 2 batches per worker in flight, so
+    the corpus is never all in memory at once."""
+    if pool is None:
+        for batch, size in batches:
+            yield count_batch(batch, *args), size
+        return
+    pending: collections.deque = collections.deque()
+    for batch, size in batches:
+        pending.append((pool.apply_async(count_batch, (batch, *args)), size))
+        if len(pending) >= 2 * workers:
+            result, size_done = pending.popleft()
+            yield result.get(), size_done
+    while pending:
+        result, size_done = pending.popleft()
+        yield result.get(), size_done
 
 
 # ---- 2-3. learning merges -------------------------------------------------------------------------------
