@@ -211,3 +211,28 @@ def test_fused_loss_equals_cross_entropy_of_the_logits(flavour, monkeypatch):
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6, msg=n)
     with torch.no_grad():  # no gradient wanted: just the value
         assert model.loss(x, y).item() == pytest.approx(plain.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("rows,out_features,bias", [(1, 768, True), (3, 1024, False), (8, 8192, False),
+                                                    (1, 50257, False), (2, 31, True)])
+def test_rowblock_linear_equals_f_linear(rows, out_features, bias):
+    from llmlab.model.transformer import linear, rowblock_linear
+
+    layer = torch.nn.Linear(64, out_features, bias=bias)
+    x = torch.randn(rows, 1, 64)
+    with torch.no_grad():
+        expected = F.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(rowblock_linear(x, layer.weight, layer.bias), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear(layer, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_sized_linears_still_run_hooks():
+    """Forward hooks (used by quantization calibration) fire on the decode path too."""
+    from llmlab.model.transformer import linear
+
+    layer = torch.nn.Linear(16, 32)
+    seen = []
+    layer.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    with torch.no_grad():
+        linear(layer, torch.randn(1, 16))
+    assert seen == [(1, 16)]

@@ -134,7 +134,7 @@ def _decode(model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, s
         else:  # each row continues after its own last prompt token; padding gets overwritten
             cache.set_pos(lengths)
             hidden = hidden[torch.arange(B, device=device), torch.tensor(lengths, device=device) - 1]
-        logits = model.lm_head(hidden)
+        logits = model.head(hidden)
         ended = torch.zeros(B, dtype=torch.bool, device=device) if stop_ids is not None else None
         for i in range(max_new_tokens):
             tok = next_token(logits, temperature, top_k, top_p, generator)

@@ -67,6 +67,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+# Decode multiplies a few rows by each weight matrix, which is bound by streaming the weights from memory. On CPU
+# (MKL, fp32) a [rows, K] x [K, N] GEMM against nn.Linear's [N, K] weight streams them 3-7x slower than the
+# same product as a batch of row blocks, W.view(c, N/c, K) @ x^T (measured at d_model 256-1024, 1-2 threads),
+# so small-row products on CPU take that route. Swapped-in modules (quantized linears) and modules with hooks
+# keep their own forward; GPUs keep F.linear.
+SMALL_ROWS = 8
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), through the row-block product for decode-sized inputs on CPU (see above)."""
+    if (x.device.type == "cpu" and type(module) is nn.Linear and x.numel() <= SMALL_ROWS * x.shape[-1]
+            and not torch.is_grad_enabled() and not (module._forward_hooks or module._forward_pre_hooks)):
+        return rowblock_linear(x, module.weight, module.bias)
+    return module(x)
+
+
+def rowblock_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) computed as a bmm over row blocks of the weight."""
+    N, K = weight.shape
+    c = next((c for c in (4, 2, 3, 5, 7) if N % c == 0), 1)
+    if c == 1 or not weight.is_contiguous():
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, K)
+    w3, x3 = weight.view(c, N // c, K), rows.t().expand(c, K, rows.shape[0])
+    out = torch.bmm(w3, x3) if bias is None else torch.baddbmm(bias.view(c, N // c, 1), w3, x3)
+    return out.view(N, rows.shape[0]).t().contiguous().view(*x.shape[:-1], N)
+
+
 def math_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
     """softmax(QK^T / sqrt(d) + mask) V, written out; the reference the SDPA path is tested against."""
     if k.shape[1] != q.shape[1]:  # GQA: query head h reads key/value head h // (n_head / n_kv_head)
@@ -96,7 +124,7 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None):
         B, T, _ = x.shape
         H, KV = self.n_head, self.n_kv_head
-        qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # [B, heads, T, hd]
+        qkv = linear(self.qkv, x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # [B, heads, T, hd]
         # split (not slicing): its backward is one cat instead of zero-filled copies per slice.
         if rope is not None:
             qk, v = qkv.split([H + KV, KV], dim=1)
@@ -112,7 +140,7 @@ class Attention(nn.Module):
                                                enable_gqa=KV != H)
         else:
             y = math_attention(q, k, v, mask, causal, p)
-        y = self.proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
+        y = linear(self.proj, y.transpose(1, 2).reshape(B, T, H * self.head_dim))
         return F.dropout(y, p) if p else y
 
 
@@ -126,13 +154,13 @@ class MLP(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x):
-        h = self.fc(x)
+        h = linear(self.fc, x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
-        y = self.proj(h)
+        y = linear(self.proj, h)
         return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
 
@@ -219,7 +247,11 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.commit(step)
         x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        return x if return_hidden else self.head(x)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [..., vocab] for final-normed hidden states [..., d_model] (as from return_hidden=True)."""
+        return linear(self.lm_head, hidden)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy of idx [B, T] against targets [B, T] (ignore_index skipped).
