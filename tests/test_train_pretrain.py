@@ -27,6 +27,16 @@ from llmlab.train.pretrain import PretrainConfig, run_pretrain
 V = 64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second BLAS thread only adds barrier waits, which on a busy machine
+    (descheduled threads) make a step many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _stream(n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out, x = np.empty(n, dtype=np.int64), 0

@@ -2,8 +2,9 @@
 
 Writes RUN_DIR/plots/loss.png (train loss, val loss) and RUN_DIR/plots/training.png (loss, learning rate,
 grad norm with the clip threshold, tokens/s with MFU). Events are marked as vertical lines: rollbacks
-(red), skipped steps (orange), resumes (grey). Records a rollback superseded (steps that were trained
-and then undone) are drawn faded, so a spike stays visible next to the recovered curve.
+(red), spikes (pink), skipped steps (orange), resumes (grey dashed), a time-limit stop (dark grey).
+Records a rollback superseded (steps that were trained and then undone) are drawn faded, so a spike
+stays visible next to the recovered curve.
 
 Uses matplotlib's object API with the Agg canvas, so it needs no display and leaves pyplot state alone.
 """
@@ -17,7 +18,8 @@ from llmlab.errors import DataError
 from llmlab.fsutil import write_bytes_atomic
 from llmlab.train.metrics import read_metrics
 
-_EVENT_STYLE = {"rollback": ("tab:red", "-"), "skip": ("tab:orange", ":"), "resume": ("0.5", "--")}
+_EVENT_STYLE = {"rollback": ("tab:red", "-"), "spike": ("tab:pink", "-"), "skip": ("tab:orange", ":"),
+                "resume": ("0.5", "--"), "time_limit": ("0.3", "-.")}
 
 
 def superseded(records: list[dict]) -> list[bool]:
