@@ -13,12 +13,12 @@ def register(sub, formatter_class) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory, e.g. runs/demo/ckpt-final")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens to generate (default: up to 256, within the model's context)")
+                   help="tokens to generate; None = up to 256, within the model's context")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.95")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: CKPT/tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory; None = CKPT/tokenizer")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-document token")
     p.add_argument("--no-doc-start", action="store_true",
