@@ -36,7 +36,7 @@ PEAK_FLOPS: list[tuple[str, float]] = [
     ("A100", 312e12),      # A100 SXM4 and PCIe
 ]
 
-_measured: dict[tuple[str, torch.dtype], float] = {}
+_measured: dict[tuple[str, torch.dtype, int], float] = {}
 
 
 def table_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
@@ -50,8 +50,8 @@ def table_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 4) -> float:
-    """Best achieved FLOP/s of an n x n GEMM on `device` in `dtype` (cached per process)."""
-    key = (str(device), dtype)
+    """Best achieved FLOP/s of an n x n GEMM on `device` in `dtype` (cached per process and thread count)."""
+    key = (str(device), dtype, torch.get_num_threads())
     if key not in _measured:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)

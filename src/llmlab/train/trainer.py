@@ -76,11 +76,13 @@ class TrainConfig:
     peak_flops: float | None = None      # override the device peak FLOP/s used for MFU (see metrics.py)
     plot: bool = True                    # write PNG plots at the end
     max_minutes: float | None = None     # wall-clock cap: evaluate, checkpoint and stop early once reached
+    threads: int = 0                     # CPU threads for torch (0: torch's default, one per core); 1 is
+                                         # often fastest on a machine busy with other work
 
     def validate(self) -> None:
         if self.accum_steps < 1:
             raise ConfigError(f"train.accum_steps={self.accum_steps} must be >= 1")
-        for key in ("eval_every", "eval_batches", "ckpt_every", "keep_last"):
+        for key in ("eval_every", "eval_batches", "ckpt_every", "keep_last", "threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -308,6 +310,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         max_steps = self.optim_cfg.max_steps
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
         self._peak = peak_flops(self.device, self.amp_dtype, self.cfg.peak_flops)
         for cb in self.callbacks:
             cb.on_fit_start(self)
