@@ -4,7 +4,8 @@ A tokenizer is trained by llmlab on the built-in `stdlib` corpus (vocab 8192, GP
 document held out); tiktoken gets an Encoding built from its ranks and `tokenizers` loads its exported
 tokenizer.json, so all three produce the same ids (checked). Throughput is held-out UTF-8 megabytes per
 second, single thread (one encode call per document) and batch (encode_batch of all documents with each
-library's default threading); contenders alternate round by round and the figure is each one's best round.
+library's default threading); contenders alternate (in rotating order) round by round and the figure is
+each one's best round.
 Prints one JSON object; ratios are llmlab / peer (targets: >= 0.9 x tiktoken, >= 2 x tokenizers).
 
     python benchmarks/bench_tokenizer_encode.py [--rounds 5] [--copies 3]
@@ -70,9 +71,11 @@ def main() -> None:
     outputs = {name: fn(held) for name, fn in table["single"].items()}
     identical = outputs["llmlab"] == outputs["tiktoken"] == outputs["tokenizers"]
     best: dict[str, dict[str, float]] = {mode: {} for mode in table}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         for mode, fns in table.items():
-            for name, fn in fns.items():
+            names = list(fns)
+            for name in names[r % 3:] + names[:r % 3]:  # rotate who goes first, so no one always runs cold
+                fn = fns[name]
                 start = time.perf_counter()
                 fn(docs)
                 seconds = time.perf_counter() - start

@@ -6,7 +6,8 @@ same GPT-4 (cl100k) pre-tokenization: `tokenizers` gets it as a Split(Regex) pre
 ByteLevel(use_regex=False), and the initial alphabet of all 256 bytes. Each training runs in a fresh
 subprocess (so peak memory is that run's own ru_maxrss; llmlab's counting workers are reported apart),
 contenders alternate run by run so machine load hits both alike, and the figure is each one's fastest run.
-Compression is bytes per token on the held-out documents. Prints one JSON object:
+CPU seconds (all threads and worker processes) are reported too: on a busy machine they vary less than
+wall time. Compression is bytes per token on the held-out documents. Prints one JSON object:
 `time_ratio` = llmlab / tokenizers (target <= 1.5, stretch <= 1.0), `compression_ratio` = llmlab bytes per
 token / tokenizers bytes per token (target within 1%).
 
@@ -35,16 +36,24 @@ def _mib(kib: int) -> float:
     return round(kib / 1024, 1)  # ru_maxrss is in KiB on Linux
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, its threads and its finished worker processes."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def child(name: str, corpus: str, vocab_size: int) -> dict:
     """Train one contender once in this process and describe the run."""
     train, held = split_corpus(corpus)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     if name == "llmlab":
         from llmlab.tokenizer import Tokenizer
 
         tok = Tokenizer.train(train, vocab_size=vocab_size, pattern="gpt4", progress=False)
         seconds = time.perf_counter() - start
+        cpu = _cpu_seconds() - cpu_start
         tokens = sum(map(len, tok.encode_batch(held, allowed_special="none")))
         size = tok.vocab_size
     else:
@@ -63,10 +72,11 @@ def child(name: str, corpus: str, vocab_size: int) -> dict:
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         hf.train_from_iterator(train, trainer=trainer)
         seconds = time.perf_counter() - start
+        cpu = _cpu_seconds() - cpu_start
         tokens = sum(len(e.ids) for e in hf.encode_batch(held, add_special_tokens=False))
         size = hf.get_vocab_size()
     held_bytes = sum(len(d.encode("utf-8")) for d in held)
-    return {"seconds": round(seconds, 3), "vocab_size": size, "bytes_per_token": round(held_bytes / tokens, 4),
+    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "vocab_size": size, "bytes_per_token": round(held_bytes / tokens, 4),
             "rss_after_load_mib": _mib(loaded),
             "peak_rss_mib": _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
             "worker_peak_rss_mib": _mib(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss),
@@ -109,6 +119,7 @@ def main() -> None:
         **{name: {**{k: v for k, v in b.items() if k not in ("train_chars", "held_out_bytes")},
                   "all_seconds": [r["seconds"] for r in runs[name]]} for name, b in best.items()},
         "time_ratio": round(best["llmlab"]["seconds"] / best["tokenizers"]["seconds"], 3),
+        "cpu_ratio": round(best["llmlab"]["cpu_seconds"] / best["tokenizers"]["cpu_seconds"], 3),
         "compression_ratio": round(best["llmlab"]["bytes_per_token"] / best["tokenizers"]["bytes_per_token"], 4),
         "targets": {"time_ratio_max": 1.5, "time_ratio_stretch": 1.0, "compression_within": 0.01},
     }

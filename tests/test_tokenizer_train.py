@@ -58,7 +58,13 @@ def test_incremental_merges_equal_naive_bpe():
        st.integers(1, 40))
 def test_incremental_merges_equal_naive_bpe_on_repetitive_words(counts, n_merges):
     # Small alphabets make many overlapping pairs (aaa, abab), the hard case for in-place updates.
-    assert learn_merges(counts, n_merges, progress=False) == naive_bpe(counts, n_merges)
+    merges = learn_merges(counts, n_merges, progress=False)
+    assert merges == naive_bpe(counts, n_merges)
+    # ...and the hard case for tiktoken exactness: every trained merge list must pass the check.
+    tokens = [bytes([i]) for i in range(256)]
+    for a, b in merges:
+        tokens.append(tokens[a] + tokens[b])
+    assert Tokenizer(tokens, merges, "gpt4").uses_tiktoken
 
 
 def test_vocab_layout_specials_and_role_ids():

@@ -17,6 +17,7 @@ that contains one raises TokenizerError, as tiktoken does, so a document cannot 
 
 from __future__ import annotations
 
+import functools
 import os
 import unicodedata
 from collections.abc import Collection, Iterable, Sequence
@@ -242,11 +243,13 @@ class Tokenizer:
                      disallowed_special: str | Collection[str] = "all", num_threads: int = 8) -> list[list[int]]:
         """encode() of each text, on `num_threads` threads (tiktoken releases the GIL while encoding)."""
         texts = list(texts)
-        allowed = [self._specials_allowed(t, allowed_special, disallowed_special) for t in texts]
+        encode = functools.partial(self.encode, allowed_special=allowed_special,
+                                   disallowed_special=disallowed_special)
         if len(texts) <= 1 or num_threads <= 1:
-            return [self._encode(t, a) for t, a in zip(texts, allowed, strict=True)]
+            return [encode(t) for t in texts]
+        self._fast()  # build the tiktoken encoding once, before the threads start
         with ThreadPoolExecutor(num_threads) as pool:
-            return list(pool.map(self._encode, texts, allowed))
+            return list(pool.map(encode, texts))
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes of a token sequence (special tokens as their UTF-8 text)."""
@@ -283,6 +286,7 @@ class Tokenizer:
             table[i] = s.encode("utf-8")
         self._table = table
         self._all_specials = frozenset(self._special)
+        self._special_prefixes = frozenset(name[:2] for name in self._special)
         self._bytes_to_id: dict[bytes, int] = {}
         for i, t in enumerate(self._tokens):
             if t is not None:
@@ -331,8 +335,8 @@ class Tokenizer:
     def _specials_allowed(self, text, allowed_special, disallowed_special) -> frozenset:
         """The special tokens to recognise in `text`, after raising for any disallowed one it contains."""
         _check_text(text)
-        if allowed_special == "none_raise" and disallowed_special == "all":  # the default: one regex search
-            if self._special and text and self._special_re(self._all_specials).search(text):
+        if allowed_special == "none_raise" and disallowed_special == "all":  # the default, kept cheap
+            if self._may_hold_special(text) and self._special_re(self._all_specials).search(text, concurrent=True):
                 self._raise_special(text, self._all_specials)
             return frozenset()
         if allowed_special == "none":
@@ -354,11 +358,17 @@ class Tokenizer:
             disallowed = frozenset(self._special) - allowed
         else:
             disallowed = frozenset(disallowed_special) - allowed
-        if disallowed and text and self._special_re(disallowed).search(text):
+        if disallowed and self._may_hold_special(text) and self._special_re(disallowed).search(text, concurrent=True):
             self._raise_special(text, disallowed)
-        if allowed and text and self._special_re(allowed).search(text) is None:
+        if allowed and (not self._may_hold_special(text)
+                        or self._special_re(allowed).search(text, concurrent=True) is None):
             return frozenset()  # nothing to split on: take the plain path
         return allowed
+
+    def _may_hold_special(self, text: str) -> bool:
+        """False when no special token can occur in text: a substring test per distinct two-character
+        prefix ("<|" for all the defaults) runs at memchr speed, far faster than a regex search."""
+        return any(prefix in text for prefix in self._special_prefixes)
 
     def _raise_special(self, text: str, disallowed: frozenset):
         found = self._special_re(disallowed).search(text)
