@@ -91,7 +91,10 @@ def test_tokenizer_trained_by_hf_imports_and_encodes_identically(tmp_path, prefi
     hf = _train_hf(prefix_space, full_alphabet, split)
     hf.save(str(tmp_path / "tokenizer.json"))
     ours = Tokenizer.from_hf(tmp_path / "tokenizer.json")
-    assert ours.uses_tiktoken == full_alphabet  # a missing byte routes to the exact reference encoder
+    assert ours.uses_tiktoken
+    # Without the full alphabet, text with a byte that has no token goes to the exact reference encoder
+    # (HF drops such bytes and lets their neighbours merge); other text still goes through tiktoken.
+    assert ours._covered(HELD_OUT[0]) and ours._covered(HELD_OUT[1]) == full_alphabet
     assert ours.eos_id == hf.token_to_id("<|endoftext|>") and ours.pad_id == hf.token_to_id("<pad>")
     for text in HELD_OUT:
         assert ours.encode(text) == hf_ids(hf, text), text[:40]
@@ -102,6 +105,17 @@ def test_tokenizer_trained_by_hf_imports_and_encodes_identically(tmp_path, prefi
     back = Tokenizer.load(tmp_path / "again")
     for text in HELD_OUT:
         assert hf_ids(hf2, text) == hf_ids(hf, text) == back.encode(text)
+
+
+def test_bytes_without_tokens_are_dropped_like_hf(tmp_path):
+    # HF drops a character that has no token and its neighbours become adjacent, so "a!b" merges to "ab".
+    hf = HFTokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, "c": 3}, merges=[("a", "b")]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_hf(tmp_path / "tokenizer.json")
+    for text in ["a!b", "ab", "abc", "a\u732bb", "!!", "cab"]:
+        assert ours.encode(text) == hf_ids(hf, text), text
+    assert ours.encode("a!b") == [2] and ours.uses_tiktoken and not ours._covered("a!b")
 
 
 def test_non_tiktoken_merge_list_matches_hf(tmp_path):

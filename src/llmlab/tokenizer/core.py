@@ -8,8 +8,10 @@ Encoding goes through a `tiktoken.Encoding` built from the merge ranks (byte b -
 256 + i) whenever that is provably exact (see `reference.tiktoken_compatible`: always true for merge lists
 made by training); ranks are mapped back to ids where the two differ. A merge list that fails the check
 (possible for hand-edited or oddly built tokenizer.json files) is encoded by the pure-Python reference
-encoder with a per-chunk cache instead: slower, but never a different answer from Hugging Face. Tokenizers
-imported from .tiktoken files are defined by tiktoken's rank semantics and always use tiktoken.
+encoder with a per-chunk cache instead: slower, but never a different answer from Hugging Face. The same
+encoder takes text containing a byte that has no token (only imported tokenizers lack any), whose HF
+handling (unk, or dropped with its neighbours then merging) tiktoken cannot express. Tokenizers imported
+from .tiktoken files are defined by tiktoken's rank semantics and always use tiktoken.
 
 Special tokens are never produced from ordinary text unless asked for (`allowed_special`); by default text
 that contains one raises TokenizerError, as tiktoken does, so a document cannot smuggle in control tokens.
@@ -309,12 +311,14 @@ class Tokenizer:
     def _reset_caches(self) -> None:
         self._fast_state = None  # (tiktoken.Encoding, rank_to_id list or None) | False once known unusable
         self._why_not_fast: str | None = None
+        self._present_bytes: bytes | None = None  # set when some bytes have no token (imports only)
         self._piece_cache: dict[str, list[int]] = {}
         self._special_res: dict[frozenset, regex.Pattern] = {}
         self._split_re: regex.Pattern | None = None
         self._merge_rank_map: dict | None = None
 
-    _CACHES = ("_fast_state", "_why_not_fast", "_piece_cache", "_special_res", "_split_re", "_merge_rank_map")
+    _CACHES = ("_fast_state", "_why_not_fast", "_present_bytes", "_piece_cache", "_special_res", "_split_re",
+               "_merge_rank_map")
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -388,7 +392,7 @@ class Tokenizer:
     def _encode(self, text: str, allowed: frozenset) -> list[int]:
         fast = self._fast()
         plain = self._options.normalizer is None and not self._options.prefix_space
-        if fast is not None and plain:
+        if fast is not None and plain and self._covered(text):
             enc, rank_to_id = fast
             ranks = enc.encode(text, allowed_special=allowed, disallowed_special=()) if allowed else \
                 enc.encode_ordinary(text)
@@ -414,11 +418,17 @@ class Tokenizer:
         if opts.prefix_space and not text.startswith(" "):
             text = " " + text
         fast = self._fast()
-        if fast is not None:
+        if fast is not None and self._covered(text):
             enc, rank_to_id = fast
             ranks = enc.encode_ordinary(text)
             return ranks if rank_to_id is None else [rank_to_id[r] for r in ranks]
         return self._encode_exact(text)
+
+    def _covered(self, text: str) -> bool:
+        """Whether every byte of text has a token. Only tokenizers imported without the full byte alphabet
+        can fail this; their texts with such bytes go to the exact encoder, which reproduces HF's handling
+        (unk or dropped, with the neighbours of a dropped byte becoming adjacent)."""
+        return self._present_bytes is None or not _utf8(text).translate(None, self._present_bytes)
 
     def _encode_exact(self, text: str) -> list[int]:
         """The reference encoder over regex chunks, memoised per chunk (real text repeats chunks a lot)."""
@@ -481,7 +491,8 @@ class Tokenizer:
             specials = dict(self._special)
             rank_to_id = None
         else:
-            why = tiktoken_compatible(self._tokens, self._merges, self._merged_ids, self._byte_ids)
+            why = tiktoken_compatible(self._tokens, self._merges, self._merged_ids, self._byte_ids,
+                                      require_all_bytes=False)
             if why is None and self._options.ignore_merges:
                 reachable = len(self._merges) + 256
                 if len(self._bytes_to_id) != reachable:
@@ -491,6 +502,8 @@ class Tokenizer:
             if why is not None:
                 self._why_not_fast = why
                 return None
+            # Bytes without a token still get a rank (tiktoken needs one for every byte), but texts holding
+            # them never reach tiktoken (see _covered), so those ranks are never produced.
             ranks = {bytes([b]): b for b in range(256)}
             for i, t in enumerate(self._merged_ids):
                 ranks[self._tokens[t]] = 256 + i
@@ -499,6 +512,8 @@ class Tokenizer:
             rank_to_id = [*self._byte_ids, *self._merged_ids, *self._special.values()]
             if rank_to_id == list(range(len(rank_to_id))):
                 rank_to_id = None
+            present = bytes(b for b in range(256) if self._byte_ids[b] is not None)
+            self._present_bytes = present if len(present) < 256 else None
         try:
             enc = tiktoken.Encoding(f"llmlab-{id(self)}", pat_str=self._pattern, mergeable_ranks=ranks,
                                     special_tokens=specials)

@@ -65,9 +65,11 @@ def rank_bpe(piece: bytes, ranks: dict[bytes, int], whole_piece: bool = True,
 
 
 def tiktoken_compatible(tokens: Sequence[bytes | None], merges: Sequence[tuple[int, int]],
-                        merged_ids: Sequence[int], byte_ids: Sequence[int | None]) -> str | None:
+                        merged_ids: Sequence[int], byte_ids: Sequence[int | None],
+                        require_all_bytes: bool = True) -> str | None:
     """None if rank BPE over ranks {byte b: b, merge i: 256 + i} equals merge-list BPE on every input;
-    otherwise the reason it might not.
+    otherwise the reason it might not. With require_all_bytes=False condition (1) is dropped and the
+    guarantee covers the inputs made only of bytes that have tokens.
 
     Sufficient condition (checked exactly): (1) all 256 bytes are tokens; (2) every merge makes a distinct
     byte string that is not a single byte; (3) every merged token T is "self-consistent": merge-list BPE
@@ -83,7 +85,7 @@ def tiktoken_compatible(tokens: Sequence[bytes | None], merges: Sequence[tuple[i
     whole-chunk shortcut also agrees. Training produces lists that satisfy (2) and (3) by the same argument
     (a pair is only ever merged inside a span that BPE, run on the span alone, would build the same way).
     """
-    if any(b is None for b in byte_ids):
+    if require_all_bytes and any(b is None for b in byte_ids):
         missing = next(i for i, b in enumerate(byte_ids) if b is None)
         return f"byte 0x{missing:02x} has no token"
     seen: set[bytes] = set()
