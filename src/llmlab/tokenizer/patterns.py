@@ -8,6 +8,11 @@ leading space, up to three digits, a run of punctuation, a run of whitespace...)
 - "gpt2": OpenAI's r50k/GPT-2 pattern (tiktoken's optimised spelling; it splits text exactly as the
   classic `'s|'t|...|\\s+(?!\\S)|\\s+` that Hugging Face's ByteLevel pre-tokenizer uses).
 
+Training splits text with Python's `regex` module and encoding with tiktoken's Rust engine. The two ship
+different Unicode versions, so they can classify a recently assigned character differently (e.g. as a
+letter or not); such text then forms different chunks in the two, which costs a little compression on it
+and never correctness (encoding stays lossless and deterministic).
+
 Any other string is taken as a custom regular expression (Python `regex` syntax, which tiktoken's Rust
 engine also understands for the usual constructs). A bare word that is not a known name is an error rather
 than a one-word regex, because a typo like "gtp4" would otherwise silently train a useless tokenizer.
