@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import unicodedata
+import warnings
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class Tokenizer:
         vocab_size counts the 256 bytes, the merges and the special tokens (default DEFAULT_SPECIAL_TOKENS,
         appended after the merges; pass [] for none). pattern: "gpt4" (default), "gpt2" or a regex.
         max_chars caps the characters read. Chunk counting uses `workers` processes (None: all CPUs).
+        Each step merges the most frequent adjacent pair; ties go to the smallest (left id, right id).
         If the corpus runs out of pairs first, the vocabulary is smaller than asked (a warning says so).
         """
         from llmlab.tokenizer.train import count_chunks, learn_merges
@@ -112,8 +114,6 @@ class Tokenizer:
         n_merges = vocab_size - 256 - len(specials)
         merges = learn_merges(counts, n_merges, progress=progress)
         if len(merges) < n_merges:
-            import warnings
-
             warnings.warn(f"the corpus only supports {len(merges)} merges, so the vocabulary has "
                           f"{256 + len(merges) + len(specials)} tokens instead of {vocab_size}; "
                           f"train on more text for a larger vocabulary", stacklevel=2)
