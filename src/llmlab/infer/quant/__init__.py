@@ -68,14 +68,14 @@ def check_request(model: nn.Module, method: str, bits: int, group_size: int | No
 
 def quantize(model: nn.Module, method: str = "rtn", bits: int = 8, group_size: int | None = 128,
              calib: torch.Tensor | None = None, *, include_head: bool = False, act_order: bool = False,
-             kernel: str = "auto", batch_size: int = 8, seed: int = 0, progress: bool = True,
+             kernel: str = "auto", batch_size: int = 8, progress: bool = True,
              **method_options) -> nn.Module:
     """Replace the model's linear layers by QuantLinear modules in place and return the model.
 
     method: "rtn" | "gptq" | "awq"; bits: 8 (per-channel, group_size ignored) or 4 (groups of group_size
     input columns; group_size must divide every quantized layer's input width). calib: LongTensor
     [n_samples, seq_len] for GPTQ/AWQ. act_order: GPTQ's activation-order heuristic. kernel: see linear.py.
-    method_options go to gptq_model (blocksize, percdamp) or awq_model (n_grid, search_tokens, clip_tokens).
+    method_options go to gptq_model (blocksize, percdamp) or awq_model (n_grid).
     """
     from llmlab.infer.quant.calib import check_calibration
 
@@ -103,7 +103,7 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int = 8, group_size: i
             from llmlab.infer.quant.awq import awq_model
 
             scaled = awq_model(model, calib, bits, group_size, include_head=include_head, batch_size=batch_size,
-                               seed=seed, progress=progress, **method_options)
+                               progress=progress, **method_options)
             entry["input_scaled"] = scaled
     if method != "rtn":
         entry["calibration"] = {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])}
@@ -185,7 +185,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
         calib = calibration_tokens(source, calib_samples, seq_len, seed=seed,
                                    tokenizer=tok_dir if tok_dir.is_dir() else None)
     start = time.perf_counter()
-    quantize(model, method, bits, group_size, calib, include_head=include_head, act_order=act_order, seed=seed,
+    quantize(model, method, bits, group_size, calib, include_head=include_head, act_order=act_order,
              progress=progress, **method_options)
     seconds = time.perf_counter() - start
     with atomic_dir(out) as tmp:
