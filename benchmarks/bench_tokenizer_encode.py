@@ -3,19 +3,24 @@
 A tokenizer is trained by llmlab on the built-in `stdlib` corpus (vocab 8192, GPT-4 pattern, every 10th
 document held out); tiktoken gets an Encoding built from its ranks and `tokenizers` loads its exported
 tokenizer.json, so all three produce the same ids (checked). Throughput is held-out UTF-8 megabytes per
-second, single thread (one encode call per document) and batch (encode_batch of all documents with each
-library's default threading); contenders alternate (in rotating order) round by round and the figure is
-each one's best round.
-Prints one JSON object; ratios are llmlab / peer (targets: >= 0.9 x tiktoken, >= 2 x tokenizers).
+second, single thread (one encode call per document) and batch (encode_batch over groups of documents with
+each library's default threading). The contenders take turns document by document (group by group for
+batches), cycling through every running order, so load from other processes and cache warmth fall on all
+alike; the figure is total bytes
+over total time; median_paired_ratio is the median over groups of (peer time / llmlab time) for the same
+group, a steadier figure on a busy machine. Prints one JSON object; ratios are llmlab speed / peer speed
+(targets: >= 0.9 x tiktoken, >= 2 x tokenizers).
 
-    python benchmarks/bench_tokenizer_encode.py [--rounds 5] [--copies 3]
+    python benchmarks/bench_tokenizer_encode.py [--rounds 5] [--batch-docs 16]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -41,6 +46,7 @@ def setup(corpus: str, vocab_size: int):
 
 
 def contenders(tok, enc, hf) -> dict:
+    """mode -> name -> function encoding a list of documents (one call per document for "single")."""
     return {
         "single": {
             "llmlab": lambda docs: [tok.encode(d) for d in docs],
@@ -55,44 +61,60 @@ def contenders(tok, enc, hf) -> dict:
     }
 
 
+def timed_rounds(fns: dict, groups: list[list[str]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per contender per group. Contenders take turns group by group, so a burst of load from other
+    processes falls on all of them alike instead of on whoever ran at that moment."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    # Every order in turn: each contender runs first, and right after each other one, equally often (the one
+    # before leaves the caches warm with the same text, or cold after a big allocation).
+    orders = itertools.cycle(itertools.permutations(fns))
+    for _ in range(rounds):
+        for group in groups:
+            for name in next(orders):
+                start = time.perf_counter()
+                fns[name](group)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per contender (the best counts)")
-    ap.add_argument("--copies", type=int, default=3, help="the held-out documents are encoded this many times "
-                                                          "per round")
+    ap.add_argument("--rounds", type=int, default=5, help="passes over the held-out documents")
+    ap.add_argument("--batch-docs", type=int, default=16, help="documents per encode_batch call")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--corpus", default="stdlib")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     tok, enc, hf, held = setup(args.corpus, args.vocab_size)
-    docs = held * args.copies
-    megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    megabytes = sum(len(d.encode("utf-8")) for d in held) / 1e6
     table = contenders(tok, enc, hf)
     outputs = {name: fn(held) for name, fn in table["single"].items()}
     identical = outputs["llmlab"] == outputs["tiktoken"] == outputs["tokenizers"]
-    best: dict[str, dict[str, float]] = {mode: {} for mode in table}
-    for r in range(args.rounds):
-        for mode, fns in table.items():
-            names = list(fns)
-            for name in names[r % 3:] + names[:r % 3]:  # rotate who goes first, so no one always runs cold
-                fn = fns[name]
-                start = time.perf_counter()
-                fn(docs)
-                seconds = time.perf_counter() - start
-                best[mode][name] = min(best[mode].get(name, float("inf")), seconds)
-    mbps = {mode: {name: round(megabytes / s, 2) for name, s in times.items()} for mode, times in best.items()}
+    groups = {"single": [[d] for d in held],
+              "batch": [held[i:i + args.batch_docs] for i in range(0, len(held), args.batch_docs)]}
+    mbps, paired = {}, {}
+    for mode, fns in table.items():
+        times = timed_rounds(fns, groups[mode], args.rounds)
+        mbps[mode] = {name: round(megabytes * args.rounds / sum(t), 2) for name, t in times.items()}
+        # The same group encoded back to back by both: the median of these speed ratios shrugs off bursts.
+        paired[mode] = {peer: round(statistics.median(p / o for p, o in zip(times[peer], times["llmlab"],
+                                                                          strict=True)), 3)
+                        for peer in ("tiktoken", "tokenizers")}
     result = {
         "benchmark": "tokenizer_encode",
         "corpus": args.corpus,
         "vocab_size": tok.vocab_size,
-        "megabytes_per_round": round(megabytes, 3),
-        "documents_per_round": len(docs),
+        "held_out_megabytes": round(megabytes, 3),
+        "held_out_documents": len(held),
+        "rounds": args.rounds,
+        "batch_docs": args.batch_docs,
         "identical_ids": identical,
         "cpus": os.cpu_count(),
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "mb_per_s": mbps,
         "ratio_vs_tiktoken": {m: round(v["llmlab"] / v["tiktoken"], 3) for m, v in mbps.items()},
         "ratio_vs_tokenizers": {m: round(v["llmlab"] / v["tokenizers"], 3) for m, v in mbps.items()},
+        "median_paired_ratio": paired,
         "targets": {"vs_tiktoken_min": 0.9, "vs_tokenizers_min": 2.0},
     }
     print(json.dumps(result, indent=2))
