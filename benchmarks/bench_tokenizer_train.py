@@ -103,8 +103,8 @@ def main() -> None:
         return
     load_before = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {"llmlab": [], "tokenizers": []}
-    for _ in range(args.repeats):
-        for name in runs:
+    for r in range(args.repeats):
+        for name in list(runs)[:: 1 if r % 2 == 0 else -1]:  # alternate who goes first
             runs[name].append(run_child(name, args))
     best = {name: min(r, key=lambda x: x["seconds"]) for name, r in runs.items()}
     result = {
