@@ -351,3 +351,26 @@ def test_time_limit_ends_the_run_with_eval_and_checkpoint(tmp_path):
     assert summary["step"] == 1 and summary["val_loss"] == 1.0 and (tmp_path / "ckpt-000001").is_dir()
     last = read_metrics(tmp_path / "metrics.jsonl")[-1]
     assert [e["type"] for e in last["events"]] == ["time_limit", "eval", "checkpoint"]
+
+
+def test_checkpoint_uses_a_models_own_save(tmp_path):
+    from safetensors.torch import save_model
+
+    class SavingToy(Toy):
+        def save(self, path):  # replaces `path` whole, like Transformer.save
+            path.mkdir(parents=True, exist_ok=False)
+            save_model(self, str(path / "model.safetensors"))
+            (path / "config.json").write_text('{"kind": "toy"}')
+
+    model = SavingToy()
+    t = Trainer(model, lm_loss, Sequences(2), OptimConfig(max_steps=1, warmup_steps=0),
+                TrainConfig(progress=False, plot=False, peak_flops=1.0), run_dir=tmp_path)
+    t.fit()
+    ckpt = tmp_path / "ckpt-000001"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "train_state.pt"]
+    assert (ckpt / "config.json").read_text() == '{"kind": "toy"}'
+    other = Trainer(SavingToy(seed=1), lm_loss, Sequences(2), OptimConfig(max_steps=1),
+                    TrainConfig(progress=False, plot=False), run_dir=tmp_path)
+    other.restore(ckpt)
+    for (name, p), q in zip(model.state_dict().items(), other.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name

@@ -10,7 +10,9 @@ do not count activation recomputation. Peaks are dense bf16 tensor-core figures 
 for the GPUs in PEAK_FLOPS. For any other device (the CPU included) there is no honest datasheet number,
 so `peak_flops` measures the best matmul throughput this process achieves in the training dtype once
 (a 1024^3 GEMM, best of a few) and uses that: CPU "MFU" is therefore relative to what this machine's
-BLAS can do with the current thread count, not to a vendor figure. `train.peak_flops` overrides both.
+BLAS can do with the current thread count, not to a vendor figure. On a machine busy with other work
+the measurement catches a depressed peak and MFU reads too high (even near 100%); set
+`train.peak_flops` (it overrides both the table and the measurement) for numbers comparable across runs.
 """
 
 from __future__ import annotations

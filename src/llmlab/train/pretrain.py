@@ -33,7 +33,17 @@ from llmlab.errors import ConfigError
 from llmlab.fsutil import write_text_atomic
 from llmlab.model import ModelConfig, Transformer
 from llmlab.train.checkpoint import Checkpointer, resolve_resume, unwrap
+from llmlab.train.distributed import (
+    DistCheckpointer,
+    ParallelConfig,
+    init_distributed,
+    is_dcp_checkpoint,
+    parallelize,
+    stop_on_signals,
+)
+from llmlab.train.faults import slow_checkpoint_writes
 from llmlab.train.optim import OptimConfig
+from llmlab.train.spike import SpikeConfig, SpikeGuard
 from llmlab.train.trainer import TrainConfig, Trainer
 
 
@@ -52,6 +62,8 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(run_name="pretrain"))
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -158,9 +170,12 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, An
     from llmlab.data.loader import TokenLoader
     from llmlab.data.shards import read_meta
 
+    cfg.spike.validate()
+    cfg.parallel.validate()
+    _, _, dist_device = init_distributed(cfg.train.device)  # torchrun env -> process group (else no-op)
     meta = read_meta(cfg.data.shards)  # DataError naming the dir and the fix if it is missing/unfinished
     cfg = resolve_config(cfg, meta)
-    device = resolve_device(cfg.train.device)
+    device = dist_device or resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
     rank, world = _world()
@@ -175,10 +190,18 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, An
 
     seed_everything(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
-    trainer = Trainer(model, lm_loss, train_loader, cfg.optim, cfg.train, run_dir=run_dir,
-                      eval_fn=make_eval(val_loader, cfg.train.eval_batches),
-                      flops_per_token=model.flops_per_token(d.block_size),
-                      checkpointer=Checkpointer(run_dir, cfg.train.keep_last, tokenizer_dir))
+    flops = model.flops_per_token(d.block_size)
+    strategy = cfg.parallel.resolved_strategy(world)
+    wrapped = parallelize(model, cfg.parallel, device)
+    dcp = strategy == "fsdp" or (resume_path is not None and is_dcp_checkpoint(resume_path))
+    checkpointer = (DistCheckpointer if dcp else Checkpointer)(run_dir, cfg.train.keep_last, tokenizer_dir)
+    slow_checkpoint_writes(checkpointer)  # only with LLMLAB_CKPT_SLEEP set (crash tests)
+    callbacks = [SpikeGuard(cfg.spike)] if cfg.spike.enabled else []
+    trainer = Trainer(wrapped, lm_loss, train_loader, cfg.optim, cfg.train, run_dir=run_dir,
+                      eval_fn=make_eval(val_loader, cfg.train.eval_batches), flops_per_token=flops,
+                      checkpointer=checkpointer, callbacks=callbacks)
+    if dcp:
+        checkpointer.attach(trainer.optimizer)
     if resume_path is not None:
         trainer.resume(resume_path)  # CheckpointError if it is incomplete or does not fit cfg.model
     elif rank == 0:
@@ -186,7 +209,8 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, An
         _prepare_run_dir(run_dir, resuming=False, overwrite=cfg.train.overwrite or resume == "auto")
     if rank == 0:
         write_text_atomic(run_dir / "config.toml", to_toml(cfg))
-    summary = trainer.fit()
+    with stop_on_signals(trainer):  # SIGTERM/SIGINT: checkpoint after this step, then return
+        summary = trainer.fit()
     summary.update(params=model.num_params(), non_embedding_params=model.num_params(non_embedding=True),
                    flops_per_token=trainer.flops_per_token, accum_steps=cfg.train.accum_steps,
                    tokens_per_step=cfg.train.accum_steps * d.batch_size * d.block_size * world,

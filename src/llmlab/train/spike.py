@@ -22,7 +22,7 @@ and pre-clip global grad norm (identical on every rank, so every rank decides th
   `rollback_steps` before the first outlier, skip the data from that checkpoint's loader position
   through the spike plus `skip_batches` more batches, and optionally multiply the LR by `lr_scale` for
   `lr_scale_steps` steps. After `max_rollbacks` rollbacks the run stops with TrainingDiverged.
-- on every checkpoint it pins the checkpoints a future rollback may need (the newest one at least
+- on every checkpoint after the warm-up it pins the checkpoints a future rollback may need (the newest one at least
   `rollback_steps` old and every newer one), so keep_last pruning never deletes them while disk use stays
   bounded by rollback_steps / ckpt_every + keep_last checkpoints.
 
@@ -222,6 +222,9 @@ class SpikeGuard(Callback):
         """Pin what a future rollback may need: the newest checkpoint >= rollback_steps old and all newer."""
         ckpt = trainer.checkpointer
         if ckpt is None or not hasattr(ckpt, "pinned"):
+            return
+        if trainer.step < self.cfg.warmup:  # nothing to roll back for before the guard arms
+            ckpt.pinned = set()
             return
         horizon = trainer.step - self.cfg.rollback_steps
         steps = [s for s, _ in ckpt.all()]

@@ -374,7 +374,7 @@ class Trainer:
     def summary(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "tokens_per_s": self.throughput.mean,
                 "mfu": mfu(self.flops_per_token, self.throughput.mean, self._peak, self.world_size),
-                **self.last_eval, "run_dir": str(self.run_dir) if self.run_dir else None}
+                "peak_flops": self._peak, **self.last_eval, "run_dir": str(self.run_dir) if self.run_dir else None}
 
     # ------------------------------------------------------------------ eval
 
@@ -412,7 +412,7 @@ class Trainer:
             return None
         path = self.checkpointer.path(self.step)
         self._saved_step = self.step
-        if self.is_main:
+        if self.is_main or getattr(self.checkpointer, "collective", False):  # DCP: every rank writes
             path = self.checkpointer.save(self.step, self.model, self.state_dict())
         self._events.append({"type": "checkpoint", "path": path.name})
         for cb in self.callbacks:
