@@ -213,6 +213,6 @@ def test_rollback_pins_needed_checkpoint():
 
     t = _FakeTrainer()
     t.checkpointer, t.step = Ckpt([10, 20, 30, 40, 50]), 50
-    SpikeGuard(SpikeConfig(rollback_steps=25)).on_checkpoint(t, None)
+    SpikeGuard(SpikeConfig(rollback_steps=25, warmup=10)).on_checkpoint(t, None)
     assert t.checkpointer.pinned == {20, 30, 40, 50}
     assert isinstance(Rollback(to_step=1), Rollback)
