@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from llmlab.cli import main
+from llmlab.config import find_preset, load_config, preset_names
 from llmlab.data.shards import write_shard
-from llmlab.speedrun import load_preset, preset_names, unigram_baseline
+from llmlab.speedrun import load_preset, unigram_baseline
+from llmlab.train.pretrain import PretrainConfig
 
 TINY_PRESET = """
 [tokenizer]
@@ -84,9 +86,13 @@ def test_unigram_baseline_by_hand(tmp_path):
 
 
 def test_presets_load_and_unknown_preset_is_one_line(capsys):
-    assert {"cpu-demo", "gpt2-124M"} <= set(preset_names())
+    assert {"cpu-demo", "gpt2-124M"} <= set(preset_names("llmlab.presets"))
     cfg = load_preset("cpu-demo", ["pretrain.optim.max_steps=7"])
     assert cfg.pretrain.optim.max_steps == 7 and cfg.corpus.sources == ["stdlib"]
+    # The [pretrain] section comes from the named pretraining preset, shared with `llmlab pretrain`.
+    pretrain = load_config(PretrainConfig, find_preset("cpu-demo"))
+    assert cfg.pretrain.model == pretrain.model
+    assert load_preset("cpu-demo", ["pretrain_config=tiny"]).pretrain.model.d_model == 32
     assert main(["speedrun", "--preset", "nope"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "unknown speedrun preset 'nope'" in err
+    assert err.count("\n") == 0 and "'nope' is neither a TOML file nor a preset" in err

@@ -114,6 +114,27 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return out
 
 
+def preset_names(package: str) -> list[str]:
+    """Names of the TOML presets shipped in `package` (e.g. "llmlab.configs")."""
+    from importlib import resources
+
+    return sorted(p.name.removesuffix(".toml") for p in resources.files(package).iterdir() if p.name.endswith(".toml"))
+
+
+def find_preset(name: str | Path, package: str = "llmlab.configs") -> Path:
+    """A TOML file: `name` itself if it is an existing file, else the preset `name` shipped in `package`."""
+    from importlib import resources
+
+    path = Path(name)
+    if path.is_file():
+        return path
+    if str(name) in preset_names(package):
+        return Path(str(resources.files(package) / f"{name}.toml"))
+    close = difflib.get_close_matches(str(name), preset_names(package), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"{name!r} is neither a TOML file nor a preset; {hint}presets: {', '.join(preset_names(package))}")
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -22,13 +22,11 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from llmlab.config import load_config, to_toml
-from llmlab.errors import ConfigError
+from llmlab.config import find_preset, load_config, parse_override, read_toml, to_toml
 from llmlab.fsutil import write_text_atomic
 from llmlab.train.pretrain import PretrainConfig
 
@@ -59,26 +57,30 @@ class SampleStage:
 
 @dataclass
 class SpeedrunConfig:
+    pretrain_config: str = "cpu-demo"   # a preset of llmlab/configs/ (or a TOML path) for [pretrain]
     tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
     corpus: CorpusStage = field(default_factory=CorpusStage)
     samples: SampleStage = field(default_factory=SampleStage)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
-def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in resources.files("llmlab.presets").iterdir()
-                  if p.name.endswith(".toml"))
+def load_preset(name: str, overrides: list[str] | tuple = ()) -> SpeedrunConfig:
+    """Defaults <- the pretraining config the preset names <- the preset file <- key=value overrides.
 
-
-def load_preset(name: str, overrides: list[str] = ()) -> SpeedrunConfig:
-    """A preset shipped in llmlab/presets/NAME.toml (or a path to such a file), then key=value overrides."""
-    path = Path(name)
-    if not path.is_file():
-        if name not in preset_names():
-            raise ConfigError(f"unknown speedrun preset {name!r}; use one of {', '.join(preset_names())} "
-                              "or a path to a speedrun TOML file")
-        path = Path(str(resources.files("llmlab.presets") / f"{name}.toml"))
-    return load_config(SpeedrunConfig, path, overrides)
+    `name` is a preset shipped in llmlab/presets/ or a path to a speedrun TOML file. Its `pretrain_config`
+    (a preset of llmlab/configs/ or a path) supplies the whole [pretrain] section, so the model and schedule
+    of `llmlab speedrun --preset cpu-demo` and `llmlab pretrain --config cpu-demo` are defined once.
+    """
+    path = find_preset(name, "llmlab.presets")
+    raw = read_toml(path)
+    pretrain_name = raw.get("pretrain_config", SpeedrunConfig.pretrain_config)
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["pretrain_config"]:
+            pretrain_name = value
+    base = SpeedrunConfig(pretrain_config=pretrain_name,
+                          pretrain=load_config(PretrainConfig, find_preset(pretrain_name, "llmlab.configs")))
+    return load_config(SpeedrunConfig, path, overrides, base=base)
 
 
 def _stage_tokenizer(cfg: SpeedrunConfig, out: Path):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 
 def register(sub, formatter_class) -> None:
-    from llmlab.speedrun import preset_names
+    from llmlab.config import preset_names
 
     p = sub.add_parser(
         "speedrun", formatter_class=formatter_class, help="train a tokenizer and a model end to end, with a report",
         description="Train a tokenizer on the corpus, prepare shards, pretrain, evaluate and write OUT/report.md.\n"
                     "Each stage is skipped when its output is already complete. Overrides address the preset's\n"
                     "keys, e.g. pretrain.optim.max_steps=200 tokenizer.vocab_size=2048 corpus.sources=[\"a.txt\"].\n\n"
-                    f"presets: {', '.join(preset_names())}\n\n"
+                    f"presets: {', '.join(preset_names('llmlab.presets'))}\n\n"
                     "examples:\n  llmlab speedrun                                   # cpu-demo into runs/demo\n"
                     "  llmlab speedrun --preset gpt2-124M --out runs/gpt2  # on a GPU")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="preset overrides (TOML literals)")

@@ -16,7 +16,7 @@ def register(sub, formatter_class) -> None:
                     "  llmlab pretrain --config configs/cpu-demo.toml --resume auto\n"
                     "  llmlab pretrain --print-config   # every key with its default")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (TOML literals)")
-    p.add_argument("--config", metavar="TOML", default=None, help="config file (see configs/)")
+    p.add_argument("--config", metavar="TOML", default=None, help="a config file or a preset name: tiny, cpu-demo, gpt2-124M (configs/)")
     p.add_argument("--resume", metavar="PATH|auto", default=None,
                    help="continue from a ckpt-STEP dir or a run dir's newest checkpoint; 'auto' = the newest "
                         "complete checkpoint of this run if there is one, else start fresh")
@@ -31,10 +31,10 @@ def register(sub, formatter_class) -> None:
 
 
 def _pretrain(args) -> int:
-    from llmlab.config import load_config, to_toml
+    from llmlab.config import find_preset, load_config, to_toml
     from llmlab.train.pretrain import PretrainConfig, run_pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    cfg = load_config(PretrainConfig, find_preset(args.config) if args.config else None, args.overrides)
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
