@@ -7,6 +7,7 @@ checkpoint written by 2 ranks (through torch.distributed.checkpoint) must resume
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,6 +85,10 @@ def test_loss_curve_equals_single_process_with_accumulation(runs, kind):
     np.testing.assert_allclose([multi[s] for s in single], list(single.values()), rtol=0, atol=1e-5)
     np.testing.assert_allclose(list(_vals(runs[kind]).values()), list(_vals(runs["single"]).values()), atol=1e-5)
     assert single[STEPS] < single[1]  # it learned
+    # rank 0 alone records the best checkpoint; every rank passed the post-save barrier (no hang)
+    best = {name: json.loads((runs[name] / "best.json").read_text()) for name in ("single", kind)}
+    assert best[kind]["step"] == best["single"]["step"] and (runs[kind] / best[kind]["path"]).is_dir()
+    assert best[kind]["val_loss"] == pytest.approx(best["single"]["val_loss"], abs=1e-5)
 
 
 def test_fsdp_checkpoint_is_dcp_and_loads_in_one_process(runs):

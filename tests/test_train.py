@@ -374,3 +374,103 @@ def test_checkpoint_uses_a_models_own_save(tmp_path):
     other.restore(ckpt)
     for (name, p), q in zip(model.state_dict().items(), other.model.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
+
+
+# ------------------------------------------------------------------ best checkpoint, barriers, TensorBoard
+
+def scripted_eval(values):
+    """eval_fn returning the given val losses in order (one per evaluation)."""
+    it = iter(values)
+    return lambda model: {"val_loss": next(it)}
+
+
+def test_best_checkpoint_survives_pruning_and_resume(tmp_path):
+    # val loss is lowest at step 2; keep_last=1 would otherwise delete ckpt-2 at step 3
+    kw = dict(steps=6, ckpt_every=1, eval_every=1, keep_last=1)
+    t = make_trainer(tmp_path, callbacks=[StopAt(4)], eval_fn=scripted_eval([3.0, 1.0, 2.0, 2.5]), **kw)
+    t.fit()
+    ckpts = sorted(p.name for p in tmp_path.glob("ckpt-*"))
+    assert ckpts == ["ckpt-000002", "ckpt-000004"]
+    assert json.loads((tmp_path / "best.json").read_text()) == {"step": 2, "path": "ckpt-000002", "val_loss": 1.0}
+    assert resolve_resume("best", tmp_path) == tmp_path / "ckpt-000002"
+    ckpt_events = [e for r in read_metrics(tmp_path / "metrics.jsonl") for e in r["events"] if e["type"] == "checkpoint"]
+    assert [e.get("best", False) for e in ckpt_events] == [True, True, False, False]
+    best = make_trainer(tmp_path, **kw)
+    best.restore(resolve_resume("best", tmp_path))
+    assert best.step == 2 and best.last_eval == {"val_loss": 1.0}
+
+    # a new process resuming the run still protects ckpt-2 until a better one appears, which replaces it
+    resumed = make_trainer(tmp_path, eval_fn=scripted_eval([1.5, 0.5]), **kw)
+    resumed.resume(resolve_resume("auto", tmp_path))
+    assert resumed.step == 4
+    resumed.fit()
+    assert resumed.step == 6
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000006"]
+    assert json.loads((tmp_path / "best.json").read_text())["step"] == 6
+
+
+def test_best_record_rules(tmp_path):
+    off = make_trainer(tmp_path / "off", steps=3, ckpt_every=1, eval_every=1, keep_last=1, keep_best=False,
+                       eval_fn=scripted_eval([1.0, 2.0, 3.0]))
+    off.fit()
+    assert sorted(p.name for p in (tmp_path / "off").glob("ckpt-*")) == ["ckpt-000003"]
+    assert not (tmp_path / "off" / "best.json").exists()
+    with pytest.raises(CheckpointError, match="--resume auto"):
+        resolve_resume("best", tmp_path / "off")
+
+    t = make_trainer(tmp_path / "on", steps=1)
+    ck = t.checkpointer
+    ck.save(1, t.model, t.state_dict())
+    assert not ck.update_best(1, None) and ck.best() is None          # not evaluated at this step
+    assert not ck.update_best(1, float("nan")) and ck.best() is None  # a diverged eval never wins
+    assert ck.update_best(1, 2.0) and ck.best()["step"] == 1
+    ck.save(2, t.model, t.state_dict())
+    assert not ck.update_best(2, 2.0) and ck.best()["step"] == 1  # a tie keeps the earlier one
+    # ckpt-1 written again (e.g. after a rollback): its old val loss no longer describes it
+    ck.save(1, t.model, t.state_dict())
+    assert ck.best() is None
+
+
+def test_ranks_wait_for_checkpoint_writes(tmp_path, monkeypatch):
+    """Trainer.save ends with a barrier (after the checkpoint is complete on disk) and a rollback starts
+    with one, so under DDP no rank picks or reads a checkpoint rank 0 is still writing."""
+    import llmlab.train.trainer as trainer_mod
+
+    log = []
+    monkeypatch.setattr(trainer_mod, "_barrier",
+                        lambda: log.append(("barrier", sorted(p.name for p in tmp_path.glob("ckpt-*")))))
+    cb = Scripted({3: Rollback(to_step=2, skip=(2, 3), reason="test")})
+    t = make_trainer(tmp_path, steps=4, ckpt_every=2, keep_last=5, callbacks=[cb])
+    restore = t.restore
+    t.restore = lambda path: (log.append(("restore", path.name)), restore(path))[1]
+    t.fit()
+    assert log == [("barrier", ["ckpt-000002"]),                                  # save at step 2
+                   ("barrier", ["ckpt-000002"]), ("restore", "ckpt-000002"),      # rollback at step 4
+                   ("barrier", ["ckpt-000002", "ckpt-000004"])]                   # final save
+
+
+def test_tensorboard_missing_is_a_config_error(tmp_path, monkeypatch):
+    import sys
+
+    from llmlab.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    with pytest.raises(ConfigError, match="pip install tensorboard") as e:
+        make_trainer(tmp_path / "run", steps=1, tensorboard=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_tensorboard_scalars_match_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t = make_trainer(tmp_path, steps=4, eval_every=2, tensorboard=True, eval_fn=scripted_eval([2.0, 1.5]))
+    t.fit()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+        events = acc.Scalars(f"train/{key}")
+        assert [e.step for e in events] == [1, 2, 3, 4]
+        assert [e.value for e in events] == pytest.approx([r[key] for r in records], rel=1e-6)
+    assert [(e.step, e.value) for e in acc.Scalars("train/val_loss")] == [(2, 2.0), (4, 1.5)]

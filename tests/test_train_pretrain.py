@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -159,7 +160,7 @@ def test_vocab_size_defaults_from_shards_and_mismatch_is_an_error(shards, tmp_pa
 
 # ------------------------------------------------------------------ bad input: one line, exit 2
 
-def test_bad_input_is_one_line(shards, tmp_path, capsys):
+def test_bad_input_is_one_line(shards, tmp_path, capsys, monkeypatch):
     base = ["pretrain", "--config", "configs/tiny.toml", f"train.out_dir={tmp_path / 'runs'}",
             "train.progress=false", "train.plot=false"]
     code, _, err = _cli(capsys, *base, f"data.shards={tmp_path / 'nope'}")
@@ -175,6 +176,11 @@ def test_bad_input_is_one_line(shards, tmp_path, capsys):
     write_shard_dir(small, {"train": [_stream(5000, 0)], "val": [_stream(20, 1)]}, vocab_size=V)
     code, _, err = _cli(capsys, *base, f"data.shards={small}")
     _one_line_error(code, err, "block_size 32", "val split", "has 20")
+
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "tensorboard", None)  # not installed
+        code, _, err = _cli(capsys, *base, f"data.shards={shards}", "train.tensorboard=true")
+    _one_line_error(code, err, "train.tensorboard=true", "pip install tensorboard")
     assert not (tmp_path / "runs").exists()
 
     # a finished run to resume from

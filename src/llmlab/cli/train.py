@@ -17,9 +17,10 @@ def register(sub, formatter_class) -> None:
                     "  llmlab pretrain --print-config   # every key with its default")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (TOML literals)")
     p.add_argument("--config", metavar="TOML", default=None, help="a config file or a preset name: tiny, cpu-demo, gpt2-124M (configs/)")
-    p.add_argument("--resume", metavar="PATH|auto", default=None,
+    p.add_argument("--resume", metavar="PATH|auto|best", default=None,
                    help="continue from a ckpt-STEP dir or a run dir's newest checkpoint; 'auto' = the newest "
-                        "complete checkpoint of this run if there is one, else start fresh")
+                        "complete checkpoint of this run if there is one, else start fresh; 'best' = the "
+                        "checkpoint with the lowest val loss (best.json)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     p.set_defaults(func=_pretrain)
 

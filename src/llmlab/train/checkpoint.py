@@ -12,12 +12,18 @@ only a hidden .ckpt-STEP.*.tmp that `latest()` ignores and the next save's pruni
 
 `Checkpointer` is the single place the Trainer saves, finds, loads and prunes checkpoints; a distributed
 variant (torch.distributed.checkpoint under FSDP) can subclass it and override `write_model`/`read_model`.
+
+Pruning keeps the newest `keep_last`, the `pinned` steps (the spike guard's rollback ring) and, with
+`keep_best`, the checkpoint with the lowest val loss so far. That one is named by RUN_DIR/best.json
+({"step", "path", "val_loss"}, written atomically after the checkpoint itself, so it only ever names a
+complete directory); it survives resume, and `--resume best` resumes from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import re
 import shutil
@@ -30,10 +36,11 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from llmlab.errors import CheckpointError
-from llmlab.fsutil import atomic_dir
+from llmlab.fsutil import atomic_dir, write_text_atomic
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "train_state.pt")
 STATE_VERSION = 1
+BEST_FILE = "best.json"
 _CKPT_NAME = re.compile(r"^ckpt-(\d+)$")
 
 
@@ -173,12 +180,28 @@ def read_model(model: nn.Module, directory: Path) -> None:
 
 # ---------------------------------------------------------------- a run's checkpoints
 
-class Checkpointer:
-    """Saves ckpt-STEP directories under `run_dir`, keeps the newest `keep_last` plus pinned steps."""
+def read_best(run_dir: str | Path) -> dict[str, Any] | None:
+    """best.json of a run ({"step", "path", "val_loss"}) if it names a complete checkpoint, else None."""
+    run_dir = Path(run_dir)
+    try:
+        best = json.loads((run_dir / BEST_FILE).read_text())
+        path = run_dir / best["path"]
+        step, val_loss = int(best["step"]), float(best["val_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if step_of(path) != step or not all((path / name).is_file() for name in REQUIRED_FILES):
+        return None
+    return {"step": step, "path": path, "val_loss": val_loss}
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 3, tokenizer_dir: str | Path | None = None):
+
+class Checkpointer:
+    """Saves ckpt-STEP directories under `run_dir`; keeps the newest `keep_last`, pinned steps and the best."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, tokenizer_dir: str | Path | None = None,
+                 keep_best: bool = True):
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
+        self.keep_best = keep_best
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
         self.pinned: set[int] = set()  # steps that pruning must keep (e.g. the spike guard's rollback ring)
 
@@ -187,6 +210,7 @@ class Checkpointer:
 
     def save(self, step: int, model: nn.Module, train_state: dict[str, Any]) -> Path:
         target = self.path(step)
+        self.forget_best(step)
         with atomic_dir(target) as tmp:
             self.write_model(unwrap(model), tmp)
             files = list(REQUIRED_FILES)
@@ -223,27 +247,64 @@ class Checkpointer:
                 return path
         return None
 
+    def best(self) -> dict[str, Any] | None:
+        """The best checkpoint by val loss ({"step", "path", "val_loss"}) when keep_best is on, else None."""
+        return read_best(self.run_dir) if self.keep_best else None
+
+    def forget_best(self, step: int) -> None:
+        """Before ckpt-STEP is written again: drop a best.json naming it (its val loss no longer applies)."""
+        best = self.best()
+        if best is not None and best["step"] == step:
+            (self.run_dir / BEST_FILE).unlink(missing_ok=True)
+
+    def update_best(self, step: int, val_loss: float | None) -> bool:
+        """After saving ckpt-STEP (rank 0): record it in best.json if its val loss beats the best so far.
+
+        `val_loss` must have been measured at this step (None: not evaluated). A checkpoint saved over
+        the best one's directory (after a rollback or a resume from an earlier step) loses that record,
+        since the old weights are gone (see forget_best). Returns whether ckpt-STEP is now the best.
+        """
+        if not self.keep_best:
+            return False
+        best = self.best()
+        if val_loss is None or not math.isfinite(val_loss):
+            return False
+        if best is not None and val_loss >= best["val_loss"]:
+            return False
+        record = {"step": step, "path": self.path(step).name, "val_loss": val_loss}
+        write_text_atomic(self.run_dir / BEST_FILE, json.dumps(record) + "\n")
+        self.prune()  # the previous best may now be outside keep_last
+        return True
+
     def prune(self) -> None:
-        """Delete checkpoints beyond the newest keep_last (pinned ones stay) and stale temp dirs."""
+        """Delete checkpoints beyond the newest keep_last (pinned ones and the best stay) and stale temp dirs."""
         for tmp in self.run_dir.glob(".ckpt-*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
         if self.keep_last <= 0:
             return
+        best = self.best()
+        keep = self.pinned | ({best["step"]} if best else set())
         ckpts = self.all()
         for step, path in ckpts[:-self.keep_last]:
-            if step not in self.pinned:
+            if step not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_resume(resume: str | Path | None, run_dir: str | Path) -> Path | None:
-    """`auto` -> newest complete checkpoint in run_dir (None if there is none); a path -> that checkpoint.
-
-    A run directory given as the path means its newest checkpoint.
+    """`auto` -> newest complete checkpoint in run_dir (None if there is none); `best` -> the one best.json
+    names (lowest val loss); a path -> that checkpoint. A run directory given as the path means its newest.
     """
     if resume is None or resume == "":
         return None
     if str(resume) == "auto":
         return Checkpointer(run_dir).latest()
+    if str(resume) == "best":
+        best = read_best(run_dir)
+        if best is None:
+            raise CheckpointError(f"{Path(run_dir) / BEST_FILE} is missing or names no complete checkpoint "
+                                  "(train.keep_best=false, or no evaluation at a checkpoint step yet); "
+                                  "use --resume auto or a ckpt-STEP path")
+        return best["path"]
     path = Path(resume)
     if path.is_dir() and step_of(path) is None and not (path / "train_state.pt").exists():
         latest = Checkpointer(path).latest()

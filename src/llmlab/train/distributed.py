@@ -166,8 +166,8 @@ class DistCheckpointer(Checkpointer):
 
     collective = True  # the Trainer calls save() on every rank
 
-    def __init__(self, run_dir, keep_last: int = 3, tokenizer_dir=None):
-        super().__init__(run_dir, keep_last, tokenizer_dir)
+    def __init__(self, run_dir, keep_last: int = 3, tokenizer_dir=None, keep_best: bool = True):
+        super().__init__(run_dir, keep_last, tokenizer_dir, keep_best)
         self.optimizer: torch.optim.Optimizer | None = None
 
     def attach(self, optimizer: torch.optim.Optimizer) -> DistCheckpointer:
@@ -194,6 +194,7 @@ class DistCheckpointer(Checkpointer):
         target = self.path(step)
         tmp = self.run_dir / f".ckpt-{step:06d}.dist.tmp"
         if rank == 0:
+            self.forget_best(step)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()

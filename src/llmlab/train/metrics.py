@@ -13,6 +13,10 @@ so `peak_flops` measures the best matmul throughput this process achieves in the
 BLAS can do with the current thread count, not to a vendor figure. On a machine busy with other work
 the measurement catches a depressed peak and MFU reads too high (even near 100%); set
 `train.peak_flops` (it overrides both the table and the measurement) for numbers comparable across runs.
+
+With `train.tensorboard = true` the writer also sends the main scalars (TB_SCALARS) to a TensorBoard
+event file in RUN_DIR/tensorboard (torch.utils.tensorboard; needs `pip install tensorboard`, the
+`tensorboard` extra). metrics.jsonl stays the record of truth; the event file is a view of it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import torch
 
+from llmlab.errors import ConfigError
 from llmlab.fsutil import write_text_atomic
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per GPU, matched against
@@ -129,14 +134,36 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to metrics.jsonl, flushed per line so a crash loses at most one."""
+TB_SCALARS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 
-    def __init__(self, path: str | Path):
+
+def require_tensorboard() -> None:
+    """ConfigError (one line, with the fix) unless the `tensorboard` package is importable."""
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+    except ImportError:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package; pip install tensorboard "
+                          "(or pip install 'llmlab[tensorboard]'), or set train.tensorboard=false") from None
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to metrics.jsonl, flushed per line so a crash loses at most one.
+
+    With `tensorboard_dir`, each record's TB_SCALARS also go to a TensorBoard SummaryWriter there,
+    created on the first write (only the writing rank, rank 0, ever makes the directory).
+    """
+
+    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None):
         self.path = Path(path)  # created on the first write, so a run that fails early leaves nothing
+        self.tensorboard_dir = Path(tensorboard_dir) if tensorboard_dir is not None else None
+        if self.tensorboard_dir is not None:
+            require_tensorboard()  # fail at startup, not at the first logged step
+        self._tb = None
+        self._purge_step: int | None = None
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (left by a run that died after its last checkpoint) before resuming."""
+        self._purge_step = step + 1  # TensorBoard hides the dead run's events from here on
         if not self.path.exists():
             return
         kept = [line for line in read_metrics_lines(self.path) if json.loads(line).get("step", 0) <= step]
@@ -144,8 +171,27 @@ class MetricsWriter:
 
     def write(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = _clean(record)
         with open(self.path, "a") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard_dir is not None:
+            self._write_tensorboard(record)
+
+    def _write_tensorboard(self, record: dict) -> None:
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
+        step = record.get("step")
+        for key in TB_SCALARS:
+            if step is not None and isinstance(record.get(key), (int, float)):
+                self._tb.add_scalar(f"train/{key}", record[key], global_step=step)
+        self._tb.flush()  # like metrics.jsonl: a crash loses at most the current record
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_metrics_lines(path: str | Path) -> list[str]:

@@ -9,7 +9,8 @@ takes the shards' vocabulary and any other value must equal it; data.block_size 
 not exceed) model.block_size; train.tokens_per_step, when set, fixes the gradient-accumulation steps
 (tokens_per_step = batch_size x block_size x accum_steps x world_size). The run directory
 (train.out_dir/train.run_name) gets config.toml (the resolved config), metrics.jsonl, ckpt-STEP/
-checkpoints (each with a copy of the tokenizer), plots/ and summary.json.
+checkpoints (each with a copy of the tokenizer), best.json (the lowest-val-loss checkpoint, kept by
+pruning), plots/, summary.json and, with train.tensorboard=true, tensorboard/.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from llmlab.device import resolve_device
 from llmlab.errors import ConfigError
 from llmlab.fsutil import write_text_atomic
 from llmlab.model import ModelConfig, Transformer
-from llmlab.train.checkpoint import Checkpointer, resolve_resume, unwrap
+from llmlab.train.checkpoint import BEST_FILE, Checkpointer, resolve_resume, unwrap
 from llmlab.train.distributed import (
     DistCheckpointer,
     ParallelConfig,
@@ -152,7 +153,7 @@ def _prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume auto to continue it, "
                           "train.overwrite=true to start over, or another train.run_name")
-    for p in old + [run_dir / "plots", run_dir / "summary.json"]:
+    for p in old + [run_dir / "plots", run_dir / "summary.json", run_dir / BEST_FILE, run_dir / "tensorboard"]:
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
@@ -194,7 +195,8 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, An
     strategy = cfg.parallel.resolved_strategy(world)
     wrapped = parallelize(model, cfg.parallel, device)
     dcp = strategy == "fsdp" or (resume_path is not None and is_dcp_checkpoint(resume_path))
-    checkpointer = (DistCheckpointer if dcp else Checkpointer)(run_dir, cfg.train.keep_last, tokenizer_dir)
+    checkpointer = (DistCheckpointer if dcp else Checkpointer)(run_dir, cfg.train.keep_last, tokenizer_dir,
+                                                                cfg.train.keep_best)
     slow_checkpoint_writes(checkpointer)  # only with LLMLAB_CKPT_SLEEP set (crash tests)
     callbacks = [SpikeGuard(cfg.spike)] if cfg.spike.enabled else []
     trainer = Trainer(wrapped, lm_loss, train_loader, cfg.optim, cfg.train, run_dir=run_dir,

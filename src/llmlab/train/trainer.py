@@ -14,8 +14,9 @@ Everything else is shared: gradient accumulation (`accum_steps` micro-batches pe
 loss divided by accum_steps so the gradient is the mean over the whole step), global grad-norm clipping
 (the pre-clip norm and whether it clipped are logged), the LR schedule (a pure function of the step,
 times `lr_scale`), bf16 autocast on GPUs that support it (fp32 on CPU), periodic evaluation through
-`eval_fn(model) -> {"val_loss": ...}`, checkpoints every `ckpt_every` steps and at the end, exact resume,
-metrics.jsonl, and a tqdm bar with loss, tokens/s and MFU.
+`eval_fn(model) -> {"val_loss": ...}`, checkpoints every `ckpt_every` steps and at the end (the newest
+`keep_last` plus, with `keep_best`, the one whose step's val_loss is lowest, named by best.json), exact
+resume, metrics.jsonl (and TensorBoard scalars with `tensorboard`), and a tqdm bar with loss, tokens/s and MFU.
 
 Extension points (issue 4 and later objectives hook in here, the loop itself stays as it is):
 - `callbacks`: objects with any of on_fit_start(trainer), before_optimizer_step(trainer, stats) ->
@@ -65,6 +66,8 @@ class TrainConfig:
     eval_batches: int = 20               # val batches per evaluation
     ckpt_every: int = 500                # steps between checkpoints (0: only at the end)
     keep_last: int = 3                   # checkpoints kept on disk (0: keep all)
+    keep_best: bool = True               # also keep the checkpoint with the lowest val_loss (RUN_DIR/best.json)
+    tensorboard: bool = False            # also write scalars to RUN_DIR/tensorboard (pip install tensorboard)
     log_every: int = 1                   # steps between metrics.jsonl records (eval/ckpt steps always logged)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                  # autocast dtype: auto = bf16 on GPUs that have it, fp32 on CPU
@@ -149,6 +152,12 @@ def batch_tokens(batch: Any) -> int:
 MAX_NONFINITE = 10  # consecutive non-finite steps before the run stops instead of skipping
 
 
+def _barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 class TrainingDiverged(LLMLabError):
     """Loss or gradients stayed non-finite; lower the LR or resume from an earlier checkpoint."""
 
@@ -178,8 +187,11 @@ class Trainer:
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.is_main = self.rank == 0
         self.checkpointer = checkpointer or (
-            Checkpointer(self.run_dir, train.keep_last, tokenizer_dir) if self.run_dir is not None else None)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl") if self.run_dir is not None else None
+            Checkpointer(self.run_dir, train.keep_last, tokenizer_dir, train.keep_best)
+            if self.run_dir is not None else None)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
+                                     self.run_dir / "tensorboard" if train.tensorboard else None,
+                                     ) if self.run_dir is not None else None
         self.callbacks = list(callbacks)
         if flops_per_token is None and hasattr(self.module, "flops_per_token"):
             flops_per_token = self.module.flops_per_token()
@@ -195,6 +207,7 @@ class Trainer:
         self._nonfinite = 0
         self._peak: float | None = None
         self._saved_step: int | None = None
+        self._eval_step: int | None = None  # the step last_eval was measured at
 
     # ------------------------------------------------------------------ the step
 
@@ -345,6 +358,8 @@ class Trainer:
             self.save()
             self._write(self._event_record())
         bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.cfg.plot and self.is_main and self.run_dir is not None:
             from llmlab.train.plot import plot_run
 
@@ -387,7 +402,7 @@ class Trainer:
                 result = {k: float(v) for k, v in self.eval_fn(self.model).items()}
         finally:
             self.model.train()
-        self.last_eval = result
+        self.last_eval, self._eval_step = result, self.step
         self._events.append({"type": "eval", **result})
         return result
 
@@ -412,9 +427,16 @@ class Trainer:
             return None
         path = self.checkpointer.path(self.step)
         self._saved_step = self.step
+        event = {"type": "checkpoint", "path": path.name}
         if self.is_main or getattr(self.checkpointer, "collective", False):  # DCP: every rank writes
             path = self.checkpointer.save(self.step, self.model, self.state_dict())
-        self._events.append({"type": "checkpoint", "path": path.name})
+        if self.is_main and hasattr(self.checkpointer, "update_best"):
+            val = self.last_eval.get("val_loss") if self._eval_step == self.step else None
+            if self.checkpointer.update_best(self.step, val):
+                event["best"] = True
+        # No rank may read this checkpoint (a rollback, or code after fit) before rank 0 has written it.
+        _barrier()
+        self._events.append(event)
         for cb in self.callbacks:
             cb.on_checkpoint(self, path)
         return path
@@ -422,7 +444,7 @@ class Trainer:
     def restore(self, path: str | Path) -> None:
         """Load weights, optimizer, batch position, RNG states and counters from a checkpoint."""
         if self.checkpointer is None:
-            self.checkpointer = Checkpointer(Path(path).parent, self.cfg.keep_last)
+            self.checkpointer = Checkpointer(Path(path).parent, self.cfg.keep_last, keep_best=self.cfg.keep_best)
         state = self.checkpointer.load(path, self.model)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -455,6 +477,7 @@ class Trainer:
         """
         if self.checkpointer is None:
             raise CheckpointError("rollback needs checkpoints; give the Trainer a run_dir")
+        _barrier()  # every rank must see the same, completely written checkpoints before choosing one
         path = self.checkpointer.latest(max_step=action.to_step)
         if path is None:
             raise CheckpointError(f"no checkpoint at or before step {action.to_step} to roll back to "
