@@ -1,0 +1,178 @@
+"""Quantization benchmark: held-out perplexity, file size and CPU decode speed of int8 / int4 RTN / GPTQ / AWQ
+against the fp32 checkpoint they come from.
+
+For each variant the checkpoint is quantized (GPTQ and AWQ calibrate on windows of the shards' *train* split),
+saved, and loaded back with Transformer.load, so every figure is for the file a user would ship:
+  ppl          perplexity on the val split with exact fp32 arithmetic on the quantized weights
+               (kernel "dequant": the effect of quantization alone)
+  ppl_packed   the same with the default kernel (torch's packed int8/int4 ops, bf16 activations on CPU)
+  file_bytes   size of model.safetensors (embeddings and LM head stay fp32 in every variant)
+  decode_tok_s_Nt  greedy decoding, batch 1, KV cache, default kernel, N torch threads; runs alternate
+               between the variants round by round so machine load hits all alike (median per variant)
+Ratios are against fp32 measured in the same run. Targets (from the GPTQ / AWQ papers' pattern): int8
+within +1% perplexity; GPTQ and AWQ each recover at least half of RTN-int4's perplexity increase, i.e.
+recovery = (ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp32) >= 0.5 at the same group size.
+
+    python benchmarks/bench_quant.py --ckpt runs/NAME/ckpt-final --data data/stdlib/shards --groups 128 32
+    python benchmarks/bench_quant.py ... --outliers 20 --only int4-rtn-g128 int4-gptq-g128 int4-awq-g128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def variants(groups: list[int]) -> list[tuple[str, str, int, int | None]]:
+    out = [("fp32", "none", 32, None), ("int8-rtn", "rtn", 8, None), ("int8-gptq", "gptq", 8, None),
+           ("int8-awq", "awq", 8, None)]
+    for g in groups:
+        out += [(f"int4-rtn-g{g}", "rtn", 4, g), (f"int4-gptq-g{g}", "gptq", 4, g), (f"int4-awq-g{g}", "awq", 4, g)]
+    return out
+
+
+def decode_seconds(model, prompt: list[int], new_tokens: int) -> float:
+    from llmlab.infer import generate
+
+    start = time.perf_counter()
+    generate(model, prompt, new_tokens, temperature=0)
+    return time.perf_counter() - start
+
+
+def packed_layers(model) -> str | None:
+    """"k/n": how many quantized layers run a packed torch kernel (the rest dequantize on the fly)."""
+    from llmlab.infer.quant import QuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        return None
+    packed = sum(any(fn is not None for fn, _ in m._impl.values()) for m in layers)
+    return f"{packed}/{len(layers)}"
+
+
+@torch.no_grad()
+def inject_outliers(model, factor: float, channels: int = 4, seed: int = 0) -> None:
+    """Make `channels` input channels of every qkv and fc layer `factor` times larger and their weight
+    columns `factor` times smaller: the same function, but with the activation outliers LLMs beyond a few
+    billion parameters have (Dettmers et al. 2022) and this small model lacks. The premise AWQ is built on:
+    the weights of those channels matter most and RTN's shared group scale rounds them coarsely."""
+    gen = torch.Generator().manual_seed(seed)
+    for block in model.blocks:
+        for norm, linear in ((block.attn_norm, block.attn.qkv), (block.mlp_norm, block.mlp.fc)):
+            idx = torch.randperm(linear.in_features, generator=gen)[:channels]
+            norm.weight[idx] *= factor
+            if getattr(norm, "bias", None) is not None:
+                norm.bias[idx] *= factor
+            linear.weight[:, idx] /= factor
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="fp32 checkpoint directory")
+    ap.add_argument("--data", required=True, help="prepared shard directory (val: perplexity, train: calibration)")
+    ap.add_argument("--groups", type=int, nargs="+", default=[128, 32], help="int4 group sizes")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--act-order", action="store_true", help="GPTQ act-order")
+    ap.add_argument("--batch-size", type=int, default=8, help="perplexity windows per forward")
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5, help="timed decode rounds per variant")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1],
+                    help="torch thread counts to time decoding at (1: steadier on a shared box)")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these variant names")
+    ap.add_argument("--outliers", type=float, default=0.0,
+                    help="stress test: give the model outlier activation channels of this factor (see "
+                         "inject_outliers; the fp32 function is unchanged); 0 = off")
+    ap.add_argument("--json-out", default=None, help="also write the JSON here")
+    args = ap.parse_args()
+
+    from llmlab.evals.perplexity import evaluate_perplexity
+    from llmlab.infer.quant import quantize, set_kernel
+    from llmlab.infer.quant.calib import calibration_tokens
+    from llmlab.model import Transformer
+    from llmlab.model.transformer import WEIGHTS_FILE
+
+    torch.set_num_threads(max(args.threads))
+    torch.manual_seed(0)
+    calib = calibration_tokens(args.data, args.calib_samples, args.calib_len, seed=0)
+    val_prompt = calibration_tokens(args.data, 1, args.prompt_tokens, seed=1)[0].tolist()
+    work = Path(tempfile.mkdtemp(prefix="bench_quant_"))
+    rows, models = [], {}
+    todo = [v for v in variants(args.groups) if args.only is None or v[0] in args.only or v[0] == "fp32"]
+    for name, method, bits, group in todo:
+        model = Transformer.load(args.ckpt, dtype=torch.float32)
+        if args.outliers:
+            inject_outliers(model, args.outliers)
+        seconds = 0.0
+        if method != "none":
+            start = time.perf_counter()
+            quantize(model, method, bits, group, None if method == "rtn" else calib, act_order=args.act_order,
+                     progress=False)
+            seconds = time.perf_counter() - start
+        path = Path(args.ckpt) if method == "none" and not args.outliers else work / name
+        if path != Path(args.ckpt):
+            model.save(path)
+        model = Transformer.load(path)  # every figure is for the file as loaded
+        row = {"variant": name, "method": method, "bits": bits, "group_size": group,
+               "quantize_s": round(seconds, 1), "file_bytes": (path / WEIGHTS_FILE).stat().st_size}
+        set_kernel(model, "dequant")
+        row["ppl"] = evaluate_perplexity(model, args.data, batch_size=args.batch_size)["ppl"]
+        set_kernel(model, "auto")
+        row["ppl_packed"] = evaluate_perplexity(model, args.data, batch_size=args.batch_size)["ppl"]
+        row["packed_layers"] = packed_layers(model)
+        decode_seconds(model, val_prompt, 8)  # warm-up (and kernel choice) before timing
+        models[name] = model
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        times = {name: [] for name in models}
+        for _ in range(args.rounds):
+            for name, model in models.items():
+                times[name].append(decode_seconds(model, val_prompt, args.new_tokens))
+        for row in rows:
+            tok_s = args.new_tokens / statistics.median(times[row["variant"]])
+            row[f"decode_tok_s_{threads}t"] = round(tok_s, 1)
+            row[f"decode_speedup_{threads}t"] = round(tok_s / base[f"decode_tok_s_{threads}t"], 3)
+    for row in rows:
+        row["ppl_delta_pct"] = round(100 * (row["ppl"] / base["ppl"] - 1), 3)
+        row["size_ratio_vs_fp32"] = round(row["file_bytes"] / base["file_bytes"], 3)
+        row["ppl"], row["ppl_packed"] = round(row["ppl"], 4), round(row["ppl_packed"], 4)
+    by = {r["variant"]: r for r in rows}
+    targets = {}
+    if "int8-rtn" in by:
+        targets["int8_rtn_within_1pct"] = by["int8-rtn"]["ppl_delta_pct"] <= 1.0
+    for g in args.groups:
+        rtn = by.get(f"int4-rtn-g{g}")
+        for method in ("gptq", "awq"):
+            other = by.get(f"int4-{method}-g{g}")
+            if rtn and other and rtn["ppl"] > base["ppl"]:
+                rec = (rtn["ppl"] - other["ppl"]) / (rtn["ppl"] - base["ppl"])
+                targets[f"{method}_g{g}_recovery"] = round(rec, 3)
+                targets[f"{method}_g{g}_recovers_half"] = rec >= 0.5
+    model = models["fp32"]
+    result = {"benchmark": "quantization_cpu", "checkpoint": args.ckpt, "data": args.data,
+              "model": {k: getattr(model.config, k) for k in ("n_layer", "d_model", "n_head", "ffn_dim", "vocab_size",
+                                                              "block_size", "mlp", "position", "tie_embeddings")},
+              "params": model.num_params(), "val_tokens": evaluate_perplexity(model, args.data)["tokens"],
+              "calibration": {"samples": args.calib_samples, "seq_len": args.calib_len, "split": "train"},
+              "act_order": args.act_order, "outliers": args.outliers, "decode_threads": args.threads, "torch": torch.__version__,
+              "decode": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch": 1,
+                         "rounds": args.rounds},
+              "rows": rows, "targets": targets}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
