@@ -121,22 +121,37 @@ def test_stats_with_a_draft_that_always_agrees():
 
 # ----- prompt lookup -----
 def test_prompt_lookup_proposals():
-    lookup = PromptLookup(max_ngram=3)
-    ctx = torch.zeros(3, 20, dtype=torch.long)
-    rows = [[1, 2, 3, 4, 5, 9, 1, 2, 3], [7, 8, 7, 8, 7, 8], [1, 2, 3, 4]]
-    for b, r in enumerate(rows):
-        ctx[b, : len(r)] = torch.tensor(r)
-    n = torch.tensor([len(r) for r in rows])
-    proposal, count = lookup.propose(ctx, n, 4)
-    assert count.tolist() == [4, 4, 0]
-    assert proposal[0].tolist() == [4, 5, 9, 1]  # what followed "1 2 3"
-    assert proposal[1].tolist() == [7, 8, 7, 8]  # a period-2 loop keeps copying past the context's end
-    assert lookup.match(ctx, n).tolist() == [3, 4, -1]
-    # A 1-gram falls back when no 3- or 2-gram recurs; the most recent occurrence wins.
-    ctx[2, :6] = torch.tensor([5, 1, 6, 2, 5, 3])
-    ctx[2, 6] = 5
-    assert PromptLookup(3, 1).match(ctx[2:], torch.tensor([7])).tolist() == [5]
-    assert PromptLookup(3, 2).match(ctx[2:], torch.tensor([7])).tolist() == [-1]
+    lookup = PromptLookup()  # n-grams of 4 down to 1, at most g(g+1)/2 tokens for a match of g
+    assert lookup.index([1, 2, 3, 4, 5, 9, 1, 2, 3]).match() == (3, 3)
+    assert lookup.propose([1, 2, 3, 4, 5, 9, 1, 2, 3], 4) == [4, 5, 9, 1]  # what followed "1 2 3"
+    assert lookup.propose([1, 2, 3, 4, 5, 9, 1, 2, 3], 20) == [4, 5, 9, 1, 2, 3]  # 6 for a 3-gram match
+    assert lookup.propose([7, 8, 7, 8, 7, 8], 7) == [7, 8, 7, 8, 7, 8, 7]  # a loop keeps copying past the end
+    assert lookup.propose([6, 1, 2, 9, 1, 2], 10) == [9, 1, 2]  # 2-gram match: 3 tokens
+    assert lookup.propose([1, 2, 3, 4], 4) == []  # nothing recurs
+    # A 1-gram falls back when no longer n-gram recurs; the most recent occurrence wins; it earns 1 token.
+    assert lookup.index([5, 1, 6, 2, 5, 3, 5]).match() == (5, 1)
+    assert lookup.propose([5, 1, 6, 2, 5, 3, 5], 4) == [3]
+    assert PromptLookup(3, 2).index([5, 1, 6, 2, 5, 3, 5]).match() == (-1, 0)
+    # Growing the index token by token gives the same answers as building it at once.
+    seq = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8, 3, 2, 7, 9, 5]
+    grown = lookup.index(seq[:1])
+    for i in range(1, len(seq)):
+        grown.extend(seq[i:i + 1])
+        assert grown.propose(5) == lookup.propose(seq[:i + 1], 5) == brute_force_lookup(seq[:i + 1], 5)
+
+
+def brute_force_lookup(seq: list[int], K: int) -> list[int]:
+    """The rule written out as a scan: largest n-gram first, most recent earlier occurrence, recursive copy."""
+    for g in (4, 3, 2, 1):
+        if len(seq) <= g:
+            continue
+        starts = [i for i in range(len(seq) - g) if seq[i:i + g] == seq[-g:]]
+        if starts:
+            ext = list(seq)
+            for j in range(min(K, g * (g + 1) // 2)):
+                ext.append(ext[starts[-1] + g + j])
+            return ext[len(seq):]
+    return []
 
 
 def test_prompt_lookup_saves_target_forwards_on_repetitive_text():

@@ -5,8 +5,9 @@
     out, stats = speculative_generate(target, "lookup", ids, 200, temperature=0, return_stats=True)
     stats.acceptance_rate, stats.mean_accepted_length, stats.target_forwards_per_token
 
-Decoding one token at a time leaves the target's matmuls starved of work: a forward over K+1 tokens costs
-about as much as over one. Leviathan, Kalman & Matias 2023 ("Fast Inference from Transformers via
+Decoding one token at a time leaves the target's matmuls starved of work: where a forward is bound by
+streaming the weights (GPUs, large models), one over K+1 tokens costs about as much as over one. Leviathan,
+Kalman & Matias 2023 ("Fast Inference from Transformers via
 Speculative Decoding") and Chen et al. 2023 ("Accelerating Large Language Model Decoding with Speculative
 Sampling") turn that spare width into tokens without changing the output distribution. One round, per row:
 
@@ -34,14 +35,21 @@ the context. They are a deterministic function of the context, i.e. q is one-hot
 rule then accepts x with probability p(x) and on rejection samples p with x removed, renormalised: still
 exact. Rows without a match propose nothing, so their round is a plain decoding step.
 
+When it pays: speedup = tokens per round / (cost of a verification forward over K+1 tokens + K draft steps),
+in units of a plain decoding step. For the 4M-parameter CPU demo model the weights sit in cache and a
+forward over T tokens costs about 1 + 0.22 T steps, while a 1-layer draft step costs ~0.2 (eager-mode
+overhead); there prompt lookup (no draft cost, guesses sized by match length) gave ~2x and a draft model
+with ~50% agreement was slower than plain decoding. See benchmarks/bench_speculative.py.
+
 Batches: every row keeps its own cache positions, so rows accept different numbers of tokens and prompts may
 have different lengths; a row that has ended (stop token, max_new_tokens) rides along at position 0 and its
 results are ignored. K shrinks near the end so no row writes beyond its prompt + max_new_tokens (which also
 keeps learned position embeddings in range).
 
-Bookkeeping invariant: at the start of a round row b has n[b] committed tokens in ctx[b, :n[b]] (prompt +
-generated); the last one, `cur`, is not yet in either cache. The prompt prefill therefore leaves out each
-prompt's last token, which the first round feeds together with the first guesses.
+Bookkeeping invariant: at the start of a round row b has committed the tokens seqs[b] (prompt + generated,
+a host-side list); the last one, `cur`, is not yet in either cache. The prompt prefill therefore leaves out
+each prompt's last token, which the first round feeds together with the first guesses. Positions and
+counters live on the host (cache positions are host-side anyway): one device-to-host copy per round.
 """
 
 from __future__ import annotations
@@ -101,13 +109,13 @@ def speculative_generate(model, draft, ids, max_new_tokens: int, temperature: fl
     check_speculate_k(speculate_k)
     prompt, lengths, single = prepare_prompts(model, ids, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
-    stop_ids = _stop_tensor(stop, prompt.device)
+    _stop_tensor(stop, prompt.device)  # validates `stop`
     B, P = prompt.shape
     draft = check_draft(model, draft, P + max_new_tokens)
     generator = None
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=prompt.device).manual_seed(int(seed))
-    lens = torch.tensor(lengths or [P] * B, device=prompt.device)
+    lens = lengths or [P] * B
     stats = SpeculativeStats(rows=B)
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     models = [model] + ([draft] if isinstance(draft, torch.nn.Module) else [])
@@ -116,7 +124,7 @@ def speculative_generate(model, draft, ids, max_new_tokens: int, temperature: fl
         for m in models:
             m.eval()
         new = _speculate(model, draft, prompt, lens, max_new_tokens, speculate_k, opts, generator,
-                         stop_ids, pad_id, stats)
+                         stop, pad_id, stats)
     finally:
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
@@ -259,29 +267,30 @@ def verify(logits: torch.Tensor, proposal: torch.Tensor, n_proposed: torch.Tenso
 # ----- proposers -----
 class _DraftProposer:
     """A draft Transformer with its own KV cache. `valid[b]`: the cache holds row b's positions < valid[b]
-    (n[b]-1 normally, n[b]-2 after a round where every guess was accepted: dK never went through the draft).
+    (n-1 normally, n-2 after a round in which every guess was accepted: dK never went through the draft).
     The first forward of a round feeds the missing 1 or 2 tokens, ending with cur."""
 
     def __init__(self, draft, batch: int, max_len: int, opts: dict, generator, stats: SpeculativeStats):
         self.model, self.opts, self.generator, self.stats = draft, opts, generator, stats
         self.greedy = opts["temperature"] == 0
         self.cache = KVCache.for_model(draft, batch, max_len)
-        self.valid: torch.Tensor | None = None
+        self.valid: list[int] = []
 
-    def prefill(self, prompt: torch.Tensor, lens: torch.Tensor) -> None:
+    def prefill(self, prompt: torch.Tensor, seqs: list[list[int]]) -> None:
         if prompt.shape[1] > 1:
             self.model(prompt[:, :-1], cache=self.cache, return_hidden=True)
             self.stats.draft_forwards += 1
-        self.valid = lens - 1
+        self.valid = [len(s) - 1 for s in seqs]
 
-    def propose(self, ctx, n, active, K):
-        T = int((n - self.valid)[active].max())
-        start = torch.where(active, n - T, 0)
-        self.cache.set_pos(start)
-        x = ctx.gather(1, start[:, None] + torch.arange(T, device=ctx.device))
+    def propose(self, seqs, active, K):
+        T = max(len(s) - v for s, v, a in zip(seqs, self.valid, active, strict=True) if a)
+        starts = [len(s) - T if a else 0 for s, a in zip(seqs, active, strict=True)]
+        self.cache.set_pos(starts)
+        device = self.cache.k.device
+        x = torch.tensor([(s[i:i + T] + [0] * T)[:T] for s, i in zip(seqs, starts, strict=True)], device=device)
         guesses, qs = [], []
         for _ in range(K):
-            logits = self.model(x, cache=self.cache)[:, -1]
+            logits = self.model.head(self.model(x, cache=self.cache, return_hidden=True)[:, -1])
             if self.greedy:
                 d = logits.argmax(-1)
             else:
@@ -290,44 +299,51 @@ class _DraftProposer:
             guesses.append(d)
             x = d[:, None]
         self.stats.draft_forwards += K
-        q = torch.stack(qs, 1) if qs else None
-        return torch.stack(guesses, 1), q, torch.full_like(n, K)
+        return torch.stack(guesses, 1), (torch.stack(qs, 1) if qs else None), [K] * len(seqs)
 
-    def commit(self, n, accepted, K) -> None:
+    def extend(self, b: int, tokens: list[int]) -> None:
+        pass
+
+    def commit(self, b: int, n: int, accepted: int, K: int) -> None:
         # Fed this round: cur at n-1 and d1..d_{K-1}; kept: cur and the accepted guesses.
-        self.valid = n + torch.minimum(accepted, torch.full_like(accepted, K - 1))
+        self.valid[b] = n + min(accepted, K - 1)
 
 
 class _LookupProposer:
+    """PromptLookup with one NgramIndex per row, extended as tokens are committed."""
+
     def __init__(self, lookup: PromptLookup):
         self.lookup = lookup
+        self.indexes: list = []
 
-    def prefill(self, prompt, lens) -> None:
-        pass
+    def prefill(self, prompt: torch.Tensor, seqs: list[list[int]]) -> None:
+        self.indexes = [self.lookup.index(s) for s in seqs]
 
-    def propose(self, ctx, n, active, K):
-        proposal, count = self.lookup.propose(ctx, n, K)
-        count = torch.where(active, count, 0)
-        width = int(count.max())  # no row with a match -> an ordinary one-token step
-        return proposal[:, :width], None, count
+    def propose(self, seqs, active, K):
+        props = [ix.propose(K) if a else [] for ix, a in zip(self.indexes, active, strict=True)]
+        width = max(len(p) for p in props)  # no row with a match -> an ordinary one-token step
+        guesses = torch.tensor([p + [0] * (width - len(p)) for p in props], dtype=torch.long)
+        return guesses, None, [len(p) for p in props]
 
-    def commit(self, n, accepted, K) -> None:
+    def extend(self, b: int, tokens: list[int]) -> None:
+        self.indexes[b].extend(tokens)
+
+    def commit(self, b: int, n: int, accepted: int, K: int) -> None:
         pass
 
 
 # ----- the loop -----
-def _speculate(model, draft, prompt, lens, max_new, k, opts, generator, stop_ids, pad_id, stats):
+def _speculate(model, draft, prompt, lens, max_new, k, opts, generator, stop, pad_id, stats):
     """New tokens [B, max generated] (pad_id after a row's end); fills `stats`."""
     B, P = prompt.shape
     device = prompt.device
     if max_new == 0:
         return prompt.new_empty(B, 0)
+    stop_set = set() if stop is None else {stop} if isinstance(stop, int) else set(stop)
     with torch.inference_mode():
-        width = P + max_new + k + 1  # room for a round's writes past the end
-        ctx = torch.zeros(B, width, dtype=torch.long, device=device)
-        ctx[:, :P] = prompt
-        n, gen = lens.clone(), torch.zeros_like(lens)
-        active = torch.ones(B, dtype=torch.bool, device=device)
+        seqs = [row[:n] for row, n in zip(prompt.tolist(), lens, strict=True)]  # prompt + committed tokens
+        new: list[list[int]] = [[] for _ in range(B)]
+        active = [True] * B
         cache = KVCache.for_model(model, B, P + max_new)
         if P > 1:  # every prompt token but the last: the first round feeds it with the guesses
             model(prompt[:, :-1], cache=cache, return_hidden=True)
@@ -336,48 +352,35 @@ def _speculate(model, draft, prompt, lens, max_new, k, opts, generator, stop_ids
             proposer = _LookupProposer(draft)
         else:
             proposer = _DraftProposer(draft, B, P + max_new, opts, generator, stats)
-        proposer.prefill(prompt, lens)
-        rows = torch.arange(B, device=device)
-        tally = torch.zeros(3, dtype=torch.long, device=device)  # proposed, accepted, row-rounds (no syncs)
-        while bool(active.any()):
-            remaining = max_new - gen
-            K = min(k, int(remaining[active].min()))  # keeps every row's writes below its P_b + max_new
-            guesses, q, n_proposed = proposer.propose(ctx, n, active, K)
-            cache.set_pos(torch.where(active, n - 1, 0))  # roll back: drop last round's rejected entries
-            logits = model(torch.cat([ctx[rows, n - 1][:, None], guesses], 1), cache=cache)
+        proposer.prefill(prompt, seqs)
+        while any(active):
+            live = [b for b in range(B) if active[b]]
+            K = min(k, min(max_new - len(new[b]) for b in live))  # no row writes past its P_b + max_new
+            guesses, q, n_proposed = proposer.propose(seqs, active, K)
+            guesses = guesses.to(device)
+            cache.set_pos([len(s) - 1 if a else 0 for s, a in zip(seqs, active, strict=True)])  # roll back
+            cur = torch.tensor([[s[-1]] for s in seqs], device=device)
+            logits = model(torch.cat([cur, guesses], 1), cache=cache)
             stats.target_forwards += 1
             stats.rounds += 1
-            accepted, nxt = verify(logits, guesses, n_proposed, q, generator=generator, **opts)
-            emitted = torch.cat([guesses, nxt[:, None]], 1).scatter(1, accepted[:, None], nxt[:, None])
-            count, stopped = _emit_count(emitted, accepted, remaining, stop_ids)
-            count = torch.where(active, count, 0)
-            _write(ctx, n, emitted, count)
-            tally += torch.stack([n_proposed, accepted, torch.ones_like(accepted)]) @ active.long()
-            proposer.commit(n, accepted, K)
-            n, gen = n + count, gen + count
-            active = active & ~stopped & (gen < max_new)
-        stats.proposed, stats.accepted, stats.row_rounds = tally.tolist()
-        stats.generated = int(gen.sum())
-        offsets = torch.arange(int(gen.max()), device=device)
-        new = ctx.gather(1, lens[:, None] + offsets)
-        return new.masked_fill(offsets >= gen[:, None], pad_id)
-
-
-def _emit_count(emitted, accepted, remaining, stop_ids):
-    """How many of a row's emitted tokens to keep (accepted + 1, cut at max_new_tokens and just after the
-    first stop token) and whether the row stopped."""
-    count = torch.minimum(accepted + 1, remaining)
-    if stop_ids is None:
-        return count, torch.zeros_like(count, dtype=torch.bool)
-    j = torch.arange(emitted.shape[1], device=emitted.device)
-    hit = torch.isin(emitted, stop_ids) & (j < count[:, None])
-    stopped = hit.any(1)
-    first = hit.long().argmax(1) + 1
-    return torch.where(stopped, first, count), stopped
-
-
-def _write(ctx, n, emitted, count) -> None:
-    """ctx[b, n[b] : n[b] + count[b]] = emitted[b, :count[b]] (a gather/scatter: no host sync on a GPU)."""
-    j = torch.arange(emitted.shape[1], device=ctx.device)
-    index = (n[:, None] + j).clamp(max=ctx.shape[1] - 1)
-    ctx.scatter_(1, index, torch.where(j < count[:, None], emitted, ctx.gather(1, index)))
+            accepted, nxt = verify(logits, guesses, torch.tensor(n_proposed, device=device), q,
+                                   generator=generator, **opts)
+            result = torch.cat([accepted[:, None], nxt[:, None], guesses], 1).tolist()  # the one sync
+            for b in live:
+                a, token, *g = result[b]
+                emitted = (g[:a] + [token])[:max_new - len(new[b])]
+                hit = next((i for i, t in enumerate(emitted) if t in stop_set), None)
+                if hit is not None:
+                    emitted, active[b] = emitted[:hit + 1], False
+                stats.proposed += n_proposed[b]
+                stats.accepted += a
+                stats.row_rounds += 1
+                proposer.commit(b, len(seqs[b]), a, K)
+                proposer.extend(b, emitted)
+                seqs[b] += emitted
+                new[b] += emitted
+                if len(new[b]) >= max_new:
+                    active[b] = False
+        stats.generated = sum(len(r) for r in new)
+        width = max(len(r) for r in new)
+        return torch.tensor([r + [pad_id] * (width - len(r)) for r in new], dtype=torch.long, device=device)
