@@ -48,3 +48,9 @@ def test_toml_round_trip(tmp_path):
 
 def test_bare_string_override():
     assert load_config(Run, overrides=["name=hello"]).name == "hello"
+
+
+def test_null_unsets_an_optional_key_and_is_refused_for_required_ones():
+    assert load_config(Run, overrides=["seed=3", "seed=null"]).seed is None
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(Run, overrides=["steps=null"])

@@ -100,6 +100,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key; write e.g. optim.lr=3e-4")
+    if raw.strip() in ("null", "none", "None"):
+        return key.split("."), None  # TOML has no null; this unsets an optional key (e.g. model.d_ff=null)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
