@@ -175,6 +175,13 @@ def _samples(cfg: SpeedrunConfig, model, tok) -> list[tuple[str, str]]:
     return out
 
 
+def _early_note(fig: dict) -> str:
+    if fig["steps"] >= fig["max_steps"]:
+        return ""
+    return (" (stopped by the train.max_minutes cap; finish with `llmlab pretrain --config OUT/config.toml "
+            "--resume auto train.max_minutes=60`)")
+
+
 def _peak_note(device) -> str:
     if device.type == "cuda":
         return "the datasheet bf16 peak (train.peak_flops overrides)"
@@ -189,7 +196,7 @@ def _report_markdown(fig: dict, samples: list[tuple[str, str]]) -> str:
         f"| parameters (all / non-embedding) | {fig['params']:,} / {fig['non_embedding_params']:,} |",
         f"| tokenizer vocabulary | {fig['vocab_size']:,} |",
         f"| train / val tokens in shards | {fig['train_tokens']:,} / {fig['val_tokens']:,} |",
-        f"| optimizer steps | {fig['steps']:,} |",
+        f"| optimizer steps | {fig['steps']:,} of {fig['max_steps']:,}{_early_note(fig)} |",
         f"| tokens seen | {fig['tokens_seen']:,} |",
         f"| training time | {fig['train_seconds']:.0f} s |",
         f"| throughput | {fig['tokens_per_s']:,.0f} tokens/s |",
@@ -242,7 +249,7 @@ def run_speedrun(preset: str = "cpu-demo", out: str | Path = "runs/demo", overri
         "preset": preset, "sources": cfg.corpus.sources, "device": str(device),
         "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
         "vocab_size": tok.vocab_size, "train_tokens": meta["splits"]["train"]["tokens"],
-        "val_tokens": meta["splits"]["val"]["tokens"], "steps": summary["step"], "tokens_seen": summary["tokens"],
+        "val_tokens": meta["splits"]["val"]["tokens"], "steps": summary["step"], "max_steps": pcfg.optim.max_steps, "tokens_seen": summary["tokens"],
         "train_seconds": train_seconds, "tokens_per_s": summary.get("tokens_per_s") or 0.0,
         "mfu": summary.get("mfu"), "peak_note": _peak_note(device),
         "val_loss": val_loss, "val_ppl": math.exp(val_loss), "unigram_loss": unigram_baseline(shard_dir, tok.vocab_size),
