@@ -63,6 +63,19 @@ def reference(shards, tmp_path_factory):
     return out, _final_weights(out / "ref")
 
 
+def _newest_checkpoint(run) -> int:
+    steps = [int(p.name.split("-")[1]) for p in run.glob("ckpt-*") if (p / "train_state.pt").is_file()]
+    return max(steps, default=0)
+
+
+def _logged_step(run) -> int:
+    """The newest step in the run's metrics.jsonl (0 when there is none yet)."""
+    try:
+        return max((r.get("step", 0) for r in read_metrics(run / "metrics.jsonl")), default=0)
+    except (OSError, ValueError):
+        return 0
+
+
 def _wait_for(predicate, proc, timeout=120.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
@@ -85,11 +98,14 @@ def test_sigkill_at_random_moments_and_mid_checkpoint_resumes_exactly(shards, re
     proc.wait()
     assert in_write, "the checkpoint write was never caught in progress"
     kills += 1
-    # trials 1..4: kill after a random delay (some land before the first checkpoint, some later)
+    # trials 1..4: kill at a random step past the resume point plus a random few milliseconds, so the kill
+    # lands mid-step, mid-eval or mid-checkpoint however fast the machine is (wall-clock delays are not).
     for _ in range(4):
+        target = rng.randint(min(_newest_checkpoint(run) + 1, STEPS - 1), STEPS - 1)
         proc = subprocess.Popen(_cmd(shards, out, "crashy"), env=_env(sleep=rng.choice([0.0, 0.05])),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.0, 6.0))
+        _wait_for(lambda target=target: _logged_step(run) >= target, proc)
+        time.sleep(rng.uniform(0.0, 0.05))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

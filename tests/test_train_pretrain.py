@@ -227,15 +227,22 @@ def test_lm_loss_same_through_a_wrapper():
         def __init__(self, inner):
             super().__init__()
             self._orig_mod = inner
+            self.calls = 0
 
-        def forward(self, idx):
-            return self._orig_mod(idx)
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self._orig_mod(*args, **kwargs)
 
     model = Transformer(ModelConfig.preset("llama", "tiny"))
     x = torch.randint(256, (2, 16))
     y = torch.randint(256, (2, 16))
-    bare, wrapped = lm_loss(model, (x, y))[0], lm_loss(Compiled(model), (x, y))[0]
+    wrapper = Compiled(model)
+    bare, wrapped = lm_loss(model, (x, y))[0], lm_loss(wrapper, (x, y))[0]
     torch.testing.assert_close(bare, wrapped, rtol=1e-5, atol=1e-5)
+    assert wrapper.calls == 1  # the loss went through the wrapper's forward (DDP/FSDP hooks live there)
+    logits = model(x)
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    torch.testing.assert_close(bare, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_grad_accumulation_matches_bigger_batch_on_the_transformer(shards, tmp_path):

@@ -218,10 +218,13 @@ class Transformer(nn.Module):
         for block in self.blocks:
             block.attn.impl = impl
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False):
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False,
+                targets: torch.Tensor | None = None, ignore_index: int = -100):
         """idx LongTensor [B, T] -> logits [B, T, vocab] (or the final-normed hidden states [B, T, d_model]).
 
         With `cache`, idx continues each row at cache.pos (see kv_cache.py) and the cache advances by T.
+        With `targets` [B, T], returns the mean next-token cross-entropy instead (see `loss`); going
+        through forward lets DDP/FSDP wrappers see the call.
         """
         B, T = idx.shape
         if cache is None:
@@ -247,6 +250,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.commit(step)
         x = self.norm(x)
+        if targets is not None:
+            return self._cross_entropy(x, targets, ignore_index)
         return x if return_hidden else self.head(x)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -259,7 +264,9 @@ class Transformer(nn.Module):
         Equal to F.cross_entropy(model(idx).flatten(0, 1), targets.flatten()) but computed chunk by chunk
         without the full logits tensor (see loss.py): faster on CPU, lighter on GPU memory.
         """
-        h = self(idx, return_hidden=True)
+        return self(idx, targets=targets, ignore_index=ignore_index)
+
+    def _cross_entropy(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
         if type(self.lm_head) is nn.Linear:
             return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index)
         logits = self.lm_head(h).float()  # a swapped-in head (e.g. quantized): the plain way

@@ -70,13 +70,13 @@ class PretrainConfig:
 def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """Mean next-token cross-entropy (nats/token); the softmax runs in fp32 even under bf16 autocast.
 
-    A bare model with a `loss(idx, targets)` method (the Transformer's chunked head + cross-entropy,
-    which never materialises the [B, T, vocab] logits) uses it. A wrapped model (DDP, torch.compile)
-    must be called through the wrapper, whose forward returns logits, so it takes the plain path.
+    An llmlab Transformer, bare or wrapped (DDP, FSDP2, torch.compile), is called as model(x, targets=y):
+    its chunked head + cross-entropy never materialises the [B, T, vocab] logits, and the call goes
+    through the wrapper's forward. Any other module takes the plain logits path.
     """
     x, y = batch
-    if unwrap(model) is model and hasattr(model, "loss"):
-        return model.loss(x, y), {}
+    if hasattr(unwrap(model), "loss"):
+        return model(x, targets=y), {}
     logits = model(x)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)), {}
 
