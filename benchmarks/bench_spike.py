@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from llmlab.data.loader import TokenLoader
 from llmlab.data.shards import write_shard_dir
+from llmlab.data.synthetic import affine_stream
 from llmlab.model import ModelConfig, Transformer
 from llmlab.train import OptimConfig, TrainConfig, Trainer
 from llmlab.train.faults import CorruptBatches
@@ -29,14 +29,6 @@ from llmlab.train.spike import SpikeConfig, SpikeGuard
 
 V = 64
 
-
-def stream(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    out, x = np.empty(n, dtype=np.int64), 0
-    for i in range(n):
-        x = int(rng.integers(V)) if i % 16 == 0 else (5 * x + 3) % V
-        out[i] = x
-    return out
 
 
 def run(shards: Path, run_dir: Path, steps: int, guard: bool, poison: range | None) -> dict:
@@ -69,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp())
-    write_shard_dir(tmp / "shards", {"train": [stream(30000, 0)], "val": [stream(3000, 2)]}, vocab_size=V,
+    write_shard_dir(tmp / "shards", {"train": [affine_stream(30000, V, 0)], "val": [affine_stream(3000, V, 2)]}, vocab_size=V,
                     extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
     poison = range(args.steps - 15, args.steps - 3)
     clean = run(tmp / "shards", tmp / "clean", args.steps, True, None)

@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-# Tiny test models run fastest on one thread (OpenMP barriers stall on a busy machine), and one thread
-# keeps results independent of the core count.
-torch.set_num_threads(1)
+torch.set_num_threads(1)  # also for module-scoped fixtures, which run before the per-test fixture below
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny test models run fastest on one thread (OpenMP barriers stall on a busy machine), and one
+    thread keeps results independent of the core count. Restored after each test, since code under test
+    (e.g. train.threads) may change it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

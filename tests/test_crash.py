@@ -12,31 +12,23 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from llmlab.data.shards import write_shard_dir
+from llmlab.data.synthetic import affine_stream
 from llmlab.train.metrics import read_metrics
 
 V = 64
 STEPS = 40
 
 
-def _stream(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    out, x = np.empty(n, dtype=np.int64), 0
-    for i in range(n):
-        x = int(rng.integers(V)) if i % 16 == 0 else (5 * x + 3) % V
-        out[i] = x
-    return out
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("crashdata") / "shards"
-    write_shard_dir(out, {"train": [_stream(8000, 0)], "val": [_stream(1000, 2)]}, vocab_size=V,
+    write_shard_dir(out, {"train": [affine_stream(8000, V, 0)], "val": [affine_stream(1000, V, 2)]}, vocab_size=V,
                     extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
     return out
 

@@ -14,16 +14,6 @@ from llmlab.infer import generate, stream
 from llmlab.infer.sampling import filter_logits, next_token, probs_from_logits, sample
 from llmlab.model import ModelConfig, Transformer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a loaded machine each OpenMP barrier can stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 FLAVOURS = {"gpt2": dict(), "llama": dict(n_kv_head=2)}
 
 

@@ -11,15 +11,6 @@ from llmlab.model import ModelConfig, Transformer
 from llmlab.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a loaded machine each OpenMP barrier can stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def checkpoint(tmp_path, small_corpus):
     tok = Tokenizer.train(small_corpus, vocab_size=300, progress=False, workers=1)

@@ -14,16 +14,6 @@ from llmlab.model import ModelConfig, Transformer
 from llmlab.model.numpy_ref import forward as numpy_forward
 from llmlab.model.numpy_ref import numpy_weights
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a loaded machine each OpenMP barrier can stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 FLAVOURS = {
     "gpt2": dict(),
     "llama": dict(n_kv_head=2),  # grouped-query attention: 4 query heads share 2 key/value heads

@@ -12,15 +12,6 @@ from llmlab.errors import CheckpointError
 from llmlab.model import ModelConfig, Transformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a loaded machine each OpenMP barrier can stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(flavour: str, **kw) -> Transformer:
     torch.manual_seed(0)
     return Transformer(ModelConfig.preset(flavour, "tiny", **kw)).eval()

@@ -8,16 +8,6 @@ import torch
 from llmlab.errors import ModelError
 from llmlab.model import KVCache, ModelConfig, Transformer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a loaded machine each OpenMP barrier can stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 FLAVOURS = {"gpt2": dict(), "llama": dict(n_kv_head=2)}
 
 

@@ -22,15 +22,6 @@ from llmlab.infer.speculative import speculative_generate
 from llmlab.model import ModelConfig, Transformer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from two threads, and on a loaded box intra-op threads stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(flavour: str, seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     # Untied head: a tied, sharpened head just repeats the input token, and every draft would agree.

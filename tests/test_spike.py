@@ -11,10 +11,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from llmlab.data.loader import TokenLoader
 from llmlab.data.shards import write_shard_dir
+from llmlab.data.synthetic import affine_stream
 from llmlab.errors import ConfigError
 from llmlab.model import ModelConfig, Transformer
 from llmlab.train import OptimConfig, Rollback, Skip, StepStats, TrainConfig, Trainer
@@ -27,27 +27,12 @@ from llmlab.train.trainer import TrainingDiverged
 V = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _stream(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    out, x = np.empty(n, dtype=np.int64), 0
-    for i in range(n):
-        x = int(rng.integers(V)) if i % 16 == 0 else (5 * x + 3) % V
-        out[i] = x
-    return out
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("spikedata") / "shards"
-    write_shard_dir(out, {"train": [_stream(30000, 0)], "val": [_stream(3000, 2)]}, vocab_size=V,
+    write_shard_dir(out, {"train": [affine_stream(30000, V, 0)], "val": [affine_stream(3000, V, 2)]}, vocab_size=V,
                     extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
     return out
 

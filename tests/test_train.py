@@ -34,15 +34,6 @@ from llmlab.train.plot import plot_run, superseded
 V, T = 32, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second BLAS thread only adds barrier waits, which on a busy machine
-    (descheduled threads) make a step many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Toy(nn.Module):
     """Embedding -> pre-norm residual MLP with dropout -> head, enough to learn a next-token map."""

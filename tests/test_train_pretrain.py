@@ -11,7 +11,6 @@ import json
 import math
 import sys
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 from llmlab.cli import main
 from llmlab.config import load_config
 from llmlab.data.shards import write_shard_dir
+from llmlab.data.synthetic import affine_stream
 from llmlab.errors import ConfigError
 from llmlab.model import ModelConfig, Transformer
 from llmlab.train import param_groups
@@ -28,23 +28,6 @@ from llmlab.train.pretrain import PretrainConfig, run_pretrain
 V = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second BLAS thread only adds barrier waits, which on a busy machine
-    (descheduled threads) make a step many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _stream(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    out, x = np.empty(n, dtype=np.int64), 0
-    for i in range(n):
-        x = int(rng.integers(V)) if i % 16 == 0 else (5 * x + 3) % V
-        out[i] = x
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +36,7 @@ def shards(tmp_path_factory):
     tok = out / "tokenizer"
     tok.mkdir(parents=True)
     (tok / "llmlab.json").write_text('{"fake": true}')
-    write_shard_dir(out, {"train": [_stream(12000, 0), _stream(8000, 1)], "val": [_stream(2000, 2)]},
+    write_shard_dir(out, {"train": [affine_stream(12000, V, 0), affine_stream(8000, V, 1)], "val": [affine_stream(2000, V, 2)]},
                     vocab_size=V, extra={"tokenizer": {"vocab_size": V, "eos_id": None, "copy": "tokenizer"}})
     return out
 
@@ -100,7 +83,7 @@ def test_pretrain_learns_and_writes_a_complete_run(shards, tmp_path):
     ckpt = run / "ckpt-000060"
     assert (ckpt / "tokenizer" / "llmlab.json").read_text() == '{"fake": true}'
     model = Transformer.load(ckpt)
-    x = torch.from_numpy(_stream(33, 7))[None]
+    x = torch.from_numpy(affine_stream(33, V, 7))[None]
     loss = torch.nn.functional.cross_entropy(model(x[:, :-1])[0], x[0, 1:])
     assert loss.item() < 1.6
     assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-000050", "ckpt-000060"]  # keep_last = 2
@@ -173,7 +156,7 @@ def test_bad_input_is_one_line(shards, tmp_path, capsys, monkeypatch):
     _one_line_error(code, err, "tokens_per_step=100", "use train.tokens_per_step=128")
 
     small = tmp_path / "small"
-    write_shard_dir(small, {"train": [_stream(5000, 0)], "val": [_stream(20, 1)]}, vocab_size=V)
+    write_shard_dir(small, {"train": [affine_stream(5000, V, 0)], "val": [affine_stream(20, V, 1)]}, vocab_size=V)
     code, _, err = _cli(capsys, *base, f"data.shards={small}")
     _one_line_error(code, err, "block_size 32", "val split", "has 20")
 
