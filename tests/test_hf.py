@@ -243,7 +243,7 @@ def edited_config(src, dst, **changes):
     ("llama-gqa-untied", dict(model_type="bert"), ModelError, "unknown model_type 'bert'"),
     ("llama-gqa-untied", dict(model_type=None), CheckpointError, "no 'model_type'"),
     ("llama-gqa-untied", dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
-     ModelError, "rope_type='llama3'"),
+     ModelError, "lacks 'low_freq_factor'"),  # llama3 scaling is supported, but needs all its keys
     ("llama-gqa-untied", dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "linear", "factor": 2}),
      ModelError, "rope_scaling.rope_type='linear'"),
     ("llama-gqa-untied", dict(hidden_act="gelu"), ModelError, "hidden_act='gelu'"),

@@ -14,6 +14,11 @@ of d_model later still gets the matching default d_ff.
 `qkv_bias` (None = follow `bias`) exists because Qwen2-style checkpoints put biases on the q/k/v projection
 only; it is not part of either preset.
 
+`rope_scaling` (None = plain RoPE) holds Llama 3.1/3.2's frequency adjustment as the dict Hugging Face stores
+under that name: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+"original_max_position_embeddings"} (Meta, "The Llama 3 Herd of Models", 2024; transformer.rope_inv_freq applies
+it). It is a plain dict so config.json and TOML round-trip it unchanged.
+
 `validate()` raises ModelError naming the key and the fix; Transformer() calls it, so configs built field by
 field (TOML + key=value overrides) are checked once, when they are complete.
 """
@@ -47,6 +52,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     qkv_bias: bool | None = None  # None -> bias; True with bias=False is the Qwen2 layout
+    rope_scaling: dict[str, Any] | None = None  # None -> plain RoPE; else {"rope_type": "llama3", ...}, see above
 
     # ----- resolved values -----
     @property
@@ -92,6 +98,8 @@ class ModelConfig:
                              "change d_model or n_head")
         if self.position == "rope" and not self.rope_theta > 0:
             raise ModelError(f"model config: rope_theta={self.rope_theta} must be > 0 (Llama uses 10000 or 500000)")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling, self.position)
         if not self.norm_eps > 0:
             raise ModelError(f"model config: norm_eps={self.norm_eps} must be > 0 (e.g. 1e-5)")
         if not 0.0 <= self.dropout < 1.0:
@@ -134,6 +142,40 @@ SIZES: dict[str, dict[str, Any]] = {
     "gpt2-124M": dict(vocab_size=50257, n_layer=12, n_head=12, d_model=768, block_size=1024),
     "gpt2-350M": dict(vocab_size=50257, n_layer=24, n_head=16, d_model=1024, block_size=1024),
 }
+
+
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _check_rope_scaling(scaling: Any, position: str) -> None:
+    """rope_scaling must be the llama3 dict with its four positive numbers (low_freq_factor < high_freq_factor)."""
+    example = ('rope_scaling = {rope_type = "llama3", factor = 32.0, low_freq_factor = 1.0, '
+               'high_freq_factor = 4.0, original_max_position_embeddings = 8192}')
+    if position != "rope":
+        raise ModelError(f"model config: rope_scaling is set but position={position!r}; set position='rope' or "
+                         "remove rope_scaling")
+    if not isinstance(scaling, dict):
+        raise ModelError(f"model config: rope_scaling={scaling!r} must be a table like {example}")
+    kind = scaling.get("rope_type")
+    if kind != "llama3":
+        raise ModelError(f"model config: rope_scaling.rope_type={kind!r} is not supported; llmlab implements "
+                         "'llama3' only (remove rope_scaling for plain RoPE)")
+    extra = sorted(set(scaling) - {"rope_type", *LLAMA3_SCALING_KEYS})
+    if extra:
+        raise ModelError(f"model config: rope_scaling has unknown key {extra[0]!r}; "
+                         f"{_hint(extra[0], LLAMA3_SCALING_KEYS)}")
+    for key in LLAMA3_SCALING_KEYS:
+        value = scaling.get(key)
+        if value is None:
+            raise ModelError(f"model config: rope_scaling lacks {key!r}; llama3 scaling needs all of "
+                             f"{', '.join(LLAMA3_SCALING_KEYS)}, e.g. {example}")
+        if key == "original_max_position_embeddings":
+            _positive(f"rope_scaling.{key}", value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ModelError(f"model config: rope_scaling.{key}={value!r} must be a positive number")
+    if not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        raise ModelError(f"model config: rope_scaling.low_freq_factor={scaling['low_freq_factor']} must be below "
+                         f"high_freq_factor={scaling['high_freq_factor']} (Llama 3.1 uses 1.0 and 4.0)")
 
 
 def _positive(key: str, value: Any) -> None:

@@ -5,12 +5,12 @@
     model, _ = load_hf("gpt2-dir", dtype="bf16", tokenizer=False)
     save_hf(model, "out-dir", tokenizer=tok)            # AutoModelForCausalLM / AutoTokenizer load it offline
 
-Supported (model_type in config.json): gpt2, llama, mistral and qwen2, which covers GPT-2, Llama 1/2/3 without
-rope scaling, TinyLlama, SmolLM (tied embeddings), Mistral without a sliding window in use and Qwen2/2.5
+Supported (model_type in config.json): gpt2, llama, mistral and qwen2, which covers GPT-2, Llama 1/2/3, Llama 3.1/3.2
+(their "llama3" rope scaling is reproduced), TinyLlama, SmolLM (tied embeddings), Mistral without a sliding window in use and Qwen2/2.5
 (biases on q/k/v only). Tokenizers come through Tokenizer.from_hf, which reads byte-level BPE (GPT-2, SmolLM,
 Llama 3, Qwen2); the SentencePiece-style tokenizer.json of Llama 2 / TinyLlama / Mistral is refused there, so
-import those with tokenizer=False (`--no-tokenizer`). Anything the Transformer cannot reproduce exactly -- rope scaling, sliding windows in
-use, mixture-of-experts, other activations, a head_dim that is not hidden_size/num_heads, unknown model types --
+import those with tokenizer=False (`--no-tokenizer`). Anything the Transformer cannot reproduce exactly -- other rope scaling types (linear,
+dynamic, yarn, longrope), sliding windows in use, mixture-of-experts, other activations, a head_dim that is not hidden_size/num_heads, unknown model types --
 is refused with a ModelError naming the key, never loaded approximately. Missing, extra or mis-shaped tensors
 raise a CheckpointError naming the tensor and the shape config.json implies.
 
@@ -48,7 +48,7 @@ import torch
 
 from llmlab.errors import CheckpointError, ConfigError, ModelError, TokenizerError
 from llmlab.fsutil import atomic_dir
-from llmlab.model.config import ModelConfig
+from llmlab.model.config import LLAMA3_SCALING_KEYS, ModelConfig
 from llmlab.model.hf_files import PT_BIN, SAFETENSORS, HFWeights, Scratch, write_safetensors
 from llmlab.model.transformer import Transformer
 
@@ -177,7 +177,7 @@ def _llama_config(hf: dict, source: str) -> ModelConfig:
         raise _refuse(source, "head_dim", head_dim, f"llmlab needs head_dim = hidden_size / num_attention_heads "
                                                     f"= {d // n_head}")
     block_size = _need(hf, "max_position_embeddings", source)
-    _check_rope(hf, source)
+    scaling = _rope_scaling(hf, source)
     _check_sliding_window(hf, source, block_size)
     bias, qkv_bias = _llama_biases(hf, source)
     rope = hf.get("rope_parameters") or {}
@@ -185,7 +185,8 @@ def _llama_config(hf: dict, source: str) -> ModelConfig:
         vocab_size=_need(hf, "vocab_size", source), n_layer=_need(hf, "num_hidden_layers", source),
         n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d,
         d_ff=_need(hf, "intermediate_size", source), block_size=block_size, position="rope",
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm="rmsnorm",
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), rope_scaling=scaling,
+        norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", bias=bias, qkv_bias=qkv_bias,
         # transformers' own default when the key is absent: untied for all three Llama-family classes.
         tie_embeddings=hf.get("tie_word_embeddings", False),
@@ -204,9 +205,14 @@ def _llama_biases(hf: dict, source: str) -> tuple[bool, bool | None]:
     return attention_bias, None
 
 
-def _check_rope(hf: dict, source: str) -> None:
-    """Only plain RoPE is reproduced; every scaling variant (linear, dynamic, yarn, llama3, longrope) changes the
-    frequencies and is refused rather than silently ignored."""
+def _rope_scaling(hf: dict, source: str) -> dict[str, Any] | None:
+    """ModelConfig.rope_scaling for the file's RoPE: None for plain RoPE, the llama3 dict for Llama 3.1/3.2.
+
+    transformers 4.x writes the scaling as `rope_scaling` (rope_type, or the older `type`) beside a top-level
+    rope_theta; 5.x writes `rope_parameters`, which also holds rope_theta. Every other scaling type (linear,
+    dynamic, yarn, longrope) changes the frequencies differently and is refused rather than silently ignored;
+    so are two keys that disagree."""
+    found: dict[str, dict[str, Any] | None] = {}
     for key in ("rope_scaling", "rope_parameters"):
         params = hf.get(key)
         if not params:
@@ -214,12 +220,30 @@ def _check_rope(hf: dict, source: str) -> None:
         if not isinstance(params, dict):
             raise _refuse(source, key, params, "expected a JSON object")
         kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise _refuse(source, f"{key}.rope_type", kind, "llmlab implements plain RoPE only; scaled variants "
-                                                             "change the rotary frequencies")
+        if kind not in ("default", "llama3"):
+            raise _refuse(source, f"{key}.rope_type", kind, "llmlab implements plain RoPE and 'llama3' scaling only; "
+                                                             "other scaled variants change the rotary frequencies")
         factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         if factor != 1.0:
             raise _refuse(source, "partial_rotary_factor", factor, "llmlab rotates the whole head")
+        found[key] = None if kind == "default" else _llama3_params(params, key, source)
+    kinds = list(found.values())
+    if len(kinds) == 2 and kinds[0] != kinds[1]:
+        raise ModelError(f"{source}: rope_scaling and rope_parameters disagree ({kinds[0]} vs {kinds[1]}); "
+                         "keep one of them (or make them equal) in config.json")
+    return kinds[0] if kinds else None
+
+
+def _llama3_params(params: dict, key: str, source: str) -> dict[str, Any]:
+    missing = [k for k in LLAMA3_SCALING_KEYS if k not in params]
+    if missing:
+        raise ModelError(f"{source}: {key} has rope_type 'llama3' but lacks {missing[0]!r}; llama3 scaling needs "
+                         f"{', '.join(LLAMA3_SCALING_KEYS)} (re-save the model with transformers)")
+    values = {k: params[k] for k in LLAMA3_SCALING_KEYS}
+    for k in ("factor", "low_freq_factor", "high_freq_factor"):  # JSON may write 8 for 8.0
+        if isinstance(values[k], int) and not isinstance(values[k], bool):
+            values[k] = float(values[k])
+    return {"rope_type": "llama3", **values}  # ModelConfig.validate checks the numbers
 
 
 def _check_sliding_window(hf: dict, source: str, block_size: int) -> None:
@@ -263,13 +287,19 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, specials: dict[str, int |
            "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_dim, "max_position_embeddings": cfg.block_size,
            "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_dropout": cfg.dropout,
            # rope_theta/rope_scaling for transformers 4.x, rope_parameters for 5.x.
-           "rope_theta": cfg.rope_theta, "rope_scaling": None,
-           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, **common}
+           "rope_theta": cfg.rope_theta, "rope_scaling": _hf_rope_scaling(cfg),
+           "rope_parameters": {**(_hf_rope_scaling(cfg) or {"rope_type": "default"}), "rope_theta": cfg.rope_theta},
+           **common}
     if qwen2:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
     else:
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     return out
+
+
+def _hf_rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
+    """config.rope_scaling as transformers writes it (a fresh dict each call), or None for plain RoPE."""
+    return None if cfg.rope_scaling is None else dict(cfg.rope_scaling)
 
 
 def hf_model_type(cfg: ModelConfig) -> str:

@@ -49,10 +49,32 @@ def linear(x, W, b=None):
     return y if b is None else y + b
 
 
-def rope(x, theta):
-    """Rotate pairs (i, i + d/2) of each head by angle pos * theta^(-2i/d) (HF Llama layout). x [B, H, T, d]."""
+def llama3_scale(inv_freq, scaling: dict):
+    """Llama 3.1's frequency adjustment (Meta, "The Llama 3 Herd of Models", 2024), written case by case:
+    wavelengths above L/low_freq_factor are slowed by `factor`, those below L/high_freq_factor kept, and those in
+    between blended with smooth = (L/wavelength - low) / (high - low), L = original_max_position_embeddings."""
+    L, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    out = np.empty_like(inv_freq)
+    for i, f in enumerate(inv_freq):
+        wavelen = 2 * math.pi / f
+        if wavelen < L / high:
+            out[i] = f
+        elif wavelen > L / low:
+            out[i] = f / factor
+        else:
+            smooth = (L / wavelen - low) / (high - low)
+            out[i] = (1 - smooth) * f / factor + smooth * f
+    return out
+
+
+def rope(x, theta, scaling: dict | None = None):
+    """Rotate pairs (i, i + d/2) of each head by angle pos * theta^(-2i/d) (HF Llama layout), the frequencies
+    adjusted by llama3 `scaling` when given. x [B, H, T, d]."""
     T, d = x.shape[-2], x.shape[-1]
     inv_freq = theta ** (-np.arange(0, d, 2) / d)
+    if scaling is not None:
+        inv_freq = llama3_scale(inv_freq, scaling)
     ang = np.arange(T)[:, None] * inv_freq[None, :]  # [T, d/2]
     cos, sin = np.cos(ang), np.sin(ang)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
@@ -74,7 +96,7 @@ def attention(x, W: dict, prefix: str, cfg: ModelConfig):
     k = k.reshape(B, T, KV, hd).transpose(0, 2, 1, 3)
     v = v.reshape(B, T, KV, hd).transpose(0, 2, 1, 3)
     if cfg.position == "rope":
-        q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
+        q, k = rope(q, cfg.rope_theta, cfg.rope_scaling), rope(k, cfg.rope_theta, cfg.rope_scaling)
     group = H // KV  # query head h uses key/value head h // group
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)  # [B, H, T, T]

@@ -56,11 +56,32 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
     minus sign lives in the table, which saves two ops per step.
     """
     hd = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+    inv_freq = rope_inv_freq(cfg, device)
     angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     sign = torch.cat([-torch.ones(hd // 2, device=device), torch.ones(hd // 2, device=device)])
     return angles.cos(), angles.sin() * sign
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """The head_dim/2 rotary frequencies theta^(-2i/d) (Su et al. 2021), with Llama 3.1's scaling when configured.
+
+    Llama 3.1 context extension (Meta, "The Llama 3 Herd of Models", 2024, and the Llama 3.1 model card): with
+    L = original_max_position_embeddings, a frequency whose wavelength 2*pi/f is longer than L/low_freq_factor
+    is divided by `factor`, one shorter than L/high_freq_factor is kept, and in between the two are blended with
+    weight smooth = (L/wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor):
+    f' = (1 - smooth) * f/factor + smooth * f. The blend equals f/factor at smooth = 0 and f at smooth = 1, so
+    clamping smooth to [0, 1] covers all three ranges in one expression.
+    """
+    hd = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((scaling["original_max_position_embeddings"] / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / scaling["factor"] + smooth * inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
