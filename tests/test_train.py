@@ -465,3 +465,23 @@ def test_tensorboard_scalars_match_metrics(tmp_path):
         assert [e.step for e in events] == [1, 2, 3, 4]
         assert [e.value for e in events] == pytest.approx([r[key] for r in records], rel=1e-6)
     assert [(e.step, e.value) for e in acc.Scalars("train/val_loss")] == [(2, 2.0), (4, 1.5)]
+
+
+def test_ranks_agree_on_stopping(tmp_path, monkeypatch):
+    """Under DDP a stop seen by any rank (SIGTERM, time cap) must stop every rank at the same step."""
+    import torch.distributed as dist
+
+    t = make_trainer(tmp_path, steps=50)
+    t.world_size = 2  # pretend another rank exists whose flags are (time_up=False, should_stop=True)
+
+    def all_reduce(values, op):
+        assert op == dist.ReduceOp.MAX
+        values.copy_(torch.maximum(values, torch.tensor([0, 1])))
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(t, "_mean_over_ranks", lambda v: v)
+    assert t._agree(False, False) == (False, True)
+    assert t._agree(True, False) == (True, True)
+    t.fit()
+    assert t.step == 1  # the other rank's stop ended this rank's run after its first step, with a checkpoint
+    assert (tmp_path / "ckpt-000001").is_dir()

@@ -230,6 +230,16 @@ class Trainer:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
+    def _agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag true on every rank if it is true on any. A SIGTERM or a time cap reaches ranks at
+        different moments; if they disagreed on stopping, one would wait in a collective the others never
+        enter. One tiny all-reduce per step (only when distributed) keeps them in step."""
+        if self.world_size == 1:
+            return flags
+        values = torch.tensor([int(f) for f in flags], device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in values.tolist())
+
     def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
@@ -339,7 +349,10 @@ class Trainer:
                 continue
             bar.update(1)
             done = self.step >= max_steps
-            if not done and self.cfg.max_minutes and time.perf_counter() - started > 60 * self.cfg.max_minutes:
+            time_up = bool(not done and self.cfg.max_minutes
+                           and time.perf_counter() - started > 60 * self.cfg.max_minutes)
+            time_up, self.should_stop = self._agree(time_up, self.should_stop)
+            if time_up:
                 # A time cap ends the run like the last step would (eval + checkpoint); the LR schedule
                 # is not stretched, so resuming later continues exactly where this stopped.
                 self._events.append({"type": "time_limit", "minutes": self.cfg.max_minutes})
