@@ -8,22 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from llmlab.cli import main
+from helpers import assert_one_line_error, run_cli
 from llmlab.data.shards import describe_shards, write_shard_dir
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("llmlab: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture
@@ -36,18 +22,18 @@ def shard_dir(tmp_path):
 
 def test_prepare_missing_source(tmp_path, capsys):
     out = tmp_path / "out"
-    code, _, err = _run(capsys, "data", "prepare", str(tmp_path / "missing.txt"), "--tokenizer",
+    code, _, err = run_cli(capsys, "data", "prepare", str(tmp_path / "missing.txt"), "--tokenizer",
                         str(tmp_path / "tok"), "--out", str(out))
-    _assert_one_line_error(code, err, "missing.txt does not exist", "check the path")
+    assert_one_line_error(code, err, "missing.txt does not exist", "check the path")
     assert not out.exists()
 
 
 def test_prepare_empty_file(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     out = tmp_path / "out"
-    code, _, err = _run(capsys, "data", "prepare", str(tmp_path / "empty.txt"), "--tokenizer",
+    code, _, err = run_cli(capsys, "data", "prepare", str(tmp_path / "empty.txt"), "--tokenizer",
                         str(tmp_path / "tok"), "--out", str(out))
-    _assert_one_line_error(code, err, "empty.txt is empty")
+    assert_one_line_error(code, err, "empty.txt is empty")
     assert not out.exists()
 
 
@@ -55,29 +41,29 @@ def test_prepare_empty_corpus(tmp_path, capsys):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.jsonl").write_text('{"text": ""}\n')
     out = tmp_path / "out"
-    code, _, err = _run(capsys, "data", "prepare", str(tmp_path / "corpus"), "--tokenizer",
+    code, _, err = run_cli(capsys, "data", "prepare", str(tmp_path / "corpus"), "--tokenizer",
                         str(tmp_path / "tok"), "--out", str(out))
-    _assert_one_line_error(code, err, "corpus is empty")
+    assert_one_line_error(code, err, "corpus is empty")
     assert not out.exists()
 
 
 def test_prepare_missing_tokenizer(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("some text")
     out = tmp_path / "out"
-    code, _, err = _run(capsys, "data", "prepare", str(tmp_path / "a.txt"), "--tokenizer",
+    code, _, err = run_cli(capsys, "data", "prepare", str(tmp_path / "a.txt"), "--tokenizer",
                         str(tmp_path / "tok"), "--out", str(out))
-    _assert_one_line_error(code, err, "tokenizer directory", "llmlab tokenizer train")
+    assert_one_line_error(code, err, "tokenizer directory", "llmlab tokenizer train")
     assert not out.exists()
 
 
 def test_info_table_and_json(shard_dir, capsys):
-    code, out, _ = _run(capsys, "data", "info", str(shard_dir))
+    code, out, _ = run_cli(capsys, "data", "info", str(shard_dir))
     assert code == 0
     assert "vocab 300" in out and "uint16" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert rows["train"][1:3] == ["2", "1,500"] and rows["val"][1:3] == ["1", "200"]
     assert rows["total"][1:3] == ["3", "1,700"]
-    code, out, _ = _run(capsys, "data", "info", str(shard_dir), "--json")
+    code, out, _ = run_cli(capsys, "data", "info", str(shard_dir), "--json")
     info = json.loads(out)
     assert info == json.loads(json.dumps(describe_shards(shard_dir)))
     assert info["splits"]["train"]["tokens"] == 1500 and info["tokens"] == 1700
@@ -93,21 +79,21 @@ def test_info_table_and_json(shard_dir, capsys):
 def test_info_on_damaged_shard(shard_dir, capsys, damage, fragment):
     path = shard_dir / "train_00001.bin"
     path.write_bytes(damage(path.read_bytes()))
-    code, out, err = _run(capsys, "data", "info", str(shard_dir))
-    _assert_one_line_error(code, err, "train_00001.bin", fragment, "llmlab data prepare")
+    code, out, err = run_cli(capsys, "data", "info", str(shard_dir))
+    assert_one_line_error(code, err, "train_00001.bin", fragment, "llmlab data prepare")
     assert out == ""
 
 
 def test_info_on_unprepared_dir(tmp_path, capsys):
     (tmp_path / "half").mkdir()
-    code, _, err = _run(capsys, "data", "info", str(tmp_path / "half"))
-    _assert_one_line_error(code, err, "no meta.json", "re-run `llmlab data prepare")
-    code, _, err = _run(capsys, "data", "info", str(tmp_path / "absent"))
-    _assert_one_line_error(code, err, "does not exist")
+    code, _, err = run_cli(capsys, "data", "info", str(tmp_path / "half"))
+    assert_one_line_error(code, err, "no meta.json", "re-run `llmlab data prepare")
+    code, _, err = run_cli(capsys, "data", "info", str(tmp_path / "absent"))
+    assert_one_line_error(code, err, "does not exist")
 
 
 def test_data_without_action_prints_help(capsys):
-    code, out, _ = _run(capsys, "data")
+    code, out, _ = run_cli(capsys, "data")
     assert code == 2 and "prepare" in out and "info" in out
 
 
@@ -130,7 +116,7 @@ def test_prepare_end_to_end_with_the_real_tokenizer(tmp_path, capsys):
     tok = Tokenizer.train(docs, vocab_size=400, progress=False)
     tok.save(tmp_path / "tok")
     out = tmp_path / "shards"
-    code, stdout, err = _run(capsys, "data", "prepare", str(corpus), "--tokenizer", str(tmp_path / "tok"),
+    code, stdout, err = run_cli(capsys, "data", "prepare", str(corpus), "--tokenizer", str(tmp_path / "tok"),
                              "--out", str(out), "--val-fraction", "0.25", "--workers", "2", "--no-progress")
     assert code == 0, err
     assert "tokens (uint16) from 16 documents" in stdout
@@ -147,5 +133,5 @@ def test_prepare_end_to_end_with_the_real_tokenizer(tmp_path, capsys):
     assert Tokenizer.load(out / "tokenizer").encode("fox") == tok.encode("fox")
     x, y = TokenLoader(out, block_size=32, batch_size=4).next_batch()
     assert x.shape == (4, 32) and int(x.max()) < tok.vocab_size
-    code, stdout, _ = _run(capsys, "data", "info", str(out))
+    code, stdout, _ = run_cli(capsys, "data", "info", str(out))
     assert code == 0 and f"{meta['tokens']:,}" in stdout

@@ -12,6 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import assert_same_as_hf  # noqa: E402
 from llmlab.cli import main  # noqa: E402
 from llmlab.errors import CheckpointError, ModelError  # noqa: E402
 from llmlab.infer import generate  # noqa: E402
@@ -68,25 +69,6 @@ def hf_dirs(tmp_path_factory):
     return {name: (root / name, make_hf(name, root / name)) for name in hf_models()}
 
 
-def hf_greedy(model, prompt, n: int) -> list[list[int]]:
-    ids = torch.tensor(prompt)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out.tolist()
-
-
-def assert_same_model(ours: Transformer, theirs) -> None:
-    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = theirs(ids).logits
-        got = ours(ids)
-    assert got.shape == expected.shape
-    assert expected.std() > 0.1  # meaningful logits, not all ~0
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    assert generate(ours, PROMPT, 16, temperature=0).tolist() == hf_greedy(theirs, PROMPT, 16)
-
-
 # ----- import -----
 
 @pytest.mark.parametrize("name", list(hf_models()))
@@ -104,7 +86,7 @@ def test_import_matches_transformers(hf_dirs, name):
     if name == "llama-gqa-untied":
         assert cfg.kv_heads == 2 and cfg.rope_theta == 50000.0 and not cfg.tie_embeddings
         assert (directory / "model.safetensors.index.json").is_file()  # really sharded
-    assert_same_model(model, reference)
+    assert_same_as_hf(model, reference, V, T, PROMPT, 16)
 
 
 def test_sharded_pytorch_bin_loads(hf_dirs, tmp_path):
@@ -118,7 +100,7 @@ def test_sharded_pytorch_bin_loads(hf_dirs, tmp_path):
     weight_map = {k: file for file, keys in shards.items() for k in keys}
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     model, _ = load_hf(tmp_path)
-    assert_same_model(model, reference)
+    assert_same_as_hf(model, reference, V, T, PROMPT, 16)
 
 
 def test_unprefixed_gpt2_with_mask_buffers_loads(hf_dirs, tmp_path):
@@ -131,7 +113,7 @@ def test_unprefixed_gpt2_with_mask_buffers_loads(hf_dirs, tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
     model, _ = load_hf(tmp_path)
-    assert_same_model(model, reference)
+    assert_same_as_hf(model, reference, V, T, PROMPT, 16)
 
 
 def test_dtype_kept_or_converted(hf_dirs, tmp_path):
@@ -178,7 +160,7 @@ def test_export_loads_in_transformers(name, tmp_path):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(theirs).__name__ == EXPECTED_CLASS.get(name, "LlamaForCausalLM")
     assert theirs.dtype == torch.float32
-    assert_same_model(model, theirs)
+    assert_same_as_hf(model, theirs, V, T, PROMPT, 16)
     back, _ = load_hf(tmp_path / "hf")  # and the round trip is exact
     ids = torch.tensor(PROMPT)
     with torch.no_grad():
@@ -214,7 +196,7 @@ def test_cli_import_then_export_round_trip(hf_dirs, tmp_path, capsys):
     assert main(["import-hf", str(directory), str(tmp_path / "ckpt")]) == 0
     assert "imported llama model" in capsys.readouterr().out
     model = Transformer.load(tmp_path / "ckpt")
-    assert_same_model(model, reference)
+    assert_same_as_hf(model, reference, V, T, PROMPT, 16)
     assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--dtype", "bf16"]) == 0
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert theirs.dtype == torch.bfloat16
@@ -264,7 +246,7 @@ def test_unsupported_configs_are_refused(hf_dirs, tmp_path, name, changes, error
 
 def test_sliding_window_not_shorter_than_context_is_accepted(hf_dirs, tmp_path):
     directory = edited_config(hf_dirs["mistral"][0], tmp_path / "m", sliding_window=64)
-    assert_same_model(load_hf(directory)[0], hf_dirs["mistral"][1])
+    assert_same_as_hf(load_hf(directory)[0], hf_dirs["mistral"][1], V, T, PROMPT, 16)
 
 
 def test_tensor_problems_name_the_tensor_and_shape(hf_dirs, tmp_path):

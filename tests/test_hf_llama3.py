@@ -14,10 +14,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import assert_same_as_hf  # noqa: E402
 from llmlab.cli import main  # noqa: E402
 from llmlab.config import load_config, to_toml  # noqa: E402
 from llmlab.errors import ModelError  # noqa: E402
-from llmlab.infer import generate  # noqa: E402
 from llmlab.model import ModelConfig, Transformer  # noqa: E402
 from llmlab.model.hf import load_hf, save_hf  # noqa: E402
 from llmlab.model.numpy_ref import forward as numpy_forward  # noqa: E402
@@ -37,23 +37,6 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.15 * noise)
-
-
-def hf_greedy(model, prompt, n: int) -> list[list[int]]:
-    ids = torch.tensor(prompt)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out.tolist()
-
-
-def assert_same_model(ours: Transformer, theirs) -> None:
-    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected, got = theirs(ids).logits, ours(ids)
-    assert expected.std() > 0.1
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    assert generate(ours, PROMPT, NEW, temperature=0).tolist() == hf_greedy(theirs, PROMPT, NEW)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +71,7 @@ def test_import_matches_transformers_past_original_context(hf_llama3):
     assert saved["rope_parameters"]["rope_type"] == "llama3"  # the transformers 5 form
     model, _ = load_hf(directory)
     assert model.config.rope_scaling == SCALING and model.config.rope_theta == 10000.0
-    assert_same_model(model, reference)
+    assert_same_as_hf(model, reference, V, T, PROMPT, NEW)
     plain = Transformer(ModelConfig(**{**vars(model.config), "rope_scaling": None})).eval()
     plain.load_state_dict(model.state_dict())
     ids = torch.tensor(PROMPT)
@@ -108,7 +91,7 @@ def test_import_transformers4_rope_scaling_form(hf_llama3, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     model, _ = load_hf(tmp_path / "m")
     assert model.config.rope_scaling == SCALING
-    assert_same_model(model, reference)
+    assert_same_as_hf(model, reference, V, T, PROMPT, NEW)
 
 
 def test_export_reloads_identically_in_transformers(tmp_path):
@@ -120,7 +103,7 @@ def test_export_reloads_identically_in_transformers(tmp_path):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     params = theirs.config.rope_parameters
     assert {k: params[k] for k in SCALING} == SCALING and params["rope_theta"] == 10000.0
-    assert_same_model(model, theirs)
+    assert_same_as_hf(model, theirs, V, T, PROMPT, NEW)
     back, _ = load_hf(tmp_path / "hf")
     assert back.config.rope_scaling == SCALING and back.config.rope_theta == model.config.rope_theta
     ids = torch.tensor(PROMPT)
@@ -133,7 +116,7 @@ def test_cli_import_keeps_scaling_in_checkpoint_and_toml(hf_llama3, tmp_path, ca
     assert main(["import-hf", str(directory), str(tmp_path / "ckpt")]) == 0
     model = Transformer.load(tmp_path / "ckpt")
     assert model.config.rope_scaling == SCALING
-    assert_same_model(model, reference)
+    assert_same_as_hf(model, reference, V, T, PROMPT, NEW)
     (tmp_path / "model.toml").write_text(to_toml(model.config))
     assert load_config(ModelConfig, tmp_path / "model.toml").validate() == model.config
 

@@ -9,25 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from llmlab.cli import main
+from helpers import assert_one_line_error, run_cli
 from llmlab.data.shards import write_shard_dir
 from llmlab.errors import ConfigError, DataError
 from llmlab.infer.quant.calib import calibration_tokens
 from llmlab.model import ModelConfig, Transformer
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("llmlab: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +42,7 @@ def setup(tmp_path_factory):
 def test_quantize_and_eval_ppl(setup, capsys, tmp_path):
     shards, ckpt = setup / "shards", setup / "ckpt"
     out = tmp_path / "int4"
-    code, stdout, _ = _run(capsys, "quantize", ckpt, "--out", out, "--method", "gptq", "--bits", 4, "--group-size",
+    code, stdout, _ = run_cli(capsys, "quantize", ckpt, "--out", out, "--method", "gptq", "--bits", 4, "--group-size",
                            32, "--calib", shards, "--calib-samples", 16, "--calib-len", 32)
     assert code == 0
     summary = json.loads(stdout)
@@ -64,13 +50,13 @@ def test_quantize_and_eval_ppl(setup, capsys, tmp_path):
     assert summary["calibration"] == {"samples": 16, "seq_len": 32}
     assert Transformer.load(out).quantization["method"] == "gptq"
 
-    code, stdout, _ = _run(capsys, "eval", "ppl", ckpt, out, "--data", shards, "--json")
+    code, stdout, _ = run_cli(capsys, "eval", "ppl", ckpt, out, "--data", shards, "--json")
     assert code == 0
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert [r["quantization"] is None for r in rows] == [True, False]
     assert rows[0]["tokens"] == rows[1]["tokens"] > 0
     assert 1.0 < rows[0]["ppl"] < 256 and rows[1]["ppl"] < 1.5 * rows[0]["ppl"]
-    code, stdout, _ = _run(capsys, "eval", "ppl", ckpt, out, "--data", shards)
+    code, stdout, _ = run_cli(capsys, "eval", "ppl", ckpt, out, "--data", shards)
     assert code == 0 and "gptq int4 g32" in stdout and "full precision" in stdout
 
 
@@ -84,18 +70,18 @@ def test_quantize_and_eval_ppl(setup, capsys, tmp_path):
 ])
 def test_quantize_bad_input(setup, capsys, tmp_path, args, fragments):
     out = tmp_path / "q"
-    code, _, err = _run(capsys, "quantize", setup / "ckpt", "--out", out, "--calib", setup / "shards", *args)
-    _assert_one_line_error(code, err, *fragments)
+    code, _, err = run_cli(capsys, "quantize", setup / "ckpt", "--out", out, "--calib", setup / "shards", *args)
+    assert_one_line_error(code, err, *fragments)
     assert not out.exists()
 
 
 def test_quantize_refuses_existing_output_and_missing_checkpoint(setup, capsys, tmp_path):
-    code, _, err = _run(capsys, "quantize", setup / "ckpt", "--out", setup / "ckpt")
-    _assert_one_line_error(code, err, "already exists")
-    code, _, err = _run(capsys, "quantize", tmp_path / "nope", "--out", tmp_path / "q")
-    _assert_one_line_error(code, err, "does not exist")
-    code, _, err = _run(capsys, "eval", "ppl", setup / "ckpt", "--data", tmp_path / "none")
-    _assert_one_line_error(code, err, "does not exist")
+    code, _, err = run_cli(capsys, "quantize", setup / "ckpt", "--out", setup / "ckpt")
+    assert_one_line_error(code, err, "already exists")
+    code, _, err = run_cli(capsys, "quantize", tmp_path / "nope", "--out", tmp_path / "q")
+    assert_one_line_error(code, err, "does not exist")
+    code, _, err = run_cli(capsys, "eval", "ppl", setup / "ckpt", "--data", tmp_path / "none")
+    assert_one_line_error(code, err, "does not exist")
 
 
 def test_calibration_tokens(setup, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmlab.cli import main
+from helpers import assert_one_line_error, run_cli
 from llmlab.config import load_config
 from llmlab.data.shards import write_shard_dir
 from llmlab.data.synthetic import affine_stream
@@ -45,20 +45,6 @@ def _cfg(shards, tmp_path, *overrides):
     base = [f"data.shards={shards}", f"train.out_dir={tmp_path / 'runs'}", "train.progress=false",
             "train.plot=false", "train.peak_flops=1e11"]
     return load_config(PretrainConfig, "configs/tiny.toml", base + list(overrides))
-
-
-def _cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("llmlab: error: "), err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 # ------------------------------------------------------------------ learning and the run directory
@@ -112,9 +98,9 @@ def test_cli_resume_auto_continues_the_run(shards, tmp_path, capsys):
     args = ["pretrain", "--config", "configs/tiny.toml", f"data.shards={shards}",
             f"train.out_dir={tmp_path / 'runs'}", "train.progress=false", "train.plot=false",
             "optim.max_steps=8", "train.ckpt_every=4"]
-    code, out, _ = _cli(capsys, *args)
+    code, out, _ = run_cli(capsys, *args)
     assert code == 0 and json.loads(out)["step"] == 8
-    code, out, _ = _cli(capsys, *args[:-2], "optim.max_steps=10", "train.ckpt_every=4", "--resume", "auto")
+    code, out, _ = run_cli(capsys, *args[:-2], "optim.max_steps=10", "train.ckpt_every=4", "--resume", "auto")
     assert code == 0 and json.loads(out)["step"] == 10
     steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "tiny" / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 11))
@@ -146,48 +132,48 @@ def test_vocab_size_defaults_from_shards_and_mismatch_is_an_error(shards, tmp_pa
 def test_bad_input_is_one_line(shards, tmp_path, capsys, monkeypatch):
     base = ["pretrain", "--config", "configs/tiny.toml", f"train.out_dir={tmp_path / 'runs'}",
             "train.progress=false", "train.plot=false"]
-    code, _, err = _cli(capsys, *base, f"data.shards={tmp_path / 'nope'}")
-    _one_line_error(code, err, "nope", "does not exist", "llmlab data prepare")
+    code, _, err = run_cli(capsys, *base, f"data.shards={tmp_path / 'nope'}")
+    assert_one_line_error(code, err, "nope", "does not exist", "llmlab data prepare")
 
-    code, _, err = _cli(capsys, *base, f"data.shards={shards}", "optim.lrr=1")
-    _one_line_error(code, err, "optim.lrr", "did you mean 'lr'")
+    code, _, err = run_cli(capsys, *base, f"data.shards={shards}", "optim.lrr=1")
+    assert_one_line_error(code, err, "optim.lrr", "did you mean 'lr'")
 
-    code, _, err = _cli(capsys, *base, f"data.shards={shards}", "train.tokens_per_step=100")
-    _one_line_error(code, err, "tokens_per_step=100", "use train.tokens_per_step=128")
+    code, _, err = run_cli(capsys, *base, f"data.shards={shards}", "train.tokens_per_step=100")
+    assert_one_line_error(code, err, "tokens_per_step=100", "use train.tokens_per_step=128")
 
     small = tmp_path / "small"
     write_shard_dir(small, {"train": [affine_stream(5000, V, 0)], "val": [affine_stream(20, V, 1)]}, vocab_size=V)
-    code, _, err = _cli(capsys, *base, f"data.shards={small}")
-    _one_line_error(code, err, "block_size 32", "val split", "has 20")
+    code, _, err = run_cli(capsys, *base, f"data.shards={small}")
+    assert_one_line_error(code, err, "block_size 32", "val split", "has 20")
 
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "tensorboard", None)  # not installed
-        code, _, err = _cli(capsys, *base, f"data.shards={shards}", "train.tensorboard=true")
-    _one_line_error(code, err, "train.tensorboard=true", "pip install tensorboard")
+        code, _, err = run_cli(capsys, *base, f"data.shards={shards}", "train.tensorboard=true")
+    assert_one_line_error(code, err, "train.tensorboard=true", "pip install tensorboard")
     assert not (tmp_path / "runs").exists()
 
     # a finished run to resume from
-    code, _, err = _cli(capsys, *base, f"data.shards={shards}", "optim.max_steps=2", "train.ckpt_every=1")
+    code, _, err = run_cli(capsys, *base, f"data.shards={shards}", "optim.max_steps=2", "train.ckpt_every=1")
     assert code == 0, err
     ckpt = tmp_path / "runs" / "tiny" / "ckpt-000002"
-    code, _, err = _cli(capsys, *base, f"data.shards={shards}", "optim.max_steps=4", "model.n_layer=3",
+    code, _, err = run_cli(capsys, *base, f"data.shards={shards}", "optim.max_steps=4", "model.n_layer=3",
                         "--resume", str(ckpt))
-    _one_line_error(code, err, "model.n_layer=2", "asks for 3")
+    assert_one_line_error(code, err, "model.n_layer=2", "asks for 3")
 
-    code, _, err = _cli(capsys, *base, f"data.shards={shards}")  # same run name without --resume
-    _one_line_error(code, err, "already holds a run", "--resume auto")
+    code, _, err = run_cli(capsys, *base, f"data.shards={shards}")  # same run name without --resume
+    assert_one_line_error(code, err, "already holds a run", "--resume auto")
 
     (ckpt / "model.safetensors").unlink()
-    code, _, err = _cli(capsys, *base, f"data.shards={shards}", "optim.max_steps=4", "--resume", str(ckpt))
-    _one_line_error(code, err, "ckpt-000002", "missing model.safetensors")
+    code, _, err = run_cli(capsys, *base, f"data.shards={shards}", "optim.max_steps=4", "--resume", str(ckpt))
+    assert_one_line_error(code, err, "ckpt-000002", "missing model.safetensors")
 
-    code, _, err = _cli(capsys, "plot", str(tmp_path))
-    _one_line_error(code, err, "no metrics.jsonl")
+    code, _, err = run_cli(capsys, "plot", str(tmp_path))
+    assert_one_line_error(code, err, "no metrics.jsonl")
 
 
 def test_plot_cli(shards, tmp_path, capsys):
     run_pretrain(_cfg(shards, tmp_path, "optim.max_steps=3"))
-    code, out, err = _cli(capsys, "plot", str(tmp_path / "runs" / "tiny"))
+    code, out, err = run_cli(capsys, "plot", str(tmp_path / "runs" / "tiny"))
     assert code == 0, err
     assert [line.rsplit("/", 1)[-1] for line in out.split()] == ["loss.png", "training.png"]
 
