@@ -145,33 +145,16 @@ def val_bytes_per_token(shard_dir: Path, tok) -> float:
     return total / n
 
 
-def full_val_loss(model, shard_dir: Path, block_size: int, batch_size: int, device) -> float:
-    """Token-weighted mean cross-entropy over every val window (not just the periodic-eval subset)."""
-    import torch
-    import torch.nn.functional as F
-
-    from llmlab.data.loader import TokenLoader
-
-    loader = TokenLoader(shard_dir, "val", block_size, batch_size, device=device)
-    total, count = 0.0, 0
-    model.eval()
-    with torch.inference_mode():
-        for x, y in loader.iter_eval():
-            logits = model(x)
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-            count += y.numel()
-    return total / count
-
-
 def _samples(cfg: SpeedrunConfig, model, tok) -> list[tuple[str, str]]:
     from llmlab.infer import generate
 
     s = cfg.samples
     out = []
     for i, prompt in enumerate(s.prompts):
-        ids = generate(model, tok.encode(prompt), s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+        prompt_ids = tok.encode(prompt)
+        ids = generate(model, prompt_ids, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                        seed=s.seed + i, stop=tok.eos_id)
-        out.append((prompt, tok.decode(ids[len(tok.encode(prompt)):].tolist())))
+        out.append((prompt, tok.decode(ids[len(prompt_ids):].tolist())))
     return out
 
 
@@ -217,9 +200,8 @@ def run_speedrun(preset: str = "cpu-demo", out: str | Path = "runs/demo", overri
     """Run all stages for `preset` into `out`; return the report's figures."""
     import time
 
-    import torch
-
     from llmlab.device import resolve_device
+    from llmlab.evals.perplexity import evaluate_perplexity
     from llmlab.model import Transformer
     from llmlab.train.plot import plot_run
     from llmlab.train.pretrain import run_pretrain
@@ -241,9 +223,9 @@ def run_speedrun(preset: str = "cpu-demo", out: str | Path = "runs/demo", overri
     model = Transformer.load(summary["checkpoint"], device=device)
     shard_dir = out / "shards"
     block = pcfg.data.block_size or model.config.block_size
-    val_loss = full_val_loss(model, shard_dir, block, pcfg.data.batch_size, device)
+    # Every val window, the last partial batch included (not just the periodic-eval subset).
+    val_loss = evaluate_perplexity(model, shard_dir, "val", block, pcfg.data.batch_size)["nll"]
     bpt = val_bytes_per_token(shard_dir, tok)
-    torch.manual_seed(cfg.samples.seed)
     samples = _samples(cfg, model, tok)
     fig = {
         "preset": preset, "sources": cfg.corpus.sources, "device": str(device),
