@@ -10,7 +10,8 @@ not exceed) model.block_size; train.tokens_per_step, when set, fixes the gradien
 (tokens_per_step = batch_size x block_size x accum_steps x world_size). The run directory
 (train.out_dir/train.run_name) gets config.toml (the resolved config), metrics.jsonl, ckpt-STEP/
 checkpoints (each with a copy of the tokenizer), best.json (the lowest-val-loss checkpoint, kept by
-pruning), plots/, summary.json and, with train.tensorboard=true, tensorboard/.
+pruning), plots/, summary.json and, with train.tensorboard=true, tensorboard/. With distill.teacher set,
+the loss is distillation towards that checkpoint (llmlab/train/distill.py); val_loss stays cross-entropy.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from llmlab.errors import ConfigError
 from llmlab.fsutil import write_text_atomic
 from llmlab.model import ModelConfig, Transformer
 from llmlab.train.checkpoint import BEST_FILE, Checkpointer, resolve_resume, unwrap
+from llmlab.train.distill import DistillConfig, distill_loss, load_teacher
 from llmlab.train.distributed import (
     DistCheckpointer,
     ParallelConfig,
@@ -65,6 +67,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(run_name="pretrain"))
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a teacher turns on distillation
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -173,6 +176,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, An
 
     cfg.spike.validate()
     cfg.parallel.validate()
+    cfg.distill.validate()
     _, _, dist_device = init_distributed(cfg.train.device)  # torchrun env -> process group (else no-op)
     meta = read_meta(cfg.data.shards)  # DataError naming the dir and the fix if it is missing/unfinished
     cfg = resolve_config(cfg, meta)
@@ -199,7 +203,11 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, An
                                                                 cfg.train.keep_best)
     slow_checkpoint_writes(checkpointer)  # only with LLMLAB_CKPT_SLEEP set (crash tests)
     callbacks = [SpikeGuard(cfg.spike)] if cfg.spike.enabled else []
-    trainer = Trainer(wrapped, lm_loss, train_loader, cfg.optim, cfg.train, run_dir=run_dir,
+    loss_fn = lm_loss
+    if cfg.distill.teacher:
+        teacher = load_teacher(cfg.distill, cfg.model.vocab_size, d.block_size, tokenizer_dir, device)
+        loss_fn = distill_loss(teacher, cfg.distill.weight, cfg.distill.temperature)
+    trainer = Trainer(wrapped, loss_fn, train_loader, cfg.optim, cfg.train, run_dir=run_dir,
                       eval_fn=make_eval(val_loader, cfg.train.eval_batches), flops_per_token=flops,
                       checkpointer=checkpointer, callbacks=callbacks)
     if dcp:

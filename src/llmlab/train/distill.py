@@ -1,0 +1,89 @@
+"""Knowledge distillation: pretrain a small model on a bigger one's predicted distributions.
+
+    llmlab pretrain --config configs/cpu-demo.toml model.n_layer=1 model.d_model=128 model.n_head=2 \\
+        distill.teacher=runs/big/ckpt-000700 distill.weight=0.9
+
+Each step the frozen teacher reads the same batch and the student minimises
+
+    loss = (1 - weight) * CE(student, data) + weight * tau^2 * KL(softmax(teacher / tau) || softmax(student / tau))
+
+(Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network"; tau^2 keeps the KL's gradient
+on the scale of the cross-entropy's when tau > 1). The main use here is a draft model for speculative
+decoding: what makes a draft fast is agreeing with its target, and a draft trained towards the target's
+distributions accepts more of its guesses than one trained on the data alone (Zhou et al. 2023,
+"DistillSpec: Improving Speculative Decoding via Knowledge Distillation").
+
+The teacher must read the same tokens: its vocabulary size must equal the shards', and when both the
+teacher checkpoint and the shards carry a tokenizer, the two must map every id to the same bytes. Logged
+per step: `ce` (against the data) and `kl` (to the teacher, at tau); val_loss stays the plain cross-entropy,
+so runs with and without a teacher compare directly. Memory: the student's and the teacher's logits for
+a micro-batch are materialised ([batch, block, vocab] each), so lower data.batch_size for big vocabularies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmlab.errors import ConfigError
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None   # checkpoint directory of the teacher; None = plain pretraining
+    weight: float = 1.0          # share of the KL term; the rest stays on cross-entropy with the data
+    temperature: float = 1.0     # tau: > 1 softens both distributions
+
+    def validate(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ConfigError(f"distill.weight={self.weight} must be in [0, 1] (the KL term's share of the loss)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"distill.temperature={self.temperature} must be a positive number (1 = unchanged)")
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of tau^2 KL(softmax(teacher / tau) || softmax(student / tau)), in fp32."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def distill_loss(teacher: torch.nn.Module, weight: float, temperature: float):
+    """loss_fn(model, (x, y)) -> (loss, {"ce", "kl"}) for the Trainer; the teacher runs without gradients."""
+
+    def loss_fn(model, batch):
+        x, y = batch
+        logits = model(x)
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        ce = F.cross_entropy(logits.float().flatten(0, -2), y.flatten())
+        kl = kl_to_teacher(logits, teacher_logits, temperature)
+        return (1 - weight) * ce + weight * kl, {"ce": ce.detach(), "kl": kl.detach()}
+
+    return loss_fn
+
+
+def load_teacher(cfg: DistillConfig, vocab_size: int, block_size: int, tokenizer_dir: Path | None,
+                 device: torch.device) -> torch.nn.Module:
+    """The frozen teacher, checked against the training data (ConfigError / ModelError, one line each)."""
+    from llmlab.infer.speculative import check_same_tokenizer
+    from llmlab.model import Transformer
+
+    path = Path(cfg.teacher)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"distill.teacher={cfg.teacher} is not a checkpoint directory (no config.json); point "
+                          "it at a ckpt-STEP directory of a trained model")
+    teacher = Transformer.load(path, device=device)
+    if teacher.config.vocab_size != vocab_size:
+        raise ConfigError(f"distill.teacher has a {teacher.config.vocab_size}-token vocabulary but the shards "
+                          f"have {vocab_size}; distil from a teacher trained with the shards' tokenizer")
+    if teacher.config.block_size < block_size:
+        raise ConfigError(f"distill.teacher's context ({teacher.config.block_size}) is shorter than "
+                          f"data.block_size={block_size}; lower data.block_size")
+    if tokenizer_dir is not None:
+        check_same_tokenizer(tokenizer_dir, path / "tokenizer", roles=("training data", "teacher"))
+    return teacher.eval().requires_grad_(False)
