@@ -67,6 +67,32 @@ def test_greedy_speculative_equals_plain_greedy(flavour):
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_greedy_with_a_draft_confidence_is_still_exact(flavour):
+    """Rounds whose guesses stop early (some rows, all rows, or none) still give the plain greedy tokens."""
+    target = tiny(flavour)
+    prompts = [[7, 8, 9], PROMPT, [42]]
+    expected = generate(target, prompts, 30, temperature=0)
+    proposed = {}
+    for name, draft in (("noisy", perturbed(target, 0.15)), ("other", tiny(flavour, seed=1))):
+        for conf in (0.01, 0.03, 0.9):
+            for k in (1, 3, 6):
+                out, stats = speculative_generate(target, draft, prompts, 30, temperature=0, speculate_k=k,
+                                                  draft_confidence=conf, return_stats=True)
+                assert out.equal(expected), (name, conf, k)
+                proposed[name, conf, k] = stats.proposed / stats.row_rounds
+    # a higher bar proposes fewer guesses per round
+    assert proposed["noisy", 0.01, 6] > proposed["noisy", 0.03, 6] > proposed["noisy", 0.9, 6] == 0
+
+
+def test_a_confidence_no_guess_reaches_is_plain_decoding():
+    target = tiny("gpt2")
+    out, stats = speculative_generate(target, perturbed(target, 0.15), PROMPT, 20, temperature=0,
+                                      speculate_k=4, draft_confidence=1 - 1e-9, return_stats=True)
+    assert out.equal(generate(target, PROMPT, 20, temperature=0))
+    assert stats.proposed == 0 and stats.target_forwards == 1 + 20 and stats.draft_forwards == 1 + 20
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_greedy_batched_ragged_prompts(flavour):
     target = tiny(flavour)
     prompts = [[7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [5, 6, 5, 6, 5]]
@@ -223,6 +249,7 @@ def chi_square(out: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]:
 
 SAMPLING = [
     ("draft", dict(temperature=1.0)),
+    ("draft@0.25", dict(temperature=1.0)),  # guesses stop where the draft's top probability is below 0.25
     ("draft", dict(temperature=1.0, top_k=3)),
     ("lookup", dict(temperature=1.0)),
     ("lookup", dict(temperature=0.8, top_p=0.9)),
@@ -236,9 +263,12 @@ def test_sampled_tokens_follow_the_plain_sampling_distribution(small_pair, propo
     ids = torch.tensor(SMALL_PROMPT).expand(N_SAMPLES, -1)  # independent rows, one batch
     stat, threshold = chi_square(generate(target, ids, N_NEW, seed=1, **opts), probs)
     assert stat < threshold  # the harness itself: plain sampling passes
-    out, stats = speculative_generate(target, draft if proposer == "draft" else "lookup", ids, N_NEW, seed=1,
-                                      speculate_k=2, return_stats=True, **opts)
+    confidence = float(proposer.split("@")[1]) if "@" in proposer else None
+    out, stats = speculative_generate(target, "lookup" if proposer == "lookup" else draft, ids, N_NEW, seed=1,
+                                      speculate_k=2, draft_confidence=confidence, return_stats=True, **opts)
     assert 0.05 < stats.acceptance_rate < 0.95  # both accept and reject paths are exercised
+    if confidence is not None:  # rounds with fewer guesses than speculate_k happened
+        assert 0.1 < stats.proposed / (2 * stats.row_rounds) < 0.95
     stat, threshold = chi_square(out, probs)
     assert stat < threshold, (stat, threshold)
 
@@ -284,6 +314,13 @@ def test_bad_speculative_input_is_one_clear_error():
         PromptLookup(max_ngram=2, min_ngram=3)
     with pytest.raises(ModelError, match="prompt is empty"):  # the usual prompt checks apply
         generate(target, [], 5, draft=target)
+    for conf in (0, 1, 1.5, True, "high"):
+        with pytest.raises(ConfigError, match=r"draft_confidence=.* must be a probability strictly between 0 and 1"):
+            generate(target, PROMPT, 5, draft=target, draft_confidence=conf)
+    with pytest.raises(ConfigError, match="prompt lookup has no probabilities"):
+        generate(target, PROMPT, 5, draft="lookup", draft_confidence=0.5)
+    with pytest.raises(ConfigError, match="needs a draft model"):
+        generate(target, PROMPT, 5, draft_confidence=0.5)
 
 
 def test_tokenizers_of_equal_size_are_compared_token_by_token(tmp_path, small_corpus):
@@ -322,7 +359,8 @@ def test_cli_speculative_greedy_prints_the_plain_greedy_text(checkpoints, capsys
             "--max-new-tokens", "12", "--ignore-eos"]
     assert main(base) == 0
     plain = capsys.readouterr().out
-    for extra in (["--draft", checkpoints["draft"], "--speculate-k", "3"], ["--lookup"]):
+    for extra in (["--draft", checkpoints["draft"], "--speculate-k", "3"], ["--lookup"],
+                  ["--draft", checkpoints["draft"], "--draft-confidence", "0.3"]):
         assert main(base + extra) == 0
         assert capsys.readouterr().out == plain
 
@@ -334,6 +372,8 @@ def test_cli_speculative_greedy_prints_the_plain_greedy_text(checkpoints, capsys
     (lambda c: ["--lookup", "--speculate-k", "-2"], "speculate_k=-2"),
     (lambda c: ["--lookup", "--draft", c["draft"]], "choose one"),
     (lambda c: ["--draft", c["target"] + "-missing"], "does not exist"),
+    (lambda c: ["--draft-confidence", "0.5"], "needs --draft CKPT"),
+    (lambda c: ["--draft", c["draft"], "--draft-confidence", "2"], "draft_confidence=2.0 must be a probability"),
 ])
 def test_cli_bad_speculative_input_is_one_line_exit_2(checkpoints, capsys, extra, match):
     assert main(["generate", checkpoints["target"], "--prompt", "a", *extra(checkpoints)]) == 2

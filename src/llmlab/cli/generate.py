@@ -31,6 +31,9 @@ def register(sub, formatter_class) -> None:
                         "occurrence of the context's final n-gram (prompt lookup)")
     p.add_argument("--speculate-k", type=int, default=4,
                    help="tokens proposed per speculative round (with --draft or --lookup)")
+    p.add_argument("--draft-confidence", type=float, default=None,
+                   help="with --draft: stop a round's guesses where the draft's top probability falls below this "
+                        "(e.g. 0.5); unlikely guesses then cost no verification work")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), fp32, bf16, fp16")
     p.set_defaults(func=run)
@@ -42,7 +45,8 @@ def run(args) -> int:
     pieces = complete(args.checkpoint, args.prompt, tokenizer=args.tokenizer, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
                       stream_text=args.stream, stop_at_eos=not args.ignore_eos, doc_start=not args.no_doc_start,
-                      draft=args.draft, speculate_k=args.speculate_k, lookup=args.lookup, device=args.device,
+                      draft=args.draft, speculate_k=args.speculate_k, draft_confidence=args.draft_confidence,
+                      lookup=args.lookup, device=args.device,
                       dtype=args.dtype)
     sys.stdout.write(args.prompt)
     for piece in pieces:

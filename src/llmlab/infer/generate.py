@@ -35,7 +35,7 @@ from llmlab.model.kv_cache import KVCache
 
 def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop: int | Iterable[int] | None = None,
-             draft=None, speculate_k: int = 4, pad_id: int = -1) -> torch.Tensor:
+             draft=None, speculate_k: int = 4, draft_confidence: float | None = None, pad_id: int = -1) -> torch.Tensor:
     """Prompt(s) + up to max_new_tokens new tokens (shapes in the module docstring).
 
     temperature 0 is greedy. With `draft` (a smaller model sharing the vocabulary) the tokens come from
@@ -45,7 +45,10 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
         from llmlab.infer.speculative import speculative_generate
 
         return speculative_generate(model, draft, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed, stop=stop, speculate_k=speculate_k, pad_id=pad_id)
+                                    top_p=top_p, seed=seed, stop=stop, speculate_k=speculate_k,
+                                    draft_confidence=draft_confidence, pad_id=pad_id)
+    if draft_confidence is not None:
+        raise ConfigError(f"draft_confidence={draft_confidence} needs a draft model; pass draft=... or drop it")
     prompt, lengths, single = prepare_prompts(model, ids, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
     steps = list(_decode(model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, seed, stop, pad_id))
@@ -187,14 +190,15 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
              max_new_tokens: int | None = None, temperature: float = 0.8, top_k: int | None = 50,
              top_p: float | None = None, seed: int | None = None, stream_text: bool = False,
              stop_at_eos: bool = True, doc_start: bool = True, draft: str | Path | None = None,
-             speculate_k: int = 4, lookup: bool = False, device: str = "auto",
-             dtype: str = "auto") -> Iterator[str]:
+             speculate_k: int = 4, draft_confidence: float | None = None, lookup: bool = False,
+             device: str = "auto", dtype: str = "auto") -> Iterator[str]:
     """Load CHECKPOINT (and its tokenizer), continue `prompt`; return an iterator over the new text (piece by
     piece as tokens are made if stream_text, else all at once). Loading and checks happen before it returns.
 
     doc_start prepends the tokenizer's eos id, which separates documents in the training shards, so the
     prompt reads as the start of a document. max_new_tokens None fills the context up to 256 new tokens.
-    `draft` (a checkpoint) or `lookup` (draft-free prompt lookup) switches to speculative decoding.
+    `draft` (a checkpoint) or `lookup` (draft-free prompt lookup) switches to speculative decoding
+    (draft_confidence: see llmlab.infer.speculative.speculative_generate).
     """
     from llmlab.device import resolve_device
     from llmlab.model import Transformer
@@ -203,12 +207,16 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
     dev = resolve_device(device)
     model = Transformer.load(checkpoint, device=dev, dtype=dtype)
     draft_model = None
+    if draft_confidence is not None and draft is None:
+        raise ConfigError(f"--draft-confidence {draft_confidence} needs --draft CKPT (a draft model); add one or "
+                          "drop the confidence")
     if draft is not None or lookup:  # checked before the tokenizer loads: a bad draft fails fast
-        from llmlab.infer.speculative import load_draft
+        from llmlab.infer.speculative import check_draft_confidence, load_draft
 
         tok_dir = Path(tokenizer) if tokenizer is not None else checkpoint / "tokenizer"
         draft_model = load_draft(model, draft, lookup=lookup, speculate_k=speculate_k, tokenizer_dir=tok_dir,
                                  device=dev, dtype=dtype)
+        check_draft_confidence(draft_confidence, draft_model)
     tok = _load_tokenizer(checkpoint, tokenizer)
     ids = tok.encode(prompt, allowed_special="all")
     if doc_start and tok.eos_id is not None:
@@ -219,7 +227,8 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
     if stream_text and draft_model is None:
         return _decode_text(tok, stream(model, ids, max_new_tokens, **options), stop)
-    out = generate(model, ids, max_new_tokens, draft=draft_model, speculate_k=speculate_k, **options)
+    out = generate(model, ids, max_new_tokens, draft=draft_model, speculate_k=speculate_k,
+                   draft_confidence=draft_confidence, **options)
     return _decode_text(tok, out[len(ids):].tolist(), stop)
 
 

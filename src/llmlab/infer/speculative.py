@@ -30,6 +30,12 @@ max_new_tokens) keeps a prefix, whose distribution is the same prefix's under pl
 Greedy (temperature 0) is the one-hot case: a guess is accepted while it equals the target's argmax, and the
 next token is the target's argmax after the accepted prefix, so the tokens equal generate()'s one for one.
 
+Adaptive guess count (draft_confidence=c, draft models only): row b stops proposing in a round at the first
+position where the draft's top probability is below c (HF transformers' assistant_confidence_threshold is
+the same idea). Whether guess i is offered depends only on the draft's distribution q_i, fixed before the
+guess is drawn, so the round is a speculative round with fewer guesses and stays exact; the target's
+verification forward then spends no width on guesses that would probably be rejected.
+
 Draft-free mode (draft="lookup" or llmlab.infer.lookup.PromptLookup(...)): proposals copied from earlier in
 the context. They are a deterministic function of the context, i.e. q is one-hot on the proposal; the same
 rule then accepts x with probability p(x) and on rejection samples p with x removed, renormalised: still
@@ -102,16 +108,20 @@ class SpeculativeStats:
 
 def speculative_generate(model, draft, ids, max_new_tokens: int, temperature: float = 1.0,
                          top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                         stop=None, speculate_k: int = 4, pad_id: int = -1, return_stats: bool = False):
+                         stop=None, speculate_k: int = 4, draft_confidence: float | None = None, pad_id: int = -1,
+                         return_stats: bool = False):
     """generate() with proposals from `draft` (a Transformer sharing the target's vocabulary, a PromptLookup,
     or the string "lookup"), checked by `model`. Same arguments and output format as llmlab.infer.generate;
-    return_stats=True returns (tokens, SpeculativeStats)."""
+    return_stats=True returns (tokens, SpeculativeStats). draft_confidence (draft models only): a row stops
+    proposing for the round at the first position where the draft's most likely token has a probability
+    below it, so unlikely guesses cost no verification width (None: always speculate_k guesses)."""
     check_speculate_k(speculate_k)
     prompt, lengths, single = prepare_prompts(model, ids, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
     _stop_tensor(stop, prompt.device)  # validates `stop`
     B, P = prompt.shape
     draft = check_draft(model, draft, P + max_new_tokens)
+    check_draft_confidence(draft_confidence, draft)
     generator = None
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=prompt.device).manual_seed(int(seed))
@@ -124,7 +134,7 @@ def speculative_generate(model, draft, ids, max_new_tokens: int, temperature: fl
         for m in models:
             m.eval()
         new = _speculate(model, draft, prompt, lens, max_new_tokens, speculate_k, opts, generator,
-                         stop, pad_id, stats)
+                         stop, pad_id, stats, draft_confidence)
     finally:
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
@@ -137,6 +147,17 @@ def check_speculate_k(k) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"speculate_k={k!r} must be an integer >= 1 (tokens the draft proposes per round; "
                           "4 is a good start)")
+
+
+def check_draft_confidence(confidence, draft) -> None:
+    if confidence is None:
+        return
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ConfigError(f"draft_confidence={confidence!r} must be a probability strictly between 0 and 1 "
+                          "(e.g. 0.5), or None to always propose speculate_k tokens")
+    if isinstance(draft, PromptLookup):
+        raise ConfigError("draft_confidence applies to a draft model; prompt lookup has no probabilities "
+                          "(drop the confidence or pass a draft checkpoint)")
 
 
 def check_draft(model, draft, needed_len: int):
@@ -269,14 +290,20 @@ def verify(logits: torch.Tensor, proposal: torch.Tensor, n_proposed: torch.Tenso
 # ----- proposers -----
 class _DraftProposer:
     """A draft Transformer with its own KV cache. `valid[b]`: the cache holds row b's positions < valid[b]
-    (n-1 normally, n-2 after a round in which every guess was accepted: dK never went through the draft).
-    The first forward of a round feeds the missing 1 or 2 tokens, ending with cur."""
+    (n-1 normally, n-2 after a round in which every guess was accepted: the last guess never went through the
+    draft). The first forward of a round feeds the missing 1 or 2 tokens, ending with cur; forward j > 0 feeds
+    guess j. With `confidence`, row b proposes guesses while the draft's top probability stays >= confidence
+    (a stopping rule that looks at the draft's distribution before the guess is drawn, so sampling stays
+    exact), and the round's drafting ends when no row is still proposing."""
 
-    def __init__(self, draft, batch: int, max_len: int, opts: dict, generator, stats: SpeculativeStats):
+    def __init__(self, draft, batch: int, max_len: int, opts: dict, generator, stats: SpeculativeStats,
+                 confidence: float | None = None):
         self.model, self.opts, self.generator, self.stats = draft, opts, generator, stats
         self.greedy = opts["temperature"] == 0
+        self.confidence = confidence
         self.cache = KVCache.for_model(draft, batch, max_len)
         self.valid: list[int] = []
+        self.fed = 0  # draft forwards in the current round
 
     def prefill(self, prompt: torch.Tensor, seqs: list[list[int]]) -> None:
         if prompt.shape[1] > 1:
@@ -291,24 +318,35 @@ class _DraftProposer:
         device = self.cache.k.device
         x = torch.tensor([(s[i:i + T] + [0] * T)[:T] for s, i in zip(seqs, starts, strict=True)], device=device)
         guesses, qs = [], []
+        proposing = torch.ones(len(seqs), dtype=torch.bool, device=device)
+        counts = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        self.fed = 0
         for _ in range(K):
             logits = self.model.head(self.model(x, cache=self.cache, return_hidden=True)[:, -1])
-            if self.greedy:
-                d = logits.argmax(-1)
-            else:
-                qs.append(probs_from_logits(logits, **self.opts))
-                d = sample(qs[-1], self.generator)
+            self.fed += 1
+            q = None if self.greedy else probs_from_logits(logits, **self.opts)
+            if self.confidence is not None:
+                top = (logits.float().softmax(-1) if q is None else q).amax(-1)
+                proposing &= top >= self.confidence
+                counts += proposing
+                if not bool(proposing.any()):
+                    break
+            d = logits.argmax(-1) if q is None else sample(q, self.generator)
+            if q is not None:
+                qs.append(q)
             guesses.append(d)
             x = d[:, None]
-        self.stats.draft_forwards += K
-        return torch.stack(guesses, 1), (torch.stack(qs, 1) if qs else None), [K] * len(seqs)
+        self.stats.draft_forwards += self.fed
+        n_proposed = counts.tolist() if self.confidence is not None else [K] * len(seqs)
+        guesses = torch.stack(guesses, 1) if guesses else torch.zeros(len(seqs), 0, dtype=torch.long, device=device)
+        return guesses, (torch.stack(qs, 1) if qs else None), n_proposed
 
     def extend(self, b: int, tokens: list[int]) -> None:
         pass
 
-    def commit(self, b: int, n: int, accepted: int, K: int) -> None:
-        # Fed this round: cur at n-1 and d1..d_{K-1}; kept: cur and the accepted guesses.
-        self.valid[b] = n + min(accepted, K - 1)
+    def commit(self, b: int, n: int, accepted: int) -> None:
+        # Fed this round: cur at n-1 and guesses 1..fed-1; kept: cur and the accepted guesses.
+        self.valid[b] = n + min(accepted, self.fed - 1)
 
 
 class _LookupProposer:
@@ -330,12 +368,12 @@ class _LookupProposer:
     def extend(self, b: int, tokens: list[int]) -> None:
         self.indexes[b].extend(tokens)
 
-    def commit(self, b: int, n: int, accepted: int, K: int) -> None:
+    def commit(self, b: int, n: int, accepted: int) -> None:
         pass
 
 
 # ----- the loop -----
-def _speculate(model, draft, prompt, lens, max_new, k, opts, generator, stop, pad_id, stats):
+def _speculate(model, draft, prompt, lens, max_new, k, opts, generator, stop, pad_id, stats, confidence=None):
     """New tokens [B, max generated] (pad_id after a row's end); fills `stats`."""
     B, P = prompt.shape
     device = prompt.device
@@ -353,7 +391,7 @@ def _speculate(model, draft, prompt, lens, max_new, k, opts, generator, stop, pa
         if isinstance(draft, PromptLookup):
             proposer = _LookupProposer(draft)
         else:
-            proposer = _DraftProposer(draft, B, P + max_new, opts, generator, stats)
+            proposer = _DraftProposer(draft, B, P + max_new, opts, generator, stats, confidence)
         proposer.prefill(prompt, seqs)
         while any(active):
             live = [b for b in range(B) if active[b]]
@@ -377,7 +415,7 @@ def _speculate(model, draft, prompt, lens, max_new, k, opts, generator, stop, pa
                 stats.proposed += n_proposed[b]
                 stats.accepted += a
                 stats.row_rounds += 1
-                proposer.commit(b, len(seqs[b]), a, K)
+                proposer.commit(b, len(seqs[b]), a)
                 proposer.extend(b, emitted)
                 seqs[b] += emitted
                 new[b] += emitted
