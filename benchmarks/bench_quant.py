@@ -1,20 +1,29 @@
-"""Quantization benchmark: held-out perplexity, file size and CPU decode speed of int8 / int4 RTN / GPTQ / AWQ
-against the fp32 checkpoint they come from.
+"""Quantization benchmark: held-out perplexity, file size and decode speed of int8 / int4 RTN / GPTQ / AWQ
+against the full-precision checkpoint they come from (fp32 on CPU by default; bf16 on a GPU with
+--device cuda --dtype bfloat16).
 
 For each variant the checkpoint is quantized (GPTQ and AWQ calibrate on windows of the shards' *train* split),
 saved, and loaded back with Transformer.load, so every figure is for the file a user would ship:
-  ppl          perplexity on the val split with exact fp32 arithmetic on the quantized weights
+  ppl          perplexity on the val split with exact arithmetic (in --dtype) on the quantized weights
                (kernel "dequant": the effect of quantization alone)
   ppl_packed   the same with the default kernel (torch's packed int8/int4 ops, bf16 activations on CPU)
-  file_bytes   size of model.safetensors (embeddings and LM head stay fp32 in every variant)
+  file_bytes   size of model.safetensors (embeddings and LM head stay in --dtype in every variant)
   decode_tok_s_Nt  greedy decoding, batch 1, KV cache, default kernel, N torch threads; runs alternate
-               between the variants round by round so machine load hits all alike (median per variant)
-Ratios are against fp32 measured in the same run. Targets (from the GPTQ / AWQ papers' pattern): int8
-within +1% perplexity; GPTQ and AWQ each recover at least half of RTN-int4's perplexity increase, i.e.
-recovery = (ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp32) >= 0.5 at the same group size.
+               between the variants round by round so machine load hits all alike (median per variant).
+               On a GPU the key is decode_tok_s_cuda (threads do not apply; timings synchronize the device)
+Ratios are against the baseline (fp32, or bf16 with --dtype bfloat16) measured in the same run. Targets
+(from the GPTQ / AWQ papers' pattern): int8 within +1% perplexity; GPTQ and AWQ each recover at least half of
+RTN-int4's perplexity increase, i.e. recovery = (ppl_rtn - ppl_method) / (ppl_rtn - ppl_base) >= 0.5 at the
+same group size.
+
+--device/--dtype: everything runs on that device (calibration included). Quantization always starts from
+the checkpoint's fp32 weights (GPTQ/AWQ calibrate in fp32, as the trainer keeps fp32 master weights); the
+quantized model, and the baseline, are then cast to --dtype, saved and loaded back, so the bf16 baseline's
+file_bytes is that of a bf16 file.
 
     python benchmarks/bench_quant.py --ckpt runs/NAME/ckpt-final --data data/stdlib/shards --groups 128 32
     python benchmarks/bench_quant.py ... --outliers 20 --only int4-rtn-g128 int4-gptq-g128 int4-awq-g128
+    python benchmarks/bench_quant.py ... --device cuda --dtype bfloat16 --rounds 3
 """
 
 from __future__ import annotations
@@ -22,26 +31,42 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BASELINES = {torch.float32: ("fp32", 32), torch.bfloat16: ("bf16", 16)}  # baseline variant name, bits
 
-def variants(groups: list[int]) -> list[tuple[str, str, int, int | None]]:
-    out = [("fp32", "none", 32, None), ("int8-rtn", "rtn", 8, None), ("int8-gptq", "gptq", 8, None),
+
+def variants(groups: list[int], dtype: torch.dtype = torch.float32) -> list[tuple[str, str, int, int | None]]:
+    base, base_bits = BASELINES[dtype]
+    out = [(base, "none", base_bits, None), ("int8-rtn", "rtn", 8, None), ("int8-gptq", "gptq", 8, None),
            ("int8-awq", "awq", 8, None)]
     for g in groups:
         out += [(f"int4-rtn-g{g}", "rtn", 4, g), (f"int4-gptq-g{g}", "gptq", 4, g), (f"int4-awq-g{g}", "awq", 4, g)]
     return out
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers the kernels it launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def decode_seconds(model, prompt: list[int], new_tokens: int) -> float:
     from llmlab.infer import generate
 
+    device = next(model.parameters()).device
+    synchronize(device)
     start = time.perf_counter()
     generate(model, prompt, new_tokens, temperature=0)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -54,6 +79,41 @@ def packed_layers(model) -> str | None:
         return None
     packed = sum(any(fn is not None for fn, _ in m._impl.values()) for m in layers)
     return f"{packed}/{len(layers)}"
+
+
+@torch.no_grad()
+def cast_for_saving(model, dtype: torch.dtype) -> None:
+    """Cast the model's floating tensors to `dtype`, except the quantization scales: those are exact fp16
+    values (saved as fp16 whatever the dtype) and a bf16 round trip would move the quantization grid."""
+    from llmlab.infer.quant import QuantLinear
+
+    scales = {m: m.scales for m in model.modules() if isinstance(m, QuantLinear)}
+    model.to(dtype)
+    for m, s in scales.items():
+        m.scales = s
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype asked for, or one line on stderr and exit 2."""
+    from llmlab.device import resolve_device
+    from llmlab.errors import LLMLabError
+
+    try:
+        dev = resolve_device(device)
+    except LLMLabError as e:
+        fail(str(e))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device}: torch sees no CUDA device here; use --device cpu (or auto)")
+    return dev, DTYPES[dtype]
+
+
+def device_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def fail(message: str) -> None:
+    print(f"bench_quant: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 @torch.no_grad()
@@ -72,6 +132,116 @@ def inject_outliers(model, factor: float, channels: int = 4, seed: int = 0) -> N
             linear.weight[:, idx] /= factor
 
 
+def measure_variant(args, dev: torch.device, dtype: torch.dtype, work: Path, calib: torch.Tensor,
+                    prompt: list[int], variant: tuple) -> tuple[dict, torch.nn.Module]:
+    """Quantize (from fp32, on `dev`), save in `dtype`, load back; the variant's row and the loaded model."""
+    from llmlab.evals.perplexity import evaluate_perplexity
+    from llmlab.infer.quant import quantize, set_kernel
+    from llmlab.model import Transformer
+    from llmlab.model.transformer import WEIGHTS_FILE
+
+    name, method, bits, group = variant
+    model = Transformer.load(args.ckpt, device=dev, dtype=torch.float32)
+    if args.outliers:
+        inject_outliers(model, args.outliers)
+    seconds = 0.0
+    if method != "none":
+        synchronize(dev)
+        start = time.perf_counter()
+        quantize(model, method, bits, group, None if method == "rtn" else calib, act_order=args.act_order,
+                 progress=False)
+        synchronize(dev)
+        seconds = time.perf_counter() - start
+    as_stored = method == "none" and not args.outliers and dtype == torch.float32
+    path = Path(args.ckpt) if as_stored else work / name
+    if not as_stored:
+        cast_for_saving(model, dtype)
+        model.save(path)
+    model = Transformer.load(path, device=dev, dtype=dtype)  # every figure is for the file as loaded
+    row = {"variant": name, "method": method, "bits": bits, "group_size": group,
+           "quantize_s": round(seconds, 1), "file_bytes": (path / WEIGHTS_FILE).stat().st_size}
+    set_kernel(model, "dequant")
+    row["ppl"] = evaluate_perplexity(model, args.data, batch_size=args.batch_size)["ppl"]
+    set_kernel(model, "auto")
+    row["ppl_packed"] = evaluate_perplexity(model, args.data, batch_size=args.batch_size)["ppl"]
+    row["packed_layers"] = packed_layers(model)
+    decode_seconds(model, prompt, 8)  # warm-up (and kernel choice) before timing
+    return row, model
+
+
+def time_decoding(args, dev: torch.device, rows: list[dict], models: dict, prompt: list[int]) -> None:
+    """decode_tok_s_<label> and decode_speedup_<label> (vs the baseline, rows[0]) into every row; label is
+    the thread count ("1t") on CPU and the device type ("cuda") elsewhere."""
+    labels = [(f"{t}t", t) for t in args.threads] if dev.type == "cpu" else [(dev.type, max(args.threads))]
+    base = rows[0]
+    for label, threads in labels:
+        torch.set_num_threads(threads)
+        times = {name: [] for name in models}
+        for _ in range(args.rounds):
+            for name, model in models.items():
+                times[name].append(decode_seconds(model, prompt, args.new_tokens))
+        for row in rows:
+            tok_s = args.new_tokens / statistics.median(times[row["variant"]])
+            row[f"decode_tok_s_{label}"] = round(tok_s, 1)
+            row[f"decode_speedup_{label}"] = round(tok_s / base[f"decode_tok_s_{label}"], 3)
+
+
+def recovery_targets(rows: list[dict], groups: list[int]) -> dict:
+    base = rows[0]
+    by = {r["variant"]: r for r in rows}
+    targets = {}
+    if "int8-rtn" in by:
+        targets["int8_rtn_within_1pct"] = by["int8-rtn"]["ppl_delta_pct"] <= 1.0
+    for g in groups:
+        rtn = by.get(f"int4-rtn-g{g}")
+        for method in ("gptq", "awq"):
+            other = by.get(f"int4-{method}-g{g}")
+            if rtn and other and rtn["ppl"] > base["ppl"]:
+                rec = (rtn["ppl"] - other["ppl"]) / (rtn["ppl"] - base["ppl"])
+                targets[f"{method}_g{g}_recovery"] = round(rec, 3)
+                targets[f"{method}_g{g}_recovers_half"] = rec >= 0.5
+    return targets
+
+
+def run(args, dev: torch.device, dtype: torch.dtype) -> dict:
+    from llmlab.evals.perplexity import evaluate_perplexity
+    from llmlab.infer.quant.calib import calibration_tokens
+
+    torch.set_num_threads(max(args.threads))
+    torch.manual_seed(0)
+    calib = calibration_tokens(args.data, args.calib_samples, args.calib_len, seed=0)
+    val_prompt = calibration_tokens(args.data, 1, args.prompt_tokens, seed=1)[0].tolist()
+    base_name = BASELINES[dtype][0]
+    rows, models = [], {}
+    todo = [v for v in variants(args.groups, dtype) if args.only is None or v[0] in args.only or v[0] == base_name]
+    with tempfile.TemporaryDirectory(prefix="bench_quant_") as work:
+        for variant in todo:
+            row, model = measure_variant(args, dev, dtype, Path(work), calib, val_prompt, variant)
+            models[variant[0]] = model
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    time_decoding(args, dev, rows, models, val_prompt)
+    base = rows[0]
+    for row in rows:
+        row["ppl_delta_pct"] = round(100 * (row["ppl"] / base["ppl"] - 1), 3)
+        row[f"size_ratio_vs_{base_name}"] = round(row["file_bytes"] / base["file_bytes"], 3)
+        row["ppl"], row["ppl_packed"] = round(row["ppl"], 4), round(row["ppl_packed"], 4)
+    targets = recovery_targets(rows, args.groups)
+    model = models[base_name]
+    return {"benchmark": f"quantization_{dev.type}", "checkpoint": args.ckpt, "data": args.data,
+            "device": str(dev), "dtype": args.dtype, "gpu": device_name(dev),
+            "model": {k: getattr(model.config, k) for k in ("n_layer", "d_model", "n_head", "ffn_dim", "vocab_size",
+                                                            "block_size", "mlp", "position", "tie_embeddings")},
+            "params": model.num_params(), "val_tokens": evaluate_perplexity(model, args.data)["tokens"],
+            "calibration": {"samples": args.calib_samples, "seq_len": args.calib_len, "split": "train",
+                            "dtype": "float32"},
+            "act_order": args.act_order, "outliers": args.outliers,
+            "decode_threads": args.threads if dev.type == "cpu" else None, "torch": torch.__version__,
+            "decode": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch": 1,
+                       "rounds": args.rounds},
+            "rows": rows, "targets": targets}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="fp32 checkpoint directory")
@@ -85,89 +255,23 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5, help="timed decode rounds per variant")
     ap.add_argument("--threads", type=int, nargs="+", default=[1],
-                    help="torch thread counts to time decoding at (1: steadier on a shared box)")
+                    help="torch thread counts to time decoding at on CPU (1: steadier on a shared box)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto (cuda, then mps, then cpu)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                    help="compute and storage dtype of the baseline and the quantized models' unquantized tensors")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variant names")
     ap.add_argument("--outliers", type=float, default=0.0,
                     help="stress test: give the model outlier activation channels of this factor (see "
                          "inject_outliers; the fp32 function is unchanged); 0 = off")
     ap.add_argument("--json-out", default=None, help="also write the JSON here")
     args = ap.parse_args()
+    from llmlab.errors import LLMLabError
 
-    from llmlab.evals.perplexity import evaluate_perplexity
-    from llmlab.infer.quant import quantize, set_kernel
-    from llmlab.infer.quant.calib import calibration_tokens
-    from llmlab.model import Transformer
-    from llmlab.model.transformer import WEIGHTS_FILE
-
-    torch.set_num_threads(max(args.threads))
-    torch.manual_seed(0)
-    calib = calibration_tokens(args.data, args.calib_samples, args.calib_len, seed=0)
-    val_prompt = calibration_tokens(args.data, 1, args.prompt_tokens, seed=1)[0].tolist()
-    work = Path(tempfile.mkdtemp(prefix="bench_quant_"))
-    rows, models = [], {}
-    todo = [v for v in variants(args.groups) if args.only is None or v[0] in args.only or v[0] == "fp32"]
-    for name, method, bits, group in todo:
-        model = Transformer.load(args.ckpt, dtype=torch.float32)
-        if args.outliers:
-            inject_outliers(model, args.outliers)
-        seconds = 0.0
-        if method != "none":
-            start = time.perf_counter()
-            quantize(model, method, bits, group, None if method == "rtn" else calib, act_order=args.act_order,
-                     progress=False)
-            seconds = time.perf_counter() - start
-        path = Path(args.ckpt) if method == "none" and not args.outliers else work / name
-        if path != Path(args.ckpt):
-            model.save(path)
-        model = Transformer.load(path)  # every figure is for the file as loaded
-        row = {"variant": name, "method": method, "bits": bits, "group_size": group,
-               "quantize_s": round(seconds, 1), "file_bytes": (path / WEIGHTS_FILE).stat().st_size}
-        set_kernel(model, "dequant")
-        row["ppl"] = evaluate_perplexity(model, args.data, batch_size=args.batch_size)["ppl"]
-        set_kernel(model, "auto")
-        row["ppl_packed"] = evaluate_perplexity(model, args.data, batch_size=args.batch_size)["ppl"]
-        row["packed_layers"] = packed_layers(model)
-        decode_seconds(model, val_prompt, 8)  # warm-up (and kernel choice) before timing
-        models[name] = model
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    base = rows[0]
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        times = {name: [] for name in models}
-        for _ in range(args.rounds):
-            for name, model in models.items():
-                times[name].append(decode_seconds(model, val_prompt, args.new_tokens))
-        for row in rows:
-            tok_s = args.new_tokens / statistics.median(times[row["variant"]])
-            row[f"decode_tok_s_{threads}t"] = round(tok_s, 1)
-            row[f"decode_speedup_{threads}t"] = round(tok_s / base[f"decode_tok_s_{threads}t"], 3)
-    for row in rows:
-        row["ppl_delta_pct"] = round(100 * (row["ppl"] / base["ppl"] - 1), 3)
-        row["size_ratio_vs_fp32"] = round(row["file_bytes"] / base["file_bytes"], 3)
-        row["ppl"], row["ppl_packed"] = round(row["ppl"], 4), round(row["ppl_packed"], 4)
-    by = {r["variant"]: r for r in rows}
-    targets = {}
-    if "int8-rtn" in by:
-        targets["int8_rtn_within_1pct"] = by["int8-rtn"]["ppl_delta_pct"] <= 1.0
-    for g in args.groups:
-        rtn = by.get(f"int4-rtn-g{g}")
-        for method in ("gptq", "awq"):
-            other = by.get(f"int4-{method}-g{g}")
-            if rtn and other and rtn["ppl"] > base["ppl"]:
-                rec = (rtn["ppl"] - other["ppl"]) / (rtn["ppl"] - base["ppl"])
-                targets[f"{method}_g{g}_recovery"] = round(rec, 3)
-                targets[f"{method}_g{g}_recovers_half"] = rec >= 0.5
-    model = models["fp32"]
-    result = {"benchmark": "quantization_cpu", "checkpoint": args.ckpt, "data": args.data,
-              "model": {k: getattr(model.config, k) for k in ("n_layer", "d_model", "n_head", "ffn_dim", "vocab_size",
-                                                              "block_size", "mlp", "position", "tie_embeddings")},
-              "params": model.num_params(), "val_tokens": evaluate_perplexity(model, args.data)["tokens"],
-              "calibration": {"samples": args.calib_samples, "seq_len": args.calib_len, "split": "train"},
-              "act_order": args.act_order, "outliers": args.outliers, "decode_threads": args.threads, "torch": torch.__version__,
-              "decode": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch": 1,
-                         "rounds": args.rounds},
-              "rows": rows, "targets": targets}
+    dev, dtype = resolve_device_dtype(args.device, args.dtype)
+    try:
+        result = run(args, dev, dtype)
+    except LLMLabError as e:
+        fail(str(e))
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:

@@ -24,6 +24,9 @@ What limits the speedup on a CPU: these weights sit in cache, so a forward over 
 1 + 0.22 T one-token steps (matmul compute grows with T; only the fixed per-forward cost is shared), and a
 draft step costs ~0.2 target steps (eager PyTorch overhead of even a 1-layer model). Prompt lookup pays no
 draft cost and sizes its guesses by match length (llmlab/infer/lookup.py).
+
+--device/--dtype (default cpu, float32) load target and draft there, e.g. `--device cuda --dtype bfloat16`;
+timings then synchronize the device.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from llmlab.infer.speculative import speculative_generate
 from llmlab.model import Transformer
 
 DEFAULT_TARGET, DEFAULT_DRAFT = Path("runs/spec-bench/target"), Path("runs/spec-bench/draft")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Prompts in the corpus's register (Python sources and docs); the continuation is the model's own.
 PROMPTS = [
@@ -66,9 +70,38 @@ def checkpoint_dir(path: Path) -> Path:
     return ckpts[-1]
 
 
-def timed(fn):
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers the kernels it launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device asked for, or one line on stderr and exit 2."""
+    from llmlab.device import resolve_device as resolve
+    from llmlab.errors import LLMLabError
+
+    try:
+        device = resolve(name)
+    except LLMLabError as e:
+        _fail(str(e))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {name}: torch sees no CUDA device here; use --device cpu (or auto)")
+    return device
+
+
+def _fail(message: str) -> None:
+    print(f"bench_speculative: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def timed(fn, device: torch.device):
+    synchronize(device)
     start = time.perf_counter()
     out = fn()
+    synchronize(device)
     return out, time.perf_counter() - start
 
 
@@ -76,8 +109,10 @@ def run(args) -> dict:
     from llmlab.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     target_dir, draft_dir = checkpoint_dir(args.target), checkpoint_dir(args.draft)
-    target, draft = Transformer.load(target_dir), Transformer.load(draft_dir)
+    target = Transformer.load(target_dir, device=device, dtype=dtype)
+    draft = Transformer.load(draft_dir, device=device, dtype=dtype)
     tok = Tokenizer.load(target_dir / "tokenizer")
     prompts = [[tok.eos_id] + tok.encode(p) for p in PROMPTS]
     n = args.max_new_tokens
@@ -98,7 +133,7 @@ def run(args) -> dict:
         for name in order:
             total = 0.0
             for ids in prompts:
-                (out, st), dt = timed(lambda ids=ids, name=name: methods[name](ids))
+                (out, st), dt = timed(lambda ids=ids, name=name: methods[name](ids), device)
                 total += dt
                 if rep == 0 and st is not None:
                     stats[name].append(st)
@@ -106,7 +141,9 @@ def run(args) -> dict:
     med = {name: statistics.median(t) for name, t in times.items()}
     tokens = len(prompts) * n
     result = {
-        "benchmark": "speculative_decoding_cpu_greedy_batch1",
+        "benchmark": f"speculative_decoding_{device.type}_greedy_batch1",
+        "device": str(device), "dtype": args.dtype,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "target": _describe(target, target_dir),
         "draft": _describe(draft, draft_dir),
         "prompts": len(prompts), "max_new_tokens": n, "repeats": args.repeats, "threads": args.threads,
@@ -162,6 +199,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (batch-1 decoding of "
                     "a few-M-parameter model gains little from more)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto (cuda, then mps, then cpu)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of target and draft")
     print(json.dumps(run(ap.parse_args()), indent=2))
 
 
