@@ -81,18 +81,6 @@ def packed_layers(model) -> str | None:
     return f"{packed}/{len(layers)}"
 
 
-@torch.no_grad()
-def cast_for_saving(model, dtype: torch.dtype) -> None:
-    """Cast the model's floating tensors to `dtype`, except the quantization scales: those are exact fp16
-    values (saved as fp16 whatever the dtype) and a bf16 round trip would move the quantization grid."""
-    from llmlab.infer.quant import QuantLinear
-
-    scales = {m: m.scales for m in model.modules() if isinstance(m, QuantLinear)}
-    model.to(dtype)
-    for m, s in scales.items():
-        m.scales = s
-
-
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """The torch device and dtype asked for, or one line on stderr and exit 2."""
     from llmlab.device import resolve_device
@@ -155,7 +143,7 @@ def measure_variant(args, dev: torch.device, dtype: torch.dtype, work: Path, cal
     as_stored = method == "none" and not args.outliers and dtype == torch.float32
     path = Path(args.ckpt) if as_stored else work / name
     if not as_stored:
-        cast_for_saving(model, dtype)
+        model.to(dtype)  # QuantLinear keeps its scales in fp32
         model.save(path)
     model = Transformer.load(path, device=dev, dtype=dtype)  # every figure is for the file as loaded
     row = {"variant": name, "method": method, "bits": bits, "group_size": group,

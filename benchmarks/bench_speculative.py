@@ -117,10 +117,13 @@ def run(args) -> dict:
     prompts = [[tok.eos_id] + tok.encode(p) for p in PROMPTS]
     n = args.max_new_tokens
     methods = {"plain": lambda ids: (generate(target, ids, n, temperature=0), None)}
-    for kind, proposer, ks in (("draft", draft, args.k), ("lookup", PromptLookup(), args.lookup_k)):
-        for k in ks:
-            methods[f"{kind}_k{k}"] = lambda ids, proposer=proposer, k=k: speculative_generate(
-                target, proposer, ids, n, temperature=0, speculate_k=k, return_stats=True)
+    settings = [("draft", draft, k, None) for k in args.k]
+    settings += [("draft", draft, k, c) for k in args.confidence_k for c in args.confidence]
+    settings += [("lookup", PromptLookup(), k, None) for k in args.lookup_k]
+    for kind, proposer, k, conf in settings:
+        name = f"{kind}_k{k}" + (f"_c{conf:g}" if conf is not None else "")
+        methods[name] = lambda ids, proposer=proposer, k=k, conf=conf: speculative_generate(
+            target, proposer, ids, n, temperature=0, speculate_k=k, draft_confidence=conf, return_stats=True)
     for ids in prompts:  # warm-up, and the identity check on every prompt
         ref = methods["plain"](ids)[0]
         for name, method in methods.items():
@@ -184,6 +187,10 @@ def _pooled(stats) -> dict:
             "draft_forwards_per_token": round(sum(s.draft_forwards for s in stats) / gen, 4)}
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
@@ -196,6 +203,10 @@ def main() -> None:
     ap.add_argument("--k", type=_ints, default=[1, 2, 3, 4], help="draft tokens proposed per round (list)")
     ap.add_argument("--lookup-k", type=_ints, default=[4, 6, 10],
                     help="most prompt-lookup tokens per round (list; a match of g tokens proposes <= g(g+1)/2)")
+    ap.add_argument("--confidence", type=_floats, default=[],
+                    help="also run the draft with these draft_confidence values (list; guesses stop where the "
+                         "draft's top probability is lower), at each of --confidence-k")
+    ap.add_argument("--confidence-k", type=_ints, default=[4, 6], help="speculate_k for the --confidence runs")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (batch-1 decoding of "
                     "a few-M-parameter model gains little from more)")

@@ -106,6 +106,23 @@ def test_quantlinear_matches_dequantized_weight_and_keeps_bias():
         assert torch.allclose(q.dequantized_weight(), fake_quantize(lin.weight, bits, g))
 
 
+def test_casting_to_half_precision_keeps_the_scales_exact():
+    """model.to(bfloat16) must not round the quantization grid: the scales stay fp32 (bf16 would move them
+    by up to 0.4%), and the dequantized weight in bf16 is the fp32 one rounded once."""
+    lin = torch.nn.Linear(128, 48)
+    with torch.no_grad():
+        lin.weight.copy_(_weights())
+    for bits, g in ((8, None), (4, 32)):
+        q = rtn_linear(lin, bits, g)
+        scales = q.scales.clone()
+        half = q.to(torch.bfloat16)
+        assert half.scales.dtype == torch.float32 and torch.equal(half.scales, scales)
+        assert half.bias.dtype == torch.bfloat16  # everything else follows the cast
+        assert torch.equal(half.dequantized_weight(torch.bfloat16), q.dequantized_weight().to(torch.bfloat16))
+        from_bf16_bias = QuantLinear.from_codes(q.codes(), scales, q.zeros, bits, g, bias=half.bias)
+        assert from_bf16_bias.scales.dtype == torch.float32 and torch.equal(from_bf16_bias.scales, scales)
+
+
 def _output_error(W, W_hat, X):
     return float((X @ W.t() - X @ W_hat.t()).norm())
 

@@ -77,7 +77,8 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
         zeros.copy_(z)
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(K, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    group_of = perm // G  # group (original column // G) of each permuted column
+    group_of = (perm // G).tolist()  # group (original column // G) of each permuted column; on the host, so
+    # the column loop below never waits for the GPU
     U = hessian_inverse_factor(H, percdamp)
     if not static:  # whole groups per lazy block, so a group's parameters see all earlier feedback
         blocksize = G * max(1, blocksize // G)
@@ -88,7 +89,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
         err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
-            g = int(group_of[col])
+            g = group_of[col]
             if not static and col % G == 0:
                 s, z = find_params(W1[:, i:i + G], bits)
                 scales[:, g], zeros[:, g] = s, z

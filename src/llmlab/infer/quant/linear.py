@@ -123,12 +123,12 @@ class QuantLinear(nn.Module):
         N, K = out_features, in_features
         if bits == 8:
             self.register_buffer("qweight", torch.zeros(N, K, dtype=torch.int8, device=device))
-            self.register_buffer("scales", torch.ones(N, dtype=dtype, device=device))
+            self.register_buffer("scales", torch.ones(N, dtype=torch.float32, device=device))
             self.zeros = None
         else:
             G = self.group_size
             self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("scales", torch.ones(N, K // G, dtype=dtype, device=device))
+            self.register_buffer("scales", torch.ones(N, K // G, dtype=torch.float32, device=device))
             self.register_buffer("zeros", torch.zeros(N, K // G, dtype=torch.uint8, device=device))
         self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
         self.register_buffer("input_scale", torch.ones(K, dtype=dtype, device=device) if input_scale else None)
@@ -164,27 +164,34 @@ class QuantLinear(nn.Module):
         return self.qweight if self.bits == 8 else unpack_int4(self.qweight)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
-        """The weight the stored integers stand for, [N, K] (or the given block of rows)."""
+        """The weight the stored integers stand for, [N, K] (or the given block of rows), computed in fp32 and
+        rounded once to `dtype`."""
         if self.bits == 8:
-            return self.qweight[rows].to(dtype) * self.scales[rows, None].to(dtype)
-        q = unpack_int4(self.qweight[rows]).to(dtype)
+            return (self.qweight[rows].float() * self.scales[rows, None]).to(dtype)
+        q = unpack_int4(self.qweight[rows]).float()
         n, G = q.shape[0], self.group_size
-        scales, zeros = self.scales[rows].to(dtype), self.zeros[rows].to(dtype)
-        return ((q.view(n, -1, G) - zeros[..., None]) * scales[..., None]).view(n, -1)
+        scales, zeros = self.scales[rows], self.zeros[rows].float()
+        return ((q.view(n, -1, G) - zeros[..., None]) * scales[..., None]).view(n, -1).to(dtype)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}, "
                 f"bias={self.bias is not None}, kernel={self.kernel}")
 
-    # ----- checkpoints: scales are stored as fp16 whatever the compute dtype -----
+    # ----- scales: fp32 in memory whatever the compute dtype (a bf16 copy would round them by up to 0.4%;
+    # kernels convert them when they build their payload), fp16 in checkpoints (quantizers round them to
+    # fp16-representable values, so that is exact) -----
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "scales"] = destination[prefix + "scales"].to(torch.float16)
 
     def _apply(self, fn, recurse=True):
         self._impl = {}  # moved or cast: packed copies of the weight are stale
-        return super()._apply(fn, recurse)
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float32:  # model.to(bfloat16): move the scales, keep them exact
+            self.scales = scales.to(device=self.scales.device, dtype=torch.float32)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._impl = {}
@@ -208,8 +215,9 @@ class QuantLinear(nn.Module):
     def _dequant_matmul(self, x: torch.Tensor) -> torch.Tensor:
         # Rebuild the weight a block of rows at a time: the fp temporary (~1 MB) stays in cache instead
         # of streaming a full-size copy through memory before the matmul reads it again.
+        # On GPUs one whole-weight rebuild is cheaper than a kernel launch per block.
         step = max(16, (1 << 18) // self.in_features)
-        if step >= self.out_features:
+        if step >= self.out_features or x.device.type != "cpu":
             return F.linear(x, self.dequantized_weight(x.dtype))
         out = [F.linear(x, self.dequantized_weight(x.dtype, slice(i, i + step)))
                for i in range(0, self.out_features, step)]
