@@ -1,4 +1,5 @@
-"""DDP and FSDP2 on 2 CPU processes (gloo, launched by torchrun) against single-process runs.
+"""DDP and FSDP2 on 2 CPU processes (gloo, launched by torchrun) against single-process runs, and SIGTERM
+to one rank of a real torchrun job.
 
 The loader gives rank r of step s the windows a single process with batch 2B reads at step s (or with
 batch B and 2 accumulation steps), so the loss curves must agree to float rounding (1e-5), and an FSDP
@@ -7,6 +8,7 @@ checkpoint written by 2 ranks (through torch.distributed.checkpoint) must resume
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -107,3 +109,69 @@ def test_fsdp_checkpoint_resumes_on_2_and_1_ranks(runs, shards, nproc):
     assert sorted(resumed) == list(range(5, STEPS + 1))
     np.testing.assert_allclose([resumed[s] for s in sorted(resumed)], [full[s] for s in sorted(resumed)],
                                rtol=0, atol=1e-5)
+
+
+def _workers(agent_pid: int) -> dict[int, int]:
+    """{RANK: pid} of the processes torchrun's agent started (read from /proc)."""
+    workers = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            workers[int(env[b"RANK"])] = int(entry.name)
+        except (OSError, KeyError, ValueError, IndexError):
+            continue  # gone, or not a worker
+    return workers
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(shards, tmp_path, strategy):
+    """A preemption notice that reaches one worker only: every rank must stop after the same step and write
+    one checkpoint together (a rank that stopped alone would leave the others waiting in a collective). This
+    caught a race: a signal landing after the step's stop agreement made its rank leave the loop alone, and
+    the other rank hung or paired its next all-reduce with the leaver's checkpoint barrier."""
+    import signal
+    import time
+
+    out, name = tmp_path / "runs", "term"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmlab",
+           "pretrain", "--config", "configs/tiny.toml", f"data.shards={shards}", f"train.out_dir={out}",
+           f"train.run_name={name}", "train.progress=false", "train.plot=false", "train.threads=1",
+           "optim.max_steps=100000", "train.ckpt_every=0", "train.eval_every=0", "train.keep_last=0",
+           "train.peak_flops=1e11", "data.batch_size=4", f"parallel.strategy={strategy}"]
+    agent = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    workers = {}
+    try:
+        run, deadline = out / name, time.monotonic() + 120
+        while time.monotonic() < deadline and agent.poll() is None and _last_step(run) < 5:
+            time.sleep(0.05)
+        workers = _workers(agent.pid)
+        assert sorted(workers) == [0, 1], (workers, agent.poll())
+        os.kill(workers[1], signal.SIGTERM)
+        _, err = agent.communicate(timeout=120)
+    finally:  # never leave workers behind: killing the agent alone would orphan them
+        for pid in [agent.pid, *workers.values()]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert agent.returncode == 0, err[-3000:]
+    losses = _losses(run)
+    last = max(losses)
+    assert 5 <= last < 100000 and sorted(losses) == list(range(1, last + 1))
+    ckpts = sorted(p.name for p in run.glob("ckpt-*"))
+    assert ckpts == [f"ckpt-{last:06d}"]  # one checkpoint, at the step both ranks finished
+    Transformer.load(run / ckpts[0])  # complete (FSDP: consolidated from the DCP shards)
+
+
+def _last_step(run) -> int:
+    try:
+        return max(_losses(run), default=0)
+    except (OSError, ValueError):  # not written yet, or a line being written
+        return 0

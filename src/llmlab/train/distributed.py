@@ -16,6 +16,8 @@ and fp32 gradient reduction on GPUs; fp32 throughout on CPU, where bf16 matmuls 
   so one saved by N ranks resumes on any number of ranks, including a single process.
 - `stop_on_signals(trainer)`: SIGTERM / SIGINT set `trainer.should_stop`; the trainer finishes the
   step, writes a checkpoint and returns, and the process exits 0. A second signal interrupts at once.
+  Under torchrun the signal may reach one rank only, or the ranks at different moments: all of them stop
+  after the first step at whose end any had it (the trainer agrees on it with one all-reduce).
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ Extension points (issue 4 and later objectives hook in here, the loop itself sta
   Parallelize before constructing the Trainer: the optimizer is built over the parameters it finds.
 - `checkpointer`: a Checkpointer (or a distributed subclass) does all checkpoint I/O.
 - `should_stop`: set it (e.g. from a SIGTERM handler) and the loop checkpoints and returns after the step.
+  It is a request: the loop acts on it only once every rank has agreed on it (see _agree), so a signal that
+  lands between two collectives on one rank cannot make that rank leave the loop alone.
 """
 
 from __future__ import annotations
@@ -341,7 +343,10 @@ class Trainer:
         started = time.perf_counter()
         bar = tqdm(total=max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.cfg.progress and self.is_main))
-        while self.step < max_steps and not self.should_stop:
+        # The agreed stop; self.should_stop is only a request (see the module docstring). One process has no
+        # one to agree with, so there a request stops the loop after the step it arrived in.
+        stopping = self.world_size == 1 and self.should_stop
+        while self.step < max_steps and not stopping:
             record = self.train_step()
             if record is None:  # rolled back: the bar follows the restored step
                 bar.n = self.step
@@ -351,15 +356,15 @@ class Trainer:
             done = self.step >= max_steps
             time_up = bool(not done and self.cfg.max_minutes
                            and time.perf_counter() - started > 60 * self.cfg.max_minutes)
-            time_up, self.should_stop = self._agree(time_up, self.should_stop)
+            time_up, stopping = self._agree(time_up, self.should_stop)
             if time_up:
                 # A time cap ends the run like the last step would (eval + checkpoint); the LR schedule
                 # is not stretched, so resuming later continues exactly where this stopped.
                 self._events.append({"type": "time_limit", "minutes": self.cfg.max_minutes})
-                done = self.should_stop = True
+                done = stopping = True
             if self.eval_fn is not None and (done or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
                 record.update(self.evaluate())
-            if done or self.should_stop or (self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0):
+            if done or stopping or (self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0):
                 self.save()
             record["events"] = self._take_events()
             if record["events"] or self.step % self.cfg.log_every == 0 or done:
@@ -367,7 +372,8 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_end(self, record)
             bar.set_postfix_str(self._postfix(record), refresh=False)
-        if self.should_stop and self._saved_step != self.step:  # stop requested after this step's save point
+            stopping = stopping or (self.world_size == 1 and self.should_stop)
+        if stopping and self._saved_step != self.step:  # the request came after this step's save point
             self.save()
             self._write(self._event_record())
         bar.close()
