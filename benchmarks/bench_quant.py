@@ -90,8 +90,6 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
         dev = resolve_device(device)
     except LLMLabError as e:
         fail(str(e))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {device}: torch sees no CUDA device here; use --device cpu (or auto)")
     return dev, DTYPES[dtype]
 
 

@@ -18,3 +18,28 @@ def test_version_flag(capsys):
 def test_python_m_llmlab_runs():
     out = subprocess.run([sys.executable, "-m", "llmlab", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"llmlab {__version__}"
+
+
+def test_device_names_resolve_or_fail_in_one_line(monkeypatch, tmp_path, capsys):
+    import pytest
+    import torch
+
+    from llmlab.device import resolve_device, resolve_dtype
+    from llmlab.errors import ConfigError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type in ("cpu", "mps")
+    for bad, match in (("cuda", "no CUDA device"), ("cuda:3", "no CUDA device"), ("tpu", "not a device torch knows")):
+        with pytest.raises(ConfigError, match=match):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"only 2 CUDA device\(s\) here; use cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # a command asked for a missing GPU: one line, exit 2, before anything is loaded
+    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "a", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and err.count("\n") == 1
