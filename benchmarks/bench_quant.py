@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from llmlab.device import synchronize
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BASELINES = {torch.float32: ("fp32", 32), torch.bfloat16: ("bf16", 16)}  # baseline variant name, bits
 
@@ -49,14 +51,6 @@ def variants(groups: list[int], dtype: torch.dtype = torch.float32) -> list[tupl
     for g in groups:
         out += [(f"int4-rtn-g{g}", "rtn", 4, g), (f"int4-gptq-g{g}", "gptq", 4, g), (f"int4-awq-g{g}", "awq", 4, g)]
     return out
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a wall-clock interval covers the kernels it launched."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def decode_seconds(model, prompt: list[int], new_tokens: int) -> float:

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from llmlab.device import synchronize
 from llmlab.infer import generate
 from llmlab.infer.lookup import PromptLookup
 from llmlab.infer.speculative import speculative_generate
@@ -78,14 +79,6 @@ def checkpoint_dir(path: Path) -> Path:
         sys.exit(f"bench_speculative: no checkpoint at {path}; train a target and a draft first "
                  "(the commands are in this script's docstring) or pass --target/--draft")
     return ckpts[-1]
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a wall-clock interval covers the kernels it launched."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,4 +1,4 @@
-"""Device and dtype resolution shared by training, inference and evaluation.
+"""Device and dtype resolution shared by training, inference and evaluation, and the one device sync timers use.
 
 `device="auto"` picks cuda, then mps, then cpu; `dtype="auto"` is bf16 on GPUs that support it and fp32
 elsewhere (CPU bf16 matmuls are slow and lossy, so CPU runs stay in fp32).
@@ -46,3 +46,11 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str 
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype={dtype!r} is unknown; use one of auto, {', '.join(sorted(_DTYPES))}")
     return _DTYPES[dtype]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers the kernels it launched (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

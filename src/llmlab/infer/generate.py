@@ -211,12 +211,11 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
         raise ConfigError(f"--draft-confidence {draft_confidence} needs --draft CKPT (a draft model); add one or "
                           "drop the confidence")
     if draft is not None or lookup:  # checked before the tokenizer loads: a bad draft fails fast
-        from llmlab.infer.speculative import check_draft_confidence, load_draft
+        from llmlab.infer.speculative import load_draft
 
         tok_dir = Path(tokenizer) if tokenizer is not None else checkpoint / "tokenizer"
         draft_model = load_draft(model, draft, lookup=lookup, speculate_k=speculate_k, tokenizer_dir=tok_dir,
                                  device=dev, dtype=dtype)
-        check_draft_confidence(draft_confidence, draft_model)
     tok = _load_tokenizer(checkpoint, tokenizer)
     ids = tok.encode(prompt, allowed_special="all")
     if doc_start and tok.eos_id is not None:

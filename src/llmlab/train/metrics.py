@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from llmlab.device import synchronize
 from llmlab.errors import ConfigError
 from llmlab.fsutil import write_text_atomic
 
@@ -64,18 +65,13 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
         b = torch.randn(n, n, device=device).to(dtype)
         best = math.inf
         for _ in range(reps + 1):  # the first rep warms up the BLAS threads/kernels
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             torch.mm(a, b)
-            _sync(device)
+            synchronize(device)
             best = min(best, time.perf_counter() - t0)
         _measured[key] = 2 * n**3 / best
     return _measured[key]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None = None) -> float:
