@@ -213,17 +213,53 @@ def test_fused_loss_equals_cross_entropy_of_the_logits(flavour, monkeypatch):
         assert model.loss(x, y).item() == pytest.approx(plain.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("rows,out_features,bias", [(1, 768, True), (3, 1024, False), (8, 8192, False),
-                                                    (1, 50257, False), (2, 31, True)])
-def test_rowblock_linear_equals_f_linear(rows, out_features, bias):
-    from llmlab.model.transformer import linear, rowblock_linear
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,out_features,bias", [((1, 1, 512), 768, True), ((1, 5, 512), 1536, False),
+                                                     ((2, 3, 256), 8192, False), ((9, 512), 512, True)])
+def test_packed_linear_equals_f_linear(shape, out_features, bias, dtype):
+    """The oneDNN route (decode, verification, prefill sizes) computes F.linear, in fp32 and bf16."""
+    from llmlab.model.cpu_matmul import onednn_supports, packed_linear
+    from llmlab.model.transformer import linear
 
-    layer = torch.nn.Linear(64, out_features, bias=bias)
-    x = torch.randn(rows, 1, 64)
+    if not onednn_supports(dtype):
+        pytest.skip(f"this torch build / CPU has no packed oneDNN linear in {dtype}")
+    layer = torch.nn.Linear(shape[-1], out_features, bias=bias).to(dtype)
+    x = torch.randn(*shape).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     with torch.no_grad():
-        expected = F.linear(x, layer.weight, layer.bias)
-        torch.testing.assert_close(rowblock_linear(x, layer.weight, layer.bias), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(linear(layer, x), expected, rtol=1e-5, atol=1e-5)
+        expected = F.linear(x.float(), layer.weight.float(), None if bias is False else layer.bias.float())
+        got = packed_linear(layer, x)
+        assert got is not None and got.dtype == dtype and got.shape == expected.shape
+        torch.testing.assert_close(got.float(), expected, **tol)
+        torch.testing.assert_close(linear(layer, x).float(), expected, **tol)
+
+
+def test_packed_linear_follows_weight_updates():
+    """The packed copy is rebuilt after an in-place change (an optimizer step) and after load_state_dict."""
+    from llmlab.model.cpu_matmul import onednn_supports, packed_linear
+
+    if not onednn_supports(torch.float32):
+        pytest.skip("this torch build / CPU has no packed oneDNN linear")
+    layer = torch.nn.Linear(512, 512)
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(packed_linear(layer, x), F.linear(x, layer.weight, layer.bias))  # packs
+        layer.weight.mul_(2.0)
+        torch.testing.assert_close(packed_linear(layer, x), F.linear(x, layer.weight, layer.bias))
+        layer.load_state_dict({"weight": torch.randn(512, 512), "bias": torch.zeros(512)})
+        torch.testing.assert_close(packed_linear(layer, x), F.linear(x, layer.weight, layer.bias),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_stays_out_of_training_and_tiny_products():
+    """Autograd needs F.linear; a product too small to repay oneDNN's call overhead keeps F.linear too."""
+    from llmlab.model.cpu_matmul import packed_linear
+
+    big, tiny = torch.nn.Linear(512, 512), torch.nn.Linear(128, 128)
+    assert packed_linear(big, torch.randn(4, 512)) is None  # grad enabled
+    with torch.no_grad():
+        assert packed_linear(tiny, torch.randn(1, 128)) is None
+        assert packed_linear(big, torch.randn(4, 512, dtype=torch.float64)) is None  # dtype mismatch
 
 
 def test_decode_sized_linears_still_run_hooks():

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from llmlab.errors import CheckpointError, ConfigError, ModelError
 from llmlab.fsutil import atomic_dir
 from llmlab.model.config import ModelConfig
+from llmlab.model.cpu_matmul import packed_linear
 from llmlab.model.kv_cache import CacheStep, KVCache
 from llmlab.model.loss import linear_cross_entropy
 
@@ -88,32 +89,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-# Decode multiplies a few rows by each weight matrix, which is bound by streaming the weights from memory. On CPU
-# (MKL, fp32) a [rows, K] x [K, N] GEMM against nn.Linear's [N, K] weight streams them 3-7x slower than the
-# same product as a batch of row blocks, W.view(c, N/c, K) @ x^T (measured at d_model 256-1024, 1-2 threads),
-# so small-row products on CPU take that route. Swapped-in modules (quantized linears) and modules with hooks
-# keep their own forward; GPUs keep F.linear.
-SMALL_ROWS = 8
-
-
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x), through the row-block product for decode-sized inputs on CPU (see above)."""
-    if (x.device.type == "cpu" and type(module) is nn.Linear and x.numel() <= SMALL_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled() and not (module._forward_hooks or module._forward_pre_hooks)):
-        return rowblock_linear(x, module.weight, module.bias)
+    """module(x); a plain nn.Linear without hooks runs through a packed oneDNN weight where that pays (CPU
+    inference: decode, speculative verification, prefill; see cpu_matmul.py). Swapped-in modules (quantized
+    linears) and hooked ones (calibration) keep their own forward."""
+    if type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks):
+        y = packed_linear(module, x)
+        if y is not None:
+            return y
     return module(x)
-
-
-def rowblock_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) computed as a bmm over row blocks of the weight."""
-    N, K = weight.shape
-    c = next((c for c in (4, 2, 3, 5, 7) if N % c == 0), 1)
-    if c == 1 or not weight.is_contiguous():
-        return F.linear(x, weight, bias)
-    rows = x.reshape(-1, K)
-    w3, x3 = weight.view(c, N // c, K), rows.t().expand(c, K, rows.shape[0])
-    out = torch.bmm(w3, x3) if bias is None else torch.baddbmm(bias.view(c, N // c, 1), w3, x3)
-    return out.view(N, rows.shape[0]).t().contiguous().view(*x.shape[:-1], N)
 
 
 def math_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
