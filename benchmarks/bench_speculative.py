@@ -121,6 +121,7 @@ def run(args) -> dict:
     settings = [("draft", draft, k, None) for k in args.k]
     settings += [("draft", draft, k, c) for k in args.confidence_k for c in args.confidence]
     settings += [("lookup", PromptLookup(), k, None) for k in args.lookup_k]
+    settings += [("lookup_draft", PromptLookup(fallback=draft), k, None) for k in args.lookup_draft_k]
     for kind, proposer, k, conf in settings:
         name = f"{kind}_k{k}" + (f"_c{conf:g}" if conf is not None else "")
         methods[name] = lambda ids, proposer=proposer, k=k, conf=conf: speculative_generate(
@@ -185,15 +186,16 @@ def _pooled(stats) -> dict:
     return {"acceptance_rate": round(acc / prop, 4) if prop else None,
             "mean_accepted_length": round(acc / rounds, 3),
             "target_forwards_per_token": round(fwd / gen, 4),
-            "draft_forwards_per_token": round(sum(s.draft_forwards for s in stats) / gen, 4)}
+            "draft_forwards_per_token": round(sum(s.draft_forwards for s in stats) / gen, 4),
+            "lookup_round_share": round(sum(s.lookup_rounds for s in stats) / sum(s.rounds for s in stats), 3)}
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")]
+    return [float(x) for x in text.split(",") if x]
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
+    return [int(x) for x in text.split(",") if x]
 
 
 def main() -> None:
@@ -204,6 +206,9 @@ def main() -> None:
     ap.add_argument("--k", type=_ints, default=[1, 2, 3, 4], help="draft tokens proposed per round (list)")
     ap.add_argument("--lookup-k", type=_ints, default=[4, 6, 10],
                     help="most prompt-lookup tokens per round (list; a match of g tokens proposes <= g(g+1)/2)")
+    ap.add_argument("--lookup-draft-k", type=_ints, default=[4, 6],
+                    help="speculate_k for lookup-then-draft (prompt lookup where it matches 2+ tokens, the draft "
+                         "elsewhere; list, empty string for none)")
     ap.add_argument("--confidence", type=_floats, default=[],
                     help="also run the draft with these draft_confidence values (list; guesses stop where the "
                          "draft's top probability is lower), at each of --confidence-k")

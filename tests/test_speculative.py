@@ -49,7 +49,7 @@ PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 def test_greedy_speculative_equals_plain_greedy(flavour):
     target = tiny(flavour)
     drafts = {"other": tiny(flavour, seed=1), "noisy": perturbed(target, 0.15), "self": target,
-              "lookup": "lookup"}
+              "lookup": "lookup", "lookup+noisy": PromptLookup(fallback=perturbed(target, 0.15))}
     expected = generate(target, PROMPT, 40, temperature=0)
     rates = {}
     for k in (1, 2, 4, 7):
@@ -97,7 +97,7 @@ def test_greedy_batched_ragged_prompts(flavour):
     target = tiny(flavour)
     prompts = [[7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [5, 6, 5, 6, 5]]
     expected = generate(target, prompts, 25, temperature=0)
-    for draft in (perturbed(target, 0.15), target, "lookup"):
+    for draft in (perturbed(target, 0.15), target, "lookup", PromptLookup(fallback=perturbed(target, 0.15))):
         for k in (1, 3, 6):
             out = speculative_generate(target, draft, prompts, 25, temperature=0, speculate_k=k)
             assert out.equal(expected), (draft if isinstance(draft, str) else "model", k)
@@ -109,7 +109,7 @@ def test_stop_tokens_and_max_new_tokens_are_exact():
     target = tiny("llama")
     plain = generate(target, PROMPT, 30, temperature=0)
     stop = int(plain[len(PROMPT) + 11])  # a token the output reaches after 12 steps
-    for draft in (target, perturbed(target, 0.15), "lookup"):
+    for draft in (target, perturbed(target, 0.15), "lookup", PromptLookup(fallback=perturbed(target, 0.15))):
         for n in range(7):  # all-accepted rounds would emit k+1 tokens: the last round must be cut
             out = speculative_generate(target, draft, PROMPT, n, temperature=0, speculate_k=4)
             assert out.tolist() == plain[: len(PROMPT) + n].tolist()
@@ -121,6 +121,19 @@ def test_stop_tokens_and_max_new_tokens_are_exact():
     for draft in (target, perturbed(target, 0.15), "lookup"):
         out = speculative_generate(target, draft, prompts, 20, temperature=0, stop=[stop, 17], speculate_k=3)
         assert out.equal(ref)
+
+
+def test_lookup_then_draft_uses_each_proposer_where_it_fits():
+    """Rounds with a long enough lookup match go to prompt lookup, the others to the draft; stats count both."""
+    target = tiny("llama")
+    looping = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]  # every context ends in a long match at first
+    draft = perturbed(target, 0.15)
+    out, stats = speculative_generate(target, PromptLookup(fallback=draft), looping, 30, temperature=0,
+                                      speculate_k=4, return_stats=True)
+    assert out.equal(generate(target, looping, 30, temperature=0))
+    _, alone = speculative_generate(target, draft, looping, 30, temperature=0, speculate_k=4, return_stats=True)
+    assert 0 < stats.lookup_rounds < stats.rounds
+    assert 0 < stats.draft_forwards < alone.draft_forwards
 
 
 def test_stats_with_a_draft_that_always_agrees():
@@ -253,6 +266,7 @@ SAMPLING = [
     ("draft", dict(temperature=1.0, top_k=3)),
     ("lookup", dict(temperature=1.0)),
     ("lookup", dict(temperature=0.8, top_p=0.9)),
+    ("lookup+draft", dict(temperature=1.0)),
 ]
 
 
@@ -264,7 +278,8 @@ def test_sampled_tokens_follow_the_plain_sampling_distribution(small_pair, propo
     stat, threshold = chi_square(generate(target, ids, N_NEW, seed=1, **opts), probs)
     assert stat < threshold  # the harness itself: plain sampling passes
     confidence = float(proposer.split("@")[1]) if "@" in proposer else None
-    out, stats = speculative_generate(target, "lookup" if proposer == "lookup" else draft, ids, N_NEW, seed=1,
+    proposers = {"lookup": "lookup", "lookup+draft": PromptLookup(fallback=draft)}
+    out, stats = speculative_generate(target, proposers.get(proposer, draft), ids, N_NEW, seed=1,
                                       speculate_k=2, draft_confidence=confidence, return_stats=True, **opts)
     assert 0.05 < stats.acceptance_rate < 0.95  # both accept and reject paths are exercised
     if confidence is not None:  # rounds with fewer guesses than speculate_k happened
@@ -308,6 +323,8 @@ def test_bad_speculative_input_is_one_clear_error():
             generate(target, PROMPT, 5, draft=target, speculate_k=k)
     with pytest.raises(ModelError, match=r"draft model's context \(block_size 16\) is shorter .* \(18\)"):
         generate(target, PROMPT, 10, draft=tiny("gpt2", block_size=16))
+    with pytest.raises(ModelError, match=r"draft model's vocabulary has 300 tokens"):  # a lookup fallback too
+        generate(target, PROMPT, 5, draft=PromptLookup(fallback=tiny("gpt2", vocab_size=300)))
     with pytest.raises(ModelError, match="draft='ngram' is not a model"):
         generate(target, PROMPT, 5, draft="ngram")
     with pytest.raises(ConfigError, match="min_ngram=3 exceeds max_ngram=2"):
@@ -360,7 +377,8 @@ def test_cli_speculative_greedy_prints_the_plain_greedy_text(checkpoints, capsys
     assert main(base) == 0
     plain = capsys.readouterr().out
     for extra in (["--draft", checkpoints["draft"], "--speculate-k", "3"], ["--lookup"],
-                  ["--draft", checkpoints["draft"], "--draft-confidence", "0.3"]):
+                  ["--draft", checkpoints["draft"], "--draft-confidence", "0.3"],
+                  ["--lookup", "--draft", checkpoints["draft"]]):
         assert main(base + extra) == 0
         assert capsys.readouterr().out == plain
 
@@ -370,7 +388,7 @@ def test_cli_speculative_greedy_prints_the_plain_greedy_text(checkpoints, capsys
     (lambda c: ["--draft", c["wrong_tokenizer"]], "tokenizer differs from the target's"),
     (lambda c: ["--draft", c["draft"], "--speculate-k", "0"], "speculate_k=0 must be an integer >= 1"),
     (lambda c: ["--lookup", "--speculate-k", "-2"], "speculate_k=-2"),
-    (lambda c: ["--lookup", "--draft", c["draft"]], "choose one"),
+    (lambda c: ["--lookup", "--draft", c["wrong_vocab"]], "draft model's vocabulary has"),
     (lambda c: ["--draft", c["target"] + "-missing"], "does not exist"),
     (lambda c: ["--draft-confidence", "0.5"], "needs --draft CKPT"),
     (lambda c: ["--draft", c["draft"], "--draft-confidence", "2"], "draft_confidence=2.0 must be a probability"),

@@ -37,19 +37,24 @@ from llmlab.errors import ConfigError
 class PromptLookup:
     """Proposal rule: copy what followed the most recent earlier occurrence of the context's final n-gram
     (n = max_ngram .. min_ngram; at most n(n+1)/2 tokens for a match of n). Pass an instance (or the string
-    "lookup") as generate(draft=...)."""
+    "lookup") as generate(draft=...).
 
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 1):
+    fallback: a draft model (a Transformer sharing the target's vocabulary) that proposes in the rounds where
+    lookup has too little to offer (see llmlab.infer.speculative: lookup first, then the draft); None keeps
+    decoding draft-free."""
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, fallback=None):
         for name, value in (("max_ngram", max_ngram), ("min_ngram", min_ngram)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"prompt lookup {name}={value!r} must be an integer >= 1 (e.g. 4)")
         if min_ngram > max_ngram:
             raise ConfigError(f"prompt lookup min_ngram={min_ngram} exceeds max_ngram={max_ngram}; "
                               "make min_ngram <= max_ngram")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.max_ngram, self.min_ngram, self.fallback = max_ngram, min_ngram, fallback
 
     def __repr__(self) -> str:
-        return f"PromptLookup(max_ngram={self.max_ngram}, min_ngram={self.min_ngram})"
+        fallback = "" if self.fallback is None else f", fallback={type(self.fallback).__name__}"
+        return f"PromptLookup(max_ngram={self.max_ngram}, min_ngram={self.min_ngram}{fallback})"
 
     def index(self, tokens: Iterable[int] = ()) -> NgramIndex:
         """A fresh index over `tokens`, to be extended as the sequence grows."""

@@ -41,6 +41,11 @@ the context. They are a deterministic function of the context, i.e. q is one-hot
 rule then accepts x with probability p(x) and on rejection samples p with x removed, renormalised: still
 exact. Rows without a match propose nothing, so their round is a plain decoding step.
 
+Lookup then draft (PromptLookup(fallback=draft_model); `llmlab generate --lookup --draft CKPT`): a round
+goes to prompt lookup when every live row has a match worth LOOKUP_OVER_DRAFT tokens, and to the draft model
+otherwise. Which proposer a round uses is decided from the context alone, so each round is an exact round
+of one of the two; the draft's cache catches up on the tokens of lookup rounds in its next forward.
+
 When it pays: speedup = tokens per round / (cost of a verification forward over K+1 tokens + K draft steps),
 in units of a plain decoding step. On a GPU the verification is nearly free until K+1 reaches the width where
 the matmuls stop being bound by streaming the weights. On a 2-core CPU in fp32 it is not: for a 21M-parameter
@@ -72,6 +77,11 @@ from llmlab.infer.lookup import PromptLookup
 from llmlab.infer.sampling import check_sampling, probs_from_logits, sample
 from llmlab.model.kv_cache import KVCache
 
+# Lookup-then-draft: a round goes to prompt lookup when it proposes at least this many tokens (a 2-gram match
+# or longer, see lookup.py) for every live row; a 1-token copy from a 1-gram match is a worse bet than K
+# draft guesses.
+LOOKUP_OVER_DRAFT = 3
+
 
 @dataclass
 class SpeculativeStats:
@@ -81,6 +91,7 @@ class SpeculativeStats:
     rounds: int = 0            # verification rounds = target forwards after the prefill
     target_forwards: int = 0   # including the prompt prefill (plain decoding needs one per token)
     draft_forwards: int = 0    # 0 in draft-free mode
+    lookup_rounds: int = 0     # rounds proposed by prompt lookup (draft-free, or lookup-then-draft)
     proposed: int = 0          # guesses offered to the target, summed over rows still generating
     accepted: int = 0          # guesses the target accepted
     row_rounds: int = 0        # (row, round) pairs with the row still generating
@@ -129,7 +140,8 @@ def speculative_generate(model, draft, ids, max_new_tokens: int, temperature: fl
     lens = lengths or [P] * B
     stats = SpeculativeStats(rows=B)
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    models = [model] + ([draft] if isinstance(draft, torch.nn.Module) else [])
+    draft_model = draft.fallback if isinstance(draft, PromptLookup) else draft
+    models = [model] + ([draft_model] if draft_model is not None else [])
     modes = [m.training for m in models]
     try:
         for m in models:
@@ -156,7 +168,7 @@ def check_draft_confidence(confidence, draft) -> None:
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
         raise ConfigError(f"draft_confidence={confidence!r} must be a probability strictly between 0 and 1 "
                           "(e.g. 0.5), or None to always propose speculate_k tokens")
-    if isinstance(draft, PromptLookup):
+    if isinstance(draft, PromptLookup) and draft.fallback is None:
         raise ConfigError("draft_confidence applies to a draft model; prompt lookup has no probabilities "
                           "(drop the confidence or pass a draft checkpoint)")
 
@@ -169,7 +181,15 @@ def check_draft(model, draft, needed_len: int):
                              "'lookup' for draft-free prompt lookup")
         return PromptLookup()
     if isinstance(draft, PromptLookup):
+        if draft.fallback is not None:
+            check_draft_model(model, draft.fallback, needed_len)
         return draft
+    return check_draft_model(model, draft, needed_len)
+
+
+def check_draft_model(model, draft, needed_len: int):
+    """`draft` if it is a Transformer that can stand in for `model` (vocabulary, context, device), else
+    ModelError."""
     if not isinstance(draft, torch.nn.Module) or not hasattr(draft, "config"):
         raise ModelError(f"draft of type {type(draft).__name__} is not a model; pass a Transformer sharing "
                          "the target's vocabulary, a PromptLookup, or 'lookup'")
@@ -189,22 +209,20 @@ def check_draft(model, draft, needed_len: int):
 
 def load_draft(model, draft: str | Path | None, *, lookup: bool = False, speculate_k: int = 4,
                tokenizer_dir: str | Path | None = None, device="cpu", dtype=None):
-    """The proposer for `llmlab generate --draft CKPT` / `--lookup`: a loaded draft Transformer checked against
-    the target `model` (vocabulary size; the tokenizer too when both tokenizer directories exist), or a
-    PromptLookup. `tokenizer_dir` is the target's tokenizer; the draft's is CKPT/tokenizer."""
+    """The proposer for `llmlab generate --draft CKPT` / `--lookup` / both: a loaded draft Transformer checked
+    against the target `model` (vocabulary size; the tokenizer too when both tokenizer directories exist), a
+    PromptLookup, or a PromptLookup that falls back on the draft. `tokenizer_dir` is the target's tokenizer;
+    the draft's is CKPT/tokenizer."""
     from llmlab.model import Transformer
 
     check_speculate_k(speculate_k)
-    if lookup:
-        if draft is not None:
-            raise ConfigError(f"both a draft checkpoint ({draft}) and lookup were given; choose one: --draft CKPT "
-                              "for a draft model or --lookup for draft-free prompt lookup")
-        return PromptLookup()
+    if draft is None:
+        return PromptLookup() if lookup else None
     draft_model = Transformer.load(draft, device=device, dtype=dtype)
-    check_draft(model, draft_model, 0)
+    check_draft_model(model, draft_model, 0)
     if tokenizer_dir is not None:
         check_same_tokenizer(Path(tokenizer_dir), Path(draft) / "tokenizer")
-    return draft_model
+    return PromptLookup(fallback=draft_model) if lookup else draft_model
 
 
 def check_same_tokenizer(target_dir: Path, draft_dir: Path, roles: tuple[str, str] = ("target", "draft")) -> None:
@@ -353,14 +371,19 @@ class _DraftProposer:
 class _LookupProposer:
     """PromptLookup with one NgramIndex per row, extended as tokens are committed."""
 
-    def __init__(self, lookup: PromptLookup):
-        self.lookup = lookup
-        self.indexes: list = []
-
     def prefill(self, prompt: torch.Tensor, seqs: list[list[int]]) -> None:
         self.indexes = [self.lookup.index(s) for s in seqs]
 
+    def __init__(self, lookup: PromptLookup, stats: SpeculativeStats):
+        self.lookup, self.stats = lookup, stats
+        self.indexes: list = []
+
     def propose(self, seqs, active, K):
+        self.stats.lookup_rounds += 1
+        return self.candidates(active, K)
+
+    def candidates(self, active, K):
+        """This round's proposals without counting the round as a lookup round."""
         props = [ix.propose(K) if a else [] for ix, a in zip(self.indexes, active, strict=True)]
         width = max(len(p) for p in props)  # no row with a match -> an ordinary one-token step
         guesses = torch.tensor([p + [0] * (width - len(p)) for p in props], dtype=torch.long)
@@ -371,6 +394,46 @@ class _LookupProposer:
 
     def commit(self, b: int, n: int, accepted: int) -> None:
         pass
+
+
+class _LookupThenDraft:
+    """Prompt lookup where every live row has a proposal of at least LOOKUP_OVER_DRAFT tokens, the draft
+    model otherwise, decided per round for the whole batch (the choice is a function of the context, so each
+    round is an ordinary exact round of one proposer or the other). The draft skips lookup rounds; its next
+    round feeds it the tokens it missed in one forward (_DraftProposer.valid)."""
+
+    def __init__(self, lookup: _LookupProposer, draft: _DraftProposer):
+        self.lookup, self.draft = lookup, draft
+        self.used: _LookupProposer | _DraftProposer = draft
+
+    def prefill(self, prompt: torch.Tensor, seqs: list[list[int]]) -> None:
+        self.lookup.prefill(prompt, seqs)
+        self.draft.prefill(prompt, seqs)
+
+    def propose(self, seqs, active, K):
+        guesses, q, n_proposed = self.lookup.candidates(active, K)
+        enough = min(K, LOOKUP_OVER_DRAFT)
+        if all(n >= enough for n, a in zip(n_proposed, active, strict=True) if a):
+            self.used = self.lookup
+            self.lookup.stats.lookup_rounds += 1
+            return guesses, q, n_proposed
+        self.used = self.draft
+        return self.draft.propose(seqs, active, K)
+
+    def extend(self, b: int, tokens: list[int]) -> None:
+        self.lookup.extend(b, tokens)
+
+    def commit(self, b: int, n: int, accepted: int) -> None:
+        self.used.commit(b, n, accepted)
+
+
+def _proposer(draft, batch, max_len, opts, generator, stats, confidence):
+    if not isinstance(draft, PromptLookup):
+        return _DraftProposer(draft, batch, max_len, opts, generator, stats, confidence)
+    lookup = _LookupProposer(draft, stats)
+    if draft.fallback is None:
+        return lookup
+    return _LookupThenDraft(lookup, _DraftProposer(draft.fallback, batch, max_len, opts, generator, stats, confidence))
 
 
 # ----- the loop -----
@@ -389,10 +452,7 @@ def _speculate(model, draft, prompt, lens, max_new, k, opts, generator, stop, pa
         if P > 1:  # every prompt token but the last: the first round feeds it with the guesses
             model(prompt[:, :-1], cache=cache, return_hidden=True)
             stats.target_forwards += 1
-        if isinstance(draft, PromptLookup):
-            proposer = _LookupProposer(draft)
-        else:
-            proposer = _DraftProposer(draft, B, P + max_new, opts, generator, stats, confidence)
+        proposer = _proposer(draft, B, P + max_new, opts, generator, stats, confidence)
         proposer.prefill(prompt, seqs)
         while any(active):
             live = [b for b in range(B) if active[b]]

@@ -31,6 +31,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MIN_MACS = 1 << 17  # rows x out x in below which oneDNN's call overhead outweighs its faster kernel
+_enabled = True
+
+
+def enable(flag: bool = True) -> bool:
+    """Turn the oneDNN route on or off for the whole process (benchmarks compare the two); returns the
+    previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    return previous
 
 
 def packed_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
@@ -38,7 +47,7 @@ def packed_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     or does not apply (see the module docstring)."""
     w = module.weight
     N, K = w.shape
-    if (x.device.type != "cpu" or x.dtype != w.dtype or torch.is_grad_enabled()
+    if (not _enabled or x.device.type != "cpu" or x.dtype != w.dtype or torch.is_grad_enabled()
             or x.numel() * N < MIN_MACS or not onednn_supports(w.dtype) or torch.compiler.is_compiling()):
         return None
     return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(module), module.bias, "none", [], "")
