@@ -13,8 +13,9 @@ Where it applies: CPU tensors, no autograd (decode, prefill, evaluation), fp32 (
 bf16 instructions), and products of at least MIN_MACS multiply-adds: a oneDNN call costs ~12 us of fixed
 overhead, where F.linear on a 128 x 128 weight costs 2 us. Everything else returns None and the caller uses
 F.linear. The packed copy is kept per module, keyed by the weight's storage and version counter, so an
-optimizer step, load_state_dict or .to() makes it repack on the next call; it costs one extra copy of each
-packed weight in memory.
+optimizer step, load_state_dict or .to() makes it repack on the next call (weights created under
+torch.inference_mode have no version counter: changing one in place there is not seen); it costs one extra
+copy of each packed weight in memory.
 
 The ops are torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise, the ones torch's inductor emits for
 CPU linears. A build without them (or a CPU oneDNN refuses) is detected once, by a probe compared against
@@ -60,7 +61,8 @@ _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _packed_weight(module: nn.Linear) -> torch.Tensor:
     w = module.weight
-    key = (w.data_ptr(), w._version, w.dtype)
+    # Inference tensors (made under torch.inference_mode) keep no version counter; only their storage counts.
+    key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype)
     cached = _PACKED.get(module)
     if cached is None or cached[0] != key:
         cached = _PACKED[module] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
