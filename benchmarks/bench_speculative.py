@@ -205,10 +205,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--k", type=_ints, default=[1, 2, 3, 4], help="draft tokens proposed per round (list)")
     ap.add_argument("--lookup-k", type=_ints, default=[4, 6, 10],
-                    help="most prompt-lookup tokens per round (list; a match of g tokens proposes <= g(g+1)/2)")
+                    help="prompt-lookup tokens proposed per round on a match (list)")
     ap.add_argument("--lookup-draft-k", type=_ints, default=[4, 6],
-                    help="speculate_k for lookup-then-draft (prompt lookup where it matches 2+ tokens, the draft "
-                         "elsewhere; list, empty string for none)")
+                    help="speculate_k for lookup-then-draft (prompt lookup where the context has a match, the "
+                         "draft elsewhere; list, empty string for none)")
     ap.add_argument("--confidence", type=_floats, default=[],
                     help="also run the draft with these draft_confidence values (list; guesses stop where the "
                          "draft's top probability is lower), at each of --confidence-k")

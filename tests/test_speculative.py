@@ -151,16 +151,17 @@ def test_stats_with_a_draft_that_always_agrees():
 
 # ----- prompt lookup -----
 def test_prompt_lookup_proposals():
-    lookup = PromptLookup()  # n-grams of 4 down to 1, at most g(g+1)/2 tokens for a match of g
+    lookup = PromptLookup()  # n-grams of 4 down to 1, K tokens copied on any match
     assert lookup.index([1, 2, 3, 4, 5, 9, 1, 2, 3]).match() == (3, 3)
     assert lookup.propose([1, 2, 3, 4, 5, 9, 1, 2, 3], 4) == [4, 5, 9, 1]  # what followed "1 2 3"
-    assert lookup.propose([1, 2, 3, 4, 5, 9, 1, 2, 3], 20) == [4, 5, 9, 1, 2, 3]  # 6 for a 3-gram match
+    # the copy runs into the end of the context and goes on from the tokens it just proposed
+    assert lookup.propose([1, 2, 3, 4, 5, 9, 1, 2, 3], 8) == [4, 5, 9, 1, 2, 3, 4, 5]
     assert lookup.propose([7, 8, 7, 8, 7, 8], 7) == [7, 8, 7, 8, 7, 8, 7]  # a loop keeps copying past the end
-    assert lookup.propose([6, 1, 2, 9, 1, 2], 10) == [9, 1, 2]  # 2-gram match: 3 tokens
+    assert lookup.propose([6, 1, 2, 9, 1, 2], 3) == [9, 1, 2]  # 2-gram match
     assert lookup.propose([1, 2, 3, 4], 4) == []  # nothing recurs
-    # A 1-gram falls back when no longer n-gram recurs; the most recent occurrence wins; it earns 1 token.
+    # A 1-gram falls back when no longer n-gram recurs; the most recent occurrence wins.
     assert lookup.index([5, 1, 6, 2, 5, 3, 5]).match() == (5, 1)
-    assert lookup.propose([5, 1, 6, 2, 5, 3, 5], 4) == [3]
+    assert lookup.propose([5, 1, 6, 2, 5, 3, 5], 2) == [3, 5]
     assert PromptLookup(3, 2).index([5, 1, 6, 2, 5, 3, 5]).match() == (-1, 0)
     # Growing the index token by token gives the same answers as building it at once.
     seq = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8, 3, 2, 7, 9, 5]
@@ -178,7 +179,7 @@ def brute_force_lookup(seq: list[int], K: int) -> list[int]:
         starts = [i for i in range(len(seq) - g) if seq[i:i + g] == seq[-g:]]
         if starts:
             ext = list(seq)
-            for j in range(min(K, g * (g + 1) // 2)):
+            for j in range(K):
                 ext.append(ext[starts[-1] + g + j])
             return ext[len(seq):]
     return []

@@ -29,7 +29,7 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--lookup", action="store_true",
                    help="speculative decoding by prompt lookup: propose the tokens that followed the last "
                         "earlier occurrence of the context's final n-gram; draft-free alone, and with --draft "
-                        "the draft proposes in the rounds where lookup finds no match of 2+ tokens")
+                        "the draft proposes in the rounds where lookup finds no match")
     p.add_argument("--speculate-k", type=int, default=4,
                    help="tokens proposed per speculative round (with --draft or --lookup)")
     p.add_argument("--draft-confidence", type=float, default=None,

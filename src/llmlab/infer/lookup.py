@@ -12,11 +12,12 @@ The n-gram size is tried from max_ngram down to min_ngram; the most recent earli
 copy is recursive: if the continuation runs into the end of the context, it keeps copying from the tokens
 already proposed, so a loop of period 2 still yields a long proposal.
 
-How many tokens to copy: a match of g tokens proposes at most g(g+1)/2 of them (1, 3, 6, 10 for g = 1..4),
-capped by K. A longer match is better evidence that the copy continues, and every rejected guess still costs
-the target a position in its verification pass (on a CPU, a forward over T tokens of the 4M-parameter demo
-model costs about 1 + 0.22 T times a one-token step: compute grows with T). Replaying that model's greedy
-outputs with measured costs, this rule gave 2.1x against 2.0x for the best fixed length, an oracle 2.4x.
+How many tokens to copy: K, whatever the match length. A rejected guess costs only its position in the
+target's verification forward, which is nearly free where that forward is bound by streaming the weights:
+on GPUs, and on CPUs through llmlab.model.cpu_matmul (a forward over 8 tokens of the 21M-parameter benchmark
+target costs ~1.3 one-token steps). Measured there (benchmarks/bench_speculative.py, greedy, 128 tokens, 2
+threads), copying K tokens on any match beat capping a match of g tokens at g(g+1)/2 (the rule while
+verification cost grew ~0.2 step per token): 2.64x against 2.54x at K = 10, 2.55x against 2.30x at K = 6.
 
 The proposal is a deterministic function of the context, which for speculative sampling means q is one-hot
 (see llmlab.infer.speculative): verification stays exact. A row with no match proposes nothing and its round
@@ -35,9 +36,9 @@ from llmlab.errors import ConfigError
 
 
 class PromptLookup:
-    """Proposal rule: copy what followed the most recent earlier occurrence of the context's final n-gram
-    (n = max_ngram .. min_ngram; at most n(n+1)/2 tokens for a match of n). Pass an instance (or the string
-    "lookup") as generate(draft=...).
+    """Proposal rule: copy up to K tokens of what followed the most recent earlier occurrence of the
+    context's final n-gram (n = max_ngram .. min_ngram). Pass an instance (or the string "lookup") as
+    generate(draft=...).
 
     fallback: a draft model (a Transformer sharing the target's vocabulary) that proposes in the rounds where
     lookup has too little to offer (see llmlab.infer.speculative: lookup first, then the draft); None keeps
@@ -96,11 +97,11 @@ class NgramIndex:
         return -1, 0
 
     def propose(self, K: int) -> list[int]:
-        """Up to min(K, g(g+1)/2) tokens copied from after the match (none without one)."""
+        """K tokens copied from after the match (none without one)."""
         cont, g = self.match()
         toks, n = self.tokens, len(self.tokens)
         out: list[int] = []
-        for j in range(min(K, g * (g + 1) // 2)):
+        for j in range(K if g else 0):
             i = cont + j  # < n + j: either in the context or among the tokens just proposed
             out.append(toks[i] if i < n else out[i - n])
         return out

@@ -42,9 +42,10 @@ rule then accepts x with probability p(x) and on rejection samples p with x remo
 exact. Rows without a match propose nothing, so their round is a plain decoding step.
 
 Lookup then draft (PromptLookup(fallback=draft_model); `llmlab generate --lookup --draft CKPT`): a round
-goes to prompt lookup when every live row has a match worth LOOKUP_OVER_DRAFT tokens, and to the draft model
-otherwise. Which proposer a round uses is decided from the context alone, so each round is an exact round
-of one of the two; the draft's cache catches up on the tokens of lookup rounds in its next forward.
+goes to prompt lookup when every live row has a match, and to the draft model otherwise, so repetitive text
+gets lookup's long free guesses and the rest still gets guesses. Which proposer a round uses is decided from
+the context alone, so each round is an exact round of one of the two; the draft's cache catches up on the
+tokens of lookup rounds in its next forward.
 
 When it pays: speedup = tokens per round / (cost of a verification forward over K+1 tokens + K draft steps),
 in units of a plain decoding step. On a GPU the verification is nearly free until K+1 reaches the width where
@@ -76,11 +77,6 @@ from llmlab.infer.generate import _stop_tensor, assemble, prepare_prompts
 from llmlab.infer.lookup import PromptLookup
 from llmlab.infer.sampling import check_sampling, probs_from_logits, sample
 from llmlab.model.kv_cache import KVCache
-
-# Lookup-then-draft: a round goes to prompt lookup when it proposes at least this many tokens (a 2-gram match
-# or longer, see lookup.py) for every live row; a 1-token copy from a 1-gram match is a worse bet than K
-# draft guesses.
-LOOKUP_OVER_DRAFT = 3
 
 
 @dataclass
@@ -397,10 +393,10 @@ class _LookupProposer:
 
 
 class _LookupThenDraft:
-    """Prompt lookup where every live row has a proposal of at least LOOKUP_OVER_DRAFT tokens, the draft
-    model otherwise, decided per round for the whole batch (the choice is a function of the context, so each
-    round is an ordinary exact round of one proposer or the other). The draft skips lookup rounds; its next
-    round feeds it the tokens it missed in one forward (_DraftProposer.valid)."""
+    """Prompt lookup where every live row has a match, the draft model otherwise, decided per round for the
+    whole batch (the choice is a function of the context, so each round is an ordinary exact round of one
+    proposer or the other). The draft skips lookup rounds; its next round feeds it the tokens it missed in
+    one forward (_DraftProposer.valid)."""
 
     def __init__(self, lookup: _LookupProposer, draft: _DraftProposer):
         self.lookup, self.draft = lookup, draft
@@ -412,8 +408,7 @@ class _LookupThenDraft:
 
     def propose(self, seqs, active, K):
         guesses, q, n_proposed = self.lookup.candidates(active, K)
-        enough = min(K, LOOKUP_OVER_DRAFT)
-        if all(n >= enough for n, a in zip(n_proposed, active, strict=True) if a):
+        if all(n > 0 for n, a in zip(n_proposed, active, strict=True) if a):
             self.used = self.lookup
             self.lookup.stats.lookup_rounds += 1
             return guesses, q, n_proposed
