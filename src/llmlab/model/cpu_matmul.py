@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MIN_MACS = 1 << 17  # rows x out x in below which oneDNN's call overhead outweighs its faster kernel
+MIN_MACS = 1 << 18  # rows x out x in below which oneDNN's call overhead outweighs its faster kernel
 _enabled = True
 
 

@@ -10,12 +10,9 @@ AWQ therefore searches
 
     s = mean_t |x_tj| ^ alpha,   alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}
 
-(normalised so that sqrt(max(s) min(s)) = 1) for the alpha that minimises the output error on calibration
-activations of the module the layer feeds, as the paper does: for attn.qkv the attention output (the error
-in q and k goes through the softmax, in v through the mixing), for mlp.fc the MLP output (through the
-GELU / SwiGLU), for the output projections their own output ||W X - Q(W diag(s)) diag(s)^-1 X||, which is
-their module's output. objective="layer" scores every layer on its own output instead. alpha = 0 is plain
-RTN, so the search never does worse than RTN on its sample. Then, per output row and group, a clipping search shrinks the group's
+(normalised so that sqrt(max(s) min(s)) = 1) for the alpha that minimises the layer's output error
+||W X - Q(W diag(s)) diag(s)^-1 X|| on calibration activations. alpha = 0 is plain RTN, so the search never
+does worse than RTN on its sample. Then, per output row and group, a clipping search shrinks the group's
 range to max|w| * r for r in {1, 1 - 1/n_grid, ..., 1 - max_shrink} if that lowers the group's own output
 error (trading a little clipping error for a finer grid).
 
@@ -32,10 +29,9 @@ explicit per-channel input scale in front of the quantized mlp.proj (their "Scal
 elementwise multiply per call. Following the reference, q and k rows are not clipped (their error is
 amplified through the softmax, which a per-layer output error does not see).
 
-The layer-output searches score candidates on every calibration token at once: the output error of a weight
-error D is sum_t ||D x_t||^2 = sum_n d_n^T (X^T X) d_n, so only mean|x| and the Gram matrix X^T X of each
-layer's inputs are needed; the module-output search runs the attention / MLP over the calibration batches
-once per candidate.
+Both searches score candidates on every calibration token at once: the output error of a weight error D is
+sum_t ||D x_t||^2 = sum_n d_n^T (X^T X) d_n, so only mean|x| and the Gram matrix X^T X of each layer's inputs
+are collected (where the reference implementation subsamples tokens to keep the search affordable).
 Blocks are processed in order; each block's statistics come from the already-quantized earlier blocks.
 """
 
@@ -73,30 +69,6 @@ def search_scale(W: torch.Tensor, gram: torch.Tensor, act_mean: torch.Tensor, bi
         err = float(_quadratic_error(W - W_eff, gram))
         if err < best[0]:
             best = (err, s, alpha)
-    return best[1], best[2]
-
-
-def search_scale_on_output(linear, act_mean: torch.Tensor, outputs, reference: list[torch.Tensor], bits: int,
-                           group_size: int | None, n_grid: int = 20) -> tuple[torch.Tensor, float]:
-    """Best per-input-channel scale s for `linear`, judged by the output of the module it feeds (the paper's
-    objective: for q/k/v the attention output, for an MLP's first layer the MLP output), not by the layer's own.
-
-    outputs() recomputes that module's outputs over the calibration batches with `linear`'s current weight;
-    `reference` holds them in full precision. Each candidate puts the weight the scaled, quantized layer
-    computes with, Q(W diag(s)) diag(s)^-1, in place for one pass; the original weight is restored after.
-    """
-    W = linear.weight.detach().clone()
-    best = (float("inf"), None, 0.0)
-    try:
-        for i in range(n_grid):
-            alpha = i / n_grid
-            s = normalised_scales(act_mean, alpha)
-            linear.weight.copy_((fake_quantize(W.float() * s, bits, group_size) / s).to(W.dtype))
-            err = sum(float((y.float() - ref.float()).pow(2).sum()) for y, ref in zip(outputs(), reference, strict=True))
-            if err < best[0]:
-                best = (err, s, alpha)
-    finally:
-        linear.weight.copy_(W)
     return best[1], best[2]
 
 
@@ -178,22 +150,13 @@ def _scale_columns(linear, s: torch.Tensor) -> None:
 
 @torch.no_grad()
 def awq_model(model, calib: torch.Tensor, bits: int, group_size: int | None, *, include_head: bool = False,
-              n_grid: int = 20, objective: str = "module", batch_size: int = 8, progress: bool = True) -> list[str]:
+              n_grid: int = 20, batch_size: int = 8, progress: bool = True) -> list[str]:
     """AWQ every linear of model.blocks (and lm_head if asked) in place; returns the names of the layers
-    that carry an explicit input scale (GELU MLP projections, see the module docstring).
-
-    objective: "module" scores the scales of attn.qkv and mlp.fc on the attention / MLP output they feed
-    (as the paper does); "layer" on the layer's own output (the Gram-matrix form, cheaper). The output
-    projections are the last layer of their module, where the two are the same."""
+    that carry an explicit input scale (GELU MLP projections, see the module docstring)."""
     from tqdm.auto import tqdm
 
-    from llmlab.errors import ConfigError
     from llmlab.infer.quant import sequential as seq
     from llmlab.infer.quant.rtn import rtn_linear
-
-    if objective not in ("module", "layer"):
-        raise ConfigError(f"AWQ objective={objective!r} is unknown; use 'module' (the attention / MLP output, "
-                          "as in the paper) or 'layer' (each layer's own output)")
 
     cfg = model.config
     hd, H, KV = cfg.head_dim, cfg.n_head, cfg.kv_heads
@@ -202,14 +165,6 @@ def awq_model(model, calib: torch.Tensor, bits: int, group_size: int | None, *, 
 
     def search(linear, stats):
         return search_scale(linear.weight, stats.gram, stats.mean, bits, group_size, n_grid)[0]
-
-    def search_on(module, linear, stats, inputs):
-        """The scale for `linear`, the first layer of `module`, scored on module(inputs) (objective=module)."""
-        if objective == "layer":
-            return search(linear, stats)
-        outputs = (lambda: [module(x, rope, None, None) for x in inputs]) if module is block.attn else \
-            (lambda: [module(x) for x in inputs])
-        return search_scale_on_output(linear, stats.mean, outputs, outputs(), bits, group_size, n_grid)[0]
 
     def finish(root, name, linear, gram, clip_rows=None, input_scale=None):
         """Clip search on the final (scaled) weight and inputs, then RTN into a QuantLinear."""
@@ -228,17 +183,10 @@ def awq_model(model, calib: torch.Tensor, bits: int, group_size: int | None, *, 
         attn, mlp = block.attn, block.mlp
         watch = {"qkv": attn.qkv, "o": attn.proj, "fc": mlp.fc, "down": mlp.proj}
         stats = {k: _Stats() for k in watch}
-        inputs = {"qkv": [], "fc": []}  # kept for the module objective: what attention and the MLP receive
-
-        def collect(k, x, stats=stats, inputs=inputs):
-            stats[k].add(x)
-            if objective == "module" and k in inputs:
-                inputs[k].append(x)
-
-        seq.feed_inputs(block, xs, rope, watch, collect)
+        seq.feed_inputs(block, xs, rope, watch, lambda k, x, stats=stats: stats[k].add(x))
         gram = {k: st.gram for k, st in stats.items()}
 
-        s = search_on(attn, attn.qkv, stats["qkv"], inputs["qkv"])  # attn_norm -> qkv
+        s = search(attn.qkv, stats["qkv"])  # attn_norm -> qkv
         _fold_into_norm(block.attn_norm, s)
         _scale_columns(attn.qkv, s)
         gram["qkv"] = rescaled(gram["qkv"], s)
@@ -247,7 +195,7 @@ def awq_model(model, calib: torch.Tensor, bits: int, group_size: int | None, *, 
             _scale_rows(attn.qkv, v_rows, s)
             _scale_columns(attn.proj, s)
             gram["o"] = rescaled(gram["o"], s)
-        s = search_on(mlp, mlp.fc, stats["fc"], inputs["fc"])  # mlp_norm -> fc
+        s = search(mlp.fc, stats["fc"])  # mlp_norm -> fc
         _fold_into_norm(block.mlp_norm, s)
         _scale_columns(mlp.fc, s)
         gram["fc"] = rescaled(gram["fc"], s)
