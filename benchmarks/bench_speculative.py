@@ -98,6 +98,36 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def verification_costs(model, prompt: list[int], widths=(1, 2, 4, 6, 8), repeats: int = 30) -> dict:
+    """Median time of a cached forward over T tokens, in one-token steps, with the packed oneDNN linears
+    (llmlab.model.cpu_matmul) and without them (MKL): what a round's verification costs."""
+    from llmlab.model import cpu_matmul
+    from llmlab.model.kv_cache import KVCache
+
+    cache = KVCache.for_model(model, 1, len(prompt) + max(widths))
+    costs = {}
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), cache=cache)
+        for label, on in (("onednn", True), ("without_onednn", False)):
+            previous = cpu_matmul.enable(on)
+            try:
+                seconds = {}
+                for T in widths:
+                    x = torch.tensor([prompt[-T:]])
+                    runs = []
+                    for _ in range(repeats):
+                        cache.set_pos(len(prompt))
+                        start = time.perf_counter()
+                        model(x, cache=cache)
+                        runs.append(time.perf_counter() - start)
+                    seconds[T] = statistics.median(runs)
+            finally:
+                cpu_matmul.enable(previous)
+            costs[label] = {f"T{T}": round(s / seconds[1], 3) for T, s in seconds.items()}
+            costs[label]["T1_ms"] = round(1000 * seconds[1], 3)
+    return costs
+
+
 def timed(fn, device: torch.device):
     synchronize(device)
     start = time.perf_counter()
@@ -155,6 +185,8 @@ def run(args) -> dict:
         "identical_greedy_output": True,  # asserted above for every method and prompt
         "plain": {"seconds": round(med["plain"], 4), "tokens_per_s": round(tokens / med["plain"], 1)},
     }
+    if device.type == "cpu":  # the cost of a verification forward over T tokens, in one-token steps
+        result["forward_cost_in_steps"] = verification_costs(target, (prompts[-1] * 16)[:128])
     for name in methods:
         if name != "plain":
             result[name] = {"seconds": round(med[name], 4), "tokens_per_s": round(tokens / med[name], 1),

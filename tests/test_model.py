@@ -277,6 +277,20 @@ def test_packed_linear_stays_out_of_training_and_tiny_products():
         assert packed_linear(big, torch.randn(4, 512, dtype=torch.float64)) is None  # dtype mismatch
 
 
+@pytest.mark.parametrize("rows,out_features,bias", [(1, 768, True), (3, 1024, False), (8, 8192, False),
+                                                    (1, 50257, False), (2, 31, True)])
+def test_rowblock_linear_equals_f_linear(rows, out_features, bias):
+    """The one-row decode route (and small products' route) computes F.linear."""
+    from llmlab.model.transformer import linear, rowblock_linear
+
+    layer = torch.nn.Linear(64, out_features, bias=bias)
+    x = torch.randn(rows, 1, 64)
+    with torch.no_grad():
+        expected = F.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(rowblock_linear(x, layer.weight, layer.bias), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear(layer, x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_sized_linears_still_run_hooks():
     """Forward hooks (used by quantization calibration) fire on the decode path too."""
     from llmlab.model.transformer import linear

@@ -4,24 +4,25 @@ Why: torch's CPU `F.linear` in fp32 goes to MKL's sgemm, which on this project's
 2024.2) takes a slow path for small row counts: a product over 2-8 rows costs 2-3.5x one over a single row,
 so a speculative verification forward over K+1 tokens costs several decode steps. oneDNN (shipped inside
 every x86 CPU build of torch, vendor-neutral JIT kernels) with a pre-packed weight costs nearly the same for
-1 to 8 rows and is 1.3-1.6x faster than MKL at one row and 2-3x faster from 4 rows up to prefill sizes
-(d_model 512 layers, 2 threads; benchmarks/bench_decode.py measures the effect on a whole model).
+1 to 8 rows, and is 2-3x faster than MKL from 4 rows up to prefill and evaluation sizes (d_model 512 layers,
+2 threads). A forward over 8 tokens of the 21M-parameter speculative-decoding benchmark target costs ~1.3
+one-token steps this way, against ~2 through MKL (benchmarks/bench_speculative.py prints both). A single
+row (a plain decode step) stays on the row-block product in transformer.linear, which is as fast for
+weights streamed from memory and faster for weights that stay in cache.
 
     y = packed_linear(module, x)   # == F.linear(x, module.weight, module.bias) up to fp32 rounding, or None
 
-Where it applies: CPU tensors, no autograd (decode, prefill, evaluation), fp32 (or bf16 where the CPU has
-bf16 instructions), and products of at least MIN_MACS multiply-adds: a oneDNN call costs ~12 us of fixed
-overhead, where F.linear on a 128 x 128 weight costs 2 us. Measured in whole models, the crossover for one
-row is near 2^18: a 512 x 512 weight streamed from memory in a 21M-parameter target is 3x faster through
-oneDNN (20 vs 66 us), a 1024 x 128 one that stays in cache in a 1-layer draft is faster through F.linear.
-Everything else returns None and the caller uses F.linear. The packed copy is kept per module, keyed by the weight's storage and version counter, so an
+Where it applies: CPU tensors, no autograd (verification, prefill, evaluation), fp32 (or bf16 where the CPU
+has bf16 instructions), and products of at least MIN_MACS multiply-adds: a oneDNN call costs ~12 us of fixed
+overhead, where F.linear on a 128 x 128 weight costs 2 us. Everything else returns None and the caller uses
+another route. The packed copy is kept per module, keyed by the weight's storage and version counter, so an
 optimizer step, load_state_dict or .to() makes it repack on the next call (weights created under
 torch.inference_mode have no version counter: changing one in place there is not seen); it costs one extra
 copy of each packed weight in memory.
 
 The ops are torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise, the ones torch's inductor emits for
 CPU linears. A build without them (or a CPU oneDNN refuses) is detected once, by a probe compared against
-F.linear, and then everything stays on F.linear.
+F.linear, and then everything stays on the other routes.
 """
 
 from __future__ import annotations
