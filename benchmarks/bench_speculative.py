@@ -23,16 +23,17 @@ decodes the same prompts (128 new tokens each); settings alternate within each r
 them alike, and the figure per setting is the median over repeats of the total time over prompts.
 `speedup` = plain time / speculative time. Prints one JSON object.
 
-Measured (2 threads; plain greedy 418 tok/s): draft k=1..5 1.15 / 1.24 / 1.26 / 1.23 / 1.17x (acceptance 0.61
-at k=1, 0.38 at k=3: 1.13 guesses accepted per round); prompt lookup k=4 / 6 / 10 1.97 / 2.27 / 2.38x;
-lookup-then-draft k=4 / 6 / 10 2.04 / 2.19 / 2.11x (lookup proposes in ~70% of its rounds). A 2 x 256 draft
+Measured (2 threads; plain greedy 412 tok/s): draft k=1..5 1.17 / 1.27 / 1.25 / 1.21 / 1.19x (acceptance 0.61
+at k=1, 0.38 at k=3: 1.13 guesses accepted per round); prompt lookup k=4 / 6 / 10 2.00 / 2.22 / 2.32x;
+lookup-then-draft k=4 / 6 / 10 2.02 / 2.14 / 2.01x (lookup proposes in ~70% of its rounds). A 2 x 256 draft
 (2.7M, val 4.42) agrees a little more (1.25 accepted per round at k=3) and costs more per step: 1.18x.
+`forward_cost_in_steps` in the output is the cost of a cached forward over T tokens in one-token steps.
 
-What limits the draft: agreement, no longer verification. With packed oneDNN linears (llmlab.model.cpu_matmul)
-a forward over 4 / 8 tokens of this target costs ~1.1 / ~1.3 one-token steps (it cost 1.27 / 2.24 through MKL
-sgemm), so a round of k=3 costs ~1.5 steps with the draft's three steps and the bookkeeping; 1.8x would need
-~2.7 tokens per round, i.e. a draft that agrees with the target's greedy token ~75% of the time where this
-one does 62% (teacher-forced on the target's own outputs). Prompt lookup pays no draft cost and guesses only
+What limits the draft: agreement more than verification. With packed oneDNN linears (llmlab.model.cpu_matmul)
+a forward over 2 / 4 / 8 tokens of this target costs 1.21 / 1.26 / 1.49 one-token steps (1.39 / 1.60 / 2.79
+without them), so a round of k=3 costs ~1.6 steps with the draft's three steps and the bookkeeping; 1.8x
+would need ~2.9 tokens per round, i.e. a draft that agrees with the target's greedy token ~80% of the time
+where this one does 62% (teacher-forced on the target's own outputs). Prompt lookup pays no draft cost and guesses only
 where the context repeats, which these small models' greedy outputs often do (llmlab/infer/lookup.py).
 
 --device/--dtype (default cpu, float32) load target and draft there, e.g. `--device cuda --dtype bfloat16`;
@@ -104,6 +105,7 @@ def verification_costs(model, prompt: list[int], widths=(1, 2, 4, 6, 8), repeats
     from llmlab.model import cpu_matmul
     from llmlab.model.kv_cache import KVCache
 
+    prompt = prompt[:model.config.block_size - max(widths)]  # context plus the widest forward must fit
     cache = KVCache.for_model(model, 1, len(prompt) + max(widths))
     costs = {}
     with torch.inference_mode():

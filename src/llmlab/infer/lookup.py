@@ -15,7 +15,7 @@ already proposed, so a loop of period 2 still yields a long proposal.
 How many tokens to copy: K, whatever the match length. A rejected guess costs only its position in the
 target's verification forward, which is nearly free where that forward is bound by streaming the weights:
 on GPUs, and on CPUs through llmlab.model.cpu_matmul (a forward over 8 tokens of the 21M-parameter benchmark
-target costs ~1.3 one-token steps). Measured there (benchmarks/bench_speculative.py, greedy, 128 tokens, 2
+target costs ~1.5 one-token steps). Measured there (benchmarks/bench_speculative.py, greedy, 128 tokens, 2
 threads), copying K tokens on any match beat capping a match of g tokens at g(g+1)/2 (the rule while
 verification cost grew ~0.2 step per token): 2.64x against 2.54x at K = 10, 2.55x against 2.30x at K = 6.
 

@@ -50,10 +50,11 @@ tokens of lookup rounds in its next forward.
 When it pays: speedup = tokens per round / (cost of a verification forward over K+1 tokens + K draft steps),
 in units of a plain decoding step. The verification is nearly free while the target's matmuls are bound by
 streaming the weights: on GPUs, and on CPUs through the packed oneDNN linears of llmlab.model.cpu_matmul,
-where a forward over 4 / 8 tokens of a 21M-parameter target costs ~1.1 / ~1.3 one-token steps (2 threads).
+where a forward over 4 / 8 tokens of a 21M-parameter target costs 1.26 / 1.49 one-token steps (2 threads;
+1.60 / 2.79 through MKL).
 What remains is agreement: a 1 x 128 draft whose guesses the target accepts 38% of the time at K = 3
-(1.13 per round) gives ~1.3x, while prompt lookup (no draft cost, K guesses wherever the context repeats)
-gives 2.0-2.4x on the same greedy outputs. See benchmarks/bench_speculative.py.
+(1.13 per round) gives ~1.25x, while prompt lookup (no draft cost, K guesses wherever the context repeats)
+gives 2.0-2.3x on the same greedy outputs. See benchmarks/bench_speculative.py.
 
 Batches: every row keeps its own cache positions, so rows accept different numbers of tokens and prompts may
 have different lengths; a row that has ended (stop token, max_new_tokens) rides along at position 0 and its

@@ -5,8 +5,8 @@ Why: torch's CPU `F.linear` in fp32 goes to MKL's sgemm, which on this project's
 so a speculative verification forward over K+1 tokens costs several decode steps. oneDNN (shipped inside
 every x86 CPU build of torch, vendor-neutral JIT kernels) with a pre-packed weight costs nearly the same for
 1 to 8 rows, and is 2-3x faster than MKL from 4 rows up to prefill and evaluation sizes (d_model 512 layers,
-2 threads). A forward over 8 tokens of the 21M-parameter speculative-decoding benchmark target costs ~1.3
-one-token steps this way, against ~2 through MKL (benchmarks/bench_speculative.py prints both). A single
+2 threads). A forward over 8 tokens of the 21M-parameter speculative-decoding benchmark target costs 1.5
+one-token steps this way, against 2.8 through MKL (benchmarks/bench_speculative.py prints both). A single
 row (a plain decode step) stays on the row-block product in transformer.linear, which is as fast for
 weights streamed from memory and faster for weights that stay in cache.
 
