@@ -15,9 +15,10 @@ already proposed, so a loop of period 2 still yields a long proposal.
 How many tokens to copy: K, whatever the match length. A rejected guess costs only its position in the
 target's verification forward, which is nearly free where that forward is bound by streaming the weights:
 on GPUs, and on CPUs through llmlab.model.cpu_matmul (a forward over 8 tokens of the 21M-parameter benchmark
-target costs ~1.5 one-token steps). Measured there (benchmarks/bench_speculative.py, greedy, 128 tokens, 2
-threads), copying K tokens on any match beat capping a match of g tokens at g(g+1)/2 (the rule while
-verification cost grew ~0.2 step per token): 2.64x against 2.54x at K = 10, 2.55x against 2.30x at K = 6.
+target costs ~1.5 one-token steps). On benchmarks/bench_speculative.py's prompts and target (greedy, 128
+tokens, 2 threads), copying K tokens on any match beat capping a match of g tokens at g(g+1)/2 (the rule
+while verification cost grew ~0.2 step per token): 2.64x against 2.54x at K = 10, 2.55x against 2.30x at
+K = 6.
 
 The proposal is a deterministic function of the context, which for speculative sampling means q is one-hot
 (see llmlab.infer.speculative): verification stays exact. A row with no match proposes nothing and its round
@@ -41,7 +42,7 @@ class PromptLookup:
     generate(draft=...).
 
     fallback: a draft model (a Transformer sharing the target's vocabulary) that proposes in the rounds where
-    lookup has too little to offer (see llmlab.infer.speculative: lookup first, then the draft); None keeps
+    the context has no match (see llmlab.infer.speculative: lookup first, then the draft); None keeps
     decoding draft-free."""
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1, fallback=None):

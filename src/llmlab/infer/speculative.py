@@ -369,12 +369,12 @@ class _DraftProposer:
 class _LookupProposer:
     """PromptLookup with one NgramIndex per row, extended as tokens are committed."""
 
-    def prefill(self, prompt: torch.Tensor, seqs: list[list[int]]) -> None:
-        self.indexes = [self.lookup.index(s) for s in seqs]
-
     def __init__(self, lookup: PromptLookup, stats: SpeculativeStats):
         self.lookup, self.stats = lookup, stats
         self.indexes: list = []
+
+    def prefill(self, prompt: torch.Tensor, seqs: list[list[int]]) -> None:
+        self.indexes = [self.lookup.index(s) for s in seqs]
 
     def propose(self, seqs, active, K):
         self.stats.lookup_rounds += 1
