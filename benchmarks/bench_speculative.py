@@ -33,8 +33,9 @@ What limits the draft: agreement more than verification. With packed oneDNN line
 a forward over 2 / 4 / 8 tokens of this target costs 1.21 / 1.26 / 1.49 one-token steps (1.39 / 1.60 / 2.79
 without them), so a round of k=3 costs ~1.6 steps with the draft's three steps and the bookkeeping; 1.8x
 would need ~2.9 tokens per round, i.e. a draft that agrees with the target's greedy token ~80% of the time
-where this one does 62% (teacher-forced on the target's own outputs). Prompt lookup pays no draft cost and guesses only
-where the context repeats, which these small models' greedy outputs often do (llmlab/infer/lookup.py).
+where this one does 62% (teacher-forced on the target's own outputs). Prompt lookup pays no draft cost and
+guesses only where the context repeats, which these small models' greedy outputs often do
+(llmlab/infer/lookup.py).
 
 --device/--dtype (default cpu, float32) load target and draft there, e.g. `--device cuda --dtype bfloat16`;
 timings then synchronize the device.

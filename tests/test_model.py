@@ -220,7 +220,8 @@ TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 sums over 512 terms in another order
 @pytest.mark.parametrize("shape,out_features,bias", [((1, 1, 512), 768, True), ((1, 5, 512), 1536, False),
                                                      ((2, 3, 256), 8192, False), ((9, 512), 512, True)])
 def test_packed_linear_equals_f_linear(shape, out_features, bias, dtype):
-    """The oneDNN route (decode, verification, prefill sizes) computes F.linear, in fp32 and bf16."""
+    """The oneDNN route (verification and prefill sizes) and linear()'s choice for each shape compute
+    F.linear, in fp32 and bf16."""
     from llmlab.model.cpu_matmul import onednn_supports, packed_linear
     from llmlab.model.transformer import linear
 

@@ -124,7 +124,8 @@ def test_stop_tokens_and_max_new_tokens_are_exact():
 
 
 def test_lookup_then_draft_uses_each_proposer_where_it_fits():
-    """Rounds with a long enough lookup match go to prompt lookup, the others to the draft; stats count both."""
+    """Rounds where the context has a lookup match go to prompt lookup, the others to the draft; stats count
+    both."""
     target = tiny("llama")
     looping = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]  # every context ends in a long match at first
     draft = perturbed(target, 0.15)
