@@ -8,7 +8,8 @@ FSDP2 `fully_shard` on every block and the root, with a MixedPrecisionPolicy (bf
 and fp32 gradient reduction on GPUs; fp32 throughout on CPU, where bf16 matmuls are slow).
 
 - `init_distributed()` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK and starts the process group:
-  NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on CPU.
+  NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on CPU; `process_group()` does so for the
+  length of a job and destroys the group at its end.
 - `DistCheckpointer` writes FSDP checkpoints through torch.distributed.checkpoint (DCP): every rank writes
   its shards of the model and optimizer state (`get_model_state_dict` / `get_optimizer_state_dict`) into
   ckpt-STEP/dcp/, and rank 0 adds a consolidated model.safetensors + config.json (so `Transformer.load`,
@@ -92,8 +93,26 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device | Non
     return dist.get_rank(), dist.get_world_size(), dev
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+@contextlib.contextmanager
+def process_group(device: str = "auto"):
+    """`init_distributed(device)` for the length of a job; yields the device it returns.
+
+    A group started here is destroyed on the way out: a gloo process that reaches interpreter exit with
+    its group alive can abort there (SIGABRT, "terminate called without an active exception") while its
+    worker threads are torn down, which fails a run that finished. After a normal end every rank first
+    meets at a barrier, so none tears down while another is still in a collective; after an exception it
+    is destroyed at once (the other ranks may never arrive). A group the caller started is left alone.
+    """
+    started_here = not (dist.is_available() and dist.is_initialized())
+    _, _, dev = init_distributed(device)
+    owned = started_here and dist.is_available() and dist.is_initialized()
+    try:
+        yield dev
+    except BaseException:
+        if owned:
+            dist.destroy_process_group()
+        raise
+    if owned:
         dist.barrier()
         dist.destroy_process_group()
 

@@ -39,9 +39,9 @@ from llmlab.train.distill import DistillConfig, distill_loss, load_teacher
 from llmlab.train.distributed import (
     DistCheckpointer,
     ParallelConfig,
-    init_distributed,
     is_dcp_checkpoint,
     parallelize,
+    process_group,
     stop_on_signals,
 )
 from llmlab.train.faults import slow_checkpoint_writes
@@ -171,13 +171,17 @@ def seed_everything(seed: int) -> None:
 
 def run_pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Pretrain per `cfg` (resume: a checkpoint, a run dir, or "auto"); return the run's summary."""
-    from llmlab.data.loader import TokenLoader
-    from llmlab.data.shards import read_meta
-
     cfg.spike.validate()
     cfg.parallel.validate()
     cfg.distill.validate()
-    _, _, dist_device = init_distributed(cfg.train.device)  # torchrun env -> process group (else no-op)
+    with process_group(cfg.train.device) as dist_device:  # torchrun env -> process group (else no-op)
+        return _pretrain(cfg, resume, dist_device)
+
+
+def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device | None) -> dict[str, Any]:
+    from llmlab.data.loader import TokenLoader
+    from llmlab.data.shards import read_meta
+
     meta = read_meta(cfg.data.shards)  # DataError naming the dir and the fix if it is missing/unfinished
     cfg = resolve_config(cfg, meta)
     device = dist_device or resolve_device(cfg.train.device)
