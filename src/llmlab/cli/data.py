@@ -1,4 +1,5 @@
-"""`llmlab data prepare | info`: turn text into token shards and describe them."""
+"""`llmlab data prepare | generate | info`: turn text (or a model's own continuations) into token shards and
+describe them."""
 
 from __future__ import annotations
 
@@ -35,6 +36,29 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_prepare)
 
+    g = verbs.add_parser(
+        "generate", formatter_class=formatter_class, help="shards of a model's own continuations (draft data)",
+        description="Draw prompts from SHARDS and write the checkpoint's continuations as a new shard directory: "
+                    "training data for a speculative draft that imitates the model (llmlab/infer/continuations.py)."
+                    "\n\nexample: llmlab data generate runs/big/ckpt-000700 --shards shards --out big-text "
+                    "--sequences 4096\n         llmlab pretrain --config cpu-demo data.shards=big-text "
+                    "train.run_name=draft model.n_layer=1 model.d_model=128 model.n_head=2")
+    g.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory of the model to imitate")
+    g.add_argument("--shards", required=True, metavar="DIR", help="shard directory to draw prompts from")
+    g.add_argument("--out", required=True, metavar="DIR", help="output shard directory")
+    g.add_argument("--sequences", type=int, default=4096, help="train sequences (prompts from the train split)")
+    g.add_argument("--val-sequences", type=int, default=None,
+                   help="val sequences from val-split prompts (default: sequences / 32, at least 1)")
+    g.add_argument("--prompt-tokens", type=int, default=32, help="tokens of source text opening each sequence")
+    g.add_argument("--length", type=int, default=256, help="tokens per sequence, prompt included")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy continuations (for greedy drafts)")
+    g.add_argument("--batch-size", type=int, default=64, help="prompts continued together")
+    g.add_argument("--seed", type=int, default=0, help="seed of the prompt positions and of sampling")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.set_defaults(func=_generate)
+
     i = verbs.add_parser("info", formatter_class=formatter_class, help="token counts, dtype and splits of a shard dir",
                          description="Check every shard header in DIR and print token counts, dtype and "
                                      "split sizes.")
@@ -57,6 +81,21 @@ def _prepare(args) -> int:
           f"val {val['tokens']:,} in {len(val['shards'])} shard(s)")
     if meta["options"]["val_fraction"] > 0 and not val["tokens"]:
         print("note: no document fell in the val split; raise --val-fraction or add documents")
+    return 0
+
+
+def _generate(args) -> int:
+    from llmlab.infer.continuations import write_continuations
+
+    meta = write_continuations(args.checkpoint, args.shards, args.out, sequences=args.sequences,
+                               val_sequences=args.val_sequences, prompt_tokens=args.prompt_tokens,
+                               length=args.length, temperature=args.temperature, batch_size=args.batch_size,
+                               seed=args.seed, device=args.device, overwrite=args.overwrite,
+                               progress=not args.no_progress)
+    made, splits = meta["generated"], meta["splits"]
+    print(f"{args.out}: {made['sequences']['train']:,} train / {made['sequences']['val']:,} val sequences of "
+          f"{made['length']} tokens ({splits['train']['tokens']:,} / {splits['val']['tokens']:,} tokens), "
+          f"continued by {args.checkpoint} at {made['tokens_per_s']:,.0f} tok/s")
     return 0
 
 

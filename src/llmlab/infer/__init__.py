@@ -1,5 +1,6 @@
-"""Inference: sampling transforms, KV-cached generation and streaming (speculative decoding, quantization,
-the batching engine and the server live beside them).
+"""Inference: sampling transforms, KV-cached generation and streaming (speculative decoding, prompt lookup,
+draft training data from a model's own continuations, quantization, the batching engine and the server live
+beside them).
 
     from llmlab.infer import generate, stream
 """

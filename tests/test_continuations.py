@@ -1,0 +1,190 @@
+"""`llmlab data generate` (llmlab/infer/continuations.py): shards of a model's own continuations.
+
+Checked: every sequence is a window of the source split followed by exactly what `generate` continues it
+with; same seed, same bytes; the tokenizer travels along; a draft trained on a teacher's continuations
+learns the teacher's rule where the data follow another (the point of the tool); bad input is one line,
+exit 2, and leaves no directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_one_line_error, run_cli
+from llmlab.config import load_config
+from llmlab.data.loader import TokenLoader
+from llmlab.data.shards import read_meta, read_shard, split_shards, write_shard_dir
+from llmlab.data.synthetic import affine_stream
+from llmlab.infer import generate
+from llmlab.infer.continuations import write_continuations
+from llmlab.model import ModelConfig, Transformer
+from llmlab.tokenizer import Tokenizer
+from llmlab.train.pretrain import PretrainConfig, run_pretrain
+
+V = 64
+PERM = np.random.default_rng(7).permutation(V)
+
+
+def _shards(out, relabel=None, vocab=V, train_tokens=12000):
+    streams = {"train": [affine_stream(train_tokens, V, 0)], "val": [affine_stream(2000, V, 2)]}
+    if relabel is not None:
+        streams = {k: [relabel[s] for s in v] for k, v in streams.items()}
+    write_shard_dir(out, streams, vocab_size=vocab, extra={"tokenizer": {"vocab_size": vocab, "eos_id": None}})
+    return out
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("gpt2", "tiny", vocab_size=V, block_size=64))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5)  # decisive greedy picks: no near-ties between batched and single runs
+    model.save(tmp_path / "ckpt")
+    return tmp_path / "ckpt", model.eval()
+
+
+def _rows(out, split, length):
+    (path,) = split_shards(out, split)
+    return np.asarray(read_shard(path), dtype=np.int64).reshape(-1, length)
+
+
+def _contains_window(stream: np.ndarray, window: np.ndarray) -> bool:
+    n = len(window)
+    views = np.lib.stride_tricks.sliding_window_view(stream, n)
+    return bool((views == window).all(axis=1).any())
+
+
+def test_sequences_are_source_windows_then_the_models_greedy_continuation(tmp_path, model_dir):
+    ckpt, model = model_dir
+    shards = _shards(tmp_path / "shards")
+    meta = write_continuations(ckpt, shards, tmp_path / "out", sequences=6, val_sequences=3, prompt_tokens=5,
+                               length=24, batch_size=4, progress=False)
+    sources = {split: np.asarray(read_shard(split_shards(shards, split)[0]), dtype=np.int64)
+               for split in ("train", "val")}
+    for split, count in (("train", 6), ("val", 3)):
+        rows = _rows(tmp_path / "out", split, 24)
+        assert rows.shape == (count, 24)
+        for row in rows:
+            assert _contains_window(sources[split], row[:5])  # the prompt is text of the same split
+            assert row.tolist() == generate(model, row[:5].tolist(), 19, temperature=0).tolist()
+    assert meta["generated"]["sequences"] == {"train": 6, "val": 3}
+    assert meta["generated"]["prompt_tokens"] == 5 and meta["generated"]["length"] == 24
+    assert read_meta(tmp_path / "out") == meta
+    x, y = TokenLoader(tmp_path / "out", "train", block_size=16, batch_size=2).next_batch()  # loads as data
+    assert x.shape == (2, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_same_seed_same_bytes_other_seed_other_prompts(tmp_path, model_dir):
+    ckpt, _ = model_dir
+    shards = _shards(tmp_path / "shards")
+    kwargs = dict(sequences=5, val_sequences=1, prompt_tokens=4, length=12, temperature=1.0, progress=False)
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        write_continuations(ckpt, shards, tmp_path / name, seed=seed, **kwargs)
+    train = {name: _rows(tmp_path / name, "train", 12) for name in "abc"}
+    assert np.array_equal(train["a"], train["b"])
+    assert not np.array_equal(train["a"][:, :4], train["c"][:, :4])
+    assert ((train["a"] >= 0) & (train["a"] < V)).all()
+
+
+def test_the_shards_tokenizer_travels_along(tmp_path, small_corpus):
+    tok = Tokenizer.train(small_corpus, vocab_size=300, progress=False, workers=1)
+    torch.manual_seed(0)
+    Transformer(ModelConfig.preset("gpt2", "tiny", vocab_size=tok.vocab_size)).save(tmp_path / "ckpt")
+    tok.save(tmp_path / "ckpt" / "tokenizer")
+    ids = np.array(tok.encode(" ".join(small_corpus) * 4), dtype=np.int64)
+    shards = tmp_path / "shards"
+    write_shard_dir(shards, {"train": [ids], "val": [ids[:200]]}, vocab_size=tok.vocab_size,
+                    extra={"tokenizer": {"vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "copy": "tokenizer"}})
+    tok.save(shards / "tokenizer")
+    write_continuations(tmp_path / "ckpt", shards, tmp_path / "out", sequences=2, prompt_tokens=4, length=16,
+                        progress=False)
+    meta = read_meta(tmp_path / "out")
+    assert meta["tokenizer"]["copy"] == "tokenizer" and meta["tokenizer"]["eos_id"] == tok.eos_id
+    assert Tokenizer.load(tmp_path / "out" / "tokenizer").encode("def add") == tok.encode("def add")
+
+
+def _cfg(shards, root, *overrides):
+    base = [f"data.shards={shards}", f"train.out_dir={root / 'runs'}", "train.progress=false", "train.plot=false",
+            "optim.max_steps=60", "optim.lr=1e-2", "train.eval_every=60", "train.ckpt_every=60"]
+    return load_config(PretrainConfig, "configs/tiny.toml", base + list(overrides))
+
+
+def _agreement(a_ckpt, b_ckpt) -> float:
+    """Share of predictable positions (not the random token every 16th) where the two argmaxes agree."""
+    x = torch.from_numpy(affine_stream(33 * 16, V, 5)).reshape(16, 33)[:, :32]
+    a, b = Transformer.load(a_ckpt), Transformer.load(b_ckpt)
+    with torch.no_grad():
+        agree = a(x).argmax(-1) == b(x).argmax(-1)
+    keep = (torch.arange(32) + 1) % 16 != 0
+    return agree[:, keep].float().mean().item()
+
+
+def test_a_draft_trained_on_the_continuations_learns_the_models_rule(tmp_path):
+    """The data follow x -> f(x); the teacher was trained on relabelled data, so it continues any prompt with
+    its own rule pi f pi^-1. A draft trained on its continuations of the same data must agree with it; one
+    trained on the data must not (the continuations carry the teacher's behaviour, not the corpus's)."""
+    shards = _shards(tmp_path / "shards")
+    teacher = run_pretrain(_cfg(_shards(tmp_path / "teacher_shards", relabel=PERM), tmp_path,
+                                "train.run_name=teacher"))["checkpoint"]
+    write_continuations(teacher, shards, tmp_path / "teacher_text", sequences=192, prompt_tokens=4, length=32,
+                        batch_size=32, progress=False)
+    imitator = run_pretrain(_cfg(tmp_path / "teacher_text", tmp_path, "train.run_name=imitator"))["checkpoint"]
+    plain = run_pretrain(_cfg(shards, tmp_path, "train.run_name=plain"))["checkpoint"]
+    assert _agreement(imitator, teacher) > 0.9
+    assert _agreement(plain, teacher) < 0.2
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (lambda c, s, o: [str(c), "--shards", str(s), "--out", str(o), "--length", "65"], ["--length=65", "64"]),
+    (lambda c, s, o: [str(c), "--shards", str(s), "--out", str(o), "--prompt-tokens", "12", "--length", "12"],
+     ["--prompt-tokens=12", "below --length"]),
+    (lambda c, s, o: [str(c), "--shards", str(s), "--out", str(o), "--sequences", "0"], ["--sequences=0"]),
+    (lambda c, s, o: [str(c), "--shards", str(s), "--out", str(o), "--temperature", "-1"], ["temperature"]),
+    (lambda c, s, o: [str(s), "--shards", str(s), "--out", str(o)], ["not a checkpoint directory"]),
+    (lambda c, s, o: [str(c), "--shards", str(s.parent / "other"), "--out", str(o), "--length", "48"], ["64-token vocabulary", "has 32"]),
+    (lambda c, s, o: [str(c), "--shards", str(s.parent / "short"), "--out", str(o), "--prompt-tokens", "40",
+                                "--length", "48"],
+     ["no train shard of 40+ tokens"]),
+    (lambda c, s, o: [str(c), "--shards", str(s), "--out", str(s)], ["already exists", "--overwrite"]),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, model_dir, capsys, change, fragments):
+    ckpt, _ = model_dir
+    shards = _shards(tmp_path / "shards")
+    _shards(tmp_path / "other", vocab=32)
+    _shards(tmp_path / "short", train_tokens=30)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run_cli(capsys, "data", "generate", *change(ckpt, shards, tmp_path / "out"), "--no-progress")
+    assert_one_line_error(code, err, *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out dir, no temporary left
+
+
+def test_a_failure_while_writing_leaves_no_directory(tmp_path, model_dir, monkeypatch):
+    import llmlab.infer.continuations as continuations
+
+    ckpt, _ = model_dir
+    shards = _shards(tmp_path / "shards")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(continuations, "write_shard_dir", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_continuations(ckpt, shards, tmp_path / "out", sequences=2, prompt_tokens=4, length=12,
+                            progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "shards"]
+
+
+def test_cli_prints_what_it_wrote(tmp_path, model_dir, capsys):
+    ckpt, _ = model_dir
+    shards = _shards(tmp_path / "shards")
+    code, out, _ = run_cli(capsys, "data", "generate", str(ckpt), "--shards", str(shards), "--out",
+                           str(tmp_path / "out"), "--sequences", "4", "--prompt-tokens", "4", "--length", "16",
+                           "--no-progress")
+    assert code == 0
+    assert "4 train / 1 val sequences of 16 tokens (64 / 16 tokens)" in out
+    made = json.loads((tmp_path / "out" / "meta.json").read_text())["generated"]
+    assert made["model"] == str(ckpt) and made["temperature"] == 0.0
