@@ -2,10 +2,11 @@
 with draft-free prompt lookup, and with lookup-then-draft, at identical greedy output (asserted for every
 prompt and setting).
 
-Needs a trained target and a smaller draft trained on the same tokenizer and shards. The reported figures
-come from these (a Llama-style 6 x 512 target, 21M parameters, 700 steps of 16 x 256 tokens, val loss 4.149;
-a GPT-2-style 1 x 128 draft, 0.9M, 600 steps of 16 x 256, val loss 4.664; about 40 + 2 minutes of two idle
-CPU cores):
+Needs a trained target and a smaller draft on the same tokenizer. The reported figures come from these: a
+Llama-style 6 x 512 target (21M parameters, 700 steps of 16 x 256 tokens, val loss 4.149) and GPT-2-style
+1 x 128 drafts (0.9M): `draft` trained on the corpus (600 steps, val 4.664) and `draft-target-text` trained
+on the target's own greedy continuations of 4,096 corpus prompts (`llmlab data generate`, 1M tokens, 1200
+steps); about 40 + 2 + 6 + 4.5 minutes of two CPU cores:
 
     D=runs/spec-bench
     llmlab tokenizer train stdlib --vocab-size 4096 --out $D/tokenizer
@@ -16,26 +17,33 @@ CPU cores):
         optim.max_steps=700 train.max_minutes=70
     llmlab pretrain --config configs/cpu-demo.toml data.shards=$D/shards train.out_dir=$D \
         train.run_name=draft model.n_layer=1 model.d_model=128 model.n_head=2 optim.lr=3e-3 optim.max_steps=600
-    python benchmarks/bench_speculative.py --threads 2 --k 1,2,3,4,5 --lookup-k 4,6,10 --lookup-draft-k 4,6,10
+    llmlab data generate $D/target/ckpt-000700 --shards $D/shards --out $D/target-text --sequences 4096 \
+        --batch-size 128
+    llmlab pretrain --config configs/cpu-demo.toml data.shards=$D/target-text train.out_dir=$D \
+        train.run_name=draft-target-text model.n_layer=1 model.d_model=128 model.n_head=2 optim.lr=3e-3 \
+        optim.max_steps=1200 train.max_minutes=20
+    python benchmarks/bench_speculative.py --threads 2 --k 1,2,3,4,5,6 --lookup-k 4,6,10 --lookup-draft-k 4,6,10 \
+        --draft $D/draft-target-text
 
 --target/--draft take a checkpoint directory or a run directory (its newest ckpt-STEP is used). Each setting
 decodes the same prompts (128 new tokens each); settings alternate within each repeat so machine load hits
 them alike, and the figure per setting is the median over repeats of the total time over prompts.
 `speedup` = plain time / speculative time. Prints one JSON object.
 
-Measured (2 threads; plain greedy 412 tok/s): draft k=1..5 1.17 / 1.27 / 1.25 / 1.21 / 1.19x (acceptance 0.61
-at k=1, 0.38 at k=3: 1.13 guesses accepted per round); prompt lookup k=4 / 6 / 10 2.00 / 2.22 / 2.32x;
-lookup-then-draft k=4 / 6 / 10 2.02 / 2.14 / 2.01x (lookup proposes in ~70% of its rounds). A 2 x 256 draft
-(2.7M, val 4.42) agrees a little more (1.25 accepted per round at k=3) and costs more per step: 1.18x.
-`forward_cost_in_steps` in the output is the cost of a cached forward over T tokens in one-token steps.
+Measured (2 threads, two runs on a shared machine: plain greedy 328 and 249 tok/s). The draft trained on the
+target's continuations agrees with the target's greedy token 0.82 of the time (teacher-forced on the target's
+outputs for these prompts; the corpus-trained draft 0.68) and accepts 0.80 of its guesses at k=1:
+k=1..6 1.22-1.26 / 1.53-1.55 / 1.62-1.86 / 1.62-2.17 / 1.83-2.20 / 1.85-2.16x (2.5 tokens accepted per round at
+k=5). The corpus-trained draft, in the second run: 1.17 / 1.32 / 1.32x at k=2/3/5 (acceptance 0.47 at k=2).
+Prompt lookup k=4 / 6 / 10 2.04-2.33 / 2.27-2.89 / 2.39-3.18x; lookup-then-draft (with the target-text draft)
+k=4 / 6 / 10 2.28-2.90 / 2.45-3.35 / 2.27-3.39x.
 
-What limits the draft: agreement more than verification. With packed oneDNN linears (llmlab.model.cpu_matmul)
-a forward over 2 / 4 / 8 tokens of this target costs 1.21 / 1.26 / 1.49 one-token steps (1.39 / 1.60 / 2.79
-without them), so a round of k=3 costs ~1.6 steps with the draft's three steps and the bookkeeping; 1.8x
-would need ~2.9 tokens per round, i.e. a draft that agrees with the target's greedy token ~80% of the time
-where this one does 62% (teacher-forced on the target's own outputs). Prompt lookup pays no draft cost and
-guesses only where the context repeats, which these small models' greedy outputs often do
-(llmlab/infer/lookup.py).
+What a draft's speed depends on: agreement, then verification. With packed oneDNN linears
+(llmlab.model.cpu_matmul) a forward over 2 / 4 / 8 tokens of this target costs 1.20 / 1.32 / 1.49 one-token
+steps (1.51 / 1.68 / 2.66 without them), so long rounds pay only where the draft keeps agreeing: at 0.68
+agreement the best round is k=3 and returns ~2.1 tokens for ~1.6 steps; at 0.82 k=5 returns 3.5 tokens.
+Prompt lookup pays no draft cost and guesses only where the context repeats, which these small models'
+greedy outputs often do (llmlab/infer/lookup.py).
 
 --device/--dtype (default cpu, float32) load target and draft there, e.g. `--device cuda --dtype bfloat16`;
 timings then synchronize the device.

@@ -16,7 +16,8 @@ no network. The steps (each in its own process, under a wall-clock limit carved 
   train    a Llama-style 12 x 768 target (RoPE, RMSNorm, SwiGLU, untied head; 98M parameters) for about three
            epochs of the corpus (~3M tokens: the data, not the GPU, limits this run; training.json has the
            val-loss curve), and a 2 x 256 draft (5.8M) beside it
-  distill  a second 2 x 256 draft distilled from the target (distill.teacher), for speculative decoding
+  distill  a second 2 x 256 draft trained on the target's own greedy continuations of corpus prompts
+           (`llmlab data generate`, sequence-level distillation), for speculative decoding
   quant    benchmarks/bench_quant.py --device cuda --dtype bfloat16 on the target: bf16 / int8 / int4 RTN,
            GPTQ, AWQ at group 128 and 32: val perplexity, file size, batch-1 decode tokens/s
   spec     benchmarks/bench_speculative.py --device cuda --dtype bfloat16: target with each draft, and prompt
@@ -83,6 +84,7 @@ class Plan:
     quant_args: list[str]
     spec_args: list[str]            # per draft run
     lookup_second: str              # --lookup-k of the second (distilled-draft) run: one setting suffices
+    imitation: dict                 # llmlab data generate options (--sequences, --length, ...)
     seconds: dict = field(default_factory=dict)  # step -> (floor, cap): start only with floor s left; limit cap
 
 
@@ -99,7 +101,8 @@ GPU = Plan(
     spec_args=["--max-new-tokens", "128", "--repeats", "2", "--k", "3,5", "--lookup-k", "4,10",
                "--lookup-draft-k", "5"],
     lookup_second="10",
-    seconds={"env": (5, 45), "mfu": (60, 170), "data": (30, 150), "train": (60, 210), "distill": (30, 120),
+    imitation={"sequences": 4096, "length": 256, "batch-size": 256},
+    seconds={"env": (5, 45), "mfu": (60, 170), "data": (30, 150), "train": (60, 210), "distill": (30, 150),
              "quant": (60, 240), "spec": (60, 220)},
 )
 
@@ -115,6 +118,7 @@ SMOKE = Plan(
     spec_args=["--max-new-tokens", "8", "--repeats", "1", "--k", "2", "--lookup-k", "4",
                "--lookup-draft-k", "2"],
     lookup_second="4",
+    imitation={"sequences": 32, "val-sequences": 4, "length": 64, "batch-size": 8},  # val: 129+ tokens
     seconds={"env": (1, 60), "mfu": (5, 60), "data": (5, 120), "train": (10, 180), "distill": (5, 120),
              "quant": (10, 240), "spec": (10, 240)},
 )
@@ -449,16 +453,29 @@ def train_step(suite: Suite, limit: float):
 
 
 def distill_step(suite: Suite, limit: float):
+    """The target continues corpus prompts (greedy); a draft of the plain one's size and length trains on that
+    text (a draft trained on its target's own outputs agrees with it more: llmlab/infer/continuations.py)."""
     plan = suite.plan
-    teacher = checkpoint(suite, "target")
-    minutes = max(0.2, min(plan.train_minutes / 2, (limit - 45) / 60))
+    deadline = time.monotonic() + limit
+    text = suite.work / "target-text"
+    sizes = [f"--{k}={v}" for k, v in plan.imitation.items()]
+    generate = suite.run(suite.python("-m", "llmlab", "data", "generate", str(checkpoint(suite, "target")),
+                                      "--shards", str(suite.work / "shards"), "--out", str(text), *sizes,
+                                      "--device", plan.device, "--overwrite", "--no-progress"), limit)
+    details = {"commands": [generate.record()]}
+    if not generate.ok:
+        return False, details
+    left = deadline - time.monotonic()
+    minutes = max(0.2, min(plan.train_minutes / 2, (left - 45) / 60))
     tokens = json.loads((suite.work / "shards" / "meta.json").read_text())["splits"]["train"]["tokens"]
     argv = pretrain_argv(suite, "distilled", plan.draft, train_steps(plan, tokens, plan.max_steps), plan.lr[1],
-                         minutes, extra=(f"distill.teacher={teacher}", "distill.weight=1.0"))
-    cmd = suite.run(argv, limit)
+                         minutes, extra=(f"data.shards={text}",))
+    cmd = suite.run(argv, left)
+    details["commands"].append(cmd.record())
     if cmd.ok:
-        suite.record("training.json", "distilled", run_summary(suite, "distilled"))
-    return cmd.ok, {"command": cmd.record()}
+        suite.record("training.json", "distilled", {**run_summary(suite, "distilled"),
+                                                   "data": json.loads((text / "meta.json").read_text())["generated"]})
+    return cmd.ok, details
 
 
 def checkpoint(suite: Suite, run_name: str) -> Path:

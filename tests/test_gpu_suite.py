@@ -68,6 +68,8 @@ def test_training_learned_something(smoke):
         assert math.isfinite(loss) and loss < math.log(vocab), (run, loss)
         assert training[run]["val_curve"][-1][1] == pytest.approx(loss, abs=1e-4)
     assert training["target"]["params"] > training["draft"]["params"]
+    # the distilled draft trained on the target's own continuations (llmlab data generate)
+    assert training["distilled"]["data"]["sequences"] == {"train": 32, "val": 4}
 
 
 def test_quant_table(smoke):
