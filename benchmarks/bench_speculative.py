@@ -30,9 +30,9 @@ decodes the same prompts (128 new tokens each); settings alternate within each r
 them alike, and the figure per setting is the median over repeats of the total time over prompts.
 `speedup` = plain time / speculative time. Prints one JSON object.
 
-Measured (2 threads, two runs on a shared machine: plain greedy 328 and 249 tok/s). The draft trained on the
-target's continuations agrees with the target's greedy token 0.82 of the time (teacher-forced on the target's
-outputs for these prompts; the corpus-trained draft 0.68) and accepts 0.80 of its guesses at k=1:
+Measured (2 threads, three runs on a shared machine: plain greedy 328, 249 and 213 tok/s). The draft trained
+on the target's continuations agrees with the target's greedy token 0.82 of the time (teacher-forced on the
+target's outputs for these prompts; the corpus-trained draft 0.68) and accepts 0.80 of its guesses at k=1:
 k=1..6 1.22-1.26 / 1.53-1.55 / 1.62-1.86 / 1.62-2.17 / 1.83-2.20 / 1.85-2.16x (2.5 tokens accepted per round at
 k=5). The corpus-trained draft, in the second run: 1.17 / 1.32 / 1.32x at k=2/3/5 (acceptance 0.47 at k=2).
 Prompt lookup k=4 / 6 / 10 2.04-2.33 / 2.27-2.89 / 2.39-3.18x; lookup-then-draft (with the target-text draft)

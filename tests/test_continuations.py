@@ -145,9 +145,10 @@ def test_a_draft_trained_on_the_continuations_learns_the_models_rule(tmp_path):
     (lambda c, s, o: [str(c), "--shards", str(s), "--out", str(o), "--sequences", "0"], ["--sequences=0"]),
     (lambda c, s, o: [str(c), "--shards", str(s), "--out", str(o), "--temperature", "-1"], ["temperature"]),
     (lambda c, s, o: [str(s), "--shards", str(s), "--out", str(o)], ["not a checkpoint directory"]),
-    (lambda c, s, o: [str(c), "--shards", str(s.parent / "other"), "--out", str(o), "--length", "48"], ["64-token vocabulary", "has 32"]),
+    (lambda c, s, o: [str(c), "--shards", str(s.parent / "other"), "--out", str(o), "--length", "48"],
+     ["64-token vocabulary", "has 32"]),
     (lambda c, s, o: [str(c), "--shards", str(s.parent / "short"), "--out", str(o), "--prompt-tokens", "40",
-                                "--length", "48"],
+                      "--length", "48"],
      ["no train shard of 40+ tokens"]),
     (lambda c, s, o: [str(c), "--shards", str(s), "--out", str(s)], ["already exists", "--overwrite"]),
 ])

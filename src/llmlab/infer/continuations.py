@@ -128,7 +128,8 @@ def _draw_prompts(shards: Path, meta: dict, split: str, count: int, prompt_token
     bounds = np.cumsum(starts_per_shard)
     which = np.searchsorted(bounds, flat, side="right")
     offsets = flat - (bounds[which] - starts_per_shard[which])
-    return np.stack([np.asarray(arrays[w][o:o + prompt_tokens], dtype=np.int64) for w, o in zip(which, offsets, strict=True)])
+    windows = [arrays[w][o:o + prompt_tokens] for w, o in zip(which, offsets, strict=True)]
+    return np.stack(windows).astype(np.int64)
 
 
 @torch.inference_mode()

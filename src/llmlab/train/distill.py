@@ -11,7 +11,10 @@ Each step the frozen teacher reads the same batch and the student minimises
 on the scale of the cross-entropy's when tau > 1). The main use here is a draft model for speculative
 decoding: what makes a draft fast is agreeing with its target, and a draft trained towards the target's
 distributions accepts more of its guesses than one trained on the data alone (Zhou et al. 2023,
-"DistillSpec: Improving Speculative Decoding via Knowledge Distillation").
+"DistillSpec: Improving Speculative Decoding via Knowledge Distillation"). On corpus text that gain was small
+here (greedy agreement 0.56-0.61 with or without the teacher); the same paper's stronger lever, text the
+target wrote itself (`llmlab data generate`, llmlab/infer/continuations.py), raised it to 0.82. The two
+combine: `distill.teacher` works on generated shards like on any others.
 
 The teacher must read the same tokens: its vocabulary size must equal the shards', and when both the
 teacher checkpoint and the shards carry a tokenizer, the two must map every id to the same bytes. Logged
