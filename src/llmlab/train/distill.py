@@ -12,8 +12,9 @@ on the scale of the cross-entropy's when tau > 1). The main use here is a draft 
 decoding: what makes a draft fast is agreeing with its target, and a draft trained towards the target's
 distributions accepts more of its guesses than one trained on the data alone (Zhou et al. 2023,
 "DistillSpec: Improving Speculative Decoding via Knowledge Distillation"). On corpus text that gain was small
-here (greedy agreement 0.56-0.61 with or without the teacher); the same paper's stronger lever, text the
-target wrote itself (`llmlab data generate`, llmlab/infer/continuations.py), raised it to 0.82. The two
+here (greedy agreement 0.56-0.61 with or without the teacher); training on model-generated text, which the
+paper also found to beat a fixed dataset, raised it to 0.82 with text the target wrote itself
+(`llmlab data generate`, llmlab/infer/continuations.py). The two
 combine: `distill.teacher` works on generated shards like on any others.
 
 The teacher must read the same tokens: its vocabulary size must equal the shards', and when both the
