@@ -14,7 +14,7 @@ saved, and loaded back with Transformer.load, so every figure is for the file a 
 Ratios are against the baseline (fp32, or bf16 with --dtype bfloat16) measured in the same run. Targets
 (from the GPTQ / AWQ papers' pattern): int8 within +1% perplexity; GPTQ and AWQ each recover at least half of
 RTN-int4's perplexity increase, i.e. recovery = (ppl_rtn - ppl_method) / (ppl_rtn - ppl_base) >= 0.5 at the
-same group size.
+same group size. The int4-awq-noclip rows are AWQ without its clipping search (`--awq-no-clip`).
 
 --device/--dtype: everything runs on that device (calibration included). Quantization always starts from
 the checkpoint's fp32 weights (GPTQ/AWQ calibrate in fp32, as the trainer keeps fp32 master weights); the
@@ -44,12 +44,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BASELINES = {torch.float32: ("fp32", 32), torch.bfloat16: ("bf16", 16)}  # baseline variant name, bits
 
 
-def variants(groups: list[int], dtype: torch.dtype = torch.float32) -> list[tuple[str, str, int, int | None]]:
+def variants(groups: list[int], dtype: torch.dtype = torch.float32) -> list[tuple[str, str, int, int | None, dict]]:
+    """(name, method, bits, group size, quantize() options) of every row, the baseline first."""
     base, base_bits = BASELINES[dtype]
-    out = [(base, "none", base_bits, None), ("int8-rtn", "rtn", 8, None), ("int8-gptq", "gptq", 8, None),
-           ("int8-awq", "awq", 8, None)]
+    out = [(base, "none", base_bits, None, {}), ("int8-rtn", "rtn", 8, None, {}), ("int8-gptq", "gptq", 8, None, {}),
+           ("int8-awq", "awq", 8, None, {})]
     for g in groups:
-        out += [(f"int4-rtn-g{g}", "rtn", 4, g), (f"int4-gptq-g{g}", "gptq", 4, g), (f"int4-awq-g{g}", "awq", 4, g)]
+        out += [(f"int4-rtn-g{g}", "rtn", 4, g, {}), (f"int4-gptq-g{g}", "gptq", 4, g, {}),
+                (f"int4-awq-g{g}", "awq", 4, g, {}), (f"int4-awq-noclip-g{g}", "awq", 4, g, {"clip": False})]
     return out
 
 
@@ -120,7 +122,7 @@ def measure_variant(args, dev: torch.device, dtype: torch.dtype, work: Path, cal
     from llmlab.model import Transformer
     from llmlab.model.transformer import WEIGHTS_FILE
 
-    name, method, bits, group = variant
+    name, method, bits, group, options = variant
     model = Transformer.load(args.ckpt, device=dev, dtype=torch.float32)
     if args.outliers:
         inject_outliers(model, args.outliers)
@@ -129,7 +131,7 @@ def measure_variant(args, dev: torch.device, dtype: torch.dtype, work: Path, cal
         synchronize(dev)
         start = time.perf_counter()
         quantize(model, method, bits, group, None if method == "rtn" else calib, act_order=args.act_order,
-                 progress=False)
+                 progress=False, **options)
         synchronize(dev)
         seconds = time.perf_counter() - start
     as_stored = method == "none" and not args.outliers and dtype == torch.float32
@@ -174,12 +176,13 @@ def recovery_targets(rows: list[dict], groups: list[int]) -> dict:
         targets["int8_rtn_within_1pct"] = by["int8-rtn"]["ppl_delta_pct"] <= 1.0
     for g in groups:
         rtn = by.get(f"int4-rtn-g{g}")
-        for method in ("gptq", "awq"):
+        for method in ("gptq", "awq", "awq-noclip"):
             other = by.get(f"int4-{method}-g{g}")
             if rtn and other and rtn["ppl"] > base["ppl"]:
                 rec = (rtn["ppl"] - other["ppl"]) / (rtn["ppl"] - base["ppl"])
-                targets[f"{method}_g{g}_recovery"] = round(rec, 3)
-                targets[f"{method}_g{g}_recovers_half"] = rec >= 0.5
+                key = method.replace("-", "_")
+                targets[f"{key}_g{g}_recovery"] = round(rec, 3)
+                targets[f"{key}_g{g}_recovers_half"] = rec >= 0.5
     return targets
 
 

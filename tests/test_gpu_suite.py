@@ -77,7 +77,7 @@ def test_quant_table(smoke):
     assert quant["device"] == "cpu" and quant["dtype"] == "float32"
     rows = {r["variant"]: r for r in quant["rows"]}
     expected = {"fp32", "int8-rtn", "int8-gptq", "int8-awq"} | {
-        f"int4-{m}-g{g}" for m in ("rtn", "gptq", "awq") for g in (128, 32)}
+        f"int4-{m}-g{g}" for m in ("rtn", "gptq", "awq", "awq-noclip") for g in (128, 32)}
     assert set(rows) == expected
     for name, row in rows.items():
         assert math.isfinite(row["ppl"]) and row["ppl"] > 1, name

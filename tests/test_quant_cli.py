@@ -60,6 +60,14 @@ def test_quantize_and_eval_ppl(setup, capsys, tmp_path):
     assert code == 0 and "gptq int4 g32" in stdout and "full precision" in stdout
 
 
+def test_quantize_awq_without_clipping(setup, capsys, tmp_path):
+    code, stdout, _ = run_cli(capsys, "quantize", setup / "ckpt", "--out", tmp_path / "q", "--method", "awq",
+                              "--bits", 4, "--group-size", 32, "--calib", setup / "shards", "--calib-samples", 8,
+                              "--calib-len", 32, "--awq-no-clip")
+    assert code == 0 and json.loads(stdout)["clip"] is False
+    assert Transformer.load(tmp_path / "q").quantization["clip"] is False
+
+
 @pytest.mark.parametrize("args,fragments", [
     (["--method", "foo"], ["unknown quantization method 'foo'", "rtn, gptq, awq"]),
     (["--bits", "3"], ["bits=3", "use 8"]),
@@ -67,6 +75,7 @@ def test_quantize_and_eval_ppl(setup, capsys, tmp_path):
     (["--method", "awq", "--bits", "4", "--group-size", "32", "--calib-samples", "1000", "--calib-len", "32"],
      ["calibration data", "1000 samples x 32 tokens = 32000 were requested", "at most 156 samples"]),
     (["--method", "gptq", "--calib-len", "65"], ["calibration length 65 exceeds the model's block_size 64"]),
+    (["--method", "gptq", "--awq-no-clip"], ["--awq-no-clip applies to --method awq, not gptq"]),
 ])
 def test_quantize_bad_input(setup, capsys, tmp_path, args, fragments):
     out = tmp_path / "q"

@@ -156,3 +156,21 @@ def test_load_rejects_a_bad_quantization_entry(tmp_path):
     cfg_file.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="shape"):
         Transformer.load(tmp_path / "q")
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_awq_clipping_search_runs_only_when_asked(clip, monkeypatch, tmp_path):
+    """clip=False (llmlab quantize --awq-no-clip) skips the clipping search: the layers keep their plain
+    ranges after scaling, which for a layer alone is exactly RTN of the scaled weight without clips."""
+    import llmlab.infer.quant.awq as awq
+
+    searched = []
+    real = awq.search_clip
+    monkeypatch.setattr(awq, "search_clip", lambda *a, **k: searched.append(1) or real(*a, **k))
+    model = _model("llama")
+    quantize(model, "awq", 4, 32, _calib(), clip=clip, progress=False)
+    assert bool(searched) == clip and len(searched) == (4 * model.config.n_layer if clip else 0)
+    assert model.quantization["clip"] is clip
+    model.save(tmp_path / "q")
+    assert Transformer.load(tmp_path / "q").quantization["clip"] is clip
+    assert torch.isfinite(model(IDS)).all()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from llmlab.errors import ConfigError
+
 
 def register(sub, formatter_class) -> None:
     p = sub.add_parser("quantize", formatter_class=formatter_class,
@@ -24,6 +26,8 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--calib-len", type=int, default=None,
                    help="tokens per calibration window; none = min(256, block_size)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation")
+    p.add_argument("--awq-no-clip", action="store_true",
+                   help="AWQ: skip the clipping search (measured better on small models; see infer/quant/awq.py)")
     p.add_argument("--include-head", action="store_true", help="also quantize an untied LM head")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory; none = CKPT/tokenizer")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
@@ -35,10 +39,13 @@ def register(sub, formatter_class) -> None:
 def run_quantize(args) -> int:
     from llmlab.infer.quant import quantize_checkpoint
 
+    if args.awq_no_clip and args.method != "awq":
+        raise ConfigError(f"--awq-no-clip applies to --method awq, not {args.method}; drop it or use --method awq")
+    options = {"clip": False} if args.awq_no_clip else {}
     summary = quantize_checkpoint(args.checkpoint, args.out, args.method, args.bits, args.group_size,
                                   calib_source=args.calib, calib_samples=args.calib_samples,
                                   calib_len=args.calib_len, seed=args.seed, act_order=args.act_order,
                                   include_head=args.include_head, tokenizer=args.tokenizer, device=args.device,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, **options)
     print(json.dumps(summary))
     return 0

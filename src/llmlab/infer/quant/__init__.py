@@ -75,7 +75,7 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int = 8, group_size: i
     method: "rtn" | "gptq" | "awq"; bits: 8 (per-channel, group_size ignored) or 4 (groups of group_size
     input columns; group_size must divide every quantized layer's input width). calib: LongTensor
     [n_samples, seq_len] for GPTQ/AWQ. act_order: GPTQ's activation-order heuristic. kernel: see linear.py.
-    method_options go to gptq_model (blocksize, percdamp) or awq_model (n_grid).
+    method_options go to gptq_model (blocksize, percdamp) or awq_model (n_grid, clip).
     """
     from llmlab.infer.quant.calib import check_calibration
 
@@ -105,6 +105,7 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int = 8, group_size: i
             scaled = awq_model(model, calib, bits, group_size, include_head=include_head, batch_size=batch_size,
                                progress=progress, **method_options)
             entry["input_scaled"] = scaled
+            entry["clip"] = method_options.get("clip", True)
     if method != "rtn":
         entry["calibration"] = {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])}
     model.quantization = entry
