@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from llmlab.cli import main
@@ -43,3 +44,45 @@ def assert_same_as_hf(ours, theirs, vocab: int, seq_len: int, prompt: list[list[
     assert expected.std() > 0.1  # meaningful logits, not all ~0
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     assert generate(ours, prompt, new_tokens, temperature=0).tolist() == hf_greedy(theirs, prompt, new_tokens)
+
+
+# ----- the affine-rule task shared by the distillation and draft-data tests -----
+AFFINE_VOCAB = 64
+AFFINE_PERM = np.random.default_rng(7).permutation(AFFINE_VOCAB)  # relabels a stream into another rule
+
+
+def affine_shards(out, relabel=None, vocab: int = AFFINE_VOCAB, train_tokens: int = 12000):
+    """Shards of the x -> (5x + 3) mod 64 stream (llmlab.data.synthetic.affine_stream), its tokens optionally
+    relabelled by a permutation (a teacher trained on those continues any prompt with pi f pi^-1)."""
+    from llmlab.data.shards import write_shard_dir
+    from llmlab.data.synthetic import affine_stream
+
+    streams = {"train": [affine_stream(train_tokens, AFFINE_VOCAB, 0)],
+               "val": [affine_stream(2000, AFFINE_VOCAB, 2)]}
+    if relabel is not None:
+        streams = {k: [relabel[s] for s in v] for k, v in streams.items()}
+    write_shard_dir(out, streams, vocab_size=vocab, extra={"tokenizer": {"vocab_size": vocab, "eos_id": None}})
+    return out
+
+
+def affine_run_config(shards, root, *overrides):
+    """A 60-step configs/tiny.toml pretraining run on `shards`, its runs under root/runs."""
+    from llmlab.config import load_config
+    from llmlab.train.pretrain import PretrainConfig
+
+    base = [f"data.shards={shards}", f"train.out_dir={root / 'runs'}", "train.progress=false", "train.plot=false",
+            "optim.max_steps=60", "optim.lr=1e-2", "train.eval_every=60", "train.ckpt_every=60"]
+    return load_config(PretrainConfig, "configs/tiny.toml", base + list(overrides))
+
+
+def affine_agreement(a_ckpt, b_ckpt) -> float:
+    """Share of predictable positions (not the random token every 16th) where the two models' argmaxes agree."""
+    from llmlab.data.synthetic import affine_stream
+    from llmlab.model import Transformer
+
+    x = torch.from_numpy(affine_stream(33 * 16, AFFINE_VOCAB, 5)).reshape(16, 33)[:, :32]
+    a, b = Transformer.load(a_ckpt), Transformer.load(b_ckpt)
+    with torch.no_grad():
+        agree = a(x).argmax(-1) == b(x).argmax(-1)
+    keep = (torch.arange(32) + 1) % 16 != 0  # the next token is not the random one
+    return agree[:, keep].float().mean().item()

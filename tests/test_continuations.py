@@ -14,27 +14,24 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, run_cli
-from llmlab.config import load_config
+from helpers import (
+    AFFINE_PERM,
+    AFFINE_VOCAB,
+    affine_agreement,
+    affine_run_config,
+    affine_shards,
+    assert_one_line_error,
+    run_cli,
+)
 from llmlab.data.loader import TokenLoader
 from llmlab.data.shards import read_meta, read_shard, split_shards, write_shard_dir
-from llmlab.data.synthetic import affine_stream
 from llmlab.infer import generate
 from llmlab.infer.continuations import write_continuations
 from llmlab.model import ModelConfig, Transformer
 from llmlab.tokenizer import Tokenizer
-from llmlab.train.pretrain import PretrainConfig, run_pretrain
+from llmlab.train.pretrain import run_pretrain
 
-V = 64
-PERM = np.random.default_rng(7).permutation(V)
-
-
-def _shards(out, relabel=None, vocab=V, train_tokens=12000):
-    streams = {"train": [affine_stream(train_tokens, V, 0)], "val": [affine_stream(2000, V, 2)]}
-    if relabel is not None:
-        streams = {k: [relabel[s] for s in v] for k, v in streams.items()}
-    write_shard_dir(out, streams, vocab_size=vocab, extra={"tokenizer": {"vocab_size": vocab, "eos_id": None}})
-    return out
+V = AFFINE_VOCAB
 
 
 @pytest.fixture
@@ -60,7 +57,7 @@ def _contains_window(stream: np.ndarray, window: np.ndarray) -> bool:
 
 def test_sequences_are_source_windows_then_the_models_greedy_continuation(tmp_path, model_dir):
     ckpt, model = model_dir
-    shards = _shards(tmp_path / "shards")
+    shards = affine_shards(tmp_path / "shards")
     meta = write_continuations(ckpt, shards, tmp_path / "out", sequences=6, val_sequences=3, prompt_tokens=5,
                                length=24, batch_size=4, progress=False)
     sources = {split: np.asarray(read_shard(split_shards(shards, split)[0]), dtype=np.int64)
@@ -80,7 +77,7 @@ def test_sequences_are_source_windows_then_the_models_greedy_continuation(tmp_pa
 
 def test_same_seed_same_bytes_other_seed_other_prompts(tmp_path, model_dir):
     ckpt, _ = model_dir
-    shards = _shards(tmp_path / "shards")
+    shards = affine_shards(tmp_path / "shards")
     kwargs = dict(sequences=5, val_sequences=1, prompt_tokens=4, length=12, temperature=1.0, progress=False)
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         write_continuations(ckpt, shards, tmp_path / name, seed=seed, **kwargs)
@@ -107,35 +104,20 @@ def test_the_shards_tokenizer_travels_along(tmp_path, small_corpus):
     assert Tokenizer.load(tmp_path / "out" / "tokenizer").encode("def add") == tok.encode("def add")
 
 
-def _cfg(shards, root, *overrides):
-    base = [f"data.shards={shards}", f"train.out_dir={root / 'runs'}", "train.progress=false", "train.plot=false",
-            "optim.max_steps=60", "optim.lr=1e-2", "train.eval_every=60", "train.ckpt_every=60"]
-    return load_config(PretrainConfig, "configs/tiny.toml", base + list(overrides))
-
-
-def _agreement(a_ckpt, b_ckpt) -> float:
-    """Share of predictable positions (not the random token every 16th) where the two argmaxes agree."""
-    x = torch.from_numpy(affine_stream(33 * 16, V, 5)).reshape(16, 33)[:, :32]
-    a, b = Transformer.load(a_ckpt), Transformer.load(b_ckpt)
-    with torch.no_grad():
-        agree = a(x).argmax(-1) == b(x).argmax(-1)
-    keep = (torch.arange(32) + 1) % 16 != 0
-    return agree[:, keep].float().mean().item()
-
-
 def test_a_draft_trained_on_the_continuations_learns_the_models_rule(tmp_path):
     """The data follow x -> f(x); the teacher was trained on relabelled data, so it continues any prompt with
     its own rule pi f pi^-1. A draft trained on its continuations of the same data must agree with it; one
     trained on the data must not (the continuations carry the teacher's behaviour, not the corpus's)."""
-    shards = _shards(tmp_path / "shards")
-    teacher = run_pretrain(_cfg(_shards(tmp_path / "teacher_shards", relabel=PERM), tmp_path,
-                                "train.run_name=teacher"))["checkpoint"]
+    shards = affine_shards(tmp_path / "shards")
+    teacher_shards = affine_shards(tmp_path / "teacher_shards", relabel=AFFINE_PERM)
+    teacher = run_pretrain(affine_run_config(teacher_shards, tmp_path, "train.run_name=teacher"))["checkpoint"]
     write_continuations(teacher, shards, tmp_path / "teacher_text", sequences=192, prompt_tokens=4, length=32,
                         batch_size=32, progress=False)
-    imitator = run_pretrain(_cfg(tmp_path / "teacher_text", tmp_path, "train.run_name=imitator"))["checkpoint"]
-    plain = run_pretrain(_cfg(shards, tmp_path, "train.run_name=plain"))["checkpoint"]
-    assert _agreement(imitator, teacher) > 0.9
-    assert _agreement(plain, teacher) < 0.2
+    imitator_cfg = affine_run_config(tmp_path / "teacher_text", tmp_path, "train.run_name=imitator")
+    imitator = run_pretrain(imitator_cfg)["checkpoint"]
+    plain = run_pretrain(affine_run_config(shards, tmp_path, "train.run_name=plain"))["checkpoint"]
+    assert affine_agreement(imitator, teacher) > 0.9
+    assert affine_agreement(plain, teacher) < 0.2
 
 
 @pytest.mark.parametrize("change, fragments", [
@@ -154,9 +136,9 @@ def test_a_draft_trained_on_the_continuations_learns_the_models_rule(tmp_path):
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, model_dir, capsys, change, fragments):
     ckpt, _ = model_dir
-    shards = _shards(tmp_path / "shards")
-    _shards(tmp_path / "other", vocab=32)
-    _shards(tmp_path / "short", train_tokens=30)
+    shards = affine_shards(tmp_path / "shards")
+    affine_shards(tmp_path / "other", vocab=32)
+    affine_shards(tmp_path / "short", train_tokens=30)
     before = sorted(p.name for p in tmp_path.iterdir())
     code, _, err = run_cli(capsys, "data", "generate", *change(ckpt, shards, tmp_path / "out"), "--no-progress")
     assert_one_line_error(code, err, *fragments)
@@ -167,7 +149,7 @@ def test_a_failure_while_writing_leaves_no_directory(tmp_path, model_dir, monkey
     import llmlab.infer.continuations as continuations
 
     ckpt, _ = model_dir
-    shards = _shards(tmp_path / "shards")
+    shards = affine_shards(tmp_path / "shards")
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -181,7 +163,7 @@ def test_a_failure_while_writing_leaves_no_directory(tmp_path, model_dir, monkey
 
 def test_cli_prints_what_it_wrote(tmp_path, model_dir, capsys):
     ckpt, _ = model_dir
-    shards = _shards(tmp_path / "shards")
+    shards = affine_shards(tmp_path / "shards")
     code, out, _ = run_cli(capsys, "data", "generate", str(ckpt), "--shards", str(shards), "--out",
                            str(tmp_path / "out"), "--sequences", "4", "--prompt-tokens", "4", "--length", "16",
                            "--no-progress")

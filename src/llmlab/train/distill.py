@@ -14,8 +14,8 @@ distributions accepts more of its guesses than one trained on the data alone (Zh
 "DistillSpec: Improving Speculative Decoding via Knowledge Distillation"). On corpus text that gain was small
 here (greedy agreement 0.56-0.61 with or without the teacher); training on model-generated text, which the
 paper also found to beat a fixed dataset, raised it to 0.82 with text the target wrote itself
-(`llmlab data generate`, llmlab/infer/continuations.py). The two
-combine: `distill.teacher` works on generated shards like on any others.
+(`llmlab data generate`, llmlab/infer/continuations.py). The two combine: `distill.teacher` works on
+generated shards like on any others.
 
 The teacher must read the same tokens: its vocabulary size must equal the shards', and when both the
 teacher checkpoint and the shards carry a tokenizer, the two must map every id to the same bytes. Logged
