@@ -257,6 +257,14 @@ class Checkpointer:
         if best is not None and best["step"] == step:
             (self.run_dir / BEST_FILE).unlink(missing_ok=True)
 
+    def beats_best(self, step: int, val_loss: float | None) -> bool:
+        """Whether saving ckpt-STEP with this val loss makes it the best (update_best's rule, side-effect free;
+        a best.json naming STEP itself does not count, as rewriting ckpt-STEP forgets it)."""
+        if not self.keep_best or val_loss is None or not math.isfinite(val_loss):
+            return False
+        best = self.best()
+        return best is None or best["step"] == step or val_loss < best["val_loss"]
+
     def update_best(self, step: int, val_loss: float | None) -> bool:
         """After saving ckpt-STEP (rank 0): record it in best.json if its val loss beats the best so far.
 
@@ -264,12 +272,7 @@ class Checkpointer:
         the best one's directory (after a rollback or a resume from an earlier step) loses that record,
         since the old weights are gone (see forget_best). Returns whether ckpt-STEP is now the best.
         """
-        if not self.keep_best:
-            return False
-        best = self.best()
-        if val_loss is None or not math.isfinite(val_loss):
-            return False
-        if best is not None and val_loss >= best["val_loss"]:
+        if not self.beats_best(step, val_loss):
             return False
         record = {"step": step, "path": self.path(step).name, "val_loss": val_loss}
         write_text_atomic(self.run_dir / BEST_FILE, json.dumps(record) + "\n")

@@ -364,11 +364,17 @@ class Trainer:
                 done = stopping = True
             if self.eval_fn is not None and (done or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
                 record.update(self.evaluate())
-            if done or stopping or (self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0):
-                self.save()
+            saving = self.checkpointer is not None and (
+                done or stopping or bool(self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0))
+            if saving:
+                self._events.append(self._checkpoint_event())
             record["events"] = self._take_events()
             if record["events"] or self.step % self.cfg.log_every == 0 or done:
+                # Before the checkpoint: killed between the two, the run resumes from the previous checkpoint
+                # and drops this line; the other way round it would resume from this one with the line lost.
                 self._write(record)
+            if saving:
+                self.save(log=False)
             for cb in self.callbacks:
                 cb.on_step_end(self, record)
             bar.set_postfix_str(self._postfix(record), refresh=False)
@@ -440,22 +446,34 @@ class Trainer:
             "optim_config": dataclasses.asdict(self.optim_cfg),
         }
 
-    def save(self) -> Path | None:
-        """Write ckpt-STEP (rank 0; a distributed checkpointer overrides this policy) and log the event."""
+    def _val_loss_now(self) -> float | None:
+        """The val loss measured at this step, None if this step was not evaluated."""
+        return self.last_eval.get("val_loss") if self._eval_step == self.step else None
+
+    def _checkpoint_event(self) -> dict:
+        """The metrics event of saving ckpt-STEP now, "best" included when it will become the best."""
+        event = {"type": "checkpoint", "path": self.checkpointer.path(self.step).name}
+        if self.is_main and hasattr(self.checkpointer, "beats_best") and \
+                self.checkpointer.beats_best(self.step, self._val_loss_now()):
+            event["best"] = True
+        return event
+
+    def save(self, log: bool = True) -> Path | None:
+        """Write ckpt-STEP (rank 0; a distributed checkpointer overrides this policy) and, with `log`, queue its
+        event (fit logs it itself, before the write: see there)."""
         if self.checkpointer is None:
             return None
-        path = self.checkpointer.path(self.step)
+        event = self._checkpoint_event()
         self._saved_step = self.step
-        event = {"type": "checkpoint", "path": path.name}
+        path = self.checkpointer.path(self.step)
         if self.is_main or getattr(self.checkpointer, "collective", False):  # DCP: every rank writes
             path = self.checkpointer.save(self.step, self.model, self.state_dict())
         if self.is_main and hasattr(self.checkpointer, "update_best"):
-            val = self.last_eval.get("val_loss") if self._eval_step == self.step else None
-            if self.checkpointer.update_best(self.step, val):
-                event["best"] = True
+            self.checkpointer.update_best(self.step, self._val_loss_now())
         # No rank may read this checkpoint (a rollback, or code after fit) before rank 0 has written it.
         _barrier()
-        self._events.append(event)
+        if log:
+            self._events.append(event)
         for cb in self.callbacks:
             cb.on_checkpoint(self, path)
         return path
