@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llmlab.cli import main
-from llmlab.errors import ConfigError, ModelError
+from llmlab.errors import ConfigError, ModelError, TokenizerError
 from llmlab.infer import generate
 from llmlab.infer import speculative as spec
 from llmlab.infer.lookup import PromptLookup
@@ -344,6 +344,7 @@ def test_bad_speculative_input_is_one_clear_error():
 
 def test_tokenizers_of_equal_size_are_compared_token_by_token(tmp_path, small_corpus):
     from llmlab.tokenizer import Tokenizer
+    from llmlab.tokenizer.identity import check_same_tokenizer, fingerprint
 
     a = Tokenizer.train(small_corpus, vocab_size=280, progress=False, workers=1)
     b = Tokenizer.train(small_corpus[::-1][:2], vocab_size=280, progress=False, workers=1)
@@ -351,10 +352,11 @@ def test_tokenizers_of_equal_size_are_compared_token_by_token(tmp_path, small_co
     a.save(tmp_path / "a")
     b.save(tmp_path / "b")
     a.save(tmp_path / "a2")
-    spec.check_same_tokenizer(tmp_path / "a", tmp_path / "a2")  # same tokenizer: fine
-    with pytest.raises(ModelError, match=r"differs from the target's .*\(token \d+ is b'.*' vs the target's b'"):
-        spec.check_same_tokenizer(tmp_path / "a", tmp_path / "b")
-    spec.check_same_tokenizer(tmp_path / "a", tmp_path / "missing")  # nothing to compare: vocab check only
+    check_same_tokenizer(tmp_path / "a", tmp_path / "a2")  # same tokenizer: fine
+    assert fingerprint(a) == fingerprint(Tokenizer.load(tmp_path / "a2")) != fingerprint(b)
+    with pytest.raises(TokenizerError, match=r"differs from the target's .*\(token \d+ is b'.*' vs the target's b'"):
+        check_same_tokenizer(tmp_path / "a", tmp_path / "b")
+    check_same_tokenizer(tmp_path / "a", tmp_path / "missing")  # nothing to compare: vocab check only
 
 
 @pytest.fixture

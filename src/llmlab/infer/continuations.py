@@ -34,6 +34,7 @@ from llmlab.errors import ConfigError, DataError
 from llmlab.fsutil import atomic_dir
 from llmlab.infer.generate import generate
 from llmlab.infer.sampling import check_sampling
+from llmlab.tokenizer.identity import check_same_tokenizer
 
 
 def write_continuations(checkpoint: str | Path, shards: str | Path, out: str | Path, *, sequences: int = 4096,
@@ -97,8 +98,6 @@ def _check_counts(sequences: int, val_sequences: int, prompt_tokens: int, length
 
 def _check_fit(model, checkpoint: Path, shards: Path, meta: dict, length: int) -> Path | None:
     """The model must read the shards' tokens; returns the shards' tokenizer directory (None without one)."""
-    from llmlab.infer.speculative import check_same_tokenizer
-
     vocab = meta["tokenizer"]["vocab_size"]
     if model.config.vocab_size != vocab:
         raise ConfigError(f"{checkpoint} has a {model.config.vocab_size}-token vocabulary but {shards} has {vocab}; "

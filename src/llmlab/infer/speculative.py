@@ -81,6 +81,7 @@ from llmlab.infer.generate import _stop_tensor, assemble, prepare_prompts
 from llmlab.infer.lookup import PromptLookup
 from llmlab.infer.sampling import check_sampling, probs_from_logits, sample
 from llmlab.model.kv_cache import KVCache
+from llmlab.tokenizer.identity import check_same_tokenizer
 
 
 @dataclass
@@ -223,34 +224,6 @@ def load_draft(model, draft: str | Path | None, *, lookup: bool = False, specula
     if tokenizer_dir is not None:
         check_same_tokenizer(Path(tokenizer_dir), Path(draft) / "tokenizer")
     return PromptLookup(fallback=draft_model) if lookup else draft_model
-
-
-def check_same_tokenizer(target_dir: Path, draft_dir: Path, roles: tuple[str, str] = ("target", "draft")) -> None:
-    """ModelError if both tokenizer directories exist and map some id to different bytes (or differ in size or
-    special tokens). Identical files are accepted without loading them. `roles` names the two models in the
-    message (distillation checks a teacher against the data the same way)."""
-    if not (target_dir.is_dir() and draft_dir.is_dir()):
-        return
-    names = ("tokenizer.json", "llmlab.json")
-    if all((target_dir / f).is_file() and (draft_dir / f).is_file()
-           and (target_dir / f).read_bytes() == (draft_dir / f).read_bytes() for f in names):
-        return
-    from llmlab.tokenizer import Tokenizer
-
-    a, b = Tokenizer.load(target_dir), Tokenizer.load(draft_dir)
-    ref, other = roles
-    problem = None
-    if a.vocab_size != b.vocab_size:
-        problem = f"{b.vocab_size} tokens vs the {ref}'s {a.vocab_size}"
-    elif a.special_tokens != b.special_tokens:
-        problem = f"special tokens {b.special_tokens} vs the {ref}'s {a.special_tokens}"
-    else:
-        diff = next((i for i in range(a.vocab_size) if a.token_bytes(i) != b.token_bytes(i)), None)
-        if diff is not None:
-            problem = f"token {diff} is {b.token_bytes(diff)!r} vs the {ref}'s {a.token_bytes(diff)!r}"
-    if problem is not None:
-        raise ModelError(f"the {other}'s tokenizer {draft_dir} differs from the {ref}'s {target_dir} ({problem}); "
-                         f"use a {other} that shares the {ref}'s tokenizer")
 
 
 # ----- the acceptance rule (module-level so tests can check it exactly, and break it on purpose) -----

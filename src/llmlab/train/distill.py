@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from llmlab.errors import ConfigError
+from llmlab.model import Transformer
+from llmlab.tokenizer.identity import check_same_tokenizer
 
 
 @dataclass
@@ -74,9 +76,6 @@ def distill_loss(teacher: torch.nn.Module, weight: float, temperature: float):
 def load_teacher(cfg: DistillConfig, vocab_size: int, block_size: int, tokenizer_dir: Path | None,
                  device: torch.device) -> torch.nn.Module:
     """The frozen teacher, checked against the training data (ConfigError / ModelError, one line each)."""
-    from llmlab.infer.speculative import check_same_tokenizer
-    from llmlab.model import Transformer
-
     path = Path(cfg.teacher)
     if not (path / "config.json").is_file():
         raise ConfigError(f"distill.teacher={cfg.teacher} is not a checkpoint directory (no config.json); point "
