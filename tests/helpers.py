@@ -33,7 +33,8 @@ def hf_greedy(model, prompt: list[list[int]], n: int) -> list[list[int]]:
     return out.tolist()
 
 
-def assert_same_as_hf(ours, theirs, vocab: int, seq_len: int, prompt: list[list[int]], new_tokens: int) -> None:
+def assert_same_as_hf(ours, theirs, vocab: int, seq_len: int, prompt: list[list[int]],
+                      new_tokens: int) -> None:
     """An llmlab model and a transformers model give the same fp32 logits (1e-4) and greedy tokens."""
     from llmlab.infer import generate
 
@@ -61,7 +62,8 @@ def affine_shards(out, relabel=None, vocab: int = AFFINE_VOCAB, train_tokens: in
                "val": [affine_stream(2000, AFFINE_VOCAB, 2)]}
     if relabel is not None:
         streams = {k: [relabel[s] for s in v] for k, v in streams.items()}
-    write_shard_dir(out, streams, vocab_size=vocab, extra={"tokenizer": {"vocab_size": vocab, "eos_id": None}})
+    write_shard_dir(out, streams, vocab_size=vocab,
+                    extra={"tokenizer": {"vocab_size": vocab, "eos_id": None}})
     return out
 
 
@@ -70,13 +72,14 @@ def affine_run_config(shards, root, *overrides):
     from llmlab.config import load_config
     from llmlab.train.pretrain import PretrainConfig
 
-    base = [f"data.shards={shards}", f"train.out_dir={root / 'runs'}", "train.progress=false", "train.plot=false",
+    base = [f"data.shards={shards}", f"train.out_dir={root / 'runs'}", "train.progress=false",
+            "train.plot=false",
             "optim.max_steps=60", "optim.lr=1e-2", "train.eval_every=60", "train.ckpt_every=60"]
     return load_config(PretrainConfig, "configs/tiny.toml", base + list(overrides))
 
 
 def affine_agreement(a_ckpt, b_ckpt) -> float:
-    """Share of predictable positions (not the random token every 16th) where the two models' argmaxes agree."""
+    """Share of predictable positions (not the random token every 16th) where both models' argmaxes agree."""
     from llmlab.data.synthetic import affine_stream
     from llmlab.model import Transformer
 

@@ -95,7 +95,8 @@ def test_the_shards_tokenizer_travels_along(tmp_path, small_corpus):
     ids = np.array(tok.encode(" ".join(small_corpus) * 4), dtype=np.int64)
     shards = tmp_path / "shards"
     write_shard_dir(shards, {"train": [ids], "val": [ids[:200]]}, vocab_size=tok.vocab_size,
-                    extra={"tokenizer": {"vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "copy": "tokenizer"}})
+                    extra={"tokenizer": {"vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                                         "copy": "tokenizer"}})
     tok.save(shards / "tokenizer")
     write_continuations(tmp_path / "ckpt", shards, tmp_path / "out", sequences=2, prompt_tokens=4, length=16,
                         progress=False)
@@ -110,7 +111,8 @@ def test_a_draft_trained_on_the_continuations_learns_the_models_rule(tmp_path):
     trained on the data must not (the continuations carry the teacher's behaviour, not the corpus's)."""
     shards = affine_shards(tmp_path / "shards")
     teacher_shards = affine_shards(tmp_path / "teacher_shards", relabel=AFFINE_PERM)
-    teacher = run_pretrain(affine_run_config(teacher_shards, tmp_path, "train.run_name=teacher"))["checkpoint"]
+    teacher_cfg = affine_run_config(teacher_shards, tmp_path, "train.run_name=teacher")
+    teacher = run_pretrain(teacher_cfg)["checkpoint"]
     write_continuations(teacher, shards, tmp_path / "teacher_text", sequences=192, prompt_tokens=4, length=32,
                         batch_size=32, progress=False)
     imitator_cfg = affine_run_config(tmp_path / "teacher_text", tmp_path, "train.run_name=imitator")
@@ -140,7 +142,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, model_dir, ca
     affine_shards(tmp_path / "other", vocab=32)
     affine_shards(tmp_path / "short", train_tokens=30)
     before = sorted(p.name for p in tmp_path.iterdir())
-    code, _, err = run_cli(capsys, "data", "generate", *change(ckpt, shards, tmp_path / "out"), "--no-progress")
+    argv = change(ckpt, shards, tmp_path / "out")
+    code, _, err = run_cli(capsys, "data", "generate", *argv, "--no-progress")
     assert_one_line_error(code, err, *fragments)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out dir, no temporary left
 
@@ -165,8 +168,8 @@ def test_cli_prints_what_it_wrote(tmp_path, model_dir, capsys):
     ckpt, _ = model_dir
     shards = affine_shards(tmp_path / "shards")
     code, out, _ = run_cli(capsys, "data", "generate", str(ckpt), "--shards", str(shards), "--out",
-                           str(tmp_path / "out"), "--sequences", "4", "--prompt-tokens", "4", "--length", "16",
-                           "--no-progress")
+                           str(tmp_path / "out"), "--sequences", "4", "--prompt-tokens", "4",
+                           "--length", "16", "--no-progress")
     assert code == 0
     assert "4 train / 1 val sequences of 16 tokens (64 / 16 tokens)" in out
     made = json.loads((tmp_path / "out" / "meta.json").read_text())["generated"]

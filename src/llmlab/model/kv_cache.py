@@ -58,7 +58,7 @@ class CacheStep:
 
 
 class KVCache:
-    """Per-layer keys/values [n_layer, B, n_kv_head, max_len, head_dim] plus per-row lengths (see module doc)."""
+    """Per-layer keys/values [n_layer, B, n_kv_head, max_len, head_dim] and per-row lengths (module doc)."""
 
     def __init__(self, n_layer: int, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -77,7 +77,8 @@ class KVCache:
             raise ModelError(f"KV cache max_len={max_len} must be between 1 and the model's block_size "
                              f"{cfg.block_size}; shorten the prompt or the number of new tokens")
         p = next(model.parameters())
-        return cls(cfg.n_layer, batch_size, max_len, cfg.kv_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
+        return cls(cfg.n_layer, batch_size, max_len, cfg.kv_heads, cfg.head_dim,
+                   device=p.device, dtype=p.dtype)
 
     # ----- position bookkeeping -----
     def set_pos(self, pos: int | Sequence[int] | torch.Tensor) -> None:
@@ -85,7 +86,8 @@ class KVCache:
             pos = pos.tolist()
         pos = [int(pos)] * self.batch_size if isinstance(pos, int) else [int(p) for p in pos]
         if len(pos) != self.batch_size or any(not 0 <= p <= self.max_len for p in pos):
-            raise ModelError(f"KV cache positions {pos} must be {self.batch_size} values in [0, {self.max_len}]")
+            raise ModelError(f"KV cache positions {pos} must be {self.batch_size} values "
+                             f"in [0, {self.max_len}]")
         self.pos = pos
 
     def rollback(self, n: int | Sequence[int] | torch.Tensor) -> None:
@@ -122,7 +124,7 @@ class KVCache:
         return CacheStep(T, None, positions, end, mask[:, None], False, positions)
 
     def update(self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor):
-        """Write this layer's new k, v [B, n_kv_head, T, head_dim]; return all valid keys/values [B, kv, L, hd]."""
+        """Write this layer's new k, v [B, n_kv_head, T, head_dim]; return the valid keys and values."""
         kc, vc = self.k[layer], self.v[layer]
         if step.index is None:
             kc[:, :, step.start:step.start + step.T] = k

@@ -6,7 +6,8 @@ head and the loss chunk by chunk, and the gradients right there in the forward p
 to a few MB: less memory traffic on CPU, less peak memory on GPU (the trick of Liger-Kernel's fused linear
 cross-entropy, Hsu et al. 2024). The FLOPs are the same three matmuls as the unfused head.
 
-    loss = linear_cross_entropy(hidden [N, d], weight [V, d], targets [N], ignore_index=-100)  # mean over kept
+    # the mean over kept targets
+    loss = linear_cross_entropy(hidden [N, d], weight [V, d], targets [N], ignore_index=-100)
 
 The result equals F.cross_entropy(hidden @ weight.T, targets, ignore_index=...) (mean over non-ignored
 targets); its backward multiplies the stored gradients by the incoming scale, so loss scaling for

@@ -37,7 +37,8 @@ def rms_norm(x, w, eps):
 
 
 def gelu_tanh(x):
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))  # Hendrycks & Gimpel 2016
+    # Hendrycks & Gimpel 2016, tanh approximation
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def silu(x):
@@ -51,8 +52,9 @@ def linear(x, W, b=None):
 
 def llama3_scale(inv_freq, scaling: dict):
     """Llama 3.1's frequency adjustment (Meta, "The Llama 3 Herd of Models", 2024), written case by case:
-    wavelengths above L/low_freq_factor are slowed by `factor`, those below L/high_freq_factor kept, and those in
-    between blended with smooth = (L/wavelength - low) / (high - low), L = original_max_position_embeddings."""
+    wavelengths above L/low_freq_factor are slowed by `factor`, those below L/high_freq_factor kept, and
+    those in between blended with smooth = (L/wavelength - low) / (high - low),
+    L = original_max_position_embeddings."""
     L, factor = scaling["original_max_position_embeddings"], scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     out = np.empty_like(inv_freq)
