@@ -1,19 +1,20 @@
 """CPU throughput: torch.compile vs eager for the cpu-demo model, and 2-process DDP scaling efficiency.
 
-    python benchmarks/bench_ddp_compile.py [--steps 10] [--skip-compile]
+    python benchmarks/bench_ddp_compile.py [--steps 10] [--skip-compile] [--no-check]
 
 Each measurement is forward + backward + AdamW on random tokens (the cpu-demo preset's GPT-2 4x256, block
 256, batch 16), timed after warm-up steps; compile's one-off warm-up (graph capture + C++ codegen) is
 reported separately because on CPU it can take longer than a short run. DDP: the same step on 1 process
 and on 2 gloo processes (one thread each); efficiency = tokens/s(2 ranks) / (2 x tokens/s(1 rank)).
-Prints JSON.
+Prints JSON ending with `targets` (compiled steps at least as fast as eager; DDP efficiency >= 0.8, which
+needs two otherwise idle cores) and exits 1 when one is missed (0 with --no-check).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 
 import torch
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 
 from llmlab.model import ModelConfig, Transformer
 from llmlab.train.distributed import ParallelConfig, parallelize
+from targets import add_no_check, finish, goal, unmeasured
 
 MODEL = dict(n_layer=4, n_head=4, d_model=256, block_size=256, vocab_size=4096, position="learned",
              norm="layernorm", mlp="gelu", bias=False, tie_embeddings=True, dropout=0.0)
@@ -66,6 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--skip-compile", action="store_true")
+    add_no_check(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
     result = {"benchmark": "ddp_compile", "model": MODEL, "batch": BATCH, "threads_per_process": 1,
@@ -75,7 +78,8 @@ def main() -> None:
     result["eager_tokens_per_s"] = eager
     if not args.skip_compile:
         torch.manual_seed(0)
-        compiled = parallelize(Transformer(ModelConfig(**MODEL)), ParallelConfig(compile=True), torch.device("cpu"))
+        model = Transformer(ModelConfig(**MODEL))
+        compiled = parallelize(model, ParallelConfig(compile=True), torch.device("cpu"))
         tps, warm = tokens_per_s(compiled, args.steps, warmup=2)
         result.update(compiled_tokens_per_s=tps, compile_warmup_s=warm, compile_speedup=tps / eager)
     # DDP scaling: 1 rank with per-rank batch B/2 vs 2 ranks with B/2 each
@@ -83,15 +87,19 @@ def main() -> None:
     rates = {}
     for world in (1, 2):
         q = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, world, args.steps, 29500 + world, q)) for r in range(world)]
+        procs = [ctx.Process(target=_rank, args=(r, world, args.steps, 29500 + world, q))
+                 for r in range(world)]
         for p in procs:
             p.start()
         rates[world] = q.get(timeout=600)
         for p in procs:
             p.join()
     result.update(ddp_1rank_tokens_per_s=rates[1], ddp_2rank_tokens_per_s=rates[2],
-                  ddp_scaling_efficiency=rates[2] / (2 * rates[1]))
-    print(json.dumps(result, indent=2))
+                  ddp_scaling_efficiency=round(rates[2] / (2 * rates[1]), 3))
+    targets = {"compile_speedup": goal(round(result["compile_speedup"], 3), ">=", 1.0) if not args.skip_compile
+               else unmeasured(">=", 1.0, "--skip-compile"),
+               "ddp_scaling_efficiency": goal(result["ddp_scaling_efficiency"], ">=", 0.8)}
+    sys.exit(finish(result, targets, args.no_check))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
 """GPU training MFU of a gpt2-124M-class model in bf16, eager and with torch.compile (one prepared run).
 
-    python benchmarks/bench_gpu_mfu.py [--batch 32] [--steps 20] [--flavour gpt2]
+    python benchmarks/bench_gpu_mfu.py [--batch 32] [--steps 20] [--flavour gpt2] [--no-check]
 
 Each step is what `llmlab pretrain` does per micro-batch: bf16 autocast forward, the pretraining loss,
 backward, gradient clipping and fused AdamW, on random tokens (throughput does not depend on the data).
 MFU = flops_per_token (6N + attention, see Transformer.flops_per_token) x tokens/s / the datasheet bf16
-peak from llmlab.train.metrics (989 TFLOP/s for H100/H200 SXM). The issue's target is >= 40% with compile.
-Without a CUDA device it prints {"skipped": ...} and exits 0. Prints JSON.
+peak from llmlab.train.metrics (989 TFLOP/s for H100/H200 SXM). Prints JSON ending with `targets`
+(compiled MFU >= 40%) and exits 1 when it is missed (0 with --no-check). Without a CUDA device it prints
+{"skipped": ...} with the target unmeasured (met null) and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 
 import torch
@@ -22,6 +23,9 @@ from llmlab.train.distributed import ParallelConfig, parallelize
 from llmlab.train.metrics import peak_flops
 from llmlab.train.optim import OptimConfig, build_optimizer
 from llmlab.train.pretrain import lm_loss
+from targets import add_no_check, finish, goal, unmeasured
+
+MFU_GOAL = 0.40
 
 
 def measure(compile_model: bool, args) -> dict:
@@ -55,8 +59,8 @@ def measure(compile_model: bool, args) -> dict:
     tokens_per_s = args.steps * args.batch * cfg.block_size / seconds
     fpt = model.flops_per_token(cfg.block_size)
     peak = peak_flops(device, torch.bfloat16)
-    return {"compile": compile_model, "tokens_per_s": round(tokens_per_s), "mfu": round(fpt * tokens_per_s / peak, 4),
-            "warmup_s": round(warmup_s, 1), "flops_per_token": fpt, "peak_flops": peak,
+    return {"compile": compile_model, "tokens_per_s": round(tokens_per_s),
+            "mfu": round(fpt * tokens_per_s / peak, 4), "warmup_s": round(warmup_s, 1), "flops_per_token": fpt, "peak_flops": peak,
             "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1), "params": model.num_params()}
 
 
@@ -66,13 +70,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
+    add_no_check(ap)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print(json.dumps({"skipped": "no CUDA device; run this on a GPU machine"}))
-        return
-    results = [measure(False, args), measure(True, args)]
-    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
-                      "flavour": args.flavour, "eager": results[0], "compiled": results[1]}, indent=2))
+        why = "no CUDA device; run this on a GPU machine"
+        sys.exit(finish({"benchmark": "gpu_mfu", "skipped": why},
+                        {"mfu_compiled": unmeasured(">=", MFU_GOAL, why)}))
+    eager, compiled = measure(False, args), measure(True, args)
+    result = {"benchmark": "gpu_mfu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "batch": args.batch, "flavour": args.flavour, "eager": eager, "compiled": compiled}
+    sys.exit(finish(result, {"mfu_compiled": goal(compiled["mfu"], ">=", MFU_GOAL)}, args.no_check))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 """Loading a Hugging Face checkpoint: llmlab's load_hf vs transformers' AutoModelForCausalLM.from_pretrained.
 
 The checkpoint is a randomly initialised GPT-2 small (124M parameters, fp32, model.safetensors ~0.5 GB) made
-locally with transformers and saved to a temporary directory; nothing is downloaded. Each load runs in a fresh
-subprocess, so its peak resident memory (ru_maxrss) is its own: `peak_mb` is the process's high-water mark,
-`load_mb` the rise during the load alone (peak minus the mark after the imports), `used_mb` the rise once
-one forward pass has run. transformers maps the safetensors file and its pages become resident only when
-touched, so its load_mb is small and its used_mb is the honest figure; llmlab reads the weights into memory
-during the load, so both of its figures are about the model's size. Linux carries ru_maxrss
-across fork+exec, so this driver never imports torch and even the checkpoint is made in a child. A load that held two full
-copies of the weights would show load_mb near twice the checkpoint size. The contenders alternate, `--repeats`
-times each; the figures are the median time and the largest memory. Both loads are checked to give the same
-logits on one batch (max_abs_diff). Prints one JSON object; ratios are llmlab / transformers (lower is better).
+locally with transformers and saved to a temporary directory; nothing is downloaded. Each load runs in a
+fresh subprocess, so its peak resident memory (ru_maxrss) is its own: `peak_mb` is the process's high-water
+mark, `load_mb` the rise during the load alone (peak minus the mark after the imports), `used_mb` the rise
+once one forward pass has run. transformers maps the safetensors file and its pages become resident only
+when touched, so its load_mb is small and its used_mb is the honest figure; llmlab reads the weights into
+memory during the load, so both of its figures are about the model's size. Linux carries ru_maxrss across
+fork+exec, so this driver never imports torch and even the checkpoint is made in a child. The contenders
+alternate, `--repeats` times each; the figures are the median time and the largest memory. Both loads are
+checked to give the same logits on one batch (max_abs_diff). Prints one JSON object; ratios are llmlab /
+transformers (lower is better). It ends with `targets`, and exits 1 when one is missed (0 with --no-check):
+the same logits (max_abs_diff <= 1e-4); one copy of the weights during the load (llmlab load_mb <= 1.5 x
+the file: two copies would show 2x); no more memory in use than transformers (used_mb ratio <= 1.0); and
+load time within 1.25 x transformers'.
 
-    python benchmarks/bench_hf_load.py [--repeats 3] [--layers 12]
+    python benchmarks/bench_hf_load.py [--repeats 3] [--layers 12] [--no-check]
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+from targets import add_no_check, finish, goal
 
 CHILD = r"""
 import json, resource, sys, time
@@ -66,7 +71,8 @@ print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "file_mb
 
 
 def python(code: str, *argv) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -74,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=12, help="12 = GPT-2 small (124M)")
+    add_no_check(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = python(MAKE, tmp, args.layers)
@@ -92,7 +99,11 @@ def main() -> None:
     ours, theirs = runs["llmlab"][0]["logits"], runs["transformers"][0]["logits"]
     result["max_abs_diff"] = max(abs(x - y) for r1, r2 in zip(ours, theirs, strict=True)
                                  for x, y in zip(r1, r2, strict=True))
-    print(json.dumps(result, indent=2))
+    targets = {"same_logits": goal(result["max_abs_diff"], "<=", 1e-4),
+               "load_mb_per_file_mb": goal(round(a["load_mb"] / ckpt["file_mb"], 3), "<=", 1.5),
+               "used_mb_ratio": goal(result["ratio"]["used_mb"], "<=", 1.0),
+               "load_s_ratio": goal(result["ratio"]["load_s"], "<=", 1.25)}
+    sys.exit(finish(result, targets, args.no_check))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
 """Spike guard benchmark: final val loss of clean vs poisoned-with-guard vs poisoned-without-guard (same seed).
 
-    python benchmarks/bench_spike.py [--steps 200]
+    python benchmarks/bench_spike.py [--steps 200] [--no-check]
 
 A tiny GPT-2 (2x32) learns synthetic LCG runs on one CPU thread; the poisoned runs get 12 consecutive
 batches whose targets are all token 0 (CorruptBatches) late in the run. Prints JSON with each val loss and
-the ratios to the clean run, plus the guard's events. Takes well under a minute.
+the ratios to the clean run, plus the guard's events. Takes well under a minute. It ends with `targets`
+and exits 1 when one is missed (0 with --no-check): the guarded run ends within 2% of the clean val loss,
+and the poison costs the unguarded run at least 2% (else the benchmark shows nothing).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +28,9 @@ from llmlab.train.faults import CorruptBatches
 from llmlab.train.metrics import read_metrics
 from llmlab.train.pretrain import lm_loss, make_eval, seed_everything
 from llmlab.train.spike import SpikeConfig, SpikeGuard
+from targets import add_no_check, finish, goal
 
 V = 64
-
 
 
 def run(shards: Path, run_dir: Path, steps: int, guard: bool, poison: range | None) -> dict:
@@ -58,21 +60,25 @@ def run(shards: Path, run_dir: Path, steps: int, guard: bool, poison: range | No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
+    add_no_check(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp())
-    write_shard_dir(tmp / "shards", {"train": [affine_stream(30000, V, 0)], "val": [affine_stream(3000, V, 2)]}, vocab_size=V,
-                    extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
+    splits = {"train": [affine_stream(30000, V, 0)], "val": [affine_stream(3000, V, 2)]}
+    write_shard_dir(tmp / "shards", splits, vocab_size=V, extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
     poison = range(args.steps - 15, args.steps - 3)
     clean = run(tmp / "shards", tmp / "clean", args.steps, True, None)
     guarded = run(tmp / "shards", tmp / "guarded", args.steps, True, poison)
     unguarded = run(tmp / "shards", tmp / "unguarded", args.steps, False, poison)
-    print(json.dumps({
+    result = {
         "benchmark": "spike_guard", "steps": args.steps, "poisoned_batches": [poison.start, poison.stop - 1],
         "clean": clean, "poisoned_with_guard": guarded, "poisoned_without_guard": unguarded,
-        "ratio_guarded_to_clean": guarded["val_loss"] / clean["val_loss"],
-        "ratio_unguarded_to_clean": unguarded["val_loss"] / clean["val_loss"],
-    }, indent=2))
+        "ratio_guarded_to_clean": round(guarded["val_loss"] / clean["val_loss"], 4),
+        "ratio_unguarded_to_clean": round(unguarded["val_loss"] / clean["val_loss"], 4),
+    }
+    targets = {"guarded_to_clean": goal(result["ratio_guarded_to_clean"], "<=", 1.02),
+               "unguarded_to_clean": goal(result["ratio_unguarded_to_clean"], ">=", 1.02)}
+    sys.exit(finish(result, targets, args.no_check))
 
 
 if __name__ == "__main__":

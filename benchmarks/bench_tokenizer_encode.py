@@ -8,21 +8,24 @@ each library's default threading). The contenders take turns document by documen
 batches), cycling through every running order, so load from other processes and cache warmth fall on all
 alike; the figure is total bytes
 over total time; median_paired_ratio is the median over groups of (peer time / llmlab time) for the same
-group, a steadier figure on a busy machine. Prints one JSON object; ratios are llmlab speed / peer speed
-(targets: >= 0.9 x tiktoken, >= 2 x tokenizers).
+group, a steadier figure on a busy machine. Prints one JSON object; ratios are llmlab speed / peer speed.
+It ends with `targets` (single and batch: >= 0.9 x tiktoken, >= 2 x tokenizers; identical ids) and exits 1
+when one is missed (0 with --no-check).
 
-    python benchmarks/bench_tokenizer_encode.py [--rounds 5] [--batch-docs 16]
+    python benchmarks/bench_tokenizer_encode.py [--rounds 5] [--batch-docs 16] [--no-check]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+
+from targets import add_no_check, finish, goal
 
 
 def setup(corpus: str, vocab_size: int):
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--batch-docs", type=int, default=16, help="documents per encode_batch call")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--corpus", default="stdlib")
+    add_no_check(ap)
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     tok, enc, hf, held = setup(args.corpus, args.vocab_size)
@@ -115,9 +119,12 @@ def main() -> None:
         "ratio_vs_tiktoken": {m: round(v["llmlab"] / v["tiktoken"], 3) for m, v in mbps.items()},
         "ratio_vs_tokenizers": {m: round(v["llmlab"] / v["tokenizers"], 3) for m, v in mbps.items()},
         "median_paired_ratio": paired,
-        "targets": {"vs_tiktoken_min": 0.9, "vs_tokenizers_min": 2.0},
     }
-    print(json.dumps(result, indent=2))
+    targets = {"identical_ids": goal(identical, "==", True)}
+    for mode in ("single", "batch"):
+        targets[f"vs_tiktoken_{mode}"] = goal(result["ratio_vs_tiktoken"][mode], ">=", 0.9)
+        targets[f"vs_tokenizers_{mode}"] = goal(result["ratio_vs_tokenizers"][mode], ">=", 2.0)
+    sys.exit(finish(result, targets, args.no_check))
 
 
 if __name__ == "__main__":

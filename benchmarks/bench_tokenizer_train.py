@@ -8,10 +8,11 @@ subprocess (so peak memory is that run's own ru_maxrss; llmlab's counting worker
 contenders alternate run by run so machine load hits both alike, and the figure is each one's fastest run.
 CPU seconds (all threads and worker processes) are reported too: on a busy machine they vary less than
 wall time. Compression is bytes per token on the held-out documents. Prints one JSON object:
-`time_ratio` = llmlab / tokenizers (target <= 1.5, stretch <= 1.0), `compression_ratio` = llmlab bytes per
-token / tokenizers bytes per token (target within 1%).
+`time_ratio` = llmlab / tokenizers (target <= 1.5, stretch <= 1.0, reported beside the targets),
+`compression_ratio` = llmlab bytes per token / tokenizers bytes per token (target within 1%). It ends with
+`targets` and exits 1 when one is missed (0 with --no-check).
 
-    python benchmarks/bench_tokenizer_train.py [--repeats 3] [--vocab-size 8192] [--corpus stdlib]
+    python benchmarks/bench_tokenizer_train.py [--repeats 3] [--vocab-size 8192] [--corpus stdlib] [--no-check]
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import resource
 import subprocess
 import sys
 import time
+
+from targets import add_no_check, finish, goal
 
 
 def split_corpus(corpus: str) -> tuple[list[str], list[str]]:
@@ -76,7 +79,8 @@ def child(name: str, corpus: str, vocab_size: int) -> dict:
         tokens = sum(len(e.ids) for e in hf.encode_batch(held, add_special_tokens=False))
         size = hf.get_vocab_size()
     held_bytes = sum(len(d.encode("utf-8")) for d in held)
-    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "vocab_size": size, "bytes_per_token": round(held_bytes / tokens, 4),
+    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "vocab_size": size,
+            "bytes_per_token": round(held_bytes / tokens, 4),
             "rss_after_load_mib": _mib(loaded),
             "peak_rss_mib": _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
             "worker_peak_rss_mib": _mib(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss),
@@ -97,6 +101,7 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--corpus", default="stdlib", help="any llmlab source (files, globs, 'stdlib')")
     ap.add_argument("--child", choices=["llmlab", "tokenizers"], help=argparse.SUPPRESS)
+    add_no_check(ap)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.corpus, args.vocab_size)))
@@ -121,9 +126,11 @@ def main() -> None:
         "time_ratio": round(best["llmlab"]["seconds"] / best["tokenizers"]["seconds"], 3),
         "cpu_ratio": round(best["llmlab"]["cpu_seconds"] / best["tokenizers"]["cpu_seconds"], 3),
         "compression_ratio": round(best["llmlab"]["bytes_per_token"] / best["tokenizers"]["bytes_per_token"], 4),
-        "targets": {"time_ratio_max": 1.5, "time_ratio_stretch": 1.0, "compression_within": 0.01},
     }
-    print(json.dumps(result, indent=2))
+    result["stretch"] = {"time_ratio": 1.0, "met": result["time_ratio"] <= 1.0}
+    targets = {"time_ratio": goal(result["time_ratio"], "<=", 1.5),
+               "compression_gap": goal(round(abs(result["compression_ratio"] - 1), 4), "<=", 0.01)}
+    sys.exit(finish(result, targets, args.no_check))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
                "mfu_compiled": unmeasured(">=", 0.4, "no CUDA device")}    # met: null, never a miss
     sys.exit(finish(result, targets, args.no_check))
 
-goal(measured, op, wanted) -> {"measured", "goal", "op", "met"}; op is ">=" or "<=".
+goal(measured, op, wanted) -> {"measured", "goal", "op", "met"}; op is ">=", "<=" or "==" (e.g. identical).
 unmeasured(op, wanted, why) -> the same with measured and met null and a "why": reported, never a miss.
 finish(result, targets, no_check) prints result as JSON with `targets` as its last key and returns the exit
 status: 1 when a target has met false (unless no_check), else 0.
@@ -20,7 +20,7 @@ import argparse
 import json
 import operator
 
-OPS = {">=": operator.ge, "<=": operator.le}
+OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
 
 
 def goal(measured: float, op: str, wanted: float) -> dict:
