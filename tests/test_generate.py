@@ -3,8 +3,7 @@ seeds, stop tokens, streaming, the speculative dispatch, and bad inputs."""
 
 from __future__ import annotations
 
-import sys
-import types
+import importlib
 
 import pytest
 import torch
@@ -138,9 +137,7 @@ def test_draft_dispatches_to_speculative_decoding(monkeypatch):
         seen.update(kw, draft=draft)
         return torch.tensor([1, 2, 3])
 
-    module = types.ModuleType("llmlab.infer.speculative")
-    module.speculative_generate = fake
-    monkeypatch.setitem(sys.modules, "llmlab.infer.speculative", module)
+    monkeypatch.setattr(importlib.import_module("llmlab.infer.generate"), "speculative_generate", fake)
     model = tiny("gpt2")
     out = generate(model, [1], 2, temperature=0, draft=model, speculate_k=3)
     assert out.tolist() == [1, 2, 3] and seen["speculate_k"] == 3 and seen["draft"] is model

@@ -66,3 +66,11 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None
     if temperature == 0:
         return logits.argmax(dim=-1)
     return sample(probs_from_logits(logits, temperature, top_k, top_p), generator)
+
+
+def seeded_generator(seed: int | None, temperature: float, device) -> torch.Generator | None:
+    """A private generator for sampling with `seed` (None when greedy or unseeded: the global RNG then), so
+    the same seed gives the same tokens whatever else draws from torch's global RNG."""
+    if seed is None or temperature == 0:
+        return None
+    return torch.Generator(device=device).manual_seed(int(seed))

@@ -77,9 +77,9 @@ from pathlib import Path
 import torch
 
 from llmlab.errors import ConfigError, ModelError
-from llmlab.infer.generate import _stop_tensor, assemble, prepare_prompts
 from llmlab.infer.lookup import PromptLookup
-from llmlab.infer.sampling import check_sampling, probs_from_logits, sample
+from llmlab.infer.prompts import assemble, prepare_prompts, stop_tensor
+from llmlab.infer.sampling import check_sampling, probs_from_logits, sample, seeded_generator
 from llmlab.model.kv_cache import KVCache
 from llmlab.tokenizer.identity import check_same_tokenizer
 
@@ -131,13 +131,11 @@ def speculative_generate(model, draft, ids, max_new_tokens: int, temperature: fl
     check_speculate_k(speculate_k)
     prompt, lengths, single = prepare_prompts(model, ids, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
-    _stop_tensor(stop, prompt.device)  # validates `stop`
+    stop_tensor(stop, prompt.device)  # validates `stop`
     B, P = prompt.shape
     draft = check_draft(model, draft, P + max_new_tokens)
     check_draft_confidence(draft_confidence, draft)
-    generator = None
-    if seed is not None and temperature > 0:
-        generator = torch.Generator(device=prompt.device).manual_seed(int(seed))
+    generator = seeded_generator(seed, temperature, prompt.device)
     lens = lengths or [P] * B
     stats = SpeculativeStats(rows=B)
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)
