@@ -23,11 +23,15 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -x -p no:cacheprovider
 
 # bench_quant.py and bench_speculative.py measure trained checkpoints (their docstrings say how to make them,
-# e.g. `make demo` for bench_quant.py); the others need nothing but the package.
+# e.g. `make demo` for bench_quant.py); the others need nothing but the package. Each one's output goes to
+# runs/bench/NAME.json, then summary.py prints one table of all targets and fails if one was missed.
 MODEL_BENCH := benchmarks/bench_quant.py benchmarks/bench_speculative.py
+BENCH_OUT := runs/bench
 bench: $(STAMP)
-	for b in $(filter-out $(MODEL_BENCH),$(wildcard benchmarks/bench_*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
-	@echo "== $(MODEL_BENCH): need trained checkpoints; see their docstrings"
+	rm -rf $(BENCH_OUT) && mkdir -p $(BENCH_OUT)
+	for b in $(filter-out $(MODEL_BENCH),$(wildcard benchmarks/bench_*.py)); do \
+		echo "== $$b"; $(BIN)/python $$b --no-check | tee $(BENCH_OUT)/$$(basename $$b .py).json; done
+	$(BIN)/python benchmarks/summary.py $(BENCH_OUT)/*.json --not-run $(MODEL_BENCH)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
