@@ -60,8 +60,9 @@ def measure(compile_model: bool, args) -> dict:
     fpt = model.flops_per_token(cfg.block_size)
     peak = peak_flops(device, torch.bfloat16)
     return {"compile": compile_model, "tokens_per_s": round(tokens_per_s),
-            "mfu": round(fpt * tokens_per_s / peak, 4), "warmup_s": round(warmup_s, 1), "flops_per_token": fpt, "peak_flops": peak,
-            "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1), "params": model.num_params()}
+            "mfu": round(fpt * tokens_per_s / peak, 4), "warmup_s": round(warmup_s, 1),
+            "flops_per_token": fpt, "peak_flops": peak, "params": model.num_params(),
+            "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
 
 
 def main() -> None:

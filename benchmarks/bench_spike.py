@@ -1,12 +1,13 @@
-"""Spike guard benchmark: final val loss of clean vs poisoned-with-guard vs poisoned-without-guard (same seed).
+"""Spike guard benchmark: final val loss of clean vs poisoned-with-guard vs poisoned-without-guard runs.
 
     python benchmarks/bench_spike.py [--steps 200] [--no-check]
 
 A tiny GPT-2 (2x32) learns synthetic LCG runs on one CPU thread; the poisoned runs get 12 consecutive
-batches whose targets are all token 0 (CorruptBatches) late in the run. Prints JSON with each val loss and
-the ratios to the clean run, plus the guard's events. Takes well under a minute. It ends with `targets`
-and exits 1 when one is missed (0 with --no-check): the guarded run ends within 2% of the clean val loss,
-and the poison costs the unguarded run at least 2% (else the benchmark shows nothing).
+batches whose targets are all token 0 (CorruptBatches) late in the run; all three runs use the same seed.
+Prints JSON with each val loss and the ratios to the clean run, plus the guard's events. Takes well under a
+minute. It ends with `targets` and exits 1 when one is missed (0 with --no-check): the guarded run ends
+within 2% of the clean val loss, and the poison costs the unguarded run at least 2% (else the benchmark
+shows nothing).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def main() -> None:
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp())
     splits = {"train": [affine_stream(30000, V, 0)], "val": [affine_stream(3000, V, 2)]}
-    write_shard_dir(tmp / "shards", splits, vocab_size=V, extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
+    write_shard_dir(tmp / "shards", splits, vocab_size=V,
+                    extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
     poison = range(args.steps - 15, args.steps - 3)
     clean = run(tmp / "shards", tmp / "clean", args.steps, True, None)
     guarded = run(tmp / "shards", tmp / "guarded", args.steps, True, poison)

@@ -1,4 +1,4 @@
-"""Encoding throughput: llmlab's Tokenizer vs tiktoken (same ranks) vs Hugging Face `tokenizers` (same merges).
+"""Encoding throughput: llmlab's Tokenizer vs tiktoken (same ranks) vs HF `tokenizers` (same merges).
 
 A tokenizer is trained by llmlab on the built-in `stdlib` corpus (vocab 8192, GPT-4 pattern, every 10th
 document held out); tiktoken gets an Encoding built from its ranks and `tokenizers` loads its exported

@@ -12,7 +12,8 @@ wall time. Compression is bytes per token on the held-out documents. Prints one 
 `compression_ratio` = llmlab bytes per token / tokenizers bytes per token (target within 1%). It ends with
 `targets` and exits 1 when one is missed (0 with --no-check).
 
-    python benchmarks/bench_tokenizer_train.py [--repeats 3] [--vocab-size 8192] [--corpus stdlib] [--no-check]
+    python benchmarks/bench_tokenizer_train.py [--repeats 3] [--vocab-size 8192] [--corpus stdlib]
+                                               [--no-check]
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def child(name: str, corpus: str, vocab_size: int) -> dict:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(DEFAULT_SPECIAL_TOKENS),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
         hf.train_from_iterator(train, trainer=trainer)
         seconds = time.perf_counter() - start
         cpu = _cpu_seconds() - cpu_start
@@ -125,7 +127,8 @@ def main() -> None:
                   "all_seconds": [r["seconds"] for r in runs[name]]} for name, b in best.items()},
         "time_ratio": round(best["llmlab"]["seconds"] / best["tokenizers"]["seconds"], 3),
         "cpu_ratio": round(best["llmlab"]["cpu_seconds"] / best["tokenizers"]["cpu_seconds"], 3),
-        "compression_ratio": round(best["llmlab"]["bytes_per_token"] / best["tokenizers"]["bytes_per_token"], 4),
+        "compression_ratio": round(best["llmlab"]["bytes_per_token"] / best["tokenizers"]["bytes_per_token"],
+                                   4),
     }
     result["stretch"] = {"time_ratio": 1.0, "met": result["time_ratio"] <= 1.0}
     targets = {"time_ratio": goal(result["time_ratio"], "<=", 1.5),

@@ -85,7 +85,8 @@ def main() -> None:
     runs = {}
     for name, make in (("llmlab", llmlab_model), ("llmlab_logits", llmlab_model), ("transformers", hf_model)):
         model = make().train()
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                foreach=True)
         runs[name] = dict(model=model, opt=opt, fn=loss_fn(name), times=[],
                           params=sum(p.numel() for p in model.parameters()))
         train_steps(model, runs[name]["fn"], opt, batches[: args.warmup])
@@ -94,7 +95,8 @@ def main() -> None:
             run["times"].append(train_steps(run["model"], run["fn"], run["opt"], [batch]))
     tokens = args.batch * args.seq
     result = {"benchmark": "train_throughput_cpu_fp32", "dims": DIMS, "batch": args.batch, "seq": args.seq,
-              "timed_steps": args.steps, "optimizer": "torch AdamW(foreach)", "threads": torch.get_num_threads(),
+              "timed_steps": args.steps, "optimizer": "torch AdamW(foreach)",
+              "threads": torch.get_num_threads(),
               "torch": torch.__version__}
     for name, run in runs.items():
         result[name] = {"tokens_per_s": round(tokens / statistics.median(run["times"]), 1),

@@ -41,7 +41,8 @@ def rows(benchmark: str, result: dict | None) -> list[tuple[str, ...]]:
     out = []
     for name, t in result["targets"].items():
         met = {True: "yes", False: "MISSED", None: f"not measured: {t.get('why', '')}"}[t.get("met")]
-        out.append((benchmark, name, _fmt(t.get("measured")), f"{t.get('op', '')} {_fmt(t.get('goal'))}", met))
+        wanted = f"{t.get('op', '')} {_fmt(t.get('goal'))}"
+        out.append((benchmark, name, _fmt(t.get("measured")), wanted, met))
     return out or [(benchmark, "-", "-", "-", "no targets")]
 
 
@@ -76,7 +77,8 @@ def table(all_rows: list[tuple[str, ...]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outputs", nargs="*", type=Path, help="one file per benchmark holding its stdout")
-    ap.add_argument("--not-run", nargs="*", type=Path, default=[], help="benchmark scripts left out of the run")
+    ap.add_argument("--not-run", nargs="*", type=Path, default=[],
+                    help="benchmark scripts left out of the run")
     args = ap.parse_args(argv)
     all_rows = []
     for path in sorted(args.outputs):

@@ -1,4 +1,4 @@
-"""Pass/fail verdicts for the benchmarks: each one ends its JSON with a `targets` object and exits 1 on a miss.
+"""Pass/fail verdicts for benchmarks: each one ends its JSON with a `targets` object and exits 1 on a miss.
 
     from targets import add_no_check, finish, goal, unmeasured
 

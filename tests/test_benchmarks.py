@@ -1,5 +1,6 @@
-"""benchmarks/targets.py and benchmarks/summary.py: a missed target fails a benchmark (unless --no-check), and
-`make bench`'s table collects the targets of several benchmarks' outputs. Fake outputs only: nothing is timed."""
+"""benchmarks/targets.py and benchmarks/summary.py: a missed target fails a benchmark (unless --no-check),
+and `make bench`'s table collects the targets of several benchmarks' outputs. Fake outputs only: nothing is
+timed."""
 
 from __future__ import annotations
 
