@@ -7,10 +7,12 @@
 
 Modules: core (the Tokenizer), train (counting chunks and learning merges), reference (pure-Python
 encoders, the specification the tiktoken path is checked against), patterns (pre-tokenization regexes),
-formats (llmlab.json, tokenizer.json, .tiktoken), tools (inspect and stats for the CLI).
+spec (a tokenizer as plain data), formats (llmlab.json, tokenizer.json, .tiktoken: specs to and from
+files), identity (fingerprints), tools (inspect and stats for the CLI).
 """
 
-from llmlab.tokenizer.core import DEFAULT_SPECIAL_TOKENS, EncodingOptions, Tokenizer
+from llmlab.tokenizer.core import DEFAULT_SPECIAL_TOKENS, Tokenizer
 from llmlab.tokenizer.patterns import GPT2_PATTERN, GPT4_PATTERN, PATTERNS
+from llmlab.tokenizer.spec import EncodingOptions
 
 __all__ = ["Tokenizer", "EncodingOptions", "DEFAULT_SPECIAL_TOKENS", "PATTERNS", "GPT4_PATTERN", "GPT2_PATTERN"]

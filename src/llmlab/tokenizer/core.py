@@ -25,14 +25,16 @@ import unicodedata
 import warnings
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import regex
 
 from llmlab.errors import TokenizerError
+from llmlab.tokenizer import formats
 from llmlab.tokenizer.patterns import resolve_pattern
 from llmlab.tokenizer.reference import merge_list_bpe, rank_bpe, tiktoken_compatible
+from llmlab.tokenizer.spec import EncodingOptions, TokenizerSpec
+from llmlab.tokenizer.train import count_chunks, learn_merges
 
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -42,22 +44,6 @@ _ROLE_NAMES = {
     "eos": ("<|eos|>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>"),
     "pad": ("<|pad|>", "<pad>", "<|padding|>"),
 }
-
-
-@dataclass(frozen=True)
-class EncodingOptions:
-    """Hugging Face behaviours an imported tokenizer may carry (all off for llmlab's own tokenizers).
-
-    prefix_space: ByteLevel add_prefix_space (a space is put before text that does not start with one);
-    ignore_merges: a chunk that is itself a token is emitted whole; unk_id/fuse_unk: what a byte without a
-    token becomes (HF drops it when there is no unk token); normalizer: a Unicode normal form applied first.
-    """
-
-    prefix_space: bool = False
-    ignore_merges: bool = False
-    unk_id: int | None = None
-    fuse_unk: bool = False
-    normalizer: str | None = None  # "NFC" | "NFD" | "NFKC" | "NFKD"
 
 
 class Tokenizer:
@@ -94,8 +80,6 @@ class Tokenizer:
         Each step merges the most frequent adjacent pair; ties go to the smallest (left id, right id).
         If the corpus runs out of pairs first, the vocabulary is smaller than asked (a warning says so).
         """
-        from llmlab.tokenizer.train import count_chunks, learn_merges
-
         if isinstance(texts, (str, bytes)):
             raise TokenizerError("Tokenizer.train expects an iterable of documents, got a single "
                                  f"{type(texts).__name__}; wrap it in a list: Tokenizer.train([text], ...)")
@@ -127,16 +111,14 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
         """Load a tokenizer saved with `save` (reads DIR/llmlab.json)."""
-        from llmlab.tokenizer.formats import read_llmlab_dir
-
-        return read_llmlab_dir(cls, Path(directory))
+        directory = Path(directory)
+        return cls._from_spec(formats.read_llmlab_dir(directory), directory / formats.LLMLAB_JSON)
 
     @classmethod
     def from_hf(cls, path: str | os.PathLike) -> Tokenizer:
         """Import a Hugging Face tokenizer.json (byte-level BPE); a directory holding one also works."""
-        from llmlab.tokenizer.formats import read_hf
-
-        return read_hf(cls, Path(path))
+        path = formats.hf_json_path(Path(path))
+        return cls._from_spec(formats.read_hf(path), path)
 
     @classmethod
     def from_tiktoken(cls, path: str | os.PathLike, pattern: str = "gpt4",
@@ -145,22 +127,29 @@ class Tokenizer:
 
         specials: {token: id}, or a list of tokens given ids after the largest rank.
         """
-        from llmlab.tokenizer.formats import read_tiktoken
+        return cls._from_spec(formats.read_tiktoken(Path(path), pattern, specials), path)
 
-        return read_tiktoken(cls, Path(path), pattern, specials)
+    @classmethod
+    def _from_spec(cls, spec: TokenizerSpec, source: str | os.PathLike) -> Tokenizer:
+        """A tokenizer from a spec read from `source`, whose name prefixes any error."""
+        try:
+            return cls(spec.tokens, spec.merges, spec.pattern, spec.special_tokens, semantics=spec.semantics,
+                       options=spec.options)
+        except TokenizerError as e:
+            raise TokenizerError(f"{source}: {e}") from None
+
+    def spec(self) -> TokenizerSpec:
+        """The tokenizer as plain data (what the file formats write)."""
+        return TokenizerSpec(list(self._tokens), list(self._merges), self._pattern, dict(self._special),
+                             semantics=self._semantics, options=self._options)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write DIR/llmlab.json (llmlab's versioned format) and DIR/tokenizer.json (Hugging Face), atomically."""
-        from llmlab.tokenizer.formats import write_llmlab_dir
-
-        write_llmlab_dir(self, Path(directory))
+        formats.write_llmlab_dir(self.spec(), Path(directory))
 
     def to_hf(self, path: str | os.PathLike) -> None:
         """Write a Hugging Face tokenizer.json that `tokenizers.Tokenizer.from_file` encodes identically."""
-        from llmlab.fsutil import write_text_atomic
-        from llmlab.tokenizer.formats import hf_json_text
-
-        write_text_atomic(path, hf_json_text(self))
+        formats.write_hf(self.spec(), Path(path))
 
     # ---- properties ---------------------------------------------------------------------------------------
 
@@ -451,7 +440,7 @@ class Tokenizer:
     def _encode_piece(self, piece: str) -> list[int]:
         data = _utf8(piece)
         if self._semantics == "ranks":
-            return rank_bpe(data, self._rank_table())
+            return rank_bpe(data, self._bytes_to_id)
         opts = self._options
         if opts.ignore_merges and data in self._bytes_to_id:
             return [self._bytes_to_id[data]]
@@ -473,9 +462,6 @@ class Tokenizer:
                 rank.setdefault(pair, (i, self._merged_ids[i]))
             self._merge_rank_map = rank
         return self._merge_rank_map
-
-    def _rank_table(self) -> dict[bytes, int]:
-        return self._bytes_to_id
 
     def _fast(self):
         """(tiktoken.Encoding, rank_to_id or None) when tiktoken encodes exactly like this tokenizer, else None."""
@@ -562,7 +548,3 @@ def _as_list(ids) -> list:
     if hasattr(ids, "tolist"):  # numpy arrays and torch tensors
         ids = ids.tolist()
     return ids if isinstance(ids, list) else list(ids)
-
-
-def _ids_in_range(ids: list, n: int) -> bool:
-    return not ids or (min(ids) >= 0 and max(ids) < n)

@@ -20,10 +20,20 @@ import functools
 import json
 from pathlib import Path
 
+import regex
+
 from llmlab import __version__
 from llmlab.errors import TokenizerError
-from llmlab.fsutil import atomic_dir
-from llmlab.tokenizer.patterns import GPT2_PATTERN, from_hf_spelling, hf_spelling, resolve_pattern
+from llmlab.fsutil import atomic_dir, write_text_atomic
+from llmlab.tokenizer.patterns import (
+    GPT2_PATTERN,
+    from_hf_spelling,
+    hf_spelling,
+    pattern_name,
+    resolve_pattern,
+)
+from llmlab.tokenizer.reference import rank_bpe
+from llmlab.tokenizer.spec import NORMALIZERS, EncodingOptions, TokenizerSpec
 
 FORMAT = "llmlab-tokenizer"
 FORMAT_VERSION = 1
@@ -31,7 +41,6 @@ LLMLAB_JSON = "llmlab.json"
 HF_JSON = "tokenizer.json"
 # ByteLevel with use_regex=false and no Split: the whole text is one chunk.
 WHOLE_TEXT_PATTERN = r"[\s\S]+"
-_NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
 
 
 # ---- the byte <-> character alphabet of byte-level BPE (GPT-2) ---------------------------------------------
@@ -70,30 +79,31 @@ def hf_to_bytes(text: str) -> bytes | None:
 
 # ---- llmlab's own directory --------------------------------------------------------------------------------
 
-def _trained_layout(tok) -> bool:
+def _trained_layout(spec: TokenizerSpec) -> bool:
     """Ids 0-255 are the bytes and id 256 + i is merge i: then the token table need not be stored."""
-    tokens = tok._tokens
-    n = 256 + len(tok._merges)
+    tokens = spec.tokens
+    n = 256 + len(spec.merges)
     return (len(tokens) >= n and all(tokens[b] == bytes([b]) for b in range(256))
-            and tok._merged_ids == list(range(256, n)) and all(t is None for t in tokens[n:]))
+            and all(tokens[256 + i] == tokens[a] + tokens[b] for i, (a, b) in enumerate(spec.merges))
+            and all(t is None for t in tokens[n:]))
 
 
-def llmlab_json(tok) -> dict:
-    opts = tok.options
+def llmlab_json(spec: TokenizerSpec) -> dict:
+    opts = spec.options
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "llmlab_version": __version__,
-        "semantics": tok.semantics,
-        "pattern": tok.pattern,
-        "pattern_name": tok.pattern_name,
-        "special_tokens": tok.special_tokens,
+        "semantics": spec.semantics,
+        "pattern": spec.pattern,
+        "pattern_name": pattern_name(spec.pattern),
+        "special_tokens": dict(spec.special_tokens),
         "options": {"prefix_space": opts.prefix_space, "ignore_merges": opts.ignore_merges,
                     "unk_id": opts.unk_id, "fuse_unk": opts.fuse_unk, "normalizer": opts.normalizer},
-        "vocab_size": tok.vocab_size,
-        "merges": [list(m) for m in tok._merges],
-        "tokens": None if _trained_layout(tok) else
-        [None if t is None else base64.b64encode(t).decode("ascii") for t in tok._tokens],
+        "vocab_size": spec.vocab_size,
+        "merges": [list(m) for m in spec.merges],
+        "tokens": None if _trained_layout(spec) else
+        [None if t is None else base64.b64encode(t).decode("ascii") for t in spec.tokens],
     }
 
 
@@ -107,16 +117,16 @@ def check_output_dir(directory: Path) -> None:
                                  f"choose a new path or empty it first")
 
 
-def write_llmlab_dir(tok, directory: Path) -> None:
+def write_llmlab_dir(spec: TokenizerSpec, directory: Path) -> None:
     check_output_dir(directory)
-    text = json.dumps(llmlab_json(tok), ensure_ascii=False)
-    hf = hf_json_text(tok)
+    text = json.dumps(llmlab_json(spec), ensure_ascii=False)
+    hf = hf_json_text(spec)
     with atomic_dir(directory) as tmp:
         (tmp / LLMLAB_JSON).write_text(text, encoding="utf-8")
         (tmp / HF_JSON).write_text(hf, encoding="utf-8")
 
 
-def read_llmlab_dir(cls, directory: Path):
+def read_llmlab_dir(directory: Path) -> TokenizerSpec:
     path = directory / LLMLAB_JSON
     if not directory.is_dir():
         raise TokenizerError(f"tokenizer directory {directory} does not exist; train one with "
@@ -137,8 +147,6 @@ def read_llmlab_dir(cls, directory: Path):
             f"{path} has tokenizer format version {version}, written by a newer llmlab "
             f"({data.get('llmlab_version', '?')}); this llmlab {__version__} reads up to version "
             f"{FORMAT_VERSION}: upgrade llmlab (pip install -U llmlab)")
-    from llmlab.tokenizer.core import EncodingOptions
-
     try:
         merges = [(int(a), int(b)) for a, b in data["merges"]]
         if data["tokens"] is None:
@@ -148,14 +156,14 @@ def read_llmlab_dir(cls, directory: Path):
         else:
             tokens = [None if t is None else base64.b64decode(t, validate=True) for t in data["tokens"]]
         options = EncodingOptions(**data.get("options", {}))
-        tok = cls(tokens, merges, data["pattern"], {str(k): int(v) for k, v in data["special_tokens"].items()},
-                  semantics=data.get("semantics", "merges"), options=options)
+        return TokenizerSpec(tokens, merges, data["pattern"],
+                             {str(k): int(v) for k, v in data["special_tokens"].items()},
+                             semantics=data.get("semantics", "merges"), options=options)
     except TokenizerError as e:
         raise TokenizerError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as e:
         raise TokenizerError(f"{path} is corrupt ({type(e).__name__}: {e}); save the tokenizer again "
                              f"or restore the file") from None
-    return tok
 
 
 def _read_json(path: Path):
@@ -173,29 +181,30 @@ def _byte_level(prefix_space: bool, use_regex: bool) -> dict:
     return {"type": "ByteLevel", "add_prefix_space": prefix_space, "trim_offsets": True, "use_regex": use_regex}
 
 
-def hf_json(tok) -> dict:
+def hf_json(spec: TokenizerSpec) -> dict:
     """The tokenizer as a Hugging Face tokenizer.json document."""
-    opts = tok.options
-    if tok.pattern_name == "gpt2":  # HF's ByteLevel has exactly this regex built in
+    opts = spec.options
+    name = pattern_name(spec.pattern)
+    if name == "gpt2":  # HF's ByteLevel has exactly this regex built in
         pre = _byte_level(opts.prefix_space, True)
-    elif tok.pattern == WHOLE_TEXT_PATTERN:
+    elif spec.pattern == WHOLE_TEXT_PATTERN:
         pre = _byte_level(opts.prefix_space, False)
     else:
         if opts.prefix_space:  # HF would add the space to every regex chunk, not once per text
             raise TokenizerError("a tokenizer with prefix_space and a custom pattern cannot be written as "
                                  "tokenizer.json; HF would add the space before every chunk")
-        split = {"type": "Split", "pattern": {"Regex": hf_spelling(tok.pattern, tok.pattern_name)},
+        split = {"type": "Split", "pattern": {"Regex": hf_spelling(spec.pattern, name)},
                  "behavior": "Isolated", "invert": False}
         pre = {"type": "Sequence", "pretokenizers": [split, _byte_level(False, False)]}
-    tokens = tok._tokens
-    if tok.semantics == "ranks":
+    tokens = spec.tokens
+    if spec.semantics == "ranks":
         merges, ignore_merges = derive_merges(tokens), True  # the way HF converts tiktoken vocabularies
     else:
-        merges, ignore_merges = tok._merges, opts.ignore_merges
-    special_ids = set(tok.special_tokens.values())
+        merges, ignore_merges = spec.merges, opts.ignore_merges
+    special_ids = set(spec.special_tokens.values())
     unk = None
     if opts.unk_id is not None:
-        unk = tok.token_bytes(opts.unk_id).decode("utf-8") if opts.unk_id in special_ids else \
+        unk = spec.token_bytes(opts.unk_id).decode("utf-8") if opts.unk_id in special_ids else \
             bytes_to_hf(tokens[opts.unk_id])
     return {
         "version": "1.0",
@@ -203,7 +212,7 @@ def hf_json(tok) -> dict:
         "padding": None,
         "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True}
-                         for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])],
+                         for s, i in sorted(spec.special_tokens.items(), key=lambda kv: kv[1])],
         "normalizer": {"type": opts.normalizer} if opts.normalizer else None,
         "pre_tokenizer": pre,
         "post_processor": None,
@@ -218,15 +227,17 @@ def hf_json(tok) -> dict:
     }
 
 
-def hf_json_text(tok) -> str:
-    return json.dumps(hf_json(tok), ensure_ascii=False, indent=1)
+def hf_json_text(spec: TokenizerSpec) -> str:
+    return json.dumps(hf_json(spec), ensure_ascii=False, indent=1)
+
+
+def write_hf(spec: TokenizerSpec, path: Path) -> None:
+    write_text_atomic(path, hf_json_text(spec))
 
 
 def derive_merges(tokens: list[bytes | None]) -> list[tuple[int, int]]:
     """Merge rules for a rank-defined vocabulary (id = rank): token T's rule is the last merge that rank
     BPE, restricted to ranks below T's, makes on T's bytes. Tokens rank BPE never builds get no rule."""
-    from llmlab.tokenizer.reference import rank_bpe
-
     ranks = {t: i for i, t in enumerate(tokens) if t is not None}
     merges = []
     for rank, t in enumerate(tokens):
@@ -263,8 +274,6 @@ def _parse_pre_tokenizer(pre, path: Path) -> tuple[str, bool]:
     if "Regex" in pattern:
         text = pattern["Regex"]
     elif "String" in pattern:
-        import regex
-
         text = regex.escape(pattern["String"])
     else:
         raise unsupported
@@ -277,7 +286,7 @@ def _parse_pre_tokenizer(pre, path: Path) -> tuple[str, bool]:
 def _parse_normalizer(norm, path: Path) -> str | None:
     if norm is None:
         return None
-    if isinstance(norm, dict) and norm.get("type") in _NORMALIZERS:
+    if isinstance(norm, dict) and norm.get("type") in NORMALIZERS:
         return norm["type"]
     if isinstance(norm, dict) and norm.get("type") == "Sequence" and not norm.get("normalizers"):
         return None
@@ -293,14 +302,18 @@ def _check_decoder(dec, path: Path) -> None:
                          f"tokenizers use the ByteLevel decoder")
 
 
-def read_hf(cls, path: Path):
-    """Import a tokenizer.json (or a directory holding one) as a merge-list tokenizer with HF's ids.
+def hf_json_path(path: Path) -> Path:
+    """The tokenizer.json a path names: the file itself, or the one inside a directory."""
+    return path / HF_JSON if path.is_dir() else path
+
+
+def read_hf(path: Path) -> TokenizerSpec:
+    """Read a tokenizer.json (see `hf_json_path`) as a merge-list tokenizer with HF's ids.
 
     Added tokens (special or not) become special tokens: recognised only when allowed_special says so,
     where HF always splits them out of the text.
     """
-    if path.is_dir():
-        path = path / HF_JSON
+    path = hf_json_path(path)
     data = _read_json(path)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
@@ -318,7 +331,7 @@ def read_hf(cls, path: Path):
     normalizer = _parse_normalizer(data.get("normalizer"), path)
     _check_decoder(data.get("decoder"), path)
     try:
-        return _build_from_hf(cls, path, data, model, pattern, prefix_space, normalizer)
+        return _spec_from_hf(data, model, pattern, prefix_space, normalizer)
     except TokenizerError as e:
         raise TokenizerError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -326,10 +339,8 @@ def read_hf(cls, path: Path):
                              f"regenerate it with the tokenizers library") from None
 
 
-def _build_from_hf(cls, path: Path, data: dict, model: dict, pattern: str, prefix_space: bool,
-                   normalizer: str | None):
-    from llmlab.tokenizer.core import EncodingOptions
-
+def _spec_from_hf(data: dict, model: dict, pattern: str, prefix_space: bool,
+                  normalizer: str | None) -> TokenizerSpec:
     vocab = {str(k): int(v) for k, v in (model.get("vocab") or {}).items()}
     added = {str(t["content"]): int(t["id"]) for t in data.get("added_tokens") or []}
     special_ids = set(added.values())
@@ -353,12 +364,12 @@ def _build_from_hf(cls, path: Path, data: dict, model: dict, pattern: str, prefi
     unk_id = None if unk is None else added.get(unk, vocab.get(unk))
     options = EncodingOptions(prefix_space=prefix_space, ignore_merges=bool(model.get("ignore_merges", False)),
                               unk_id=unk_id, fuse_unk=bool(model.get("fuse_unk", False)), normalizer=normalizer)
-    return cls(tokens, merges, pattern, added, options=options)
+    return TokenizerSpec(tokens, merges, pattern, added, options=options)
 
 
 # ---- tiktoken rank files ------------------------------------------------------------------------------------
 
-def read_tiktoken(cls, path: Path, pattern: str, specials):
+def read_tiktoken(path: Path, pattern: str, specials) -> TokenizerSpec:
     """Import a .tiktoken file; ids are ranks, and encoding follows tiktoken's rank semantics."""
     try:
         lines = path.read_bytes().splitlines()
@@ -399,4 +410,4 @@ def read_tiktoken(cls, path: Path, pattern: str, specials):
     else:
         special_ids = {s: len(tokens) + i for i, s in enumerate(specials)}
     regex_text, _ = resolve_pattern(pattern)
-    return cls(tokens, [], regex_text, special_ids, semantics="ranks")
+    return TokenizerSpec(tokens, [], regex_text, special_ids, semantics="ranks")

@@ -102,6 +102,11 @@ def resolve_pattern(pattern: str) -> tuple[str, str | None]:
     return pattern, None
 
 
+def pattern_name(pattern: str) -> str | None:
+    """The built-in name of a resolved pattern (its regex text), or None for a custom one."""
+    return next((name for name, text in PATTERNS.items() if text == pattern), None)
+
+
 def compile_pattern(pattern: str) -> regex.Pattern:
     return regex.compile(pattern)
 
