@@ -21,6 +21,7 @@ from helpers import (
     assert_one_line_error,
     run_cli,
 )
+from llmlab.config import check_config
 from llmlab.errors import ConfigError
 from llmlab.train.distill import DistillConfig, kl_to_teacher
 from llmlab.train.pretrain import run_pretrain
@@ -81,4 +82,4 @@ def test_bad_distill_config_is_one_line(data, tmp_path, capsys):
     assert_one_line_error(code, err, "64-token vocabulary", "128", "shards' tokenizer")
     assert not (tmp_path / "r").exists()
     with pytest.raises(ConfigError, match="temperature"):
-        DistillConfig(teacher=str(teacher), temperature=0.0).validate()
+        check_config(DistillConfig(teacher=str(teacher), temperature=0.0), "distill.")

@@ -26,13 +26,13 @@ a micro-batch are materialised ([batch, block, vocab] each), so lower data.batch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from llmlab.config import Fraction, PositiveFloat
 from llmlab.errors import ConfigError
 from llmlab.model import Transformer
 from llmlab.tokenizer.identity import check_same_tokenizer
@@ -41,14 +41,8 @@ from llmlab.tokenizer.identity import check_same_tokenizer
 @dataclass
 class DistillConfig:
     teacher: str | None = None   # checkpoint directory of the teacher; None = plain pretraining
-    weight: float = 1.0          # share of the KL term; the rest stays on cross-entropy with the data
-    temperature: float = 1.0     # tau: > 1 softens both distributions
-
-    def validate(self) -> None:
-        if not 0.0 <= self.weight <= 1.0:
-            raise ConfigError(f"distill.weight={self.weight} must be in [0, 1] (the KL term's share of the loss)")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ConfigError(f"distill.temperature={self.temperature} must be a positive number (1 = unchanged)")
+    weight: Fraction = 1.0       # share of the KL term; the rest stays on cross-entropy with the data
+    temperature: PositiveFloat = 1.0  # tau: > 1 softens both distributions
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -31,34 +31,30 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from llmlab.config import check_config
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.fsutil import fsync_dir
 from llmlab.train.checkpoint import REQUIRED_FILES, STATE_VERSION, Checkpointer, read_train_state, unwrap
+
+Precision = Literal["auto", "bf16", "fp32"]
 
 
 @dataclass
 class ParallelConfig:
     """`parallel.*` keys: how the model is spread over processes (see llmlab/train/distributed.py)."""
 
-    strategy: str = "auto"               # auto (ddp when launched with >1 process) | none | ddp | fsdp
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # auto: ddp when launched with >1 process
     compile: bool = False                # torch.compile each block (first steps are slow while it compiles)
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
-    param_dtype: str = "auto"            # fsdp compute dtype: auto = bf16 on CUDA, fp32 on CPU | bf16 | fp32
-    reduce_dtype: str = "fp32"           # fsdp gradient reduce-scatter dtype
+    param_dtype: Precision = "auto"      # fsdp compute dtype: auto = bf16 on CUDA, fp32 on CPU | bf16 | fp32
+    reduce_dtype: Precision = "fp32"     # fsdp gradient reduce-scatter dtype
     tf32: bool = True                    # TF32 matmuls on Ampere+ GPUs (fp32 ops outside autocast)
-
-    def validate(self) -> None:
-        if self.strategy not in ("auto", "none", "ddp", "fsdp"):
-            raise ConfigError(f"parallel.strategy={self.strategy!r} is not one of auto, none, ddp, fsdp")
-        for key in ("param_dtype", "reduce_dtype"):
-            if getattr(self, key) not in ("auto", "bf16", "fp32"):
-                raise ConfigError(f"parallel.{key}={getattr(self, key)!r} is not one of auto, bf16, fp32")
 
     def resolved_strategy(self, world_size: int) -> str:
         if self.strategy == "auto":
@@ -144,7 +140,7 @@ def _dtype(name: str, device: torch.device, default_gpu: torch.dtype) -> torch.d
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> nn.Module:
     """Apply activation checkpointing, compile and DDP/FSDP2 to `model` (on `device`); return what to call."""
-    cfg.validate()
+    cfg = check_config(cfg, "parallel.")
     _, world_size = world()
     strategy = cfg.resolved_strategy(world_size)
     if strategy != "none" and not dist.is_initialized():

@@ -13,37 +13,28 @@ implementation batches the per-tensor ops. Both give the same maths as the refer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import nn
 
-from llmlab.errors import ConfigError
+from llmlab.config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
+
+Beta = Annotated[float, Range(ge=0, lt=1)]
 
 
 @dataclass
 class OptimConfig:
     """Optimizer and LR-schedule settings (see schedule.py for the shape of the schedule)."""
 
-    lr: float = 6e-4                        # peak learning rate, reached at the end of warmup
-    betas: tuple[float, float] = (0.9, 0.95)  # beta2=0.95 is the LLM choice (GPT-3): steadier with big batches
-    weight_decay: float = 0.1
-    eps: float = 1e-8
-    grad_clip: float = 1.0                  # clip the global grad norm to this; 0 disables clipping
-    warmup_steps: int = 100
-    max_steps: int = 1000                   # length of the run in optimizer steps; the cosine ends here
-    min_lr_ratio: float = 0.1               # the cosine decays to lr * min_lr_ratio
-
-    def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr={self.lr} must be > 0; try 6e-4")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"optim.betas={list(self.betas)} must lie in [0, 1); try [0.9, 0.95]")
-        if self.max_steps < 1:
-            raise ConfigError(f"optim.max_steps={self.max_steps} must be >= 1")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]; try 0.1")
+    lr: PositiveFloat = 6e-4                # peak learning rate, reached at the end of warmup
+    betas: tuple[Beta, Beta] = (0.9, 0.95)  # beta2=0.95 is the LLM choice (GPT-3): steadier with big batches
+    weight_decay: NonNegativeFloat = 0.1
+    eps: PositiveFloat = 1e-8
+    grad_clip: NonNegativeFloat = 1.0       # clip the global grad norm to this; 0 disables clipping
+    warmup_steps: NonNegativeInt = 100
+    max_steps: PositiveInt = 1000           # length of the run in optimizer steps; the cosine ends here
+    min_lr_ratio: Fraction = 0.1            # the cosine decays to lr * min_lr_ratio
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from llmlab.config import to_toml
+from llmlab.config import NonEmptyStr, NonNegativeInt, PositiveInt, check_config, to_toml
 from llmlab.device import resolve_device
-from llmlab.errors import ConfigError
-from llmlab.fsutil import write_text_atomic
+from llmlab.errors import ConfigError, ModelError
+from llmlab.fsutil import check_output, write_text_atomic
 from llmlab.model import ModelConfig, Transformer
 from llmlab.train.checkpoint import BEST_FILE, Checkpointer, resolve_resume, unwrap
 from llmlab.train.distill import DistillConfig, distill_loss, load_teacher
@@ -52,10 +52,10 @@ from llmlab.train.trainer import TrainConfig, Trainer
 
 @dataclass
 class DataConfig:
-    shards: str = "data/shards"          # a directory written by `llmlab data prepare`
-    block_size: int | None = None        # training sequence length; None -> model.block_size
-    batch_size: int = 8                  # sequences per micro-batch (per process)
-    seed: int = 0                        # order of the training windows
+    shards: NonEmptyStr = "data/shards"  # a directory written by `llmlab data prepare`
+    block_size: PositiveInt | None = None  # training sequence length; None -> model.block_size
+    batch_size: PositiveInt = 8          # sequences per micro-batch (per process)
+    seed: NonNegativeInt = 0             # order of the training windows
     tokenizer: str | None = None         # copied into every checkpoint; None -> the shard dir's own copy
 
 
@@ -105,7 +105,9 @@ def _world() -> tuple[int, int]:
 
 
 def resolve_config(cfg: PretrainConfig, meta: dict) -> PretrainConfig:
-    """Fill the derived values (vocab, block size, accumulation) and check them; nothing is written."""
+    """Check every value, fill the derived ones (vocab, block size, accumulation) and check those; nothing is
+    written."""
+    cfg = check_config(cfg)
     shards = cfg.data.shards
     vocab = int(meta["tokenizer"]["vocab_size"])
     model = cfg.model
@@ -114,7 +116,10 @@ def resolve_config(cfg: PretrainConfig, meta: dict) -> PretrainConfig:
     elif model.vocab_size != vocab:
         raise ConfigError(f"model.vocab_size={model.vocab_size} does not match the tokenizer of {shards} "
                           f"({vocab} tokens, see its meta.json); set model.vocab_size={vocab} or drop it (0 = from the shards)")
-    model.validate()
+    try:
+        model.validate()
+    except ModelError as e:
+        raise ConfigError(str(e)) from e
     block = cfg.data.block_size or model.block_size
     if block > model.block_size:
         raise ConfigError(f"data.block_size={block} is longer than model.block_size={model.block_size}; "
@@ -128,10 +133,7 @@ def resolve_config(cfg: PretrainConfig, meta: dict) -> PretrainConfig:
             raise ConfigError(f"train.tokens_per_step={train.tokens_per_step} is not a multiple of batch_size x "
                               f"block_size x world_size = {per_micro}; use train.tokens_per_step={near}")
         train = dataclasses.replace(train, accum_steps=accum)
-    out = dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, block_size=block), train=train)
-    out.optim.validate()
-    out.train.validate()
-    return out
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, block_size=block), train=train)
 
 
 def _tokenizer_dir(cfg: PretrainConfig, meta: dict) -> Path | None:
@@ -171,9 +173,7 @@ def seed_everything(seed: int) -> None:
 
 def run_pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Pretrain per `cfg` (resume: a checkpoint, a run dir, or "auto"); return the run's summary."""
-    cfg.spike.validate()
-    cfg.parallel.validate()
-    cfg.distill.validate()
+    cfg = check_config(cfg)  # before anything else, so a bad value is reported first
     with process_group(cfg.train.device) as dist_device:  # torchrun env -> process group (else no-op)
         return _pretrain(cfg, resume, dist_device)
 
@@ -194,6 +194,9 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device
     val_loader = TokenLoader(d.shards, "val", d.block_size, d.batch_size, seed=d.seed, rank=rank,
                              world_size=world, device=device)
     run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
+    # Never around or inside what the run reads; whether an existing run may be replaced: _prepare_run_dir.
+    check_output(run_dir, inputs=[d.shards, cfg.data.tokenizer, cfg.distill.teacher], overwrite=True, into=True,
+                 what="run directory")
     resume_path = resolve_resume(resume, run_dir)
     tokenizer_dir = _tokenizer_dir(cfg, meta)
 
@@ -221,10 +224,16 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device
     elif rank == 0:
         # `--resume auto` that found no checkpoint starts over: only a run killed before its first save is lost.
         _prepare_run_dir(run_dir, resuming=False, overwrite=cfg.train.overwrite or resume == "auto")
+    fresh = not run_dir.exists()
     if rank == 0:
         write_text_atomic(run_dir / "config.toml", to_toml(cfg))
-    with stop_on_signals(trainer):  # SIGTERM/SIGINT: checkpoint after this step, then return
-        summary = trainer.fit()
+    try:
+        with stop_on_signals(trainer):  # SIGTERM/SIGINT: checkpoint after this step, then return
+            summary = trainer.fit()
+    except BaseException:
+        if fresh and rank == 0 and not (run_dir / "metrics.jsonl").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves no run directory behind
+        raise
     summary.update(params=model.num_params(), non_embedding_params=model.num_params(non_embedding=True),
                    flops_per_token=trainer.flops_per_token, accum_steps=cfg.train.accum_steps,
                    tokens_per_step=cfg.train.accum_steps * d.batch_size * d.block_size * world,

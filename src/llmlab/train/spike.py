@@ -35,10 +35,14 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+from llmlab.config import NonNegativeInt, PositiveFloat, PositiveInt, Range, check_config
 from llmlab.errors import ConfigError
 from llmlab.train.checkpoint import step_of
 from llmlab.train.trainer import Callback, Rollback, Skip, StepStats, TrainingDiverged
+
+Ratio = Annotated[float, Range(ge=1)]  # a multiple of the window mean
 
 
 @dataclass
@@ -46,36 +50,24 @@ class SpikeConfig:
     """`spike.*` keys: the loss-spike guard (on by default; see llmlab/train/spike.py)."""
 
     enabled: bool = True
-    window: int = 100            # rolling window of recent (non-outlier) losses and grad norms
-    warmup: int = 100            # steps before the guard arms (early loss falls fast and grad norms swing)
-    min_samples: int = 20        # values the window needs before z-scores mean anything
-    loss_z: float = 6.0          # OLMo's 6 sigma
-    loss_ratio: float = 1.5      # ... and at least this multiple of the window's mean loss
-    grad_z: float = 6.0
-    grad_ratio: float = 5.0      # grad norms are noisier than losses: demand a bigger jump
-    sustain: int = 3             # consecutive outlier steps that trigger a rollback instead of a skip
-    rollback_steps: int = 100    # go back to a checkpoint at least this many steps before the spike (PaLM)
-    skip_batches: int = 100      # extra batches skipped after the spike's data (PaLM skips 200-500)
-    lr_scale: float = 1.0        # multiply the LR by this after a rollback (1.0: unchanged)
-    lr_scale_steps: int = 0      # ... for this many steps
-    max_rollbacks: int = 3       # then stop with TrainingDiverged
+    window: PositiveInt = 100            # rolling window of recent (non-outlier) losses and grad norms
+    warmup: NonNegativeInt = 100         # steps before the guard arms (early loss falls fast, grad norms swing)
+    min_samples: PositiveInt = 20        # values the window needs before z-scores mean anything
+    loss_z: PositiveFloat = 6.0          # OLMo's 6 sigma
+    loss_ratio: Ratio = 1.5              # ... and at least this multiple of the window's mean loss
+    grad_z: PositiveFloat = 6.0
+    grad_ratio: Ratio = 5.0              # grad norms are noisier than losses: demand a bigger jump
+    sustain: PositiveInt = 3             # consecutive outlier steps that trigger a rollback instead of a skip
+    rollback_steps: NonNegativeInt = 100  # go back to a checkpoint at least this many steps before the spike
+    skip_batches: NonNegativeInt = 100   # extra batches skipped after the spike's data (PaLM skips 200-500)
+    lr_scale: PositiveFloat = 1.0        # multiply the LR by this after a rollback (1.0: unchanged)
+    lr_scale_steps: NonNegativeInt = 0   # ... for this many steps
+    max_rollbacks: PositiveInt = 3       # then stop with TrainingDiverged
 
-    def validate(self) -> None:
-        for key in ("window", "min_samples", "sustain", "max_rollbacks"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"spike.{key}={getattr(self, key)} must be >= 1")
-        for key in ("warmup", "rollback_steps", "skip_batches", "lr_scale_steps"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"spike.{key}={getattr(self, key)} must be >= 0")
+    def check(self) -> None:
         if self.min_samples > self.window:
             raise ConfigError(f"spike.min_samples={self.min_samples} exceeds spike.window={self.window}; "
                               f"set spike.min_samples <= {self.window}")
-        for key in ("loss_z", "grad_z", "lr_scale"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"spike.{key}={getattr(self, key)} must be > 0")
-        for key in ("loss_ratio", "grad_ratio"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"spike.{key}={getattr(self, key)} must be >= 1 (a multiple of the window mean)")
 
 
 class RollingStats:
@@ -115,8 +107,7 @@ class SpikeGuard(Callback):
     name = "spike_guard"
 
     def __init__(self, cfg: SpikeConfig | None = None):
-        self.cfg = cfg or SpikeConfig()
-        self.cfg.validate()
+        self.cfg = check_config(cfg or SpikeConfig(), "spike.")
         self.losses = RollingStats(self.cfg.window)
         self.grads = RollingStats(self.cfg.window)
         self.streak: list[StepStats] = []      # consecutive outlier steps so far

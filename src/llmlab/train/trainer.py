@@ -44,14 +44,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from llmlab.config import NonEmptyStr, NonNegativeInt, PositiveFloat, PositiveInt, check_config
 from llmlab.device import resolve_dtype
-from llmlab.errors import CheckpointError, ConfigError, LLMLabError
+from llmlab.errors import CheckpointError, LLMLabError
 from llmlab.train.checkpoint import Checkpointer, rng_state, set_rng_state, unwrap
 from llmlab.train.metrics import MetricsWriter, Throughput, mfu, peak_flops
 from llmlab.train.optim import OptimConfig, build_optimizer
@@ -62,38 +63,28 @@ from llmlab.train.schedule import lr_at
 class TrainConfig:
     """Loop settings shared by every objective (optimizer settings live in OptimConfig)."""
 
-    accum_steps: int = 1                 # micro-batches per optimizer step
-    tokens_per_step: int | None = None   # pretraining: sets accum_steps = tokens / (batch * block * world)
-    eval_every: int = 100                # steps between evaluations (0: only at the end)
-    eval_batches: int = 20               # val batches per evaluation
-    ckpt_every: int = 500                # steps between checkpoints (0: only at the end)
-    keep_last: int = 3                   # checkpoints kept on disk (0: keep all)
-    keep_best: bool = True               # also keep the checkpoint with the lowest val_loss (RUN_DIR/best.json)
+    accum_steps: PositiveInt = 1         # micro-batches per optimizer step
+    tokens_per_step: PositiveInt | None = None  # pretraining: accum_steps = tokens / (batch * block * world)
+    eval_every: NonNegativeInt = 100     # steps between evaluations (0: only at the end)
+    eval_batches: PositiveInt = 20       # val batches per evaluation
+    ckpt_every: NonNegativeInt = 500     # steps between checkpoints (0: only at the end)
+    keep_last: NonNegativeInt = 3        # checkpoints kept on disk (0: keep all)
+    keep_best: bool = True               # also keep the lowest-val_loss checkpoint (RUN_DIR/best.json)
     tensorboard: bool = False            # also write scalars to RUN_DIR/tensorboard (pip install tensorboard)
-    log_every: int = 1                   # steps between metrics.jsonl records (eval/ckpt steps always logged)
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"                  # autocast dtype: auto = bf16 on GPUs that have it, fp32 on CPU
-    seed: int = 1337
-    out_dir: str = "runs"                # the run directory is out_dir/run_name
-    run_name: str = "run"
+    log_every: PositiveInt = 1           # steps between metrics.jsonl records (eval/ckpt steps always logged)
+    device: NonEmptyStr = "auto"         # auto | cpu | cuda | cuda:N | mps
+    dtype: Literal["auto", "fp32", "bf16", "float32", "bfloat16"] = "auto"  # autocast dtype: auto = bf16 on
+                                         # GPUs that have it, fp32 on CPU (fp16 would need loss scaling)
+    seed: NonNegativeInt = 1337
+    out_dir: NonEmptyStr = "runs"        # the run directory is out_dir/run_name
+    run_name: NonEmptyStr = "run"
     overwrite: bool = False              # start over in an existing run directory (deletes its checkpoints)
     progress: bool = True                # tqdm progress bar
-    peak_flops: float | None = None      # override the device peak FLOP/s used for MFU (see metrics.py)
+    peak_flops: PositiveFloat | None = None  # override the device peak FLOP/s used for MFU (see metrics.py)
     plot: bool = True                    # write PNG plots at the end
-    max_minutes: float | None = None     # wall-clock cap: evaluate, checkpoint and stop early once reached
-    threads: int = 0                     # CPU threads for torch (0: torch's default, one per core); 1 is
+    max_minutes: PositiveFloat | None = None  # wall-clock cap: evaluate, checkpoint and stop early once reached
+    threads: NonNegativeInt = 0          # CPU threads for torch (0: torch's default, one per core); 1 is
                                          # often fastest on a machine busy with other work
-
-    def validate(self) -> None:
-        if self.accum_steps < 1:
-            raise ConfigError(f"train.accum_steps={self.accum_steps} must be >= 1")
-        for key in ("eval_every", "eval_batches", "ckpt_every", "keep_last", "threads"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ConfigError(f"train.max_minutes={self.max_minutes} must be > 0 (or unset for no limit)")
-        if self.log_every < 1:
-            raise ConfigError(f"train.log_every={self.log_every} must be >= 1")
 
 
 @dataclass
@@ -173,15 +164,12 @@ class Trainer:
                  flops_per_token: float | None = None, tokenizer_dir: str | Path | None = None,
                  callbacks: Sequence[Callback] = (), optimizer: torch.optim.Optimizer | None = None,
                  checkpointer: Checkpointer | None = None):
-        optim.validate()
-        train.validate()
+        optim, train = check_config(optim, "optim."), check_config(train, "train.")
         self.model, self.loss_fn, self.batches, self.eval_fn = model, loss_fn, batches, eval_fn
         self.optim_cfg, self.cfg = optim, train
         self.module = unwrap(model)
         self.device = next(self.module.parameters()).device
         self.amp_dtype = resolve_dtype(train.dtype, self.device)
-        if self.amp_dtype == torch.float16:
-            raise ConfigError("train.dtype=fp16 needs loss scaling, which llmlab does not do; use bf16 or fp32")
         self.optimizer = optimizer or build_optimizer(self.module, optim)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.run_dir = Path(run_dir) if run_dir is not None else None
