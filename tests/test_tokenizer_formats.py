@@ -199,3 +199,86 @@ def test_save_refuses_to_replace_a_foreign_directory(tmp_path, tok):
     with pytest.raises(TokenizerError, match="is not a tokenizer directory"):
         tok.save(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# ---- Oniguruma (tokenizers) vs Python regex: constructs the two read differently ----
+
+DIGITS = ["1234567 89 0123456789012 a1b22c333d4444", "Pi is 3.14159265358979, e 2.718281828.\n\n  99999",
+          "x\ny  \n\nz 12\n", "in 2024-10-01 at 12:34:56 UTC 1000000 people"]
+# Oniguruma constructs whose Python-regex reading differs (or does not compile), each with a fallback.
+ONIG_CONSTRUCTS = [r"\p{N}{1,3}+", r"\p{N}{2}+", r"\p{N}{1,}+", r"\p{N}{1,3}?+", r"\s+$", r"^\S+", r"\h+",
+                   r"(?m:.+)", r"\s+\Z", r"(\p{N}{1,2})+", r"[\h]+"]
+
+
+def _hf_split(pattern: str, text: str) -> list[str]:
+    return [s for s, _ in pre_tokenizers.Split(Regex(pattern), "isolated").pre_tokenize_str(text)]
+
+
+@pytest.mark.parametrize("construct", ONIG_CONSTRUCTS)
+def test_oniguruma_construct_splits_like_tokenizers(construct):
+    import regex
+
+    from llmlab.tokenizer.patterns import from_oniguruma
+
+    pattern = construct + r"|[\s\S]"
+    ours = regex.compile(from_oniguruma(pattern))
+    for text in DIGITS:
+        assert [m.group() for m in ours.finditer(text)] == _hf_split(pattern, text), text
+
+
+def _with_split(tmp_path, tok: Tokenizer, split_regex: str):
+    """tok's tokenizer.json with its Split regex replaced by split_regex (the file as someone might write it)."""
+    tok.to_hf(tmp_path / "tokenizer.json")
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    split = {"type": "Split", "pattern": {"Regex": split_regex}, "behavior": "Isolated", "invert": False}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, byte_level]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    return tmp_path / "tokenizer.json"
+
+
+def test_tiktoken_spelling_in_tokenizer_json_imports_with_tokenizers_ids(tmp_path):
+    """cl100k's pattern copied verbatim into tokenizer.json: tokenizers reads \\p{N}{1,3}+ as runs of digits of
+    any length, and so must the import (a possessive reading would cut them into threes)."""
+    from llmlab.tokenizer import GPT4_PATTERN
+
+    digit_runs = Tokenizer.train(TRAIN + DIGITS * 20, vocab_size=600, pattern="gpt2", progress=False)
+    path = _with_split(tmp_path, digit_runs, GPT4_PATTERN)
+    hf = HFTokenizer.from_file(str(path))
+    imported = Tokenizer.from_hf(path)
+    for text in DIGITS + HELD_OUT:
+        assert imported.encode(text) == hf_ids(hf, text), text
+    possessive = Tokenizer(digit_runs.spec().tokens, digit_runs.merges, GPT4_PATTERN, digit_runs.special_tokens)
+    assert imported.encode(DIGITS[0]) != possessive.encode(DIGITS[0])  # the two readings really differ here
+    imported.to_hf(tmp_path / "again.json")  # and the export keeps tokenizers' reading
+    again = HFTokenizer.from_file(str(tmp_path / "again.json"))
+    assert all(hf_ids(again, text) == hf_ids(hf, text) for text in DIGITS)
+
+
+@pytest.mark.parametrize("pattern", [r"\p{N}{1,3}+|\p{L}+|\s+$|\s+|[^\s\p{L}\p{N}]+",
+                                     r"(?s:\p{N}{2}+.)|^\p{L}+|\p{L}+|\s+\Z|\s+|[\s\S]"])
+def test_custom_pattern_exports_with_the_same_reading(tmp_path, pattern):
+    ours = Tokenizer.train(TRAIN, vocab_size=500, pattern=pattern, progress=False)
+    ours.to_hf(tmp_path / "tokenizer.json")
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    back = Tokenizer.from_hf(tmp_path / "tokenizer.json")
+    for text in DIGITS + HELD_OUT:
+        assert hf_ids(hf, text) == ours.encode(text) == back.encode(text), text
+
+
+@pytest.mark.parametrize("pattern, direction, message", [
+    (r"\h+|[\s\S]", "export", r"\\h \(horizontal whitespace\) in Python regex has no equivalent"),
+    (r"(?m:^a)|[\s\S]", "export", r"the inline flag 'm' in Python regex has no equivalent"),
+    (r"(?s:.+)|[\s\S]", "import", r"the inline flag 's' in Hugging Face tokenizers \(Oniguruma\)"),
+    (r"[\H]+|[\s\S]", "import", r"\\H inside a character class"),
+])
+def test_untranslatable_constructs_are_refused_in_one_line(tmp_path, tok, pattern, direction, message):
+    if direction == "export":
+        custom = Tokenizer(tok.spec().tokens, tok.merges, pattern, tok.special_tokens)
+        with pytest.raises(TokenizerError, match=message) as err:
+            custom.to_hf(tmp_path / "tokenizer.json")
+    else:
+        with pytest.raises(TokenizerError, match=message) as err:
+            Tokenizer.from_hf(_with_split(tmp_path, tok, pattern))
+        assert "tokenizer.json" in str(err.value)
+    assert "\n" not in str(err.value)
