@@ -220,3 +220,30 @@ def test_bad_input_leaves_nothing(tmp_path):
     with pytest.raises(DataError, match="val_fraction"):
         prepare_shards([str(path)], ByteTokenizer(), out, val_fraction=1.0, progress=False)
     assert not out.exists()
+
+
+def test_positive_val_fraction_never_leaves_a_split_empty(tmp_path):
+    """28 documents at val_fraction 0.1, seed 0: no document hashes below 0.1, so the one with the smallest
+    hash goes to val; the reverse (every document in val) sends the largest hash back to train."""
+    path, docs = _corpus(tmp_path, n=28)
+    assert all(split_of(i, 0, 0.1) == "train" for i in range(28))  # the case the rule exists for
+    hashes = [prep._doc_hash(i, 0) for i in range(28)]
+    smallest = hashes.index(min(hashes))
+    meta = prepare_shards([str(path)], ByteTokenizer(), tmp_path / "a", val_fraction=0.1, progress=False)
+    tok = ByteTokenizer()
+    assert meta["splits"]["val"]["documents"] == 1
+    assert _stream(tmp_path / "a", "val") == [*tok.encode(docs[smallest]), tok.eos_id]
+    assert prep.split_overrides(28, 0, 0.1) == {smallest: "val"}
+    two, seed = 2, next(s for s in range(100) if all(split_of(i, s, 0.9) == "val" for i in range(2)))
+    hashes = [prep._doc_hash(i, seed) for i in range(two)]
+    assert prep.split_overrides(two, seed, 0.9) == {hashes.index(max(hashes)): "train"}
+    assert prep.split_overrides(1, 0, 0.0) == {}
+
+
+def test_one_document_with_a_val_fraction_is_refused_at_prepare_time(tmp_path):
+    path, _ = _corpus(tmp_path, n=1)
+    with pytest.raises(DataError, match=r"needs at least 2 documents .* hold 1; .*--val-fraction 0") as err:
+        prepare_shards([str(path)], ByteTokenizer(), tmp_path / "out", val_fraction=0.1, progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+    meta = prepare_shards([str(path)], ByteTokenizer(), tmp_path / "out", val_fraction=0.0, progress=False)
+    assert meta["splits"]["val"]["documents"] == 0 and meta["splits"]["train"]["documents"] == 1

@@ -4,8 +4,11 @@ How it works
 1. Resolve the sources and read every document once without tokenizing (cheap next to BPE): this checks
    the whole input (missing files, bad JSONL lines) before any output exists, and gives the progress bar
    its total.
-2. Split by document: document i goes to val when a hash of (seed, i) falls below val_fraction. The split
-   depends only on (seed, i), never on timing or the number of workers.
+2. Split by document: document i goes to val when a hash of (seed, i) falls below val_fraction. With a
+   positive val_fraction neither split may end up empty: if no document hashes into val, the one with the
+   smallest hash goes there (and if none stays in train, the one with the largest hash goes back), and a
+   single document is refused. The split depends only on (seed, i, number of documents), never on timing
+   or the number of workers.
 3. Tokenize in a pool of worker processes, each loading the tokenizer from its directory once; batches of
    documents go out in order and come back in order (bounded in flight, so memory stays flat). Every
    document is followed by the tokenizer's eos token.
@@ -64,14 +67,40 @@ DEFAULT_SHARD_TOKENS = 2**24  # 32 MiB of uint16 per shard: few files, yet a sha
 DEFAULT_VAL_FRACTION = 0.01
 _BATCH_CHARS = 1 << 18  # documents are sent to workers in batches of about this many characters
 _SMALL_INPUT_CHARS = 1 << 20  # with workers=None, inputs below this are tokenized in-process
+SPLIT_RULE = 2  # the document -> split rule's version (2: neither split empty), part of the fingerprint
 
 
 # ---- deterministic split and fingerprint ----
 
+def _doc_hash(doc_index: int, seed: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 def split_of(doc_index: int, seed: int, val_fraction: float) -> str:
     """'val' for a fraction `val_fraction` of documents chosen by a hash of (seed, doc_index), else 'train'."""
-    digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "little") < val_fraction * 2**64 else "train"
+    return "val" if _doc_hash(doc_index, seed) < val_fraction * 2**64 else "train"
+
+
+def split_overrides(num_docs: int, seed: int, val_fraction: float) -> dict[int, str]:
+    """Documents whose split differs from `split_of` so that, with val_fraction > 0, neither split is empty:
+    the smallest hash goes to val when none falls below the threshold, the largest to train when all do."""
+    if val_fraction == 0:
+        return {}
+    if num_docs < 2:
+        raise DataError(f"--val-fraction {val_fraction} needs at least 2 documents (one for train, one for val) "
+                        f"but the sources hold {num_docs}; give more documents or pass --val-fraction 0")
+    lowest = highest = (_doc_hash(0, seed), 0)
+    for i in range(1, num_docs):
+        h = (_doc_hash(i, seed), i)
+        lowest, highest = min(lowest, h), max(highest, h)
+    threshold = val_fraction * 2**64
+    overrides = {}
+    if lowest[0] >= threshold:
+        overrides[lowest[1]] = "val"
+    if highest[0] < threshold:
+        overrides[highest[1]] = "train"
+    return overrides
 
 
 def _source_identity(entry: str | SourceFile) -> list:
@@ -90,7 +119,8 @@ def _dir_digest(path: Path) -> str:
 
 
 def _fingerprint(tokenizer_digest: str, resolved: list, options: dict) -> int:
-    blob = json.dumps({"version": VERSION, "tokenizer": tokenizer_digest, "options": options,
+    blob = json.dumps({"version": VERSION, "split_rule": SPLIT_RULE, "tokenizer": tokenizer_digest,
+                       "options": options,
                        "sources": [_source_identity(e) for e in resolved]}, sort_keys=True)
     return int.from_bytes(hashlib.blake2b(blob.encode(), digest_size=8).digest(), "little")
 
@@ -302,6 +332,7 @@ def prepare_shards(sources: list[str] | str, tokenizer, out_dir: str | os.PathLi
         if tok.eos_id is None:
             raise DataError(f"tokenizer {tok_desc} has no <|eos|> token to separate documents; "
                             f"train it with the default special tokens")
+        overrides = split_overrides(num_docs, seed, val_fraction)
         options = {"shard_tokens": shard_tokens, "val_fraction": val_fraction, "seed": seed,
                    "text_field": text_field, "max_chars": max_chars}
         tok_digest = _dir_digest(tok_dir)
@@ -320,7 +351,7 @@ def prepare_shards(sources: list[str] | str, tokenizer, out_dir: str | os.PathLi
             workers = 1 if num_chars < _SMALL_INPUT_CHARS else (os.cpu_count() or 1)
         try:
             _tokenize_into(writers, resolved, text_field, max_chars, tok, tok_dir, workers, seed,
-                           val_fraction, num_chars, progress)
+                           val_fraction, overrides, num_chars, progress)
             for split, writer in writers.items():
                 writer.flush(doc_end=num_docs)
                 _remove_stale(out_dir, split, keep=len(writer.headers))
@@ -341,13 +372,13 @@ def prepare_shards(sources: list[str] | str, tokenizer, out_dir: str | os.PathLi
 
 
 def _tokenize_into(writers, resolved, text_field, max_chars, tok, tok_dir, workers, seed, val_fraction,
-                   num_chars, progress) -> None:
+                   overrides, num_chars, progress) -> None:
     bar = tqdm(total=num_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not progress,
                dynamic_ncols=True)
 
     def todo() -> Iterator[tuple[int, str, str]]:
         for i, text in enumerate(_iter_resolved(resolved, text_field, max_chars)):
-            split = split_of(i, seed, val_fraction)
+            split = overrides.get(i) or split_of(i, seed, val_fraction)
             if i < writers[split].resume_doc:
                 bar.update(len(text))  # covered by a finished shard
                 continue
