@@ -92,9 +92,11 @@ def test_info_on_unprepared_dir(tmp_path, capsys):
     assert_one_line_error(code, err, "does not exist")
 
 
-def test_data_without_action_prints_help(capsys):
-    code, out, _ = run_cli(capsys, "data")
-    assert code == 2 and "prepare" in out and "info" in out
+def test_data_without_action_names_the_actions(capsys):
+    code, out, err = run_cli(capsys, "data")
+    assert code == 2 and out == ""
+    assert err.splitlines() == ["llmlab data: error: missing ACTION; choose one of: prepare, generate, info",
+                                "llmlab: see 'llmlab data --help'"]
 
 
 def test_prepare_end_to_end_with_the_real_tokenizer(tmp_path, capsys):
@@ -102,6 +104,7 @@ def test_prepare_end_to_end_with_the_real_tokenizer(tmp_path, capsys):
     from llmlab.data.prepare import split_of
     from llmlab.data.shards import read_meta, read_shard
     from llmlab.tokenizer import Tokenizer
+    from llmlab.tokenizer.identity import fingerprint
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -131,6 +134,7 @@ def test_prepare_end_to_end_with_the_real_tokenizer(tmp_path, capsys):
     total_eos = sum(expected[s].count(tok.eos_id) for s in expected)
     assert total_eos == len(docs) and meta["tokenizer"]["eos_id"] == tok.eos_id
     assert Tokenizer.load(out / "tokenizer").encode("fox") == tok.encode("fox")
+    assert meta["tokenizer"]["fingerprint"] == fingerprint(tok)  # what eval/pretrain compare checkpoints with
     x, y = TokenLoader(out, block_size=32, batch_size=4).next_batch()
     assert x.shape == (4, 32) and int(x.max()) < tok.vocab_size
     code, stdout, _ = run_cli(capsys, "data", "info", str(out))

@@ -18,7 +18,8 @@ How it works
    it covers, plus a fingerprint of the whole preparation (tokenizer files, sources with sizes and
    mtimes, options).
 5. A copy of the tokenizer goes to out_dir/tokenizer/, then meta.json is written, atomically and last:
-   a directory with meta.json is complete.
+   a directory with meta.json is complete. Its tokenizer block records the vocabulary size, eos id and
+   the tokenizer's fingerprint (llmlab.tokenizer.identity), which checkpoints are compared against.
 
 Resuming. A shard is *finished* when its file exists under its final name (writes are atomic, so it is
 whole), its header and size validate (`read_header`), its fingerprint equals this preparation's, and it
@@ -62,6 +63,8 @@ from llmlab.data.shards import (
 from llmlab.data.sources import STDLIB, SourceFile, _iter_resolved, describe_sources, resolve_sources
 from llmlab.errors import DataError, LLMLabError
 from llmlab.fsutil import atomic_dir, write_text_atomic
+from llmlab.tokenizer.core import Tokenizer
+from llmlab.tokenizer.identity import fingerprint as tokenizer_fingerprint
 
 DEFAULT_SHARD_TOKENS = 2**24  # 32 MiB of uint16 per shard: few files, yet a shard rewrite is cheap
 DEFAULT_VAL_FRACTION = 0.01
@@ -259,8 +262,6 @@ def _resolve_tokenizer(tokenizer, stack: contextlib.ExitStack):
         if not path.is_dir():
             raise DataError(f"tokenizer directory {path} does not exist; train one with "
                             f"`llmlab tokenizer train SOURCES --out {path}` or pass --tokenizer DIR")
-        from llmlab.tokenizer import Tokenizer
-
         return Tokenizer.load(path), path, str(path)
     path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmlab-tok-")))
     tokenizer.save(path)
@@ -408,7 +409,8 @@ def _meta(writers, tok, tok_desc, tok_digest, fingerprint, dtype, resolved, sour
         "dtype": dtype.name, "documents": num_docs, "characters": num_chars,
         "tokens": sum(s["tokens"] for s in splits.values()),
         "tokenizer": {"vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "source": tok_desc,
-                      "digest": tok_digest, "copy": "tokenizer"},
+                      "digest": tok_digest, "copy": "tokenizer",
+                      **({"fingerprint": tokenizer_fingerprint(tok)} if isinstance(tok, Tokenizer) else {})},
         "options": options,
         "sources": describe_sources([os.fspath(s) for s in ([sources] if isinstance(sources, str) else sources)]),
         "splits": splits,

@@ -211,11 +211,14 @@ def describe_shards(shard_dir: str | os.PathLike) -> dict:
 
 
 def write_shard_dir(out_dir: str | os.PathLike, splits: dict[str, list[np.ndarray]], vocab_size: int,
-                    eos_id: int | None = None, extra: dict | None = None) -> dict:
+                    eos_id: int | None = None, extra: dict | None = None,
+                    tokenizer_fingerprint: str | None = None) -> dict:
     """Write already-tokenized arrays as a prepared directory (shards + meta.json) a TokenLoader can read.
 
     For token streams that do not come from `prepare_shards` (synthetic tasks, external tokenizers):
-    `splits` maps "train"/"val" to a list of 1-D arrays, one shard each. meta.json is written last.
+    `splits` maps "train"/"val" to a list of 1-D arrays, one shard each. tokenizer_fingerprint
+    (llmlab.tokenizer.identity.fingerprint of the tokenizer that made the ids, if any) goes into the
+    tokenizer block, as prepare_shards records it. meta.json is written last.
     """
     import hashlib
     import json
@@ -238,7 +241,9 @@ def write_shard_dir(out_dir: str | os.PathLike, splits: dict[str, list[np.ndarra
         meta_splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": 0, "shards": shards}
     meta = {"format": META_FORMAT, "version": VERSION, "fingerprint": f"{fingerprint:016x}", "dtype": dtype.name,
             "documents": 0, "characters": 0, "tokens": sum(s["tokens"] for s in meta_splits.values()),
-            "tokenizer": {"vocab_size": vocab_size, "eos_id": eos_id}, "options": {}, "sources": [],
+            "tokenizer": {"vocab_size": vocab_size, "eos_id": eos_id,
+                          **({"fingerprint": tokenizer_fingerprint} if tokenizer_fingerprint else {})},
+            "options": {}, "sources": [],
             "splits": meta_splits, **(extra or {})}
     write_text_atomic(out_dir / META_NAME, json.dumps(meta, indent=2) + "\n")
     return meta
