@@ -3,7 +3,7 @@ against the full-precision checkpoint they come from (fp32 on CPU by default; bf
 --device cuda --dtype bfloat16).
 
 For each variant the checkpoint is quantized (GPTQ and AWQ calibrate on windows of the shards' *train* split),
-saved, and loaded back with Transformer.load, so every figure is for the file a user would ship:
+saved, and loaded back with load_model, so every figure is for the file a user would ship:
   ppl          perplexity on the val split with exact arithmetic (in --dtype) on the quantized weights
                (kernel "dequant": the effect of quantization alone)
   ppl_packed   the same with the default kernel (torch's packed int8/int4 ops, bf16 activations on CPU)
@@ -118,7 +118,7 @@ def measure_variant(args, dev: torch.device, dtype: torch.dtype, work: Path, cal
                     prompt: list[int], variant: tuple) -> tuple[dict, torch.nn.Module]:
     """Quantize (from fp32, on `dev`), save in `dtype`, load back; the variant's row and the loaded model."""
     from llmlab.evals.perplexity import evaluate_perplexity
-    from llmlab.infer.quant import quantize, set_kernel
+    from llmlab.infer.quant import load_model, quantize, set_kernel
     from llmlab.model import Transformer
     from llmlab.model.transformer import WEIGHTS_FILE
 
@@ -139,7 +139,7 @@ def measure_variant(args, dev: torch.device, dtype: torch.dtype, work: Path, cal
     if not as_stored:
         model.to(dtype)  # QuantLinear keeps its scales in fp32
         model.save(path)
-    model = Transformer.load(path, device=dev, dtype=dtype)  # every figure is for the file as loaded
+    model = load_model(path, device=dev, dtype=dtype)  # every figure is for the file as loaded
     row = {"variant": name, "method": method, "bits": bits, "group_size": group,
            "quantize_s": round(seconds, 1), "file_bytes": (path / WEIGHTS_FILE).stat().st_size}
     set_kernel(model, "dequant")

@@ -12,7 +12,10 @@ import torch
 from helpers import assert_one_line_error, run_cli
 from llmlab.data.shards import write_shard_dir
 from llmlab.errors import ConfigError, DataError
+from llmlab.infer import generate
+from llmlab.infer.quant import load_model
 from llmlab.infer.quant.calib import calibration_tokens
+from llmlab.infer.speculative import load_draft
 from llmlab.model import ModelConfig, Transformer
 
 
@@ -48,7 +51,7 @@ def test_quantize_and_eval_ppl(setup, capsys, tmp_path):
     summary = json.loads(stdout)
     assert summary["method"] == "gptq" and summary["bits"] == 4 and summary["bytes_out"] < summary["bytes_in"]
     assert summary["calibration"] == {"samples": 16, "seq_len": 32}
-    assert Transformer.load(out).quantization["method"] == "gptq"
+    assert load_model(out).quantization["method"] == "gptq"
 
     code, stdout, _ = run_cli(capsys, "eval", "ppl", ckpt, out, "--data", shards, "--json")
     assert code == 0
@@ -65,7 +68,28 @@ def test_quantize_awq_without_clipping(setup, capsys, tmp_path):
                               "--bits", 4, "--group-size", 32, "--calib", setup / "shards", "--calib-samples", 8,
                               "--calib-len", 32, "--awq-no-clip")
     assert code == 0 and json.loads(stdout)["clip"] is False
-    assert Transformer.load(tmp_path / "q").quantization["clip"] is False
+    assert load_model(tmp_path / "q").quantization["clip"] is False
+
+
+def test_every_command_reads_a_quantized_checkpoint(setup, capsys, tmp_path):
+    """generate (also as a draft), data generate and eval ppl load through llmlab.infer.quant.load_model;
+    export-hf refuses in one line (an HF directory holds plain weights)."""
+    q = tmp_path / "q"
+    assert run_cli(capsys, "quantize", setup / "ckpt", "--out", q, "--bits", 4, "--group-size", 32)[0] == 0
+    target, quantized = Transformer.load(setup / "ckpt"), load_model(q)
+    draft = load_draft(target, q)  # a quantized draft for the full-precision target
+    assert type(draft.blocks[0].attn.qkv).__name__ == "QuantLinear"
+    assert torch.equal(generate(target, [1, 2, 3], 6, temperature=0, draft=draft),
+                       generate(target, [1, 2, 3], 6, temperature=0))
+    assert torch.equal(generate(quantized, [1, 2, 3], 6, temperature=0, draft="lookup"),
+                       generate(quantized, [1, 2, 3], 6, temperature=0))
+    code, out, _ = run_cli(capsys, "data", "generate", q, "--shards", setup / "shards", "--out",
+                           tmp_path / "gen", "--sequences", 2, "--prompt-tokens", 4, "--length", 12,
+                           "--no-progress")
+    assert code == 0 and (tmp_path / "gen" / "meta.json").is_file()
+    code, _, err = run_cli(capsys, "export-hf", q, tmp_path / "hf")
+    assert_one_line_error(code, err, "'quantization' entry", "export the full-precision checkpoint")
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("args,fragments", [

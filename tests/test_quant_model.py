@@ -1,5 +1,5 @@
-"""quantize() on whole models: both flavours, every method, generation, checkpoints through Transformer.load,
-AWQ's scale folding, and the bad inputs quantize() must refuse."""
+"""quantize() on whole models: both flavours, every method, generation, checkpoints through load_model (and
+Transformer.load's refusal of them), AWQ's scale folding, and the bad inputs quantize() must refuse."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from llmlab.errors import CheckpointError, ConfigError
+from llmlab.errors import CheckpointError, ConfigError, ModelError
 from llmlab.infer import generate
-from llmlab.infer.quant import QuantLinear, quantize, set_kernel
+from llmlab.infer.quant import QuantLinear, load_model, quantize, set_kernel
+from llmlab.model.hf import export_hf
 from llmlab.model import ModelConfig, Transformer
 
 SHAPES = {"gpt2": {}, "llama": {"n_kv_head": 2}}  # llama with GQA: AWQ must skip the v -> o fold
@@ -53,7 +54,7 @@ def test_quantize_generate_save_load(flavour, method, bits, tmp_path):
     entry = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
     assert entry["method"] == method and entry["bits"] == bits
     assert entry["group_size"] == (32 if bits == 4 else None)
-    loaded = Transformer.load(tmp_path / "q")
+    loaded = load_model(tmp_path / "q")
     assert loaded.quantization == model.quantization
     assert torch.equal(loaded(IDS), logits)  # identical logits, same kernels
     set_kernel(loaded, "dequant")
@@ -109,7 +110,7 @@ def test_include_head_quantizes_an_untied_head(tmp_path):
     quantize(model, "gptq", 4, 32, _calib(), include_head=True, progress=False)
     assert isinstance(model.lm_head, QuantLinear)
     model.save(tmp_path / "q")
-    assert torch.equal(Transformer.load(tmp_path / "q")(IDS), model(IDS))
+    assert torch.equal(load_model(tmp_path / "q")(IDS), model(IDS))
     with pytest.raises(ConfigError, match="tie"):
         quantize(_model("gpt2"), "rtn", 8, include_head=True)
 
@@ -119,7 +120,7 @@ def test_act_order_and_options(tmp_path):
     quantize(model, "gptq", 4, 32, _calib(), act_order=True, progress=False, blocksize=32, percdamp=0.05)
     assert model.quantization["act_order"] is True
     model.save(tmp_path / "q")
-    assert torch.equal(Transformer.load(tmp_path / "q")(IDS), model(IDS))
+    assert torch.equal(load_model(tmp_path / "q")(IDS), model(IDS))
 
 
 def test_quantize_bad_inputs():
@@ -151,11 +152,31 @@ def test_load_rejects_a_bad_quantization_entry(tmp_path):
     data["quantization"]["group_size"] = 48
     cfg_file.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="quantization"):
-        Transformer.load(tmp_path / "q")
+        load_model(tmp_path / "q")
     data["quantization"]["group_size"] = 16  # valid scheme, but tensors of another shape
     cfg_file.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="shape"):
+        load_model(tmp_path / "q")
+
+
+def test_plain_loaders_refuse_a_quantized_checkpoint_in_one_line(tmp_path):
+    quantize(_model("gpt2"), "rtn", 8).save(tmp_path / "q")
+    with pytest.raises(CheckpointError, match=r"'quantization' entry in config.json.*"
+                                              r"load it with llmlab.infer.quant.load_model\(path\)$") as e:
         Transformer.load(tmp_path / "q")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ModelError, match="cannot export .*'quantization' entry.*export the full-precision"):
+        export_hf(tmp_path / "q", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_load_model_reads_full_precision_checkpoints_as_transformer_load(tmp_path):
+    model = _model("llama")
+    model.save(tmp_path / "fp")
+    loaded = load_model(tmp_path / "fp")
+    assert not getattr(loaded, "quantization", None)
+    assert torch.equal(loaded(IDS), Transformer.load(tmp_path / "fp")(IDS))
+    assert torch.equal(loaded(IDS), model(IDS))
 
 
 @pytest.mark.parametrize("clip", [True, False])
@@ -172,5 +193,5 @@ def test_awq_clipping_search_runs_only_when_asked(clip, monkeypatch, tmp_path):
     assert bool(searched) == clip and len(searched) == (4 * model.config.n_layer if clip else 0)
     assert model.quantization["clip"] is clip
     model.save(tmp_path / "q")
-    assert Transformer.load(tmp_path / "q").quantization["clip"] is clip
+    assert load_model(tmp_path / "q").quantization["clip"] is clip
     assert torch.isfinite(model(IDS)).all()

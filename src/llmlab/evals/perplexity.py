@@ -99,7 +99,7 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, spli
     fails fast. Checkpoints with different contexts are compared at the smallest block size of them all.
     """
     from llmlab.device import resolve_device
-    from llmlab.model import Transformer
+    from llmlab.infer.quant import load_model
     from llmlab.model.transformer import WEIGHTS_FILE, read_config
 
     if not checkpoints:
@@ -109,7 +109,7 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, spli
     block = block_size if block_size is not None else min(c.block_size for c in configs)
     rows = []
     for path in checkpoints:
-        model = Transformer.load(path, device=dev, dtype=dtype)
+        model = load_model(path, device=dev, dtype=dtype)
         result = evaluate_perplexity(model, shards, split, block, batch_size, max_batches, progress)
         rows.append({"checkpoint": str(path), "ppl": result["ppl"], "nll": result["nll"],
                      "tokens": result["tokens"], "block_size": block,

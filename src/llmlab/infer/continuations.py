@@ -45,7 +45,7 @@ def write_continuations(checkpoint: str | Path, shards: str | Path, out: str | P
     of `length` tokens, each a prompt from `shards` and the checkpoint's continuation. Returns meta.json's
     content. `out` appears complete or not at all."""
     from llmlab.device import resolve_device
-    from llmlab.model import Transformer
+    from llmlab.infer.quant import load_model
 
     checkpoint, shards, out = Path(checkpoint), Path(shards), Path(out)
     val_sequences = max(1, sequences // 32) if val_sequences is None else val_sequences
@@ -57,7 +57,7 @@ def write_continuations(checkpoint: str | Path, shards: str | Path, out: str | P
         raise ConfigError(f"{checkpoint} is not a checkpoint directory (no config.json); point it at a "
                           "ckpt-STEP directory of a trained model")
     meta = read_meta(shards)
-    model = Transformer.load(checkpoint, device=resolve_device(device)).eval()
+    model = load_model(checkpoint, device=resolve_device(device)).eval()
     tokenizer_dir = _check_fit(model, checkpoint, shards, meta, length)
 
     rng = np.random.default_rng(seed)

@@ -28,9 +28,9 @@ import torch
 from llmlab.device import resolve_device
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.infer.prompts import assemble, prepare_prompts, stop_tensor
+from llmlab.infer.quant import load_model
 from llmlab.infer.sampling import check_sampling, next_token, seeded_generator
 from llmlab.infer.speculative import load_draft, speculative_generate
-from llmlab.model import Transformer
 from llmlab.model.kv_cache import KVCache
 from llmlab.tokenizer import Tokenizer
 
@@ -123,7 +123,7 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
     """
     checkpoint = Path(checkpoint)
     dev = resolve_device(device)
-    model = Transformer.load(checkpoint, device=dev, dtype=dtype)
+    model = load_model(checkpoint, device=dev, dtype=dtype)
     draft_model = None
     if draft_confidence is not None and draft is None:
         raise ConfigError(f"--draft-confidence {draft_confidence} needs --draft CKPT (a draft model); add one "

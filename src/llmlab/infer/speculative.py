@@ -79,6 +79,7 @@ import torch
 from llmlab.errors import ConfigError, ModelError
 from llmlab.infer.lookup import PromptLookup
 from llmlab.infer.prompts import assemble, prepare_prompts, stop_tensor
+from llmlab.infer.quant import load_model
 from llmlab.infer.sampling import check_sampling, probs_from_logits, sample, seeded_generator
 from llmlab.model.kv_cache import KVCache
 from llmlab.tokenizer.identity import check_same_tokenizer
@@ -212,12 +213,10 @@ def load_draft(model, draft: str | Path | None, *, lookup: bool = False, specula
     against the target `model` (vocabulary size; the tokenizer too when both tokenizer directories exist), a
     PromptLookup, or a PromptLookup that falls back on the draft. `tokenizer_dir` is the target's tokenizer;
     the draft's is CKPT/tokenizer."""
-    from llmlab.model import Transformer
-
     check_speculate_k(speculate_k)
     if draft is None:
         return PromptLookup() if lookup else None
-    draft_model = Transformer.load(draft, device=device, dtype=dtype)
+    draft_model = load_model(draft, device=device, dtype=dtype)
     check_draft_model(model, draft_model, 0)
     if tokenizer_dir is not None:
         check_same_tokenizer(Path(tokenizer_dir), Path(draft) / "tokenizer")

@@ -50,7 +50,7 @@ from llmlab.errors import CheckpointError, ConfigError, ModelError, TokenizerErr
 from llmlab.fsutil import atomic_dir
 from llmlab.model.config import LLAMA3_SCALING_KEYS, ModelConfig
 from llmlab.model.hf_files import PT_BIN, SAFETENSORS, HFWeights, Scratch, write_safetensors
-from llmlab.model.transformer import Transformer
+from llmlab.model.transformer import EXTENSIONS, Transformer
 
 CONFIG = "config.json"
 TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = "tokenizer.json", "tokenizer_config.json", \
@@ -643,7 +643,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None, token
 
     _distinct(ckpt, out)
     ckpt = Path(ckpt)
-    model = Transformer.load(ckpt, dtype=dtype)
+    model = Transformer.load(ckpt, dtype=dtype, prepare=lambda _, meta: _refuse_extended(ckpt, meta))
     tok = None
     if with_tokenizer:
         tok_dir = Path(tokenizer) if tokenizer is not None else ckpt / "tokenizer"
@@ -651,3 +651,12 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None, token
             tok = Tokenizer.load(tok_dir)
     save_hf(model, out, tokenizer=tok)
     return _summary(hf_model_type(model.config), model, tok)
+
+
+def _refuse_extended(ckpt: Path, meta: dict) -> None:
+    """A HF directory holds a plain Transformer's weights: a quantized (or otherwise extended) checkpoint has
+    other tensors, and dequantizing would ship weights the user never had."""
+    for key in EXTENSIONS:
+        if meta.get(key):
+            raise ModelError(f"cannot export {ckpt}: its config.json has a {key!r} entry ({meta[key]}), so its "
+                             "layers are not a plain Transformer's; export the full-precision checkpoint")

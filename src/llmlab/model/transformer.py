@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,6 +43,10 @@ from llmlab.model.kv_cache import CacheStep, KVCache
 from llmlab.model.loss import linear_cross_entropy
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+# config.json entries beside the ModelConfig fields, each describing modules a plain Transformer does not
+# have, with the loader that builds them. Transformer.load refuses such a checkpoint unless its caller
+# handles the entry (the `prepare` hook); the model itself knows nothing of what the entry means.
+EXTENSIONS = {"quantization": "llmlab.infer.quant.load_model"}
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -340,8 +345,8 @@ class Transformer(nn.Module):
 
         directory = Path(directory)
         meta = asdict(self.config)
-        if getattr(self, "quantization", None):  # the scheme of a quantized model (llmlab.infer.quant)
-            meta["quantization"] = self.quantization
+        # A model whose modules were swapped (e.g. quantized) carries its extension entry as an attribute.
+        meta.update({key: getattr(self, key) for key in EXTENSIONS if getattr(self, key, None)})
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         # safetensors refuses two names for one storage; the tied head is rebuilt from tok_emb on load.
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
@@ -349,15 +354,25 @@ class Transformer(nn.Module):
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "producer": "llmlab"})
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype=None) -> Transformer:
-        """Load a directory written by save(); dtype None keeps the stored dtype, "auto" picks per device."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype=None, *,
+             prepare: Callable[[nn.Module, dict], None] | None = None) -> Transformer:
+        """Load a directory written by save(); dtype None keeps the stored dtype, "auto" picks per device.
+
+        prepare(model, meta) is called with the model still on the meta device and config.json as a dict,
+        before the weights are assigned, so a caller can put modules of the stored shapes in place (as
+        llmlab.infer.quant.load_model does for quantized linears). Without it, a config.json with an
+        EXTENSIONS entry is refused with a CheckpointError naming the loader to use.
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         from llmlab.device import resolve_device, resolve_dtype
 
         path = Path(path)
-        config = read_config(path)
+        meta = read_meta(path)
+        config = config_from_meta(meta, path / CONFIG_FILE)
+        if prepare is None:
+            refuse_extensions(path, meta)
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise CheckpointError(f"checkpoint {path} has no {WEIGHTS_FILE}; point at a complete checkpoint "
@@ -366,14 +381,12 @@ class Transformer(nn.Module):
         try:
             state = load_file(str(weights), device=str(device))
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{weights} is not a readable safetensors file ({e}); re-save the checkpoint") from e
+            raise CheckpointError(f"{weights} is not a readable safetensors file ({e}); re-save the "
+                                  "checkpoint") from e
         with torch.device("meta"):  # no random init, no second copy of the weights
             model = cls(config)
-            quant = json.loads((path / CONFIG_FILE).read_text()).get("quantization")
-            if quant:  # quantized checkpoint: put QuantLinear modules of the stored shapes in place first
-                from llmlab.infer.quant import prepare_quantized
-
-                prepare_quantized(model, quant, path / CONFIG_FILE)
+            if prepare is not None:
+                prepare(model, meta)
         check_state(model, state, weights)
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_embeddings:
@@ -384,25 +397,47 @@ class Transformer(nn.Module):
         return model.eval()
 
 
-def read_config(path: Path) -> ModelConfig:
-    """ModelConfig from PATH/config.json, with CheckpointError naming the file for every failure."""
-    from llmlab.config import from_dict
-
+def read_meta(path: Path) -> dict:
+    """PATH/config.json as a dict (ModelConfig fields and any EXTENSIONS entries), with CheckpointError
+    naming the file for every failure."""
     file = path / CONFIG_FILE
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist; pass a directory holding "
                               f"{CONFIG_FILE} and {WEIGHTS_FILE} (e.g. runs/NAME/ckpt-STEP)")
     if not file.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {CONFIG_FILE}; point at a complete checkpoint directory")
+        raise CheckpointError(f"checkpoint {path} has no {CONFIG_FILE}; point at a complete checkpoint "
+                              "directory")
     try:
-        data = json.loads(file.read_text())
-        if isinstance(data, dict):
-            data.pop("quantization", None)  # read by Transformer.load, not part of the shape
-        return from_dict(ModelConfig, data).validate()
+        meta = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}); re-save the checkpoint") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(meta).__name__}, not an object of model settings; "
+                              "re-save the checkpoint")
+    return meta
+
+
+def config_from_meta(meta: dict, source: Path) -> ModelConfig:
+    """The ModelConfig of a config.json dict (EXTENSIONS entries left out); CheckpointError naming `source`."""
+    from llmlab.config import from_dict
+
+    try:
+        return from_dict(ModelConfig, {k: v for k, v in meta.items() if k not in EXTENSIONS}).validate()
     except (ConfigError, ModelError) as e:
-        raise CheckpointError(f"{file}: {e}") from e
+        raise CheckpointError(f"{source}: {e}") from e
+
+
+def read_config(path: Path) -> ModelConfig:
+    """ModelConfig from PATH/config.json, with CheckpointError naming the file for every failure."""
+    return config_from_meta(read_meta(path), path / CONFIG_FILE)
+
+
+def refuse_extensions(path: Path, meta: dict) -> None:
+    """CheckpointError if config.json has an EXTENSIONS entry: a plain Transformer cannot hold its weights."""
+    for key, loader in EXTENSIONS.items():
+        if meta.get(key):
+            raise CheckpointError(f"checkpoint {path} has a {key!r} entry in {CONFIG_FILE}, which "
+                                  f"Transformer.load does not build; load it with {loader}(path)")
 
 
 def check_state(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:

@@ -4,7 +4,8 @@
     from llmlab.infer.quant.calib import calibration_tokens
     calib = calibration_tokens("data/stdlib/shards", n_samples=128, seq_len=256)
     model = quantize(model, method="gptq", bits=4, group_size=128, calib=calib)   # in place, returned
-    model.save("runs/demo/ckpt-int4")            # Transformer.load rebuilds the quantized layers
+    model.save("runs/demo/ckpt-int4")
+    model = load_model("runs/demo/ckpt-int4")    # any checkpoint, quantized or not
 
     llmlab quantize runs/demo/ckpt-600 --out runs/demo/int4-gptq --method gptq --bits 4 --group-size 64
     llmlab eval ppl runs/demo/ckpt-600 runs/demo/int4-gptq --data data/stdlib/shards
@@ -23,8 +24,10 @@ formats in linear.py):
 GPTQ and AWQ need `calib`, a LongTensor [n_samples, seq_len] of token ids (calib.py builds one).
 
 A quantized model records its scheme in `model.quantization` ({"method", "bits", "group_size", ...});
-Transformer.save writes it into config.json as the "quantization" entry, and Transformer.load calls
-`prepare_quantized` to put empty QuantLinear modules of the right shapes in place before the weights load.
+Transformer.save writes it into config.json as the "quantization" entry. The model package knows nothing of
+quantization, so Transformer.load refuses such a checkpoint; load_model reads it, putting empty QuantLinear
+modules of the stored shapes in place (prepare_quantized) before the weights load. Every command that reads
+a checkpoint for inference loads it with load_model.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch.nn as nn
 
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.infer.quant.linear import BITS, QuantLinear, check_scheme, set_kernel
+from llmlab.model.transformer import CONFIG_FILE, WEIGHTS_FILE, Transformer
 
 METHODS = ("rtn", "gptq", "awq")
 QUANT_KEY = "quantization"  # the config.json entry
@@ -122,9 +126,20 @@ def _quantize_rtn(model: nn.Module, bits: int, group_size: int | None, include_h
         replace_module(model, name, rtn_linear(layer, bits, group_size))
 
 
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype=None) -> Transformer:
+    """Transformer.load for any llmlab checkpoint, quantized or not (same arguments)."""
+    source = Path(path) / CONFIG_FILE
+
+    def prepare(model: nn.Module, meta: dict) -> None:
+        if meta.get(QUANT_KEY):
+            prepare_quantized(model, meta[QUANT_KEY], source)
+
+    return Transformer.load(path, device=device, dtype=dtype, prepare=prepare)
+
+
 def prepare_quantized(model: nn.Module, entry: dict, source: str | Path = "config.json") -> nn.Module:
-    """Swap in empty QuantLinear modules matching a config.json "quantization" entry (for Transformer.load):
-    the shapes the checkpoint's tensors must have, then load_state_dict fills them."""
+    """Swap in empty QuantLinear modules matching a config.json "quantization" entry (for load_model): the
+    shapes the checkpoint's tensors must have, then load_state_dict fills them."""
     try:
         method, bits, group_size = entry["method"], entry["bits"], entry.get("group_size")
         include_head = bool(entry.get("lm_head", False))
@@ -165,7 +180,6 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
     from llmlab.device import resolve_device
     from llmlab.fsutil import atomic_dir
     from llmlab.infer.quant.calib import calibration_tokens
-    from llmlab.model import Transformer
 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not overwrite:
@@ -173,7 +187,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
     if out.resolve() == checkpoint.resolve():
         raise ConfigError(f"--out {out} is the input checkpoint; write the quantized model elsewhere")
     dev = resolve_device(device)
-    model = Transformer.load(checkpoint, device=dev, dtype=torch.float32)
+    model = load_model(checkpoint, device=dev, dtype=torch.float32)  # a quantized one is refused next
     check_request(model, method, bits, group_size, include_head)
     tok_dir = Path(tokenizer) if tokenizer is not None else checkpoint / "tokenizer"
     calib = None
@@ -193,11 +207,9 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
         model.save_into(tmp)
         if tok_dir.is_dir():
             shutil.copytree(tok_dir, Path(tmp) / "tokenizer")
-    from llmlab.model.transformer import WEIGHTS_FILE
-
     return {"checkpoint": str(checkpoint), "out": str(out), **model.quantization, "seconds": round(seconds, 2),
             "bytes_in": (checkpoint / WEIGHTS_FILE).stat().st_size, "bytes_out": (out / WEIGHTS_FILE).stat().st_size}
 
 
-__all__ = ["quantize", "prepare_quantized", "quantize_checkpoint", "QuantLinear", "set_kernel", "METHODS",
+__all__ = ["quantize", "load_model", "prepare_quantized", "quantize_checkpoint", "QuantLinear", "set_kernel", "METHODS",
            "is_quantized", "target_layers"]
