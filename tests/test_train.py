@@ -233,7 +233,7 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path):
     t.fit()
     other = make_trainer(tmp_path / "other", steps=1)
     other.model.mix = nn.Linear(16, 8)  # a different shape
-    with pytest.raises(CheckpointError, match="does not fit the model"):
+    with pytest.raises(CheckpointError, match=r"tensor .mix.weight. has shape \(16, 16\)"):
         other.restore(tmp_path / "ckpt-000001")
 
 

@@ -363,9 +363,6 @@ class Transformer(nn.Module):
         llmlab.infer.quant.load_model does for quantized linears). Without it, a config.json with an
         EXTENSIONS entry is refused with a CheckpointError naming the loader to use.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         from llmlab.device import resolve_device, resolve_dtype
 
         path = Path(path)
@@ -378,11 +375,7 @@ class Transformer(nn.Module):
             raise CheckpointError(f"checkpoint {path} has no {WEIGHTS_FILE}; point at a complete checkpoint "
                                   "directory (config.json + model.safetensors)")
         device = resolve_device(device) if isinstance(device, str) else device
-        try:
-            state = load_file(str(weights), device=str(device))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{weights} is not a readable safetensors file ({e}); re-save the "
-                                  "checkpoint") from e
+        state = read_weights(weights, device)
         with torch.device("meta"):  # no random init, no second copy of the weights
             model = cls(config)
             if prepare is not None:
@@ -417,6 +410,21 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+def read_weights(file: Path, device: str | torch.device = "cpu",
+                 fix: str = "re-save the checkpoint or use another one") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, with one CheckpointError naming it (and `fix`) when it is truncated
+    or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file} is not a readable safetensors file ({reason}); it is truncated or "
+                              f"corrupt: {fix}") from e
+
+
 def config_from_meta(meta: dict, source: Path) -> ModelConfig:
     """The ModelConfig of a config.json dict (EXTENSIONS entries left out); CheckpointError naming `source`."""
     from llmlab.config import from_dict
@@ -443,7 +451,7 @@ def refuse_extensions(path: Path, meta: dict) -> None:
 def check_state(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:
     """Every tensor the model needs is present with its shape, and nothing else is (CheckpointError otherwise)."""
     expected = model.state_dict()
-    if getattr(model.config, "tie_embeddings", False):
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
         expected.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)  # tolerated if a writer kept the duplicate
     for name, t in expected.items():
@@ -453,6 +461,9 @@ def check_state(model: nn.Module, state: dict[str, torch.Tensor], source) -> Non
         if state[name].shape != t.shape:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)} but config.json "
                                   f"implies {tuple(t.shape)}; the weights and config.json do not match")
+        if state[name].is_floating_point() != t.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name!r} is stored as {state[name].dtype} where the model "
+                                  f"needs {t.dtype}; the file is corrupt or not a model of this kind")
     extra = sorted(set(state) - set(expected))
     if extra:
         raise CheckpointError(f"{source} has tensor {extra[0]!r} that the model from config.json does not use "

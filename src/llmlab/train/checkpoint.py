@@ -32,11 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
-from llmlab.errors import CheckpointError
+from llmlab.config import from_dict
+from llmlab.errors import CheckpointError, ConfigError
 from llmlab.fsutil import atomic_dir, write_text_atomic
+from llmlab.model.transformer import check_state, read_meta, read_weights, refuse_extensions
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "train_state.pt")
 STATE_VERSION = 1
@@ -101,37 +103,65 @@ def check_complete(path: str | Path) -> Path:
     return path
 
 
+def _another_checkpoint(path: Path) -> str:
+    """The fix for an unreadable checkpoint: the run's newest complete one before it, if there is one."""
+    step = step_of(path)
+    other = Checkpointer(path.parent).latest(max_step=step - 1) if step is not None else None
+    return f"resume from {other} instead" if other is not None else "resume from another checkpoint"
+
+
+# What train_state.pt must hold (a DCP checkpoint keeps its optimizer state in dcp/ instead).
+_STATE_TYPES = {"step": int, "tokens": int, "batches": dict, "rng": dict, "files": list}
+
+
 def read_train_state(path: str | Path) -> dict[str, Any]:
-    """train_state.pt of a complete checkpoint, loaded with weights_only=True, files listed in it checked."""
+    """train_state.pt of a complete checkpoint, loaded with weights_only=True (never unpickling anything else),
+    its entries and the files listed in it checked; CheckpointError naming the file for every failure."""
     path = check_complete(path)
+    file = path / "train_state.pt"
     try:
-        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated/corrupt pickle raises several different types
-        raise CheckpointError(f"checkpoint {path}/train_state.pt cannot be read ({type(e).__name__}); "
-                              "resume from another checkpoint") from e
-    for name in state.get("files", []):
-        if not (path / name).exists():
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated/corrupt pickle or zip raises several different types
+        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}); it is truncated or corrupt: "
+                              f"{_another_checkpoint(path)}") from e
+    problem = _state_problem(state)
+    if problem:
+        raise CheckpointError(f"{file} is not a training state llmlab wrote ({problem}); "
+                              f"{_another_checkpoint(path)}")
+    for name in state["files"]:
+        if not isinstance(name, str) or not (path / name).exists():
             raise CheckpointError(f"checkpoint {path} is missing {name}; it is incomplete, "
-                                  "resume from another checkpoint")
+                                  f"{_another_checkpoint(path)}")
     return state
 
 
-def _model_config_dict(model: nn.Module) -> dict[str, Any] | None:
-    config = getattr(model, "config", None)
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
+def _state_problem(state: Any) -> str | None:
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a dict"
+    if state.get("version") != STATE_VERSION:
+        return f"version {state.get('version')!r}, expected {STATE_VERSION}"
+    for key, kind in _STATE_TYPES.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    if "optimizer" not in state and not state.get("dcp"):
+        return "no optimizer state"
+    return None
 
 
 def check_model_config(path: str | Path, model: nn.Module) -> None:
-    """A checkpoint's config.json must describe the model we are loading it into."""
-    ours = _model_config_dict(model)
-    if ours is None:
+    """A checkpoint's config.json must be valid and describe the model we are loading it into."""
+    config = getattr(model, "config", None)
+    if not dataclasses.is_dataclass(config):
         return
+    path = Path(path)
+    meta = read_meta(path)
+    refuse_extensions(path, meta)
     try:
-        theirs = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path}/config.json is unreadable ({e}); resume from another checkpoint") from e
-    theirs = theirs.get("model", theirs)  # tolerate a config.json that nests the model config
-    diffs = [k for k in ours if k in theirs and _norm(theirs[k]) != _norm(ours[k])]
+        theirs = dataclasses.asdict(from_dict(type(config), meta))
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}; {_another_checkpoint(path)}") from e
+    ours = dataclasses.asdict(config)
+    diffs = [k for k in ours if _norm(theirs[k]) != _norm(ours[k])]
     if diffs:
         k = diffs[0]
         more = f" (and {len(diffs) - 1} more: {', '.join(diffs[1:])})" if len(diffs) > 1 else ""
@@ -160,22 +190,19 @@ def write_model(model: nn.Module, directory: Path) -> None:
         (directory / "model").rmdir()
         return
     save_model(model, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps(_model_config_dict(model) or {}, indent=2))
+    config = getattr(model, "config", None)
+    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config)
+                                                      else {}, indent=2))
 
 
 def read_model(model: nn.Module, directory: Path) -> None:
-    """Load model.safetensors into `model` in place (strict: every tensor present with its shape)."""
+    """Load model.safetensors into `model` in place: config.json valid and matching, the file readable, every
+    tensor present with its shape and kind (CheckpointError naming the file otherwise)."""
     check_model_config(directory, model)
-    try:
-        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
-    except RuntimeError as e:  # shape mismatches
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"checkpoint {directory} does not fit the model ({first}); "
-                              "make model.* match the checkpoint's config.json") from e
-    if missing or unexpected:
-        names = ", ".join((missing + unexpected)[:3])
-        raise CheckpointError(f"checkpoint {directory} does not fit the model (missing/unexpected tensors: "
-                              f"{names}); make model.* match the checkpoint's config.json")
+    file = Path(directory) / "model.safetensors"
+    state = read_weights(file, fix=_another_checkpoint(Path(directory)))
+    check_state(model, state, file)
+    model.load_state_dict(state, strict=False)
 
 
 # ---------------------------------------------------------------- a run's checkpoints

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from llmlab.device import synchronize
-from llmlab.errors import ConfigError
+from llmlab.errors import ConfigError, DataError
 from llmlab.fsutil import write_text_atomic
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per GPU, matched against
@@ -191,18 +191,47 @@ class MetricsWriter:
 
 
 def read_metrics_lines(path: str | Path) -> list[str]:
-    """Complete lines of a metrics file (a torn last line from a crash is ignored)."""
+    """The records of a metrics file as lines, each checked (`record_problem`). A torn last line, which a
+    crash mid-write leaves, is ignored; any other bad line is a DataError naming the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror}); check the run directory's permissions") from e
+    numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     lines = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
+    for i, (n, line) in enumerate(numbered):
         try:
-            json.loads(line)
+            problem = record_problem(json.loads(line))
         except json.JSONDecodeError:
-            continue
-        lines.append(line)
+            problem = "not JSON"
+        if problem is None:
+            lines.append(line)
+        elif i < len(numbered) - 1 or not text.endswith(line) or problem != "not JSON":
+            raise DataError(f"{path} line {n} is not a metrics record ({problem}); delete or fix that line "
+                            "(each line is one JSON object with an integer step)")
     return lines
+
+
+_NUMBERS = ("tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss")
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a parsed metrics line is not a record (None if it is one): a JSON object whose step is an integer,
+    whose figures are numbers or null and whose events are a list of objects."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    step = record.get("step")
+    if "step" in record and (not isinstance(step, int) or isinstance(step, bool)):
+        return f"step is {step!r}, not an integer"
+    for key in _NUMBERS:
+        value = record.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            return f"{key} is {value!r}, not a number"
+    events = record.get("events")
+    if events is not None and not (isinstance(events, list) and all(isinstance(e, dict) for e in events)):
+        return f"events is {events!r}, not a list of objects"
+    return None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

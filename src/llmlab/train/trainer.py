@@ -151,6 +151,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class TrainingDiverged(LLMLabError):
     """Loss or gradients stayed non-finite; lower the LR or resume from an earlier checkpoint."""
 
@@ -473,15 +477,24 @@ class Trainer:
         state = self.checkpointer.load(path, self.model)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {path} has optimizer state that does not fit this model "
-                                  f"({e}); resume with the checkpoint's model config") from e
+                                  f"({_first_line(e)}); resume with the checkpoint's model config") from e
+        try:
+            self._apply_state(state)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{Path(path) / 'train_state.pt'} holds a training state that cannot be "
+                                  f"restored ({type(e).__name__}: {_first_line(e)}); resume from another "
+                                  "checkpoint") from e
+
+    def _apply_state(self, state: dict) -> None:
+        """Batch position, RNG states, counters and callback states from a checkpoint's train_state."""
         self.batches.load_state_dict(state["batches"])
         set_rng_state(state["rng"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.lr_scale = float(state.get("lr_scale", 1.0))
-        self.skipped = [tuple(r) for r in state.get("skipped", [])]
-        self.last_eval = dict(state.get("last_eval", {}))
+        self.skipped = [(int(a), int(b)) for a, b in state.get("skipped", [])]
+        self.last_eval = {k: float(v) for k, v in state.get("last_eval", {}).items()}
         saved = state.get("callbacks", {})
         for cb in self.callbacks:
             if cb.name in saved:
