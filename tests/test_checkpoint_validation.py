@@ -11,10 +11,10 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_one_line_error, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import assert_one_line_error, run_cli
 from llmlab.data.shards import write_shard_dir
 from llmlab.data.synthetic import affine_stream
 from llmlab.errors import CheckpointError, DataError
