@@ -28,15 +28,16 @@ def test_roundtrip_uint16_and_header_bytes(tmp_path):
     raw = path.read_bytes()
     assert len(raw) == HEADER_SIZE + 5 * 2
     # The documented layout, checked field by field.
-    magic, version, code, n, d0, d1, nd, fp, reserved = struct.unpack("<8sIIQQQQQI", raw[:60])
-    assert (magic, version, code, n, d0, d1, nd, fp, reserved) == (MAGIC, 1, 2, 5, 3, 9, 2, 0xABCDEF, 0)
+    magic, version, code, n, d0, d1, nd, fp, max_id = struct.unpack("<8sIIQQQQQI", raw[:60])
+    assert (magic, version, code, n, d0, d1, nd, fp, max_id) == (MAGIC, 2, 2, 5, 3, 9, 2, 0xABCDEF, 65535)
     assert struct.unpack("<I", raw[60:64])[0] == zlib.crc32(raw[:60])
     assert raw[64:] == tokens.astype("<u2").tobytes()
     mm = read_shard(path)
     assert isinstance(mm, np.memmap) and mm.dtype == np.dtype("<u2")
     np.testing.assert_array_equal(mm, tokens)
     h = read_header(path)
-    assert (h.num_tokens, h.doc_start, h.doc_end, h.num_docs, h.fingerprint) == (5, 3, 9, 2, 0xABCDEF)
+    assert (h.num_tokens, h.doc_start, h.doc_end, h.num_docs, h.fingerprint, h.max_id) == (5, 3, 9, 2, 0xABCDEF,
+                                                                                         65535)
 
 
 def test_uint32_when_vocab_exceeds_65536(tmp_path):

@@ -46,10 +46,10 @@ STATE_VERSION = 1
 
 
 class _TokenStream:
-    """Several memory-mapped shards read as one array of tokens."""
+    """Several memory-mapped shards read as one array of tokens (each body checked: ids below vocab_size)."""
 
-    def __init__(self, paths: list[Path]):
-        self.shards = [read_shard(p) for p in paths]
+    def __init__(self, paths: list[Path], vocab_size: int):
+        self.shards = [read_shard(p, vocab_size) for p in paths]
         sizes = [len(s) for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
         self.num_tokens = self.starts[-1]
@@ -114,7 +114,8 @@ class TokenLoader:
     # ---- the window stream ----
 
     def _open(self, split: str) -> _TokenStream:
-        stream = _TokenStream(split_shards(self.shard_dir, split, self.meta))
+        stream = _TokenStream(split_shards(self.shard_dir, split, self.meta),
+                              self.meta["tokenizer"]["vocab_size"])
         if stream.num_tokens < self.block_size + 1:
             raise DataError(f"block_size {self.block_size} needs at least {self.block_size + 1} tokens but the "
                             f"{split} split of {self.shard_dir} has {stream.num_tokens}; use a smaller block_size "

@@ -57,6 +57,7 @@ from llmlab.data.shards import (
     ShardHeader,
     dtype_for_vocab,
     read_header,
+    read_shard,
     shard_name,
     write_shard,
 )
@@ -205,6 +206,7 @@ def _finished_prefix(out_dir: Path, split: str, fingerprint: int) -> list[ShardH
     while (path := out_dir / shard_name(split, len(headers))).exists():
         try:
             header = read_header(path)
+            read_shard(path)  # the body against the header's largest id
         except DataError:
             break  # a damaged shard is rewritten, with everything after it
         expected_start = headers[-1].doc_end if headers else 0
