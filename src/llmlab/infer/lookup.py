@@ -13,20 +13,16 @@ copy is recursive: if the continuation runs into the end of the context, it keep
 already proposed, so a loop of period 2 still yields a long proposal.
 
 How many tokens to copy: K, whatever the match length. A rejected guess costs only its position in the
-target's verification forward, which is nearly free where that forward is bound by streaming the weights:
-on GPUs, and on CPUs through llmlab.model.cpu_matmul (a forward over 8 tokens of the 21M-parameter benchmark
-target costs ~1.5 one-token steps). On benchmarks/bench_speculative.py's prompts and target (greedy, 128
-tokens, 2 threads), copying K tokens on any match beat capping a match of g tokens at g(g+1)/2 (the rule
-while verification cost grew ~0.2 step per token): 2.64x against 2.54x at K = 10, 2.55x against 2.30x at
-K = 6.
+target's verification forward, which is nearly free where that forward is bound by streaming the weights, so
+a long guess that may fail beats a short one (measured against capping a g-token match at g(g+1)/2 guesses:
+docs/performance.md).
 
 The proposal is a deterministic function of the context, which for speculative sampling means q is one-hot
 (see llmlab.infer.speculative): verification stays exact. A row with no match proposes nothing and its round
 is an ordinary decoding step.
 
 Cost: an NgramIndex per sequence maps every n-gram to where it last started, updated as tokens arrive, so a
-lookup is max_ngram dictionary probes instead of a scan of the context (microseconds, against a target
-forward pass of a millisecond or more).
+lookup is max_ngram dictionary probes instead of a scan of the context.
 """
 
 from __future__ import annotations

@@ -5,68 +5,31 @@
     out, stats = speculative_generate(target, "lookup", ids, 200, temperature=0, return_stats=True)
     stats.acceptance_rate, stats.mean_accepted_length, stats.target_forwards_per_token
 
-Decoding one token at a time leaves the target's matmuls starved of work: where a forward is bound by
-streaming the weights (GPUs, large models), one over K+1 tokens costs about as much as over one. Leviathan,
-Kalman & Matias 2023 ("Fast Inference from Transformers via
-Speculative Decoding") and Chen et al. 2023 ("Accelerating Large Language Model Decoding with Speculative
-Sampling") turn that spare width into tokens without changing the output distribution. One round, per row:
-
-  1. the draft, fed the last committed token, proposes d1..dK with its own KV cache (K one-token forwards),
-     keeping each q_i, its distribution after the sampling transform;
-  2. the target scores [cur, d1..dK] in one forward, giving p_1..p_{K+1} under the same transform
-     (llmlab.infer.sampling.probs_from_logits with the same temperature / top-k / top-p);
+Where a forward is bound by streaming the weights, one over K+1 tokens costs about as much as one over a
+single token. Speculative sampling (Leviathan, Kalman & Matias 2023, "Fast Inference from Transformers via
+Speculative Decoding"; Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative
+Sampling") turns that spare width into tokens without changing the output distribution. One round, per row:
+  1. the proposer guesses d1..dK, keeping q_i, its distribution after the sampling transform;
+  2. the target scores [cur, d1..dK] in one forward: p_1..p_{K+1} under the same transform
+     (llmlab.infer.sampling.probs_from_logits);
   3. left to right, d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection the
-     next token is drawn from norm(max(0, p_i - q_i)) and the round ends; if all K are accepted, a bonus
-     token is drawn from p_{K+1}. A round emits 1..K+1 tokens for one target forward;
-  4. both KV caches are rolled back to the committed tokens with set_pos (llmlab/model/kv_cache.py):
-     entries of rejected guesses stay in memory and are overwritten by the next writes.
+     next token is drawn from norm(max(0, p_i - q_i)); if all K are accepted, a bonus token from p_{K+1};
+  4. both KV caches roll back to the committed tokens (KVCache.set_pos); rejected entries get overwritten.
+A token x is emitted with probability min(q, p)(x) + max(0, p(x) - q(x)) = p(x) (Leviathan et al., A.1), and
+stopping a row early keeps a prefix. Greedy decoding is the one-hot case: the tokens equal generate()'s.
 
-Why the output is exact (Leviathan et al., appendix A.1): a token x is emitted at a position either as an
-accepted guess, with probability q(x) min(1, p(x)/q(x)) = min(q(x), p(x)), or after a rejection, which
-happens with probability 1 - sum_y min(q(y), p(y)) = sum_y max(0, p(y) - q(y)), from the normalised
-residual; the sum is min(q, p)(x) + max(0, p(x) - q(x)) = p(x). Stopping a row early (a stop token,
-max_new_tokens) keeps a prefix, whose distribution is the same prefix's under plain sampling.
-
-Greedy (temperature 0) is the one-hot case: a guess is accepted while it equals the target's argmax, and the
-next token is the target's argmax after the accepted prefix, so the tokens equal generate()'s one for one.
-
-Adaptive guess count (draft_confidence=c, draft models only): row b stops proposing in a round at the first
-position where the draft's top probability is below c (HF transformers' assistant_confidence_threshold is
-the same idea). Whether guess i is offered depends only on the draft's distribution q_i, fixed before the
-guess is drawn, so the round is a speculative round with fewer guesses and stays exact; the target's
-verification forward then spends no width on guesses that would probably be rejected.
-
-Draft-free mode (draft="lookup" or llmlab.infer.lookup.PromptLookup(...)): proposals copied from earlier in
-the context. They are a deterministic function of the context, i.e. q is one-hot on the proposal; the same
-rule then accepts x with probability p(x) and on rejection samples p with x removed, renormalised: still
-exact. Rows without a match propose nothing, so their round is a plain decoding step.
-
-Lookup then draft (PromptLookup(fallback=draft_model); `llmlab generate --lookup --draft CKPT`): a round
-goes to prompt lookup when every live row has a match, and to the draft model otherwise, so repetitive text
-gets lookup's long free guesses and the rest still gets guesses. Which proposer a round uses is decided from
-the context alone, so each round is an exact round of one of the two; the draft's cache catches up on the
-tokens of lookup rounds in its next forward.
-
-When it pays: speedup = tokens per round / (cost of a verification forward over K+1 tokens + K draft steps),
-in units of a plain decoding step. The verification is nearly free while the target's matmuls are bound by
-streaming the weights: on GPUs, and on CPUs through the packed oneDNN linears of llmlab.model.cpu_matmul,
-where a forward over 4 / 8 tokens of a 21M-parameter target costs 1.26 / 1.49 one-token steps (2 threads;
-1.60 / 2.79 through MKL).
-What remains is agreement: a 1 x 128 draft trained on the corpus, whose guesses the target accepts 38% of
-the time at K = 3 (1.13 per round), gives ~1.3x; the same draft trained on the target's own continuations
-(`llmlab data generate`, llmlab/infer/continuations.py) agrees 0.82 of the time and gives 1.8-2.2x at K = 5,
-and prompt lookup (no draft cost, K guesses wherever the context repeats) 2.0-3.2x on the same greedy
-outputs. See benchmarks/bench_speculative.py.
+Proposers: a draft model, which with draft_confidence=c stops a row's guesses at the first position where its
+top probability is below c (decided from q before the guess is drawn, so still exact; HF's
+assistant_confidence_threshold); prompt lookup (draft="lookup", llmlab.infer.lookup), whose guesses are a
+function of the context, i.e. q is one-hot; or PromptLookup(fallback=draft), which takes lookup in rounds
+where every live row has a match and the draft otherwise, chosen from the context alone, so each round is an
+exact round of one of them. Measured speed-ups: docs/performance.md and benchmarks/bench_speculative.py.
 
 Batches: every row keeps its own cache positions, so rows accept different numbers of tokens and prompts may
-have different lengths; a row that has ended (stop token, max_new_tokens) rides along at position 0 and its
-results are ignored. K shrinks near the end so no row writes beyond its prompt + max_new_tokens (which also
-keeps learned position embeddings in range).
-
-Bookkeeping invariant: at the start of a round row b has committed the tokens seqs[b] (prompt + generated,
-a host-side list); the last one, `cur`, is not yet in either cache. The prompt prefill therefore leaves out
-each prompt's last token, which the first round feeds together with the first guesses. Positions and
-counters live on the host (cache positions are host-side anyway): one device-to-host copy per round.
+differ in length; an ended row rides along at position 0, ignored. K shrinks near the end so no row writes
+past its prompt + max_new_tokens. Invariant: at the start of a round row b has committed seqs[b] (host-side;
+one device-to-host copy per round), and its last token, cur, is in neither cache yet, so the prefill leaves
+out each prompt's last token.
 """
 
 from __future__ import annotations

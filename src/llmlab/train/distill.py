@@ -5,17 +5,17 @@
 
 Each step the frozen teacher reads the same batch and the student minimises
 
-    loss = (1 - weight) * CE(student, data) + weight * tau^2 * KL(softmax(teacher / tau) || softmax(student / tau))
+    loss = (1 - weight) * CE(student, data)
+           + weight * tau^2 * KL(softmax(teacher / tau) || softmax(student / tau))
 
 (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network"; tau^2 keeps the KL's gradient
 on the scale of the cross-entropy's when tau > 1). The main use here is a draft model for speculative
 decoding: what makes a draft fast is agreeing with its target, and a draft trained towards the target's
 distributions accepts more of its guesses than one trained on the data alone (Zhou et al. 2023,
-"DistillSpec: Improving Speculative Decoding via Knowledge Distillation"). On corpus text that gain was small
-here (greedy agreement 0.56-0.61 with or without the teacher); training on model-generated text, which the
-paper also found to beat a fixed dataset, raised it to 0.82 with text the target wrote itself
-(`llmlab data generate`, llmlab/infer/continuations.py). The two combine: `distill.teacher` works on
-generated shards like on any others.
+"DistillSpec: Improving Speculative Decoding via Knowledge Distillation"). The paper also found training on
+model-generated text better than on a fixed dataset: `llmlab data generate` writes shards of the target's
+own continuations, and `distill.teacher` works on them like on any others (measured agreement:
+docs/performance.md).
 
 The teacher must read the same tokens: its vocabulary size must equal the shards', and when both the
 teacher checkpoint and the shards carry a tokenizer, the two must map every id to the same bytes. Logged

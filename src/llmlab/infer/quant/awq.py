@@ -15,12 +15,9 @@ AWQ therefore searches
 does worse than RTN on its sample. Then, per output row and group, a clipping search shrinks the group's
 range to max|w| * r for r in {1, 1 - 1/n_grid, ..., 1 - max_shrink} if that lowers the group's own output
 error (trading a little clipping error for a finer grid). It is on by default, as in the paper, and
-`clip=False` (`llmlab quantize --awq-no-clip`) turns it off. On the small models measured here (a 21M
-Llama-style, 2.7M and 0.9M GPT-2-style, int4 at groups 128 and 32) the clips raised perplexity in all six
-settings, and AWQ without them beat RTN in all six (benchmarks/bench_quant.py). The per-group scoring is
-not what misleads it: keeping the clips only where they lowered the whole layer's calibration output error
-(full Gram matrix) rejected none of them on the two GPT-2-style models. The layer-wise objective itself
-stops predicting perplexity at this size, as the clips trade many small errors for a few large ones.
+`clip=False` (`llmlab quantize --awq-no-clip`) turns it off: a lower layer-wise error need not mean a lower
+perplexity, since the clips trade many small errors for a few large ones, and on small models the search
+raised perplexity (docs/performance.md).
 
 The division by s must happen somewhere for free. As in the paper, it is folded into the op before the layer
 when that is exact:

@@ -26,9 +26,9 @@ Kernels. `QuantLinear.kernel` picks how the matmul runs:
              stays in cache, then F.linear: exact w.r.t. the stored integers on any device;
   "packed"   torch's integer-weight kernels: torch._weight_int8pack_mm (int8) and
              torch._weight_int4pack_mm_for_cpu / torch._weight_int4pack_mm (int4, "tinygemm" layout with
-             w = (q - 8) * s + z'). On CPU (torch 2.13) their fast paths take bf16 activations -- with fp32
-             activations they fall back to a scalar loop ~20x slower than an fp32 matmul (measured), so
-             fp32 inputs are cast to bf16 for the kernel and the result cast back;
+             w = (q - 8) * s + z'). On CPU their fast paths take bf16 activations -- with fp32
+             activations they fall back to a scalar loop far slower than an fp32 matmul
+             (docs/performance.md), so fp32 inputs are cast to bf16 for the kernel and the result cast back;
   "auto"     (default) "packed" when the op exists for this device and shape and agrees with "dequant" on a
              probe input, otherwise "dequant". The choice is made once per device/dtype and cached.
 """
