@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from llmlab.errors import CheckpointError, ConfigError, ModelError
 from llmlab.fsutil import atomic_dir
 from llmlab.model.config import ModelConfig
-from llmlab.model.cpu_matmul import packed_linear
 from llmlab.model.kv_cache import CacheStep, KVCache
 from llmlab.model.loss import linear_cross_entropy
 
@@ -58,8 +57,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos [block_size, head_dim] and sin with the sign of rotate_half folded in (first half negated).
 
-    HF: q*cos + rotate_half(q)*sin with rotate_half(x) = cat(-x2, x1). Here roll(q, hd/2) = cat(x2, x1) and the
-    minus sign lives in the table, which saves two ops per step.
+    HF: q*cos + rotate_half(q)*sin with rotate_half(x) = cat(-x2, x1). Here roll(q, hd/2) = cat(x2, x1) and
+    the minus sign lives in the table, which saves two ops per step.
     """
     hd = cfg.head_dim
     inv_freq = rope_inv_freq(cfg, device)
@@ -70,12 +69,13 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
-    """The head_dim/2 rotary frequencies theta^(-2i/d) (Su et al. 2021), with Llama 3.1's scaling when configured.
+    """The head_dim/2 rotary frequencies theta^(-2i/d) (Su et al. 2021), with Llama 3.1's scaling when
+    configured.
 
     Llama 3.1 context extension (Meta, "The Llama 3 Herd of Models", 2024, and the Llama 3.1 model card): with
     L = original_max_position_embeddings, a frequency whose wavelength 2*pi/f is longer than L/low_freq_factor
-    is divided by `factor`, one shorter than L/high_freq_factor is kept, and in between the two are blended with
-    weight smooth = (L/wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor):
+    is divided by `factor`, one shorter than L/high_freq_factor is kept, and in between the two are blended
+    with weight smooth = (L/wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor):
     f' = (1 - smooth) * f/factor + smooth * f. The blend equals f/factor at smooth = 0 and f at smooth = 1, so
     clamping smooth to [0, 1] covers all three ranges in one expression.
     """
@@ -92,41 +92,6 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
-
-
-# CPU inference picks the fastest of three routes for nn.Linear by the number of rows (measured on 2-core AMD
-# EPYC machines, fp32, whole models): one row (a decode step) as a batch of row blocks, W.view(c, N/c, K) @ x^T,
-# which MKL runs up to 3x faster than F.linear's [1, K] x [K, N] GEMM and 1.1-1.5x faster than oneDNN while the
-# weights sit in cache; 2+ rows (speculative verification, prefill, evaluation) through oneDNN with a packed
-# weight (cpu_matmul.py), nearly flat from 1 to 8 rows where both MKL routes grow 2-3.5x; products too small
-# for oneDNN's call overhead on the row-block route up to SMALL_ROWS rows. Autograd, GPUs, swapped-in modules
-# (quantized linears) and modules with hooks keep their own forward.
-SMALL_ROWS = 8
-
-
-def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x), through the fastest CPU inference route for its row count (see above)."""
-    if (x.device.type == "cpu" and type(module) is nn.Linear and not torch.is_grad_enabled()
-            and not (module._forward_hooks or module._forward_pre_hooks)):
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        y = packed_linear(module, x) if rows > 1 else None
-        if y is not None:
-            return y
-        if rows <= SMALL_ROWS:
-            return rowblock_linear(x, module.weight, module.bias)
-    return module(x)
-
-
-def rowblock_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) computed as a bmm over row blocks of the weight."""
-    N, K = weight.shape
-    c = next((c for c in (4, 2, 3, 5, 7) if N % c == 0), 1)
-    if c == 1 or not weight.is_contiguous():
-        return F.linear(x, weight, bias)
-    rows = x.reshape(-1, K)
-    w3, x3 = weight.view(c, N // c, K), rows.t().expand(c, K, rows.shape[0])
-    out = torch.bmm(w3, x3) if bias is None else torch.baddbmm(bias.view(c, N // c, 1), w3, x3)
-    return out.view(N, rows.shape[0]).t().contiguous().view(*x.shape[:-1], N)
 
 
 def math_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
@@ -158,7 +123,7 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None):
         B, T, _ = x.shape
         H, KV = self.n_head, self.n_kv_head
-        qkv = linear(self.qkv, x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # [B, heads, T, hd]
+        qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # [B, heads, T, hd]
         # split (not slicing): its backward is one cat instead of zero-filled copies per slice.
         if rope is not None:
             qk, v = qkv.split([H + KV, KV], dim=1)
@@ -174,7 +139,7 @@ class Attention(nn.Module):
                                                enable_gqa=KV != H)
         else:
             y = math_attention(q, k, v, mask, causal, p)
-        y = linear(self.proj, y.transpose(1, 2).reshape(B, T, H * self.head_dim))
+        y = self.proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
         return F.dropout(y, p) if p else y
 
 
@@ -188,13 +153,13 @@ class MLP(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x):
-        h = linear(self.fc, x)
+        h = self.fc(x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
-        y = linear(self.proj, h)
+        y = self.proj(h)
         return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
 
@@ -248,7 +213,8 @@ class Transformer(nn.Module):
     @attn_impl.setter
     def attn_impl(self, impl: str) -> None:
         if impl not in ("sdpa", "math"):
-            raise ConfigError(f"attn_impl={impl!r} is unknown; use 'sdpa' (fast) or 'math' (explicit softmax)")
+            raise ConfigError(f"attn_impl={impl!r} is unknown; use 'sdpa' (fast) or 'math' "
+                              "(explicit softmax)")
         for block in self.blocks:
             block.attn.impl = impl
 
@@ -264,14 +230,16 @@ class Transformer(nn.Module):
         if cache is None:
             if T > self.config.block_size:
                 raise ModelError(f"input of {T} tokens is longer than the model's block_size "
-                                 f"{self.config.block_size}; shorten it to at most {self.config.block_size} tokens")
+                                 f"{self.config.block_size}; shorten it to at most {self.config.block_size} "
+                                 "tokens")
             step, positions = None, slice(0, T)
         else:
             step = cache.begin(B, T)
             positions = step.positions
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + (self.pos_emb.weight[positions] if isinstance(positions, slice) else self.pos_emb(positions))
+            sliced = isinstance(positions, slice)
+            x = x + (self.pos_emb.weight[positions] if sliced else self.pos_emb(positions))
         rope = None
         if self.config.position == "rope":
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
@@ -290,7 +258,7 @@ class Transformer(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [..., vocab] for final-normed hidden states [..., d_model] (as from return_hidden=True)."""
-        return linear(self.lm_head, hidden)
+        return self.lm_head(hidden)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy of idx [B, T] against targets [B, T] (ignore_index skipped).
@@ -301,7 +269,7 @@ class Transformer(nn.Module):
         return self(idx, targets=targets, ignore_index=ignore_index)
 
     def _cross_entropy(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        if type(self.lm_head) is nn.Linear:
+        if isinstance(self.lm_head, nn.Linear):  # plain or routed (llmlab.infer.cpu_linear): same weight
             return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index)
         logits = self.lm_head(h).float()  # a swapped-in head (e.g. quantized): the plain way
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
@@ -321,8 +289,8 @@ class Transformer(nn.Module):
         """Training FLOPs per token (forward + backward) = 6N + 12 * n_layer * d_model * seq_len.
 
         N counts every parameter that takes part in a matmul: the non-embedding parameters plus the LM head
-        (vocab x d_model, counted even when tied, since the output projection is real compute). 6N is 2 FLOPs per
-        multiply-add times 3 (forward, and backward for activations and weights). The second term is the
+        (vocab x d_model, counted even when tied, since the output projection is real compute). 6N is 2 FLOPs
+        per multiply-add times 3 (forward, and backward for activations and weights). The second term is the
         attention score and value matmuls, QK^T and AV: 2 * 2 * seq_len * d_model per layer forward, times 3,
         as in PaLM (Chowdhery et al. 2022, appendix B) and Chinchilla (Hoffmann et al. 2022, appendix F);
         it counts the full T x T product, ignoring the causal mask, by the usual convention.
