@@ -30,3 +30,8 @@ class CheckpointError(LLMLabError):
 
 class ModelError(LLMLabError):
     """A model configuration or input that cannot work (e.g. a prompt longer than the context)."""
+
+
+class OutputError(LLMLabError):
+    """An output path that must not or cannot be written: it holds an input or someone's files, it lies under
+    a regular file or in a directory without write access, or the disk filled up while writing it."""

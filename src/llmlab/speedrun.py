@@ -1,9 +1,10 @@
 """`llmlab speedrun`: the whole pipeline in one command, from raw text to a model with a report.
 
-    llmlab speedrun --preset cpu-demo --out runs/demo        # what `make demo` runs (~10 min on 2 CPU cores)
+    llmlab speedrun --preset cpu-demo --out runs/demo        # what `make demo` runs
     llmlab speedrun --preset gpt2-124M --out runs/gpt2       # GPU preset; scale out with torchrun (README)
 
-Stages, each leaving files the next one reads (and each skipped when its output is already complete):
+Stages, each leaving files the next one reads (and each skipped when its output is already complete, so an
+interrupted speedrun resumes; OUT must be new, empty or an earlier speedrun's unless overwrite is given):
   1. train a byte-level BPE tokenizer on the corpus            -> OUT/tokenizer/
   2. tokenize the corpus into train/val shards                 -> OUT/shards/
   3. pretrain a Transformer with the generic trainer           -> OUT/ckpt-STEP/, metrics.jsonl, plots/*.png
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from llmlab.config import find_preset, load_config, parse_override, read_toml, to_toml
-from llmlab.fsutil import write_text_atomic
+from llmlab.fsutil import check_output, write_text_atomic
 from llmlab.train.pretrain import PretrainConfig
 
 
@@ -94,7 +95,8 @@ def _stage_tokenizer(cfg: SpeedrunConfig, out: Path):
         print(f"[1/5] tokenizer: reusing {tok_dir}")
         return Tokenizer.load(tok_dir)
     print(f"[1/5] tokenizer: training vocab {cfg.tokenizer.vocab_size} on {', '.join(cfg.corpus.sources)}")
-    texts = iter_documents(cfg.corpus.sources, text_field=cfg.corpus.text_field, max_chars=cfg.tokenizer.max_chars)
+    texts = iter_documents(cfg.corpus.sources, text_field=cfg.corpus.text_field,
+                           max_chars=cfg.tokenizer.max_chars)
     tok = Tokenizer.train(texts, vocab_size=cfg.tokenizer.vocab_size, pattern=cfg.tokenizer.pattern)
     tok.save(tok_dir)
     write_text_atomic(stamp, json.dumps(settings))
@@ -105,9 +107,9 @@ def _stage_shards(cfg: SpeedrunConfig, out: Path, tok) -> dict:
     from llmlab.data.prepare import prepare_shards
 
     print("[2/5] shards: tokenizing the corpus")
-    return prepare_shards(cfg.corpus.sources, out / "tokenizer", out / "shards", val_fraction=cfg.corpus.val_fraction,
-                          seed=cfg.pretrain.data.seed, text_field=cfg.corpus.text_field,
-                          max_chars=cfg.corpus.max_chars)
+    return prepare_shards(cfg.corpus.sources, out / "tokenizer", out / "shards",
+                          val_fraction=cfg.corpus.val_fraction, seed=cfg.pretrain.data.seed,
+                          text_field=cfg.corpus.text_field, max_chars=cfg.corpus.max_chars, overwrite=True)
 
 
 def _pretrain_config(cfg: SpeedrunConfig, out: Path) -> PretrainConfig:
@@ -196,10 +198,13 @@ def _report_markdown(fig: dict, samples: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def run_speedrun(preset: str = "cpu-demo", out: str | Path = "runs/demo", overrides: list[str] = ()) -> dict:
-    """Run all stages for `preset` into `out`; return the report's figures."""
+def run_speedrun(preset: str = "cpu-demo", out: str | Path = "runs/demo", overrides: list[str] = (),
+                 overwrite: bool = False) -> dict:
+    """Run all stages for `preset` into `out`; return the report's figures. `out` must be new, empty or an
+    earlier speedrun's (resumed), unless `overwrite`; never around or inside the corpus."""
     import time
 
+    from llmlab.data.sources import SourceFile, resolve_sources
     from llmlab.device import resolve_device
     from llmlab.evals.perplexity import evaluate_perplexity
     from llmlab.model import Transformer
@@ -208,6 +213,9 @@ def run_speedrun(preset: str = "cpu-demo", out: str | Path = "runs/demo", overri
 
     cfg = load_preset(preset, overrides)
     out = Path(out)
+    corpus = [f.path for f in resolve_sources(cfg.corpus.sources) if isinstance(f, SourceFile)]
+    check_output(out, inputs=corpus, overwrite=overwrite, into=True, what="--out",
+                 reusable=lambda p: (p / "speedrun.toml").is_file())
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "speedrun.toml", to_toml(cfg))
     tok = _stage_tokenizer(cfg, out)
@@ -231,14 +239,17 @@ def run_speedrun(preset: str = "cpu-demo", out: str | Path = "runs/demo", overri
         "preset": preset, "sources": cfg.corpus.sources, "device": str(device),
         "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
         "vocab_size": tok.vocab_size, "train_tokens": meta["splits"]["train"]["tokens"],
-        "val_tokens": meta["splits"]["val"]["tokens"], "steps": summary["step"], "max_steps": pcfg.optim.max_steps, "tokens_seen": summary["tokens"],
+        "val_tokens": meta["splits"]["val"]["tokens"], "steps": summary["step"],
+        "max_steps": pcfg.optim.max_steps, "tokens_seen": summary["tokens"],
         "train_seconds": train_seconds, "tokens_per_s": summary.get("tokens_per_s") or 0.0,
         "mfu": summary.get("mfu"), "peak_note": _peak_note(device),
-        "val_loss": val_loss, "val_ppl": math.exp(val_loss), "unigram_loss": unigram_baseline(shard_dir, tok.vocab_size),
-        "bytes_per_token": bpt, "bits_per_byte": val_loss / math.log(2) / bpt, "checkpoint": summary["checkpoint"],
+        "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+        "unigram_loss": unigram_baseline(shard_dir, tok.vocab_size), "bytes_per_token": bpt,
+        "bits_per_byte": val_loss / math.log(2) / bpt, "checkpoint": summary["checkpoint"],
     }
     print("[5/5] report")
-    write_text_atomic(out / "samples.md", "\n\n".join(f"## {p!r}\n\n```\n{p}{t}\n```" for p, t in samples) + "\n")
+    write_text_atomic(out / "samples.md",
+                      "\n\n".join(f"## {p!r}\n\n```\n{p}{t}\n```" for p, t in samples) + "\n")
     write_text_atomic(out / "report.json", json.dumps(fig, indent=2) + "\n")
     write_text_atomic(out / "report.md", _report_markdown(fig, samples))
     return fig

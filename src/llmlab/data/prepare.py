@@ -63,7 +63,7 @@ from llmlab.data.shards import (
 )
 from llmlab.data.sources import STDLIB, SourceFile, _iter_resolved, describe_sources, resolve_sources
 from llmlab.errors import DataError, LLMLabError
-from llmlab.fsutil import atomic_dir, write_text_atomic
+from llmlab.fsutil import atomic_dir, check_output, write_text_atomic
 from llmlab.tokenizer.core import Tokenizer
 from llmlab.tokenizer.identity import fingerprint as tokenizer_fingerprint
 
@@ -238,6 +238,14 @@ def _foreign_output(out_dir: Path, fingerprint: int) -> str | None:
     return None
 
 
+def _holds_only_shards(out_dir: Path) -> bool:
+    """Whether out_dir holds nothing but what a preparation writes (resumed or checked by fingerprint)."""
+    if not out_dir.is_dir():
+        return False
+    ours = {META_NAME, "tokenizer"} | {p.name for p in _existing_shards(out_dir)}
+    return all(p.name in ours or p.name.endswith(".tmp") for p in out_dir.iterdir())
+
+
 def _clear_output(out_dir: Path) -> None:
     # meta.json goes first so that a crash midway leaves a directory marked incomplete.
     with contextlib.suppress(FileNotFoundError):
@@ -325,6 +333,10 @@ def prepare_shards(sources: list[str] | str, tokenizer, out_dir: str | os.PathLi
     out_dir = Path(out_dir)
     with contextlib.ExitStack() as stack:
         resolved = resolve_sources(sources)
+        # Shards never go into, or around, what they are made from; a directory of other files is not ours.
+        check_output(out_dir, inputs=[f.path for f in resolved if isinstance(f, SourceFile)]
+                     + [tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None],
+                     overwrite=overwrite, reusable=_holds_only_shards, into=True, what="--out")
         if max_chars is not None and max_chars <= 0:
             raise DataError(f"max_chars must be positive, got {max_chars}; omit it to read everything")
         num_docs = num_chars = 0

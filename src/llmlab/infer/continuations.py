@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from llmlab.data.shards import read_meta, read_shard, split_shards, write_shard_dir
 from llmlab.errors import ConfigError, DataError
-from llmlab.fsutil import atomic_dir
+from llmlab.fsutil import atomic_dir, check_output
 from llmlab.infer.generate import generate
 from llmlab.infer.sampling import check_sampling
 from llmlab.tokenizer.identity import check_same_tokenizer
@@ -51,8 +51,7 @@ def write_continuations(checkpoint: str | Path, shards: str | Path, out: str | P
     val_sequences = max(1, sequences // 32) if val_sequences is None else val_sequences
     _check_counts(sequences, val_sequences, prompt_tokens, length, batch_size)
     check_sampling(temperature, None, None)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
+    check_output(out, inputs=[checkpoint, shards], overwrite=overwrite, what="--out")
     if not (checkpoint / "config.json").is_file():
         raise ConfigError(f"{checkpoint} is not a checkpoint directory (no config.json); point it at a "
                           "ckpt-STEP directory of a trained model")

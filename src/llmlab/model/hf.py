@@ -46,8 +46,8 @@ from typing import Any
 
 import torch
 
-from llmlab.errors import CheckpointError, ConfigError, ModelError, TokenizerError
-from llmlab.fsutil import atomic_dir
+from llmlab.errors import CheckpointError, ModelError, TokenizerError
+from llmlab.fsutil import atomic_dir, check_output
 from llmlab.model.config import LLAMA3_SCALING_KEYS, ModelConfig
 from llmlab.model.hf_files import PT_BIN, SAFETENSORS, HFWeights, Scratch, write_safetensors
 from llmlab.model.transformer import EXTENSIONS, Transformer
@@ -614,9 +614,11 @@ def _special_ids(tokenizer) -> dict[str, int | None]:
 # the CLI's two verbs
 # ----------------------------------------------------------------------------------------------------------
 
-def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, tokenizer: bool = True) -> dict:
-    """`llmlab import-hf`: HF directory -> llmlab checkpoint OUT (config.json, model.safetensors, tokenizer/)."""
-    _distinct(src, out)
+def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, tokenizer: bool = True,
+              overwrite: bool = False) -> dict:
+    """`llmlab import-hf`: HF directory -> llmlab checkpoint OUT (config.json, model.safetensors, tokenizer/).
+    OUT follows llmlab.fsutil.check_output: a non-empty OUT is replaced only with `overwrite`, never SRC."""
+    check_output(out, inputs=[src], overwrite=overwrite)
     model, tok = load_hf(src, dtype=dtype, tokenizer=tokenizer, progress=True)
     with atomic_dir(out) as tmp:
         model.save_into(tmp)
@@ -625,23 +627,18 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, tokeni
     return _summary(read_hf_config(src)["model_type"], model, tok)
 
 
-def _distinct(src: str | Path, out: str | Path) -> None:
-    """OUT replaces whatever is there, so it must not be the directory being read."""
-    if Path(out).resolve() == Path(src).resolve():
-        raise ConfigError(f"the output directory {out} is the input directory; write to a new directory")
-
-
 def _summary(model_type: str, model: Transformer, tok) -> dict:
     return {"model_type": model_type, "params": model.num_params(),
             "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."), "tokenizer": tok is not None}
 
 
 def export_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None, tokenizer: str | Path | None = None,
-              with_tokenizer: bool = True) -> dict:
-    """`llmlab export-hf`: llmlab checkpoint -> HF directory OUT (tokenizer from CKPT/tokenizer unless given)."""
+              with_tokenizer: bool = True, overwrite: bool = False) -> dict:
+    """`llmlab export-hf`: llmlab checkpoint -> HF directory OUT (tokenizer from CKPT/tokenizer unless given).
+    OUT follows llmlab.fsutil.check_output: a non-empty OUT is replaced only with `overwrite`, never CKPT."""
     from llmlab.tokenizer import Tokenizer
 
-    _distinct(ckpt, out)
+    check_output(out, inputs=[ckpt, tokenizer], overwrite=overwrite)
     ckpt = Path(ckpt)
     model = Transformer.load(ckpt, dtype=dtype, prepare=lambda _, meta: _refuse_extended(ckpt, meta))
     tok = None

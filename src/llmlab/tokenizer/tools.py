@@ -15,14 +15,18 @@ from llmlab.tokenizer.core import Tokenizer
 def train_from_sources(sources: Sequence[str], out: str | os.PathLike, *, vocab_size: int = 8192,
                        pattern: str = "gpt4", special_tokens: Sequence[str] | None = None,
                        max_chars: int | None = None, text_field: str = "text", workers: int | None = None,
-                       progress: bool = True) -> Tokenizer:
+                       progress: bool = True, overwrite: bool = False) -> Tokenizer:
     """Train on the documents of `sources` (files, globs, directories, "stdlib") and save to `out`.
 
-    Everything is checked before any output exists; the directory appears complete or not at all.
+    Everything is checked before any output exists (an existing non-empty `out` only with `overwrite`, see
+    llmlab.fsutil.check_output); the directory appears complete or not at all.
     """
-    from llmlab.data.sources import iter_documents
+    from llmlab.data.sources import SourceFile, iter_documents, resolve_sources
+    from llmlab.fsutil import check_output
     from llmlab.tokenizer.formats import check_output_dir
 
+    inputs = [f.path for f in resolve_sources(list(sources)) if isinstance(f, SourceFile)]
+    check_output(out, inputs=inputs, overwrite=overwrite, what="--out")
     check_output_dir(Path(out))
     docs = iter_documents(list(sources), text_field=text_field, max_chars=max_chars)
     tok = Tokenizer.train(docs, vocab_size=vocab_size, pattern=pattern, special_tokens=special_tokens,

@@ -194,9 +194,9 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device
     val_loader = TokenLoader(d.shards, "val", d.block_size, d.batch_size, seed=d.seed, rank=rank,
                              world_size=world, device=device)
     run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
-    # Never around or inside what the run reads; whether an existing run may be replaced: _prepare_run_dir.
-    check_output(run_dir, inputs=[d.shards, cfg.data.tokenizer, cfg.distill.teacher], overwrite=True, into=True,
-                 what="run directory")
+    # Never inside what the run reads; whether an existing run may be replaced: _prepare_run_dir.
+    check_output(run_dir, inputs=[d.shards, cfg.data.tokenizer, cfg.distill.teacher], overwrite=True,
+                 into=True, kept=True, what="run directory")
     resume_path = resolve_resume(resume, run_dir)
     tokenizer_dir = _tokenizer_dir(cfg, meta)
 

@@ -178,14 +178,12 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
     import shutil
 
     from llmlab.device import resolve_device
-    from llmlab.fsutil import atomic_dir
+    from llmlab.fsutil import atomic_dir, check_output
     from llmlab.infer.quant.calib import calibration_tokens
 
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output {out} already exists; choose another --out or pass --overwrite")
-    if out.resolve() == checkpoint.resolve():
-        raise ConfigError(f"--out {out} is the input checkpoint; write the quantized model elsewhere")
+    check_output(out, inputs=[checkpoint, tokenizer, calib_source if calib_source and Path(calib_source).exists()
+                              else None], overwrite=overwrite, what="--out")
     dev = resolve_device(device)
     model = load_model(checkpoint, device=dev, dtype=torch.float32)  # a quantized one is refused next
     check_request(model, method, bits, group_size, include_head)
@@ -203,7 +201,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
     quantize(model, method, bits, group_size, calib, include_head=include_head, act_order=act_order,
              progress=progress, **method_options)
     seconds = time.perf_counter() - start
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_into(tmp)
         if tok_dir.is_dir():
             shutil.copytree(tok_dir, Path(tmp) / "tokenizer")
