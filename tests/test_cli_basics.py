@@ -31,7 +31,8 @@ def test_device_names_resolve_or_fail_in_one_line(monkeypatch, tmp_path, capsys)
     assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto").type in ("cpu", "mps")
-    for bad, match in (("cuda", "no CUDA device"), ("cuda:3", "no CUDA device"), ("tpu", "not a device torch knows")):
+    for bad, match in (("cuda", "no CUDA device"), ("cuda:3", "no CUDA device"),
+                       ("tpu", "not a device torch knows")):
         with pytest.raises(ConfigError, match=match):
             resolve_device(bad)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

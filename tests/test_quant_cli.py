@@ -26,7 +26,8 @@ def setup(tmp_path_factory):
     # a repetitive stream, so a model trained for a few steps has a perplexity well below uniform
     pattern = rng.integers(0, 256, 50)
     stream = np.concatenate([np.roll(pattern, k % 3) for k in range(120)])
-    write_shard_dir(root / "shards", {"train": [stream[:5000]], "val": [stream[5000:]]}, vocab_size=256, eos_id=255)
+    write_shard_dir(root / "shards", {"train": [stream[:5000]], "val": [stream[5000:]]}, vocab_size=256,
+                    eos_id=255)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("gpt2", "tiny"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -45,8 +46,8 @@ def setup(tmp_path_factory):
 def test_quantize_and_eval_ppl(setup, capsys, tmp_path):
     shards, ckpt = setup / "shards", setup / "ckpt"
     out = tmp_path / "int4"
-    code, stdout, _ = run_cli(capsys, "quantize", ckpt, "--out", out, "--method", "gptq", "--bits", 4, "--group-size",
-                           32, "--calib", shards, "--calib-samples", 16, "--calib-len", 32)
+    code, stdout, _ = run_cli(capsys, "quantize", ckpt, "--out", out, "--method", "gptq", "--bits", 4,
+                              "--group-size", 32, "--calib", shards, "--calib-samples", 16, "--calib-len", 32)
     assert code == 0
     summary = json.loads(stdout)
     assert summary["method"] == "gptq" and summary["bits"] == 4 and summary["bytes_out"] < summary["bytes_in"]
@@ -65,8 +66,8 @@ def test_quantize_and_eval_ppl(setup, capsys, tmp_path):
 
 def test_quantize_awq_without_clipping(setup, capsys, tmp_path):
     code, stdout, _ = run_cli(capsys, "quantize", setup / "ckpt", "--out", tmp_path / "q", "--method", "awq",
-                              "--bits", 4, "--group-size", 32, "--calib", setup / "shards", "--calib-samples", 8,
-                              "--calib-len", 32, "--awq-no-clip")
+                              "--bits", 4, "--group-size", 32, "--calib", setup / "shards",
+                              "--calib-samples", 8, "--calib-len", 32, "--awq-no-clip")
     assert code == 0 and json.loads(stdout)["clip"] is False
     assert load_model(tmp_path / "q").quantization["clip"] is False
 
@@ -95,7 +96,8 @@ def test_every_command_reads_a_quantized_checkpoint(setup, capsys, tmp_path):
 @pytest.mark.parametrize("args,fragments", [
     (["--method", "foo"], ["unknown quantization method 'foo'", "rtn, gptq, awq"]),
     (["--bits", "3"], ["bits=3", "use 8"]),
-    (["--bits", "4", "--group-size", "48"], ["group_size=48 does not divide the input width 64", "use one of 64, 32"]),
+    (["--bits", "4", "--group-size", "48"],
+     ["group_size=48 does not divide the input width 64", "use one of 64, 32"]),
     (["--method", "awq", "--bits", "4", "--group-size", "32", "--calib-samples", "1000", "--calib-len", "32"],
      ["calibration data", "1000 samples x 32 tokens = 32000 were requested", "at most 156 samples"]),
     (["--method", "gptq", "--calib-len", "65"], ["calibration length 65 exceeds the model's block_size 64"]),
@@ -103,14 +105,20 @@ def test_every_command_reads_a_quantized_checkpoint(setup, capsys, tmp_path):
 ])
 def test_quantize_bad_input(setup, capsys, tmp_path, args, fragments):
     out = tmp_path / "q"
-    code, _, err = run_cli(capsys, "quantize", setup / "ckpt", "--out", out, "--calib", setup / "shards", *args)
+    code, _, err = run_cli(capsys, "quantize", setup / "ckpt", "--out", out, "--calib", setup / "shards",
+                           *args)
     assert_one_line_error(code, err, *fragments)
     assert not out.exists()
 
 
 def test_quantize_refuses_existing_output_and_missing_checkpoint(setup, capsys, tmp_path):
-    code, _, err = run_cli(capsys, "quantize", setup / "ckpt", "--out", setup / "ckpt")
-    assert_one_line_error(code, err, "already exists")
+    code, _, err = run_cli(capsys, "quantize", setup / "ckpt", "--out", setup / "ckpt", "--overwrite")
+    assert_one_line_error(code, err, "is the input directory", "not even with --overwrite")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "quantize", setup / "ckpt", "--out", tmp_path / "taken")
+    assert_one_line_error(code, err, "already exists as a non-empty directory", "--overwrite")
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     code, _, err = run_cli(capsys, "quantize", tmp_path / "nope", "--out", tmp_path / "q")
     assert_one_line_error(code, err, "does not exist")
     code, _, err = run_cli(capsys, "eval", "ppl", setup / "ckpt", "--data", tmp_path / "none")
@@ -123,7 +131,8 @@ def test_calibration_tokens(setup, tmp_path):
     assert a.shape == (10, 32) and a.dtype == torch.int64
     assert torch.equal(a, calibration_tokens(shards, 10, 32, seed=3))
     assert not torch.equal(a, calibration_tokens(shards, 10, 32, seed=4))
-    stream = np.concatenate([np.roll(np.random.default_rng(0).integers(0, 256, 50), k % 3) for k in range(120)])
+    pattern = np.random.default_rng(0).integers(0, 256, 50)
+    stream = np.concatenate([np.roll(pattern, k % 3) for k in range(120)])
     train = torch.from_numpy(stream[:5000].astype(np.int64))
     for row in a:  # every window is a slice of the train split at a multiple of its length
         starts = [s for s in range(0, 5000 - 31, 32) if torch.equal(train[s:s + 32], row)]

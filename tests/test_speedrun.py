@@ -70,7 +70,8 @@ def test_speedrun_writes_a_complete_report(tiny_preset, tmp_path, capsys):
     assert fig["val_loss"] < fig["unigram_loss"]
     report = (out / "report.md").read_text()
     assert "bits per byte" in report and "unigram baseline" in report
-    for name in ["plots/loss.png", "samples.md", "tokenizer/llmlab.json", "shards/meta.json", "metrics.jsonl"]:
+    for name in ["plots/loss.png", "samples.md", "tokenizer/llmlab.json", "shards/meta.json",
+                 "metrics.jsonl"]:
         assert (out / name).exists(), name
     # A second run reuses the tokenizer and shards.
     assert main(["speedrun", "--preset", str(tiny_preset), "--out", str(out)]) == 0

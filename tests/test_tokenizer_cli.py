@@ -102,5 +102,5 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, corpus, train
     _fails(capsys, ["tokenizer", "encode", "hi", "--tokenizer", str(trained)], "upgrade llmlab")
     _fails(capsys, ["tokenizer", "inspect", "hi", "--tokenizer", str(tmp_path / "nope")], "does not exist")
     _fails(capsys, ["tokenizer", "decode", "1", "x", "--tokenizer", str(trained)], "must be integers")
-    _fails(capsys, ["tokenizer", "encode", "--file", str(tmp_path / "nofile.txt"), "--tokenizer", str(trained)],
-           "nofile.txt does not exist")
+    _fails(capsys, ["tokenizer", "encode", "--file", str(tmp_path / "nofile.txt"), "--tokenizer",
+                    str(trained)], "nofile.txt does not exist")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from llmlab.cli.options import COUNT, SEED, TEMPERATURE, real, whole
 from llmlab.data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
 
 
@@ -21,51 +22,59 @@ def register(sub, formatter_class) -> None:
                     "same inputs reuses finished shards.\n\nexample: llmlab data prepare stdlib "
                     "--tokenizer tok --out shards")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="files, globs, directories or 'stdlib'")
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (llmlab tokenizer train)")
+    p.add_argument("--tokenizer", required=True, metavar="DIR",
+                   help="tokenizer directory (llmlab tokenizer train)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+    p.add_argument("--shard-tokens", type=COUNT, default=DEFAULT_SHARD_TOKENS,
                    help="a shard closes at the first document end after this many tokens")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+    p.add_argument("--val-fraction", type=real(0.0, 1.0, high_open=True), default=DEFAULT_VAL_FRACTION,
                    help="fraction of documents held out for validation (chosen by hash of seed and index)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the train/val split")
     p.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
-    p.add_argument("--max-chars", type=int, default=None, help="stop after this many characters")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--max-chars", type=COUNT, default=None, help="stop after this many characters")
+    p.add_argument("--workers", type=COUNT, default=None,
                    help="tokenizer processes; unset means all CPUs, or in-process for inputs under 1 MB")
-    p.add_argument("--overwrite", action="store_true", help="replace shards of a different preparation in OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shards of a different preparation in OUT (shards of this one are resumed)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_prepare)
 
     g = verbs.add_parser(
-        "generate", formatter_class=formatter_class, help="shards of a model's own continuations (draft data)",
-        description="Draw prompts from SHARDS and write the checkpoint's continuations as a new shard directory: "
-                    "training data for a speculative draft that imitates the model (llmlab/infer/continuations.py)."
-                    "\n\nexample: llmlab data generate runs/big/ckpt-000700 --shards shards --out big-text "
-                    "--sequences 4096\n         llmlab pretrain --config cpu-demo data.shards=big-text "
+        "generate", formatter_class=formatter_class,
+        help="shards of a model's own continuations (draft data)",
+        description="Draw prompts from SHARDS and write the checkpoint's continuations as a new shard "
+                    "directory: training data for a speculative draft that imitates the model "
+                    "(llmlab/infer/continuations.py).\n\nexample: llmlab data generate "
+                    "runs/big/ckpt-000700 --shards shards --out big-text --sequences 4096\n"
+                    "         llmlab pretrain --config cpu-demo data.shards=big-text "
                     "train.run_name=draft model.n_layer=1 model.d_model=128 model.n_head=2")
     g.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory of the model to imitate")
     g.add_argument("--shards", required=True, metavar="DIR", help="shard directory to draw prompts from")
     g.add_argument("--out", required=True, metavar="DIR", help="output shard directory")
-    g.add_argument("--sequences", type=int, default=4096, help="train sequences (prompts from the train split)")
-    g.add_argument("--val-sequences", type=int, default=None,
+    g.add_argument("--sequences", type=COUNT, default=4096,
+                   help="train sequences (prompts from the train split)")
+    g.add_argument("--val-sequences", type=whole(0), default=None,
                    help="val sequences from val-split prompts (default: sequences / 32, at least 1)")
-    g.add_argument("--prompt-tokens", type=int, default=32, help="tokens of source text opening each sequence")
-    g.add_argument("--length", type=int, default=256, help="tokens per sequence, prompt included")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy continuations (for greedy drafts)")
-    g.add_argument("--batch-size", type=int, default=64, help="prompts continued together")
-    g.add_argument("--seed", type=int, default=0, help="seed of the prompt positions and of sampling")
+    g.add_argument("--prompt-tokens", type=COUNT, default=32,
+                   help="tokens of source text opening each sequence")
+    g.add_argument("--length", type=whole(2), default=256, help="tokens per sequence, prompt included")
+    g.add_argument("--temperature", type=TEMPERATURE, default=0.0,
+                   help="0 = greedy continuations (for greedy drafts)")
+    g.add_argument("--batch-size", type=COUNT, default=64, help="prompts continued together")
+    g.add_argument("--seed", type=SEED, default=0, help="seed of the prompt positions and of sampling")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty OUT (written beside it, then swapped in); never an input")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=_generate)
 
-    i = verbs.add_parser("info", formatter_class=formatter_class, help="token counts, dtype and splits of a shard dir",
+    i = verbs.add_parser("info", formatter_class=formatter_class,
+                         help="token counts, dtype and splits of a shard dir",
                          description="Check every shard header in DIR and print token counts, dtype and "
                                      "split sizes.")
     i.add_argument("dir", metavar="DIR", help="a directory made by `llmlab data prepare`")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=_info)
-    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
 
 
 def _prepare(args) -> int:
@@ -117,17 +126,20 @@ def _mib(n: int) -> str:
 def format_info(info: dict) -> str:
     """The human-readable table of `llmlab data info`."""
     lines = [f"{info['dir']}  (fingerprint {info['fingerprint']})",
-             f"  tokenizer   vocab {info['vocab_size']:,}, eos id {info['eos_id']}, tokens stored as {info['dtype']}"]
+             f"  tokenizer   vocab {info['vocab_size']:,}, eos id {info['eos_id']}, "
+             f"tokens stored as {info['dtype']}"]
     for s in info["sources"]:
         extra = f" + {s['topics']} topics" if "topics" in s else ""
-        lines.append(f"  source      {s['source']} ({s['kind']}, {s['files']} files{extra}, {_mib(s['bytes'])})")
+        lines.append(f"  source      {s['source']} ({s['kind']}, {s['files']} files{extra}, "
+                     f"{_mib(s['bytes'])})")
     cpt = f", {info['chars_per_token']} chars/token" if info["chars_per_token"] else ""
     if info["characters"]:  # shards written from token arrays (write_shard_dir) have no text statistics
         lines.append(f"  documents   {info['documents']:,} ({info['characters']:,} chars{cpt})")
     lines.append(f"  {'split':<8}{'shards':>8}{'tokens':>16}{'documents':>12}{'size':>14}")
     total = {"shards": 0, "tokens": 0, "documents": 0, "bytes": 0}
     for name, s in info["splits"].items():
-        lines.append(f"  {name:<8}{s['shards']:>8}{s['tokens']:>16,}{s['documents']:>12,}{_mib(s['bytes']):>14}")
+        lines.append(f"  {name:<8}{s['shards']:>8}{s['tokens']:>16,}{s['documents']:>12,}"
+                     f"{_mib(s['bytes']):>14}")
         total = {k: total[k] + s[k] for k in total}
     lines.append(f"  {'total':<8}{total['shards']:>8}{total['tokens']:>16,}{total['documents']:>12,}"
                  f"{_mib(total['bytes']):>14}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from llmlab.cli.options import COUNT
+
 
 def register(sub, formatter_class) -> None:
     e = sub.add_parser("eval", formatter_class=formatter_class, help="evaluate checkpoints (perplexity, ...)",
@@ -16,22 +18,15 @@ def register(sub, formatter_class) -> None:
                                       "full-precision and quantized checkpoints.")
     ppl.add_argument("checkpoints", metavar="CKPT", nargs="+", help="checkpoint directories")
     ppl.add_argument("--data", required=True, help="prepared shard directory (llmlab data prepare)")
-    ppl.add_argument("--split", default="val", help="val (held out) or train")
-    ppl.add_argument("--block-size", type=int, default=None, help="window length; none = the smallest context")
-    ppl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    ppl.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
+    ppl.add_argument("--split", default="val", choices=["val", "train"], help="val (held out) or train")
+    ppl.add_argument("--block-size", type=COUNT, default=None,
+                     help="window length; none = the smallest context")
+    ppl.add_argument("--batch-size", type=COUNT, default=8, help="windows per forward pass")
+    ppl.add_argument("--max-batches", type=COUNT, default=None, help="evaluate only the first N batches")
     ppl.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     ppl.add_argument("--dtype", default=None, help="fp32, bf16 or fp16; none = as stored")
     ppl.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
     ppl.set_defaults(func=run_ppl)
-    e.set_defaults(func=lambda args: _eval_help(e))
-
-
-
-
-def _eval_help(parser) -> int:
-    parser.print_help()
-    return 2
 
 
 def run_ppl(args) -> int:
@@ -52,7 +47,7 @@ def run_ppl(args) -> int:
         scheme = "full precision" if not q else f"{q['method']} int{q['bits']}" + (
             f" g{q['group_size']}" if q.get("group_size") else "")
         rel = row["ppl"] / base["ppl"] - 1
-        out.write(f"{row['checkpoint']:<40} {row['ppl']:>10.4f} {rel:>+8.2%} {row['file_bytes'] / 1e6:>8.2f}  "
-                  f"{scheme}\n")
+        out.write(f"{row['checkpoint']:<40} {row['ppl']:>10.4f} {rel:>+8.2%} "
+                  f"{row['file_bytes'] / 1e6:>8.2f}  {scheme}\n")
     out.write(f"({rows[0]['tokens']} tokens of the {args.split} split, windows of {rows[0]['block_size']})\n")
     return 0

@@ -7,23 +7,30 @@ def register(sub, formatter_class) -> None:
     from llmlab.config import preset_names
 
     p = sub.add_parser(
-        "speedrun", formatter_class=formatter_class, help="train a tokenizer and a model end to end, with a report",
-        description="Train a tokenizer on the corpus, prepare shards, pretrain, evaluate and write OUT/report.md.\n"
-                    "Each stage is skipped when its output is already complete. Overrides address the preset's\n"
-                    "keys, e.g. pretrain.optim.max_steps=200 tokenizer.vocab_size=2048 corpus.sources=[\"a.txt\"].\n\n"
+        "speedrun", formatter_class=formatter_class,
+        help="train a tokenizer and a model end to end, with a report",
+        description="Train a tokenizer on the corpus, prepare shards, pretrain, evaluate and write "
+                    "OUT/report.md.\nEach stage is skipped when its output is already complete. Overrides "
+                    "address the preset's\nkeys, e.g. pretrain.optim.max_steps=200 tokenizer.vocab_size=2048 "
+                    "corpus.sources=[\"a.txt\"].\n\n"
                     f"presets: {', '.join(preset_names('llmlab.presets'))}\n\n"
-                    "examples:\n  llmlab speedrun                                   # cpu-demo into runs/demo\n"
-                    "  llmlab speedrun --preset gpt2-124M --out runs/gpt2  # on a GPU")
+                    "examples:\n  llmlab speedrun                                   # cpu-demo into "
+                    "runs/demo\n  llmlab speedrun --preset gpt2-124M --out runs/gpt2  # on a GPU")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="preset overrides (TOML literals)")
     p.add_argument("--preset", default="cpu-demo", help="a preset name or a speedrun TOML file")
-    p.add_argument("--out", default="runs/demo", help="output directory (tokenizer, shards, checkpoints, report)")
+    p.add_argument("--out", default="runs/demo",
+                   help="output directory (tokenizer, shards, checkpoints, report)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that holds other files or another speedrun's (an OUT of an "
+                        "earlier run of the same preset is resumed stage by stage without it)")
     p.set_defaults(func=_speedrun)
 
 
 def _speedrun(args) -> int:
     from llmlab.speedrun import run_speedrun
 
-    fig = run_speedrun(args.preset, args.out, args.overrides)
+    fig = run_speedrun(args.preset, args.out, args.overrides, overwrite=args.overwrite)
     print(f"val loss {fig['val_loss']:.4f} nats/token (unigram baseline {fig['unigram_loss']:.4f}), "
-          f"{fig['bits_per_byte']:.3f} bits/byte, {fig['tokens_per_s']:,.0f} tokens/s -> {args.out}/report.md")
+          f"{fig['bits_per_byte']:.3f} bits/byte, {fig['tokens_per_s']:,.0f} tokens/s "
+          f"-> {args.out}/report.md")
     return 0

@@ -6,6 +6,8 @@ import json
 import sys
 import warnings
 
+from llmlab.cli.options import COUNT
+
 DEFAULT_DIR = "tokenizer"
 
 
@@ -22,19 +24,21 @@ def register(sub, formatter_class) -> None:
                     "(llmlab.json + tokenizer.json).\n\nexample: llmlab tokenizer train stdlib "
                     "--vocab-size 8192 --out tokenizer")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="files, globs, directories or 'stdlib'")
-    p.add_argument("--vocab-size", type=int, default=8192,
+    p.add_argument("--vocab-size", type=COUNT, default=8192,
                    help="total tokens: 256 bytes + merges + special tokens")
     p.add_argument("--pattern", default="gpt4",
                    help="pre-tokenization regex: 'gpt4' (cl100k), 'gpt2', or a custom regular expression")
     p.add_argument("--out", default=DEFAULT_DIR, metavar="DIR", help="directory to write the tokenizer to")
-    p.add_argument("--max-chars", type=int, default=None, help="stop reading after this many characters")
+    p.add_argument("--max-chars", type=COUNT, default=None, help="stop reading after this many characters")
     p.add_argument("--special", action="append", default=None, metavar="TOKEN",
                    help="a special token (repeat for several); replaces the defaults "
                         "<|bos|> <|eos|> <|pad|> <|system|> <|user|> <|assistant|> <|end|>")
     p.add_argument("--no-special", action="store_true", help="no special tokens at all")
     p.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
-    p.add_argument("--workers", type=int, default=None, help="chunk-counting processes (unset: all CPUs)")
+    p.add_argument("--workers", type=COUNT, default=None, help="chunk-counting processes (unset: all CPUs)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing tokenizer in OUT (written beside it, then swapped in)")
     p.set_defaults(func=_train)
 
     e = verbs.add_parser("encode", formatter_class=formatter_class, help="print the token ids of a text",
@@ -53,7 +57,8 @@ def register(sub, formatter_class) -> None:
     _tokenizer_option(d)
     d.set_defaults(func=_decode)
 
-    i = verbs.add_parser("inspect", formatter_class=formatter_class, help="show the pieces a text splits into",
+    i = verbs.add_parser("inspect", formatter_class=formatter_class,
+                         help="show the pieces a text splits into",
                          description="Show each token of TEXT with its id and bytes (valid UTF-8 as text, "
                                      "other bytes as <xx>, spaces as \u2423).\n\nexample: llmlab tokenizer "
                                      "inspect \"strawberry \u732b\"")
@@ -70,14 +75,15 @@ def register(sub, formatter_class) -> None:
     _tokenizer_option(s)
     s.set_defaults(func=_stats)
 
-    x = verbs.add_parser("export", formatter_class=formatter_class, help="write the tokenizer in another format",
+    x = verbs.add_parser("export", formatter_class=formatter_class,
+                         help="write the tokenizer in another format",
                          description="Write the tokenizer for another library. hf: a Hugging Face "
                                      "tokenizer.json (OUT may be a directory).")
     x.add_argument("out", metavar="OUT", help="output file (or directory for tokenizer.json)")
     x.add_argument("--format", choices=["hf"], default="hf", help="output format")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
     _tokenizer_option(x)
     x.set_defaults(func=_export)
-    tok.set_defaults(func=lambda args: (tok.print_help(), 2)[1])
 
 
 def _tokenizer_option(p) -> None:
@@ -101,12 +107,14 @@ def _train(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tok = train_from_sources(args.sources, args.out, vocab_size=args.vocab_size, pattern=args.pattern,
-                                 special_tokens=specials, max_chars=args.max_chars, text_field=args.text_field,
-                                 workers=args.workers, progress=not args.no_progress)
+                                 special_tokens=specials, max_chars=args.max_chars,
+                                 text_field=args.text_field, workers=args.workers,
+                                 progress=not args.no_progress, overwrite=args.overwrite)
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
-    print(f"{args.out}: {tok.vocab_size} tokens ({len(tok.merges)} merges, {len(tok.special_tokens)} special) "
-          f"with the {tok.pattern_name or 'custom'} pattern in {time.perf_counter() - start:.1f}s")
+    print(f"{args.out}: {tok.vocab_size} tokens ({len(tok.merges)} merges, "
+          f"{len(tok.special_tokens)} special) with the {tok.pattern_name or 'custom'} pattern in "
+          f"{time.perf_counter() - start:.1f}s")
     return 0
 
 
@@ -167,9 +175,13 @@ def _stats(args) -> int:
 def _export(args) -> int:
     from pathlib import Path
 
+    from llmlab.fsutil import check_output
+
     out = Path(args.out)
     if out.is_dir() or args.out.endswith(("/", "\\")):
         out = out / "tokenizer.json"
-    _load(args).to_hf(out)
+    tok = _load(args)
+    check_output(out, inputs=[args.tokenizer], overwrite=args.overwrite, what="OUT")
+    tok.to_hf(out)
     print(f"wrote {out}")
     return 0
