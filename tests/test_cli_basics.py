@@ -44,3 +44,27 @@ def test_device_names_resolve_or_fail_in_one_line(monkeypatch, tmp_path, capsys)
     assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "a", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "no CUDA device" in err and err.count("\n") == 1
+
+
+def test_overrides_may_stand_anywhere_among_the_options(capsys):
+    import tomllib
+
+    argv = ["pretrain", "data.shards=somewhere", "--config", "tiny", "train.run_name=x", "--print-config",
+            "optim.lr=0.01"]
+    assert main(argv) == 0
+    cfg = tomllib.loads(capsys.readouterr().out)
+    assert (cfg["data"]["shards"], cfg["train"]["run_name"], cfg["optim"]["lr"]) == ("somewhere", "x", 0.01)
+
+
+def test_argparse_errors_are_one_line_and_a_hint(capsys):
+    for argv, first in [
+        (["pretrain", "--config", "tiny", "--bogus"], "llmlab pretrain: error: unrecognized argument: --bogus"),
+        (["pretrain", "--config", "tiny", "stray"], "override 'stray' is not key=value"),
+        (["tokenizer"], "llmlab tokenizer: error: missing ACTION; choose one of: train, encode"),
+        (["data", "prepare", "x", "--out", "o"], "the following arguments are required: --tokenizer"),
+    ]:
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.splitlines()
+        assert captured.out == "" and first in lines[0] and "usage:" not in captured.err
+        assert len(lines) == 1 or lines[1] == f"llmlab: see '{lines[0].split(': error')[0]} --help'"

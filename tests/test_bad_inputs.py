@@ -1,0 +1,368 @@
+"""Bad input, verb by verb: for every `llmlab` verb a table of wrong files, paths, numbers and overrides.
+
+Each case runs the CLI in-process and asserts the user-error contract: exit code 2, one line on stderr (an
+argparse error adds one line pointing at --help), no traceback, every input byte-for-byte untouched and no
+output, partial or temporary, left anywhere. The artefacts (corpus, tokenizer, shards, a trained checkpoint,
+an HF directory) are made once per module and shared read-only; `build_world` is reused by test_outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from llmlab.cli import build_parser, main
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home", "def", "x", "="]
+
+
+def build_world(root: Path) -> SimpleNamespace:
+    """A small corpus and everything made from it: tokenizer, shards, a 2-step run, an HF export."""
+    from llmlab.config import find_preset, load_config
+    from llmlab.data.prepare import prepare_shards
+    from llmlab.model.hf import export_hf
+    from llmlab.tokenizer import Tokenizer
+    from llmlab.train.pretrain import PretrainConfig, run_pretrain
+
+    docs = root / "docs"
+    docs.mkdir(parents=True)
+    for i in range(24):
+        words = [WORDS[(i * 7 + j * (1 + i % 3)) % len(WORDS)] for j in range(90)]
+        (docs / f"d{i:02d}.txt").write_text(" ".join(words) + ".\n")
+    texts = [p.read_text() for p in sorted(docs.iterdir())]
+    Tokenizer.train(texts, vocab_size=300, progress=False, workers=1).save(root / "tok")
+    no_eos = Tokenizer.train(texts, vocab_size=280, special_tokens=[], progress=False, workers=1)
+    no_eos.save(root / "tok_noeos")
+    prepare_shards(str(docs), root / "tok", root / "shards", val_fraction=0.25, workers=1, progress=False)
+    cfg = load_config(PretrainConfig, find_preset("tiny"), [
+        f"data.shards={root / 'shards'}", f"train.out_dir={root / 'runs'}", "train.run_name=exp",
+        "optim.max_steps=2", "train.eval_every=2", "train.ckpt_every=2", "train.eval_batches=1",
+        "train.progress=false", "train.plot=false"])
+    ckpt = Path(run_pretrain(cfg)["checkpoint"])
+    export_hf(ckpt, root / "hf")
+    preset = root / "speedrun.toml"
+    preset.write_text(f'pretrain_config = "tiny"\n[tokenizer]\nvocab_size = 280\n[corpus]\n'
+                      f'sources = ["{docs}/*.txt"]\n')
+    return SimpleNamespace(root=root, docs=docs, doc=docs / "d00.txt", tok=root / "tok",
+                           tok_noeos=root / "tok_noeos", shards=root / "shards", run=root / "runs" / "exp",
+                           runs=root / "runs", ckpt=ckpt, hf=root / "hf", preset=preset)
+
+
+def tree_digest(root: Path) -> str:
+    """Names, kinds and contents of everything under ROOT: any change, addition or leftover shows."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            h.update(str(path.relative_to(root)).encode() + b"\0")
+            if path.is_file() and not path.is_symlink():
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def make_scratch(t: Path, w: SimpleNamespace) -> None:
+    """What the cases point at besides the world ({t}/...): a directory of someone's files, a regular file,
+    corrupt copies of the artefacts."""
+    (t / "taken").mkdir()
+    (t / "taken" / "notes.txt").write_text("someone's notes\n")
+    (t / "file").write_text("a regular file\n")
+    (t / "empty.txt").write_text("")
+    (t / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    (t / "bad.jsonl").write_text("{not json\n")
+    (t / "tok_bad").mkdir()
+    (t / "tok_bad" / "llmlab.json").write_text('{"format": "llmlab-tokenizer", "merges": 7')
+    for name in ("no_weights", "bad_config", "trunc_weights"):
+        shutil.copytree(w.ckpt, t / name)
+    (t / "no_weights" / "model.safetensors").unlink()
+    (t / "bad_config" / "config.json").write_text('{"n_layer": ')
+    weights = t / "trunc_weights" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    shutil.copytree(w.shards, t / "shards_trunc")
+    shard = sorted((t / "shards_trunc").glob("train_*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:20])
+    shutil.copytree(w.shards, t / "shards_badmeta")
+    (t / "shards_badmeta" / "meta.json").write_text("[1, 2")
+    (t / "run_nometrics").mkdir()
+    (t / "run_badmetrics").mkdir()
+    (t / "run_badmetrics" / "metrics.jsonl").write_text('\x00\x01 garbage\n{"step": \n')
+    (t / "run_plotfile").mkdir()
+    shutil.copy(w.run / "metrics.jsonl", t / "run_plotfile" / "metrics.jsonl")
+    (t / "run_plotfile" / "plots").write_text("not a directory")
+    shutil.copytree(w.hf, t / "hf_nocfg")
+    (t / "hf_nocfg" / "config.json").unlink()
+    shutil.copytree(w.hf, t / "hf_badcfg")
+    (t / "hf_badcfg" / "config.json").write_text("{oops")
+    shutil.copytree(w.hf, t / "hfs" / "src")
+    shutil.copytree(w.ckpt, t / "runs" / "exp" / "ckpt-000002")
+
+
+USAGE = "usage"  # an argparse error: one line plus the --help hint
+# Whole words of a template that stand for several arguments, or for one argument holding spaces.
+EXPANSIONS = {"{gen}": "--sequences 2 --prompt-tokens 4 --length 12 --no-progress --device cpu".split(),
+              "{special}": ["a <|eos|> b"], "{long}": ["the cat " * 80]}
+
+
+def case(id: str, template: str, fragment: str, kind: str = "error"):
+    """A bad command line: TEMPLATE's words with {t} (this case's scratch directory) and the world's paths
+    filled in; FRAGMENT must appear in the error line."""
+    return pytest.param(SimpleNamespace(template=template, fragment=fragment, kind=kind), id=id)
+
+
+def argv(template: str, w: SimpleNamespace, t: Path) -> list[str]:
+    names = {**{k: str(v) for k, v in vars(w).items()}, "t": str(t)}
+    words = []
+    for word in template.split():
+        words += EXPANSIONS.get(word) or [word.format(**names)]
+    return words
+
+
+CASES = [
+    # ---- top level ----
+    case("no-verb", "", "missing VERB", USAGE),
+    case("unknown-verb", "frobnicate", "invalid choice", USAGE),
+    case("unknown-option", "--nope", "unrecognized argument", USAGE),
+    # ---- tokenizer train ----
+    case("tok-train-missing-source", "tokenizer train {t}/missing.txt --out {t}/o", "does not exist"),
+    case("tok-train-empty-source", "tokenizer train {t}/empty.txt --out {t}/o", "is empty"),
+    case("tok-train-corrupt-jsonl", "tokenizer train {t}/bad.jsonl --out {t}/o", "bad.jsonl"),
+    case("tok-train-vocab-0", "tokenizer train {doc} --vocab-size 0", ">= 1", USAGE),
+    case("tok-train-vocab-small", "tokenizer train {doc} --vocab-size 260 --out {t}/o --no-progress",
+         "vocab_size"),
+    case("tok-train-workers-neg", "tokenizer train {doc} --workers -3", "--workers", USAGE),
+    case("tok-train-max-chars-0", "tokenizer train {doc} --max-chars 0", "--max-chars", USAGE),
+    case("tok-train-bad-pattern", "tokenizer train {doc} --pattern gtp4 --out {t}/o --no-progress", "gtp4"),
+    case("tok-train-out-existing", "tokenizer train {doc} --out {tok} --no-progress", "--overwrite"),
+    case("tok-train-out-taken", "tokenizer train {doc} --out {t}/taken --no-progress", "non-empty"),
+    case("tok-train-out-under-file", "tokenizer train {doc} --out {t}/file/o", "regular file"),
+    case("tok-train-out-is-input", "tokenizer train {docs} --out {docs} --overwrite", "contains the input"),
+    case("tok-train-out-holds-input", "tokenizer train {doc} --out {docs} --overwrite", "contains the input"),
+    case("tok-train-out-in-proc", "tokenizer train {doc} --out /proc/llmlab/o", "cannot write"),
+    # ---- tokenizer encode / decode / inspect / stats / export ----
+    case("tok-encode-nothing", "tokenizer encode --tokenizer {tok}", "exactly one"),
+    case("tok-encode-missing-tok", "tokenizer encode hi --tokenizer {t}/nope", "does not exist"),
+    case("tok-encode-tok-is-file", "tokenizer encode hi --tokenizer {t}/file", "file"),
+    case("tok-encode-corrupt-tok", "tokenizer encode hi --tokenizer {t}/tok_bad", "llmlab.json"),
+    case("tok-encode-missing-file", "tokenizer encode --file {t}/nofile --tokenizer {tok}", "does not exist"),
+    case("tok-encode-file-is-dir", "tokenizer encode --file {t}/taken --tokenizer {tok}", "is a directory"),
+    case("tok-encode-not-utf8", "tokenizer encode --file {t}/latin1.txt --tokenizer {tok}", "UTF-8"),
+    case("tok-encode-special-text", "tokenizer encode {special} --tokenizer {tok}", "<|eos|>"),
+    case("tok-decode-not-int", "tokenizer decode 1 x --tokenizer {tok}", "must be integers"),
+    case("tok-decode-past-vocab", "tokenizer decode 99999 --tokenizer {tok}", "99999"),
+    case("tok-decode-negative", "tokenizer decode --tokenizer {tok} -- -5", "-5"),
+    case("tok-inspect-missing-tok", "tokenizer inspect hi --tokenizer {t}/nope", "does not exist"),
+    case("tok-stats-missing-file", "tokenizer stats {t}/nofile.txt --tokenizer {tok}", "does not exist"),
+    case("tok-export-bad-format", "tokenizer export {t}/o.json --format xx", "invalid choice", USAGE),
+    case("tok-export-into-input", "tokenizer export {tok} --tokenizer {tok} --overwrite", "inside the input"),
+    case("tok-export-existing-file", "tokenizer export {t}/file --tokenizer {tok}", "--overwrite"),
+    case("tok-export-under-file", "tokenizer export {t}/file/t.json --tokenizer {tok}", "regular file"),
+    # ---- data prepare ----
+    case("prep-missing-source", "data prepare {t}/nope.txt --tokenizer {tok} --out {t}/o --no-progress",
+         "does not exist"),
+    case("prep-missing-tok", "data prepare {doc} --tokenizer {t}/nope --out {t}/o --no-progress",
+         "tokenizer directory"),
+    case("prep-tok-no-eos", "data prepare {doc} --tokenizer {tok_noeos} --out {t}/o --no-progress", "eos"),
+    case("prep-out-is-input", "data prepare {doc} --tokenizer {tok} --out {doc} --overwrite", "is the input"),
+    case("prep-out-is-tokenizer", "data prepare {doc} --tokenizer {tok} --out {tok} --overwrite",
+         "is the input"),
+    case("prep-out-holds-input", "data prepare {doc} --tokenizer {tok} --out {root} --overwrite",
+         "contains the input"),
+    case("prep-out-taken", "data prepare {doc} --tokenizer {tok} --out {t}/taken --no-progress", "non-empty"),
+    case("prep-out-under-file", "data prepare {doc} --tokenizer {tok} --out {t}/file/o", "regular file"),
+    case("prep-other-preparation", "data prepare {docs} --tokenizer {tok} --out {shards} --no-progress",
+         "another preparation"),
+    case("prep-shard-tokens-0", "data prepare {doc} --tokenizer {tok} --out {t}/o --shard-tokens 0",
+         "--shard-tokens", USAGE),
+    case("prep-val-fraction-1", "data prepare {doc} --tokenizer {tok} --out {t}/o --val-fraction 1",
+         "--val-fraction", USAGE),
+    case("prep-val-fraction-nan", "data prepare {doc} --tokenizer {tok} --out {t}/o --val-fraction nan",
+         "--val-fraction", USAGE),
+    case("prep-workers-neg", "data prepare {doc} --tokenizer {tok} --out {t}/o --workers -3",
+         "--workers", USAGE),
+    case("prep-seed-neg", "data prepare {doc} --tokenizer {tok} --out {t}/o --seed -1", "--seed", USAGE),
+    case("prep-no-tokenizer-option", "data prepare {doc} --out {t}/o", "--tokenizer", USAGE),
+    # ---- data generate ----
+    case("gen-data-missing-ckpt", "data generate {t}/nope --shards {shards} --out {t}/o {gen}", "nope"),
+    case("gen-data-missing-shards", "data generate {ckpt} --shards {t}/nope --out {t}/o {gen}", "nope"),
+    case("gen-data-out-is-shards", "data generate {ckpt} --shards {shards} --out {shards} --overwrite {gen}",
+         "is the input"),
+    case("gen-data-out-holds-ckpt", "data generate {ckpt} --shards {shards} --out {run} --overwrite {gen}",
+         "contains the input"),
+    case("gen-data-out-taken", "data generate {ckpt} --shards {shards} --out {t}/taken {gen}", "non-empty"),
+    case("gen-data-out-under-file", "data generate {ckpt} --shards {shards} --out {t}/file/o {gen}",
+         "regular file"),
+    case("gen-data-sequences-0", "data generate {ckpt} --shards {shards} --out {t}/o --sequences 0",
+         "--sequences", USAGE),
+    case("gen-data-temperature-inf", "data generate {ckpt} --shards {shards} --out {t}/o --temperature inf",
+         "--temperature", USAGE),
+    case("gen-data-length-past-context", "data generate {ckpt} --shards {shards} --out {t}/o --sequences "
+         "2 --length 999 --no-progress --device cpu",
+         "999"),
+    case("gen-data-prompt-too-long", "data generate {ckpt} --shards {shards} --out {t}/o --prompt-tokens "
+         "12 --length 12 --device cpu",
+         "--prompt-tokens"),
+    # ---- data info ----
+    case("info-missing", "data info {t}/nope", "nope"),
+    case("info-not-shards", "data info {docs}", "meta.json"),
+    case("info-truncated-shard", "data info {t}/shards_trunc", "train_00000.bin"),
+    case("info-corrupt-meta", "data info {t}/shards_badmeta", "meta.json"),
+    # ---- generate ----
+    case("generate-missing-ckpt", "generate {t}/nope", "does not exist"),
+    case("generate-no-weights", "generate {t}/no_weights", "model.safetensors"),
+    case("generate-corrupt-config", "generate {t}/bad_config", "config.json"),
+    case("generate-truncated-weights", "generate {t}/trunc_weights", "model.safetensors"),
+    case("generate-missing-tok", "generate {ckpt} --tokenizer {t}/nope", "nope"),
+    case("generate-missing-draft", "generate {ckpt} --draft {t}/nope", "nope"),
+    case("generate-bad-device", "generate {ckpt} --device tpu", "tpu"),
+    case("generate-long-prompt", "generate {ckpt} --prompt {long}", "block_size"),
+    case("generate-temperature-inf", "generate {ckpt} --temperature inf", "--temperature", USAGE),
+    case("generate-temperature-nan", "generate {ckpt} --temperature nan", "--temperature", USAGE),
+    case("generate-temperature-neg", "generate {ckpt} --temperature -1", "--temperature", USAGE),
+    case("generate-top-p-2", "generate {ckpt} --top-p 2", "--top-p", USAGE),
+    case("generate-max-new-0", "generate {ckpt} --max-new-tokens 0", "--max-new-tokens", USAGE),
+    case("generate-top-k-neg", "generate {ckpt} --top-k -1", "--top-k", USAGE),
+    # ---- pretrain ----
+    case("pretrain-missing-config", "pretrain --config {t}/nope.toml", "nope"),
+    case("pretrain-missing-shards", "pretrain --config tiny data.shards={t}/nope", "nope"),
+    case("pretrain-unknown-key", "pretrain --config tiny optim.lrr=1", "optim.lrr"),
+    case("pretrain-not-an-override", "pretrain --config tiny foo", "foo"),
+    case("pretrain-overrides-between-options", "pretrain data.shards={t}/nope --config tiny train.run_name=x",
+         "nope"),
+    case("pretrain-lr-nan", "pretrain --config tiny data.shards={shards} train.out_dir={t} optim.lr=nan",
+         "optim.lr"),
+    case("pretrain-lr-negative", "pretrain --config tiny data.shards={shards} train.out_dir={t} optim.lr=-1",
+         "optim.lr"),
+    case("pretrain-layers-0", "pretrain --config tiny data.shards={shards} train.out_dir={t} model.n_layer=0",
+         "n_layer"),
+    case("pretrain-missing-resume", "pretrain --config tiny data.shards={shards} train.out_dir={t} "
+         "--resume {t}/nope",
+         "nope"),
+    case("pretrain-run-under-file", "pretrain --config tiny data.shards={shards} train.out_dir={t}/file",
+         "regular file"),
+    case("pretrain-run-is-shards", "pretrain --config tiny data.shards={shards} train.out_dir={root} "
+         "train.run_name=shards",
+         "is the input"),
+    case("pretrain-existing-run", "pretrain --config tiny data.shards={shards} train.out_dir={runs} "
+         "train.run_name=exp",
+         "already holds a run"),
+    case("pretrain-resume-needs-value", "pretrain --resume", "--resume", USAGE),
+    # ---- plot ----
+    case("plot-missing-dir", "plot {t}/nope", "metrics.jsonl"),
+    case("plot-no-metrics", "plot {t}/run_nometrics", "metrics.jsonl"),
+    case("plot-corrupt-metrics", "plot {t}/run_badmetrics", "metrics.jsonl"),
+    case("plot-plots-is-file", "plot {t}/run_plotfile", "regular file"),
+    # ---- import-hf ----
+    case("import-missing", "import-hf {t}/nope {t}/o", "nope"),
+    case("import-no-config", "import-hf {t}/hf_nocfg {t}/o", "config.json"),
+    case("import-corrupt-config", "import-hf {t}/hf_badcfg {t}/o", "config.json"),
+    case("import-out-is-src", "import-hf {hf} {hf} --overwrite", "is the input"),
+    case("import-out-holds-src", "import-hf {t}/hfs/src {t}/hfs --overwrite", "contains the input"),
+    case("import-out-inside-src", "import-hf {hf} {hf}/sub", "inside the input"),
+    case("import-out-taken", "import-hf {hf} {t}/taken", "non-empty"),
+    case("import-out-under-file", "import-hf {hf} {t}/file/o", "regular file"),
+    case("import-bad-dtype", "import-hf {hf} {t}/o --dtype fp7", "fp7"),
+    # ---- export-hf ----
+    case("export-missing", "export-hf {t}/nope {t}/o", "nope"),
+    case("export-truncated-weights", "export-hf {t}/trunc_weights {t}/o", "model.safetensors"),
+    case("export-out-is-ckpt", "export-hf {ckpt} {ckpt} --overwrite", "is the input"),
+    case("export-out-is-run-dir", "export-hf {t}/runs/exp/ckpt-000002 {t}/runs/exp --overwrite",
+         "contains the input"),
+    case("export-out-taken", "export-hf {ckpt} {t}/taken", "non-empty"),
+    case("export-out-under-file", "export-hf {ckpt} {t}/file/o", "regular file"),
+    case("export-missing-tok", "export-hf {ckpt} {t}/o --tokenizer {t}/nope", "nope"),
+    case("export-bad-dtype", "export-hf {ckpt} {t}/o --dtype fp7", "fp7"),
+    # ---- quantize ----
+    case("quant-missing", "quantize {t}/nope --out {t}/o", "nope"),
+    case("quant-bits-3", "quantize {ckpt} --out {t}/o --bits 3", "bits=3"),
+    case("quant-method", "quantize {ckpt} --out {t}/o --method foo", "foo"),
+    case("quant-group-0", "quantize {ckpt} --out {t}/o --group-size 0", "--group-size", USAGE),
+    case("quant-calib-samples-0", "quantize {ckpt} --out {t}/o --calib-samples 0", "--calib-samples", USAGE),
+    case("quant-missing-calib", "quantize {ckpt} --out {t}/o --method gptq --calib {t}/nope.bin", "nope"),
+    case("quant-out-is-ckpt", "quantize {ckpt} --out {ckpt} --overwrite", "is the input"),
+    case("quant-out-holds-ckpt", "quantize {ckpt} --out {run} --overwrite", "contains the input"),
+    case("quant-out-taken", "quantize {ckpt} --out {t}/taken", "non-empty"),
+    case("quant-out-under-file", "quantize {ckpt} --out {t}/file/o", "regular file"),
+    case("quant-no-out", "quantize {ckpt}", "--out", USAGE),
+    # ---- eval ppl ----
+    case("ppl-missing-ckpt", "eval ppl {t}/nope --data {shards}", "nope"),
+    case("ppl-missing-data", "eval ppl {ckpt} --data {t}/nope", "nope"),
+    case("ppl-data-not-shards", "eval ppl {ckpt} --data {docs}", "meta.json"),
+    case("ppl-truncated-weights", "eval ppl {t}/trunc_weights --data {shards}", "model.safetensors"),
+    case("ppl-batch-0", "eval ppl {ckpt} --data {shards} --batch-size 0", "--batch-size", USAGE),
+    case("ppl-block-0", "eval ppl {ckpt} --data {shards} --block-size 0", "--block-size", USAGE),
+    case("ppl-bad-split", "eval ppl {ckpt} --data {shards} --split test", "test", USAGE),
+    case("ppl-no-action", "eval", "missing EVAL", USAGE),
+    # ---- speedrun ----
+    case("speedrun-unknown-preset", "speedrun --preset nope --out {t}/o", "nope"),
+    case("speedrun-bad-override", "speedrun --preset {preset} --out {t}/o tokenizer.vocab_size=abc",
+         "vocab_size"),
+    case("speedrun-unknown-key", "speedrun --preset {preset} tokenizer.vocab=3 --out {t}/o",
+         "tokenizer.vocab"),
+    case("speedrun-out-under-file", "speedrun --preset {preset} --out {t}/file/o", "regular file"),
+    case("speedrun-out-taken", "speedrun --preset {preset} --out {t}/taken", "non-empty"),
+    case("speedrun-out-is-corpus", "speedrun --preset {preset} --out {docs} --overwrite",
+         "contains the input"),
+]
+
+
+@pytest.mark.parametrize("bad", CASES)
+def test_bad_input_is_one_line_and_changes_nothing(bad, world, tmp_path, capsys):
+    make_scratch(tmp_path, world)
+    before = tree_digest(world.root), tree_digest(tmp_path)
+    code = main(argv(bad.template, world, tmp_path))
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert code == 2, err
+    assert "Traceback" not in err
+    if bad.kind == USAGE:
+        assert len(lines) == 2 and ": error: " in lines[0], err
+        assert lines[1].startswith("llmlab: see 'llmlab") and lines[1].endswith(" --help'"), err
+    else:
+        assert len(lines) == 1 and lines[0].startswith("llmlab: error: "), err
+    assert bad.fragment in lines[0], (bad.fragment, err)
+    assert (tree_digest(world.root), tree_digest(tmp_path)) == before, "an input changed or output was left"
+
+
+@pytest.mark.parametrize("template,fragment", [
+    ("export-hf {ckpt} {run} --overwrite", "contains the input"),
+    ("generate {ckpt} --temperature nan", "--temperature"),
+    ("tokenizer train {doc} --out {t}/file/o --no-progress", "regular file"),
+])
+def test_bad_input_through_a_real_process(template, fragment, world, tmp_path):
+    """The same contract when `python -m llmlab` runs as its own process (exit status, stderr)."""
+    make_scratch(tmp_path, world)
+    before = tree_digest(world.root)
+    proc = subprocess.run([sys.executable, "-m", "llmlab", *argv(template, world, tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) <= 2
+    assert tree_digest(world.root) == before
+
+
+def test_every_verb_has_cases():
+    """`llmlab --help` lists the verbs; each one, and each action of a verb family, has cases in the table."""
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    names = []
+    for verb, parser in verbs.items():
+        families = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+        names += [f"{verb} {action}" for action in families[0].choices] if families else [verb]
+    covered = {" ".join(p.values[0].template.split()[:2]) for p in CASES} | {
+        p.values[0].template.split()[0] for p in CASES if p.values[0].template}
+    assert [n for n in names if n not in covered] == []
+
+
+def test_case_ids_are_unique():
+    ids = [p.id for p in CASES]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
