@@ -19,10 +19,13 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmlab.data.shards import read_meta, read_shard, split_shards
 from llmlab.errors import ConfigError, DataError
+from llmlab.train.agreement import checkpoint_tokenizer, require_same_tokenizer, shards_tokenizer
 
 
 @torch.no_grad()
@@ -53,10 +56,6 @@ def eval_windows(shards: str | Path, split: str, block_size: int, batch_size: in
                  max_batches: int | None = None, device=None):
     """(x, y) batches over `split`: windows of block_size + 1 tokens at stride block_size from token 0 (the
     TokenLoader.iter_eval windows), the last batch possibly smaller so that every window counts."""
-    import numpy as np
-
-    from llmlab.data.shards import read_meta, read_shard, split_shards
-
     meta = read_meta(shards)
     stream = np.concatenate([np.asarray(read_shard(p)) for p in split_shards(shards, split, meta)] or [[]])
     count = (len(stream) - 1) // block_size
@@ -74,8 +73,6 @@ def eval_windows(shards: str | Path, split: str, block_size: int, batch_size: in
 def evaluate_perplexity(model, shards: str | Path, split: str = "val", block_size: int | None = None,
                         batch_size: int = 8, max_batches: int | None = None, progress: bool = False) -> dict:
     """Perplexity of a model on `split` of a prepared shard directory (see module docstring)."""
-    from llmlab.data.shards import read_meta
-
     block_size = model.config.block_size if block_size is None else block_size
     if block_size > model.config.block_size or block_size < 1:
         raise ConfigError(f"block_size {block_size} exceeds the model's context {model.config.block_size}; "
@@ -109,6 +106,10 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, spli
     block = block_size if block_size is not None else min(c.block_size for c in configs)
     rows = []
     for path in checkpoints:
+    shards_id = shards_tokenizer(shards, read_meta(shards))
+    for path, config in zip(checkpoints, configs, strict=True):
+        require_same_tokenizer(checkpoint_tokenizer(path, config.vocab_size), shards_id,
+                               "evaluate on shards made with the model's tokenizer")
         model = load_model(path, device=dev, dtype=dtype)
         result = evaluate_perplexity(model, shards, split, block, batch_size, max_batches, progress)
         rows.append({"checkpoint": str(path), "ppl": result["ppl"], "nll": result["nll"],

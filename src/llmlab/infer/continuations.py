@@ -34,7 +34,7 @@ from llmlab.errors import ConfigError, DataError
 from llmlab.fsutil import atomic_dir, check_output
 from llmlab.infer.generate import generate
 from llmlab.infer.sampling import check_sampling
-from llmlab.tokenizer.identity import check_same_tokenizer
+from llmlab.train.agreement import checkpoint_tokenizer, require_same_tokenizer, shards_tokenizer
 
 
 def write_continuations(checkpoint: str | Path, shards: str | Path, out: str | Path, *, sequences: int = 4096,
@@ -104,11 +104,10 @@ def _check_fit(model, checkpoint: Path, shards: Path, meta: dict, length: int) -
     if length > model.config.block_size:
         raise ConfigError(f"--length={length} is longer than the model's context ({model.config.block_size}); "
                           f"use --length {model.config.block_size} or less")
-    copy = meta["tokenizer"].get("copy")
-    tokenizer_dir = shards / copy if copy and (shards / copy).is_dir() else None
-    if tokenizer_dir is not None:
-        check_same_tokenizer(tokenizer_dir, checkpoint / "tokenizer", roles=("shards", "model"))
-    return tokenizer_dir
+    shards_id = shards_tokenizer(shards, meta)
+    require_same_tokenizer(checkpoint_tokenizer(checkpoint, model.config.vocab_size), shards_id,
+                           "draw prompts from shards made with the model's tokenizer")
+    return shards_id.directory
 
 
 def _draw_prompts(shards: Path, meta: dict, split: str, count: int, prompt_tokens: int,

@@ -39,6 +39,7 @@ from llmlab.config import from_dict
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.fsutil import atomic_dir, write_text_atomic
 from llmlab.model.transformer import check_state, read_meta, read_weights, refuse_extensions
+from llmlab.train.agreement import TOKENIZER_ID_FILE, write_tokenizer_id
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "train_state.pt")
 STATE_VERSION = 1
@@ -225,11 +226,12 @@ class Checkpointer:
     """Saves ckpt-STEP directories under `run_dir`; keeps the newest `keep_last`, pinned steps and the best."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3, tokenizer_dir: str | Path | None = None,
-                 keep_best: bool = True):
+                 keep_best: bool = True, tokenizer_fingerprint: str | None = None):
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
+        self.tokenizer_fingerprint = tokenizer_fingerprint  # recorded in each checkpoint's tokenizer_id.json
         self.pinned: set[int] = set()  # steps that pruning must keep (e.g. the spike guard's rollback ring)
 
     def path(self, step: int) -> Path:
@@ -240,14 +242,23 @@ class Checkpointer:
         self.forget_best(step)
         with atomic_dir(target) as tmp:
             self.write_model(unwrap(model), tmp)
-            files = list(REQUIRED_FILES)
-            if self.tokenizer_dir is not None:
-                shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
-                files += [f"tokenizer/{p.relative_to(self.tokenizer_dir)}" for p in sorted(self.tokenizer_dir.rglob("*"))
-                          if p.is_file()]
+            files = list(REQUIRED_FILES) + self.write_tokenizer(tmp)
             torch.save({**train_state, "version": STATE_VERSION, "files": files}, tmp / "train_state.pt")
         self.prune()
         return target
+
+    def write_tokenizer(self, directory: Path) -> list[str]:
+        """Copy the run's tokenizer into a checkpoint being written and record its fingerprint; return the
+        files written (relative paths, for train_state's list)."""
+        files = []
+        if self.tokenizer_dir is not None:
+            shutil.copytree(self.tokenizer_dir, directory / "tokenizer")
+            files += [f"tokenizer/{p.relative_to(self.tokenizer_dir)}"
+                      for p in sorted(self.tokenizer_dir.rglob("*")) if p.is_file()]
+        if self.tokenizer_fingerprint is not None:
+            write_tokenizer_id(directory, self.tokenizer_fingerprint)
+            files.append(TOKENIZER_ID_FILE)
+        return files
 
     write_model = staticmethod(write_model)
     read_model = staticmethod(read_model)

@@ -183,8 +183,9 @@ class DistCheckpointer(Checkpointer):
 
     collective = True  # the Trainer calls save() on every rank
 
-    def __init__(self, run_dir, keep_last: int = 3, tokenizer_dir=None, keep_best: bool = True):
-        super().__init__(run_dir, keep_last, tokenizer_dir, keep_best)
+    def __init__(self, run_dir, keep_last: int = 3, tokenizer_dir=None, keep_best: bool = True,
+                 tokenizer_fingerprint: str | None = None):
+        super().__init__(run_dir, keep_last, tokenizer_dir, keep_best, tokenizer_fingerprint)
         self.optimizer: torch.optim.Optimizer | None = None
 
     def attach(self, optimizer: torch.optim.Optimizer) -> DistCheckpointer:
@@ -246,10 +247,7 @@ class DistCheckpointer(Checkpointer):
         tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
         tensors = {k: v.contiguous() for k, v in full.items() if not (tied and k == "lm_head.weight")}
         save_file(tensors, str(tmp / "model.safetensors"))
-        if self.tokenizer_dir is not None:
-            shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
-            files += [f"tokenizer/{p.relative_to(self.tokenizer_dir)}" for p in sorted(self.tokenizer_dir.rglob("*"))
-                      if p.is_file()]
+        files += self.write_tokenizer(tmp)
         torch.save({**state, "version": STATE_VERSION, "files": files, "dcp": True}, tmp / "train_state.pt")
         for p in tmp.rglob("*"):
             if p.is_file():

@@ -34,6 +34,13 @@ from llmlab.device import resolve_device
 from llmlab.errors import ConfigError, ModelError
 from llmlab.fsutil import check_output, write_text_atomic
 from llmlab.model import ModelConfig, Transformer
+from llmlab.train.agreement import (
+    TokenizerId,
+    checkpoint_tokenizer,
+    directory_tokenizer,
+    require_same_tokenizer,
+    shards_tokenizer,
+)
 from llmlab.train.checkpoint import BEST_FILE, Checkpointer, resolve_resume, unwrap
 from llmlab.train.distill import DistillConfig, distill_loss, load_teacher
 from llmlab.train.distributed import (
@@ -136,16 +143,18 @@ def resolve_config(cfg: PretrainConfig, meta: dict) -> PretrainConfig:
     return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, block_size=block), train=train)
 
 
-def _tokenizer_dir(cfg: PretrainConfig, meta: dict) -> Path | None:
-    if cfg.data.tokenizer:
-        path = Path(cfg.data.tokenizer)
-        if not path.is_dir():
-            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not a directory; point it at a saved "
-                              "tokenizer or drop it to use the shard directory's copy")
-        return path
-    copy = meta["tokenizer"].get("copy")
-    path = Path(cfg.data.shards) / copy if copy else None
-    return path if path is not None and path.is_dir() else None
+def _run_tokenizer(cfg: PretrainConfig, shards: TokenizerId) -> tuple[Path | None, str | None]:
+    """The tokenizer copied into every checkpoint (data.tokenizer, else the shards' own copy) and its
+    fingerprint; a data.tokenizer must be the one that made the shards."""
+    if not cfg.data.tokenizer:
+        return shards.directory, shards.fingerprint
+    path = Path(cfg.data.tokenizer)
+    if not path.is_dir():
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not a directory; point it at a saved "
+                          "tokenizer or drop it to use the shard directory's copy")
+    tok = directory_tokenizer(path)
+    require_same_tokenizer(tok, shards, "point data.tokenizer at the tokenizer that made the shards, or drop it")
+    return path, tok.fingerprint
 
 
 def _prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
@@ -198,7 +207,11 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device
     check_output(run_dir, inputs=[d.shards, cfg.data.tokenizer, cfg.distill.teacher], overwrite=True,
                  into=True, kept=True, what="run directory")
     resume_path = resolve_resume(resume, run_dir)
-    tokenizer_dir = _tokenizer_dir(cfg, meta)
+    shards_id = shards_tokenizer(d.shards, meta)
+    tokenizer_dir, tokenizer_fingerprint = _run_tokenizer(cfg, shards_id)
+    if resume_path is not None:
+        require_same_tokenizer(checkpoint_tokenizer(resume_path, cfg.model.vocab_size), shards_id,
+                               "resume on shards made with the run's tokenizer, or start a new run")
 
     seed_everything(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
@@ -207,7 +220,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device
     wrapped = parallelize(model, cfg.parallel, device)
     dcp = strategy == "fsdp" or (resume_path is not None and is_dcp_checkpoint(resume_path))
     checkpointer = (DistCheckpointer if dcp else Checkpointer)(run_dir, cfg.train.keep_last, tokenizer_dir,
-                                                                cfg.train.keep_best)
+                                                                cfg.train.keep_best, tokenizer_fingerprint)
     slow_checkpoint_writes(checkpointer)  # only with LLMLAB_CKPT_SLEEP set (crash tests)
     callbacks = [SpikeGuard(cfg.spike)] if cfg.spike.enabled else []
     loss_fn = lm_loss
