@@ -327,3 +327,25 @@ def test_disk_full_while_writing_a_checkpoint(world, tmp_path):
     assert "Traceback" not in proc.stderr
     run_dir = tmp_path / "run"
     assert not [p.name for p in run_dir.iterdir() if "ckpt" in p.name], list(run_dir.iterdir())
+
+
+def test_data_prepare_overwrite_is_made_beside_and_swapped_in(world, tmp_path, capsys, monkeypatch):
+    import llmlab.data.prepare as prepare
+    from llmlab.errors import DataError
+
+    out = tmp_path / "shards"
+    assert run(capsys, *_argv("data prepare", world, out), "--val-fraction", "0.5")[0] == 0
+    (out / "notes.txt").write_text("someone's\n")
+    before = tree_digest(tmp_path)
+
+    def fail(*args, **kwargs):
+        raise DataError("stopped midway")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare, "_meta", fail)
+        code, err = run(capsys, *_argv("data prepare", world, out), "--overwrite")
+    assert code == 2 and "stopped midway" in err
+    assert tree_digest(tmp_path) == before  # the old preparation, untouched; no temporary directory
+    assert run(capsys, *_argv("data prepare", world, out), "--overwrite")[0] == 0
+    assert not (out / "notes.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["shards"]

@@ -142,6 +142,13 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
             raise
 
 
+def swap_in(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the finished directory TMP (a sibling of PATH) to PATH, replacing what is there."""
+    with _converting_write_failures(Path(path)):
+        _swap_into_place(Path(tmp), Path(path), overwrite=True)
+        fsync_dir(Path(path).parent)
+
+
 def _swap_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
     if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
         path.rmdir()

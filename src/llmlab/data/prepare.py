@@ -63,7 +63,7 @@ from llmlab.data.shards import (
 )
 from llmlab.data.sources import STDLIB, SourceFile, _iter_resolved, describe_sources, resolve_sources
 from llmlab.errors import DataError, LLMLabError
-from llmlab.fsutil import atomic_dir, check_output, write_text_atomic
+from llmlab.fsutil import atomic_dir, check_output, swap_in, write_text_atomic
 from llmlab.tokenizer.core import Tokenizer
 from llmlab.tokenizer.identity import fingerprint as tokenizer_fingerprint
 
@@ -246,13 +246,8 @@ def _holds_only_shards(out_dir: Path) -> bool:
     return all(p.name in ours or p.name.endswith(".tmp") for p in out_dir.iterdir())
 
 
-def _clear_output(out_dir: Path) -> None:
-    # meta.json goes first so that a crash midway leaves a directory marked incomplete.
-    with contextlib.suppress(FileNotFoundError):
-        (out_dir / META_NAME).unlink()
-    for path in _existing_shards(out_dir):
-        path.unlink()
-    shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
+def _other_files(out_dir: Path) -> str | None:
+    return None if _holds_only_shards(out_dir) else "it holds other files too"
 
 
 def _remove_stale(out_dir: Path, split: str, keep: int) -> None:
@@ -352,12 +347,15 @@ def prepare_shards(sources: list[str] | str, tokenizer, out_dir: str | os.PathLi
                    "text_field": text_field, "max_chars": max_chars}
         tok_digest = _dir_digest(tok_dir)
         fingerprint = _fingerprint(tok_digest, resolved, options)
-        if out_dir.exists() and (why := _foreign_output(out_dir, fingerprint)):
+        final_dir = None
+        if out_dir.exists() and (why := _foreign_output(out_dir, fingerprint) or _other_files(out_dir)):
             if not overwrite:
                 raise DataError(f"{out_dir} already holds shards of another preparation ({why}); pass "
                                 f"--overwrite to replace them or choose another --out")
-            _clear_output(out_dir)
-        created = not out_dir.exists()
+            # Made beside the old output and swapped in at the end: a crash leaves the old one whole.
+            final_dir, out_dir = out_dir, Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp",
+                                                                 dir=out_dir.parent))
+        created = final_dir is not None or not out_dir.exists()
         out_dir.mkdir(parents=True, exist_ok=True)
         dtype = dtype_for_vocab(tok.vocab_size)
         writers = {s: _SplitWriter(out_dir, s, _finished_prefix(out_dir, s, fingerprint), shard_tokens,
@@ -375,6 +373,8 @@ def prepare_shards(sources: list[str] | str, tokenizer, out_dir: str | os.PathLi
             with atomic_dir(out_dir / "tokenizer") as tmp:
                 tok.save(tmp)
             write_text_atomic(out_dir / META_NAME, json.dumps(meta, indent=2) + "\n")
+            if final_dir is not None:
+                swap_in(out_dir, final_dir)
         except LLMLabError:
             # A user error leaves nothing half-made: drop what this run wrote (earlier runs' shards stay).
             for writer in writers.values():

@@ -33,7 +33,6 @@ from llmlab.infer.sampling import check_sampling, next_token, seeded_generator
 from llmlab.infer.speculative import load_draft, speculative_generate
 from llmlab.model.kv_cache import KVCache
 from llmlab.tokenizer import Tokenizer
-from llmlab.train.agreement import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 
 
 def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -50,10 +49,12 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
                                     top_p=top_p, seed=seed, stop=stop, speculate_k=speculate_k,
                                     draft_confidence=draft_confidence, pad_id=pad_id)
     if draft_confidence is not None:
-        raise ConfigError(f"draft_confidence={draft_confidence} needs a draft model; pass draft=... or drop it")
+        raise ConfigError(f"draft_confidence={draft_confidence} needs a draft model; pass draft=... or "
+                          "drop it")
     prompt, lengths, single = prepare_prompts(model, ids, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
-    steps = list(_decode(model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, seed, stop, pad_id))
+    steps = list(_decode(model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                         pad_id))
     new = torch.stack(steps, dim=1) if steps else prompt.new_empty(prompt.shape[0], 0)
     return assemble(prompt, lengths, new, pad_id, single, stop)
 
@@ -127,13 +128,13 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
     model = load_model(checkpoint, device=dev, dtype=dtype)
     draft_model = None
     if draft_confidence is not None and draft is None:
-        raise ConfigError(f"--draft-confidence {draft_confidence} needs --draft CKPT (a draft model); add one "
-                          "or drop the confidence")
+        raise ConfigError(f"--draft-confidence {draft_confidence} needs --draft CKPT (a draft model); "
+                          "add one or drop the confidence")
     if draft is not None or lookup:  # checked before the tokenizer loads: a bad draft fails fast
         tok_dir = Path(tokenizer) if tokenizer is not None else checkpoint / "tokenizer"
         draft_model = load_draft(model, draft, lookup=lookup, speculate_k=speculate_k,
                                  tokenizer_dir=tok_dir, device=dev, dtype=dtype)
-    tok = _load_tokenizer(checkpoint, tokenizer, model.config.vocab_size)
+    tok = _load_tokenizer(checkpoint, tokenizer)
     ids = tok.encode(prompt, allowed_special="all")
     if doc_start and tok.eos_id is not None:
         ids = [tok.eos_id] + ids
@@ -162,14 +163,10 @@ def _decode_text(tok, tokens: Iterable[int], stop: int | None) -> Iterator[str]:
         yield tail
 
 
-def _load_tokenizer(checkpoint: Path, tokenizer: str | Path | None, vocab_size: int) -> Tokenizer:
-    """The checkpoint's tokenizer (or --tokenizer's), refused if it is not the one the model was trained with."""
+def _load_tokenizer(checkpoint: Path, tokenizer: str | Path | None) -> Tokenizer:
     directory = Path(tokenizer) if tokenizer is not None else checkpoint / "tokenizer"
     if not directory.is_dir():
         where = "--tokenizer" if tokenizer is not None else f"checkpoint {checkpoint}"
         raise CheckpointError(f"no tokenizer directory at {directory} (from {where}); pass --tokenizer DIR "
                               "pointing at a saved tokenizer (tokenizer.json + llmlab.json)")
-    tok = Tokenizer.load(directory)
-    require_same_tokenizer(checkpoint_tokenizer(checkpoint, vocab_size), directory_tokenizer(directory, tok),
-                           "pass the --tokenizer the model was trained with, or drop it to use the checkpoint's")
-    return tok
+    return Tokenizer.load(directory)
