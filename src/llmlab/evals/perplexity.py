@@ -103,13 +103,13 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, spli
         raise ConfigError("no checkpoints given; pass one or more checkpoint directories")
     dev = resolve_device(device)
     configs = [read_config(Path(c)) for c in checkpoints]
-    block = block_size if block_size is not None else min(c.block_size for c in configs)
-    rows = []
-    for path in checkpoints:
     shards_id = shards_tokenizer(shards, read_meta(shards))
     for path, config in zip(checkpoints, configs, strict=True):
         require_same_tokenizer(checkpoint_tokenizer(path, config.vocab_size), shards_id,
                                "evaluate on shards made with the model's tokenizer")
+    block = block_size if block_size is not None else min(c.block_size for c in configs)
+    rows = []
+    for path in checkpoints:
         model = load_model(path, device=dev, dtype=dtype)
         result = evaluate_perplexity(model, shards, split, block, batch_size, max_batches, progress)
         rows.append({"checkpoint": str(path), "ppl": result["ppl"], "nll": result["nll"],
