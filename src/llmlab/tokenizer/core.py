@@ -31,9 +31,9 @@ import regex
 
 from llmlab.errors import TokenizerError
 from llmlab.tokenizer import formats
-from llmlab.tokenizer.patterns import resolve_pattern
+from llmlab.tokenizer.patterns import check_tiktoken_pattern, resolve_pattern
 from llmlab.tokenizer.reference import merge_list_bpe, rank_bpe, tiktoken_compatible
-from llmlab.tokenizer.spec import EncodingOptions, TokenizerSpec
+from llmlab.tokenizer.spec import MAX_UNUSED_IDS, SEMANTICS, EncodingOptions, TokenizerSpec
 from llmlab.tokenizer.train import count_chunks, learn_merges
 
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (
@@ -56,13 +56,17 @@ class Tokenizer:
         (left id, right id) rules in priority order; semantics "merges" (merge-list BPE, the default) or
         "ranks" (tiktoken's rank BPE with rank = id, for tokenizers read from .tiktoken files)."""
         self._pattern, self._pattern_name = resolve_pattern(pattern)
+        if self._pattern_name is None:
+            check_tiktoken_pattern(self._pattern)
         self._tokens: list[bytes | None] = list(tokens)
-        self._merges: list[tuple[int, int]] = [(int(a), int(b)) for a, b in merges]
+        self._merges: list[tuple[int, int]] = [_merge_pair(k, m) for k, m in enumerate(merges)]
         self._special: dict[str, int] = dict(special_tokens or {})
-        if semantics not in ("merges", "ranks"):
-            raise ValueError(f"semantics must be 'merges' or 'ranks', not {semantics!r}")
+        if semantics not in SEMANTICS:
+            raise TokenizerError(f"semantics must be 'merges' or 'ranks', not {semantics!r}")
         self._semantics = semantics
         self._options = options or EncodingOptions()
+        if not isinstance(self._options, EncodingOptions):
+            raise TokenizerError(f"options must be an EncodingOptions, not {type(self._options).__name__}")
         self._validate()
         self._reset_caches()
 
@@ -85,6 +89,8 @@ class Tokenizer:
                                  f"{type(texts).__name__}; wrap it in a list: Tokenizer.train([text], ...)")
         specials = _check_specials(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
         regex_text, name = resolve_pattern(pattern)
+        if name is None:
+            check_tiktoken_pattern(regex_text)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
             raise TokenizerError(
                 f"vocab_size={vocab_size!r} is below 256 byte tokens + {len(specials)} special tokens = "
@@ -262,11 +268,15 @@ class Tokenizer:
 
     def _validate(self) -> None:
         n = len(self._tokens)
+        for i, t in enumerate(self._tokens):
+            if t is not None and (not isinstance(t, bytes) or not t):
+                raise TokenizerError(f"token {i} is {t!r}; a regular token is a non-empty byte string")
         for s, i in self._special.items():
             if not isinstance(s, str) or not s:
                 raise TokenizerError(f"special token {s!r} must be a non-empty string")
-            if not isinstance(i, int) or i < 0:
-                raise TokenizerError(f"special token {s!r} has invalid id {i!r}")
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n + MAX_UNUSED_IDS:
+                raise TokenizerError(f"special token {s!r} has invalid id {i!r} (ids are 0 to "
+                                     f"{n + MAX_UNUSED_IDS - 1} for {n} regular ids)")
             if i < n and self._tokens[i] is not None:
                 raise TokenizerError(f"special token {s!r} reuses id {i} of the regular token {self._tokens[i]!r}")
         if len(set(self._special.values())) != len(self._special):
@@ -296,6 +306,9 @@ class Tokenizer:
                                      f"is not in the vocabulary; the tokenizer file is inconsistent")
             merged.append(result)
         self._merged_ids = merged
+        unk = self._options.unk_id
+        if unk is not None and not (0 <= unk < width and table[unk] is not None):
+            raise TokenizerError(f"unk id {unk} is not a token of this tokenizer (ids 0..{width - 1})")
 
     def _reset_caches(self) -> None:
         self._fast_state = None  # (tiktoken.Encoding, rank_to_id list or None) | False once known unusable
@@ -516,6 +529,13 @@ class Tokenizer:
             if not 0 <= i < n or self._table[i] is None:
                 raise TokenizerError(f"token id {i} is not in this tokenizer (ids 0..{n - 1}); "
                                      f"decode ids produced by the same tokenizer")
+
+
+def _merge_pair(k: int, merge) -> tuple[int, int]:
+    if (not isinstance(merge, (tuple, list)) or len(merge) != 2
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in merge)):
+        raise TokenizerError(f"merge #{k} is {merge!r}; a merge is a pair of token ids")
+    return merge[0], merge[1]
 
 
 def _check_specials(specials: Sequence[str]) -> list[str]:

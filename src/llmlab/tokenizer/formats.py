@@ -33,7 +33,7 @@ from llmlab.tokenizer.patterns import (
     resolve_pattern,
 )
 from llmlab.tokenizer.reference import rank_bpe
-from llmlab.tokenizer.spec import NORMALIZERS, EncodingOptions, TokenizerSpec
+from llmlab.tokenizer.spec import MAX_UNUSED_IDS, NORMALIZERS, EncodingOptions, TokenizerSpec
 
 FORMAT = "llmlab-tokenizer"
 FORMAT_VERSION = 1
@@ -140,30 +140,72 @@ def read_llmlab_dir(directory: Path) -> TokenizerSpec:
         raise TokenizerError(f"{path} is not an llmlab tokenizer file (no \"format\": \"{FORMAT}\"); "
                              f"save the tokenizer again with llmlab")
     version = data.get("format_version")
-    if not isinstance(version, int):
-        raise TokenizerError(f"{path} has no integer format_version; save the tokenizer again with llmlab")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise TokenizerError(f"{path} has no positive integer format_version; save the tokenizer again with llmlab")
     if version > FORMAT_VERSION:
         raise TokenizerError(
             f"{path} has tokenizer format version {version}, written by a newer llmlab "
             f"({data.get('llmlab_version', '?')}); this llmlab {__version__} reads up to version "
             f"{FORMAT_VERSION}: upgrade llmlab (pip install -U llmlab)")
     try:
-        merges = [(int(a), int(b)) for a, b in data["merges"]]
-        if data["tokens"] is None:
-            tokens: list[bytes | None] = [bytes([b]) for b in range(256)]
-            for a, b in merges:
-                tokens.append(tokens[a] + tokens[b])
-        else:
-            tokens = [None if t is None else base64.b64decode(t, validate=True) for t in data["tokens"]]
-        options = EncodingOptions(**data.get("options", {}))
-        return TokenizerSpec(tokens, merges, data["pattern"],
-                             {str(k): int(v) for k, v in data["special_tokens"].items()},
-                             semantics=data.get("semantics", "merges"), options=options)
+        spec = _spec_from_llmlab(data)
     except TokenizerError as e:
-        raise TokenizerError(f"{path}: {e}") from None
-    except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as e:
-        raise TokenizerError(f"{path} is corrupt ({type(e).__name__}: {e}); save the tokenizer again "
-                             f"or restore the file") from None
+        raise TokenizerError(f"{path}: {e}; save the tokenizer again or restore the file") from None
+    return spec
+
+
+def _spec_from_llmlab(data: dict) -> TokenizerSpec:
+    """The spec an llmlab.json document describes, every field's type checked (TokenizerError otherwise)."""
+    missing = [key for key in ("pattern", "special_tokens", "merges", "tokens") if key not in data]
+    if missing:
+        raise TokenizerError(f"missing key {missing[0]!r}")
+    merges = [_id_pair(m, f"merge #{k}") for k, m in enumerate(_typed(data["merges"], list, "merges"))]
+    if data["tokens"] is None:  # the trained layout: 0-255 are the bytes, 256 + k is merge k
+        tokens: list[bytes | None] = [bytes([b]) for b in range(256)]
+        for k, (a, b) in enumerate(merges):
+            if not (a < len(tokens) and b < len(tokens)):
+                raise TokenizerError(f"merge #{k} ({a}, {b}) uses a token no earlier merge made")
+            tokens.append(tokens[a] + tokens[b])
+    else:
+        tokens = [_token_bytes(t, i) for i, t in enumerate(_typed(data["tokens"], list, "tokens"))]
+    specials = _typed(data["special_tokens"], dict, "special_tokens")
+    options = _typed(data.get("options", {}), dict, "options")
+    unknown = set(options) - set(EncodingOptions.__dataclass_fields__)
+    if unknown:
+        raise TokenizerError(f"unknown option {sorted(unknown)[0]!r}")
+    return TokenizerSpec(tokens, merges, _typed(data["pattern"], str, "pattern"),
+                         {name: _id(i, f"special token {name!r}") for name, i in specials.items()},
+                         semantics=data.get("semantics", "merges"), options=EncodingOptions(**options))
+
+
+def _typed(value, kind: type, what: str):
+    if not isinstance(value, kind):
+        raise TokenizerError(f"{what} is {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+def _id(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TokenizerError(f"{what} has id {value!r}, not a non-negative integer")
+    return value
+
+
+def _id_pair(value, what: str) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise TokenizerError(f"{what} is {value!r}, not a pair of ids")
+    return _id(value[0], what), _id(value[1], what)
+
+
+def _token_bytes(value, token_id: int) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        data = base64.b64decode(_typed(value, str, f"token {token_id}"), validate=True)
+    except (binascii.Error, ValueError):
+        raise TokenizerError(f"token {token_id} is not valid base64: {value[:40]!r}") from None
+    if not data:
+        raise TokenizerError(f"token {token_id} is empty")
+    return data
 
 
 def _read_json(path: Path):
@@ -171,6 +213,10 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TokenizerError(f"{path} does not exist; check the path") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise TokenizerError(f"cannot read {path} ({e.strerror or e}); pass a readable tokenizer file") from None
+    except RecursionError:
+        raise TokenizerError(f"{path} nests JSON too deeply to be a tokenizer file; restore the file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path} is not valid JSON ({e}); restore or regenerate the file") from None
 
@@ -249,56 +295,63 @@ def derive_merges(tokens: list[bytes | None]) -> list[tuple[int, int]]:
     return merges
 
 
-def _parse_pre_tokenizer(pre, path: Path) -> tuple[str, bool]:
+def _parse_pre_tokenizer(pre) -> tuple[str, bool]:
     """(pattern, prefix_space) for the byte-level pre-tokenizers we can reproduce exactly."""
     unsupported = TokenizerError(
-        f"{path}: pre_tokenizer {json.dumps(pre)[:120]} is not supported; llmlab imports byte-level BPE with "
+        f"pre_tokenizer {json.dumps(pre)[:120]} is not supported; llmlab imports byte-level BPE with "
         f"a ByteLevel pre-tokenizer, optionally after one Split(regex, behavior=Isolated)")
     if not isinstance(pre, dict):
         raise unsupported
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
-    if not isinstance(steps, list) or not steps or not isinstance(steps[-1], dict):
+    if not isinstance(steps, list) or not steps or not all(isinstance(step, dict) for step in steps):
         raise unsupported
     last = steps[-1]
     if last.get("type") != "ByteLevel":
         raise unsupported
-    prefix = bool(last.get("add_prefix_space", True))
-    use_regex = bool(last.get("use_regex", True))
+    prefix = _flag(last, "add_prefix_space", True, "ByteLevel")
+    use_regex = _flag(last, "use_regex", True, "ByteLevel")
     if len(steps) == 1:
         return (GPT2_PATTERN if use_regex else WHOLE_TEXT_PATTERN), prefix
     split = steps[0]
     if (len(steps) != 2 or use_regex or prefix or split.get("type") != "Split" or split.get("invert")
             or str(split.get("behavior", "")).lower() != "isolated"):
         raise unsupported
-    pattern = split.get("pattern", {})
-    if "Regex" in pattern:
+    pattern = split.get("pattern")
+    if isinstance(pattern, dict) and isinstance(pattern.get("Regex"), str):
         text = pattern["Regex"]
-    elif "String" in pattern:
+    elif isinstance(pattern, dict) and isinstance(pattern.get("String"), str):
         text = regex.escape(pattern["String"])
     else:
         raise unsupported
-    try:
-        return from_hf_spelling(text)[0], False
-    except TokenizerError as e:
-        raise TokenizerError(f"{path}: {e}") from None
+    return from_hf_spelling(text)[0], False
 
 
-def _parse_normalizer(norm, path: Path) -> str | None:
+def _flag(obj: dict, key: str, default: bool, what: str) -> bool:
+    value = obj.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise TokenizerError(f"{what} {key}={value!r} is not true or false")
+    return value
+
+
+def _parse_normalizer(norm) -> str | None:
     if norm is None:
         return None
     if isinstance(norm, dict) and norm.get("type") in NORMALIZERS:
         return norm["type"]
-    if isinstance(norm, dict) and norm.get("type") == "Sequence" and not norm.get("normalizers"):
+    if isinstance(norm, dict) and norm.get("type") == "Sequence" and norm.get("normalizers") in (None, []):
         return None
-    raise TokenizerError(f"{path}: normalizer {json.dumps(norm)[:100]} is not supported (only none or a "
+    raise TokenizerError(f"normalizer {json.dumps(norm)[:100]} is not supported (only none or a "
                          f"Unicode normal form NFC/NFD/NFKC/NFKD)")
 
 
-def _check_decoder(dec, path: Path) -> None:
+def _check_decoder(dec) -> None:
     steps = dec.get("decoders") if isinstance(dec, dict) and dec.get("type") == "Sequence" else [dec]
-    if dec is None or all(isinstance(s, dict) and s.get("type") == "ByteLevel" for s in steps or []):
+    if dec is None or (isinstance(steps, list)
+                       and all(isinstance(s, dict) and s.get("type") == "ByteLevel" for s in steps)):
         return
-    raise TokenizerError(f"{path}: decoder {json.dumps(dec)[:100]} is not supported; byte-level BPE "
+    raise TokenizerError(f"decoder {json.dumps(dec)[:100]} is not supported; byte-level BPE "
                          f"tokenizers use the ByteLevel decoder")
 
 
@@ -318,34 +371,30 @@ def read_hf(path: Path) -> TokenizerSpec:
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         raise TokenizerError(f"{path} has no \"model\" object; is it a Hugging Face tokenizer.json?")
+    try:
+        return _spec_from_hf(data, model)
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
+
+
+def _spec_from_hf(data: dict, model: dict) -> TokenizerSpec:
     kind = model.get("type", "BPE" if "merges" in model else None)
     if kind != "BPE":
-        raise TokenizerError(f"{path}: model type {kind!r} is not supported; llmlab imports byte-level BPE "
+        raise TokenizerError(f"model type {kind!r} is not supported; llmlab imports byte-level BPE "
                              f"tokenizers (GPT-2, Llama 3, Qwen style), not WordPiece/Unigram/WordLevel")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            raise TokenizerError(f"{path}: BPE {key}={model[key]!r} is not supported by byte-level BPE")
+            raise TokenizerError(f"BPE {key}={model[key]!r} is not supported by byte-level BPE")
     if model.get("dropout") not in (None, 0, 0.0):
-        raise TokenizerError(f"{path}: BPE dropout={model['dropout']} makes encoding random; set it to null")
-    pattern, prefix_space = _parse_pre_tokenizer(data.get("pre_tokenizer"), path)
-    normalizer = _parse_normalizer(data.get("normalizer"), path)
-    _check_decoder(data.get("decoder"), path)
-    try:
-        return _spec_from_hf(data, model, pattern, prefix_space, normalizer)
-    except TokenizerError as e:
-        raise TokenizerError(f"{path}: {e}") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise TokenizerError(f"{path}: malformed tokenizer.json ({type(e).__name__}: {e}); "
-                             f"regenerate it with the tokenizers library") from None
-
-
-def _spec_from_hf(data: dict, model: dict, pattern: str, prefix_space: bool,
-                  normalizer: str | None) -> TokenizerSpec:
-    vocab = {str(k): int(v) for k, v in (model.get("vocab") or {}).items()}
-    added = {str(t["content"]): int(t["id"]) for t in data.get("added_tokens") or []}
+        raise TokenizerError(f"BPE dropout={model['dropout']} makes encoding random; set it to null")
+    pattern, prefix_space = _parse_pre_tokenizer(data.get("pre_tokenizer"))
+    normalizer = _parse_normalizer(data.get("normalizer"))
+    _check_decoder(data.get("decoder"))
+    vocab = _hf_vocab(model.get("vocab"))
+    added = _hf_added(data.get("added_tokens"))
+    _check_id_range([*vocab.values(), *added.values()], len(vocab) + len(added))
+    tokens: list[bytes | None] = [None] * (1 + max([*vocab.values(), *added.values(), -1]))
     special_ids = set(added.values())
-    size = 1 + max([*vocab.values(), *special_ids, -1])
-    tokens: list[bytes | None] = [None] * size
     for text, i in vocab.items():
         if i in special_ids:  # HF trainers also list special tokens in the model vocab
             continue
@@ -354,17 +403,56 @@ def _spec_from_hf(data: dict, model: dict, pattern: str, prefix_space: bool,
             raise TokenizerError(f"vocab entry {text!r} (id {i}) is not a byte-level string; "
                                  f"only byte-level BPE vocabularies can be imported")
         tokens[i] = data_bytes
-    merges = []
-    for k, rule in enumerate(model.get("merges") or []):
-        parts = rule.split(" ") if isinstance(rule, str) else list(rule)
-        if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab:
-            raise TokenizerError(f"merge #{k} {rule!r} is not a pair of tokens from the vocab")
-        merges.append((vocab[parts[0]], vocab[parts[1]]))
+    merges = [_hf_merge(k, rule, vocab) for k, rule in enumerate(_typed(model.get("merges") or [], list, "merges"))]
     unk = model.get("unk_token")
     unk_id = None if unk is None else added.get(unk, vocab.get(unk))
-    options = EncodingOptions(prefix_space=prefix_space, ignore_merges=bool(model.get("ignore_merges", False)),
-                              unk_id=unk_id, fuse_unk=bool(model.get("fuse_unk", False)), normalizer=normalizer)
+    if unk is not None and unk_id is None:
+        raise TokenizerError(f"unk_token {unk!r} is neither in the vocab nor an added token")
+    options = EncodingOptions(prefix_space=prefix_space, ignore_merges=_flag(model, "ignore_merges", False, "BPE"),
+                              unk_id=unk_id, fuse_unk=_flag(model, "fuse_unk", False, "BPE"), normalizer=normalizer)
     return TokenizerSpec(tokens, merges, pattern, added, options=options)
+
+
+def _hf_vocab(vocab) -> dict[str, int]:
+    """The model's vocab: distinct non-negative integer ids."""
+    by_id: dict[int, str] = {}
+    for text, i in _typed(vocab if vocab is not None else {}, dict, "vocab").items():
+        _id(i, f"vocab entry {text!r}")
+        if i in by_id:
+            raise TokenizerError(f"vocab entries {by_id[i]!r} and {text!r} share id {i}; each id names one token")
+        by_id[i] = text
+    return vocab or {}
+
+
+def _hf_added(added) -> dict[str, int]:
+    """added_tokens as {content: id}: each a distinct non-empty string with its own id."""
+    out: dict[str, int] = {}
+    for k, entry in enumerate(_typed(added if added is not None else [], list, "added_tokens")):
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str) or not entry["content"]:
+            raise TokenizerError(f"added_tokens[{k}] is not an object with a non-empty \"content\" string")
+        content, i = entry["content"], _id(entry.get("id"), f"added token {entry['content']!r}")
+        if content in out and out[content] != i:
+            raise TokenizerError(f"added token {content!r} is listed with ids {out[content]} and {i}")
+        if i in out.values() and out.get(content) != i:
+            other = next(c for c, j in out.items() if j == i)
+            raise TokenizerError(f"added tokens {other!r} and {content!r} share id {i}")
+        out[content] = i
+    return out
+
+
+def _hf_merge(k: int, rule, vocab: dict[str, int]) -> tuple[int, int]:
+    parts = rule.split(" ") if isinstance(rule, str) else rule
+    if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) and p in vocab for p in parts):
+        raise TokenizerError(f"merge #{k} {rule!r} is not a pair of tokens from the vocab")
+    return vocab[parts[0]], vocab[parts[1]]
+
+
+def _check_id_range(ids: list[int], count: int) -> None:
+    """Ids may leave a few unused values, not so many that the table would be mostly holes."""
+    top = max(ids, default=-1)
+    if top >= count + MAX_UNUSED_IDS:
+        raise TokenizerError(f"id {top} is far past the {count} tokens listed (at most {MAX_UNUSED_IDS} ids may "
+                             f"be unused); the file is corrupt")
 
 
 # ---- tiktoken rank files ------------------------------------------------------------------------------------
@@ -377,6 +465,8 @@ def read_tiktoken(path: Path, pattern: str, specials) -> TokenizerSpec:
         raise TokenizerError(f"{path} does not exist; pass the path of a .tiktoken rank file") from None
     except IsADirectoryError:
         raise TokenizerError(f"{path} is a directory; pass the path of a .tiktoken rank file") from None
+    except OSError as e:
+        raise TokenizerError(f"cannot read {path} ({e.strerror or e}); pass a readable .tiktoken file") from None
     ranks: dict[int, bytes] = {}
     seen: dict[bytes, int] = {}
     for lineno, line in enumerate(lines, 1):
@@ -400,14 +490,28 @@ def read_tiktoken(path: Path, pattern: str, specials) -> TokenizerSpec:
     if missing:
         raise TokenizerError(f"{path} lacks single-byte tokens (e.g. byte 0x{missing[0]:02x}); "
                              f"byte-level BPE needs all 256")
-    tokens: list[bytes | None] = [None] * (max(ranks) + 1)
-    for rank, token in ranks.items():
-        tokens[rank] = token
+    try:
+        _check_id_range(list(ranks), len(ranks))
+        tokens: list[bytes | None] = [None] * (max(ranks) + 1)
+        for rank, token in ranks.items():
+            tokens[rank] = token
+        special_ids = _tiktoken_specials(specials, len(tokens))
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
+    return TokenizerSpec(tokens, [], resolve_pattern(pattern)[0], special_ids, semantics="ranks")
+
+
+def _tiktoken_specials(specials, first_id: int) -> dict[str, int]:
+    """{token: id} from a dict (ids checked) or a list (ids from first_id on, each token once)."""
     if specials is None:
-        special_ids: dict[str, int] = {}
-    elif isinstance(specials, dict):
-        special_ids = {str(k): int(v) for k, v in specials.items()}
-    else:
-        special_ids = {s: len(tokens) + i for i, s in enumerate(specials)}
-    regex_text, _ = resolve_pattern(pattern)
-    return TokenizerSpec(tokens, [], regex_text, special_ids, semantics="ranks")
+        return {}
+    if isinstance(specials, dict):
+        return {_typed(name, str, "a special token's name"): _id(i, f"special token {name!r}")
+                for name, i in specials.items()}
+    if isinstance(specials, str):
+        raise TokenizerError(f"specials must be a list of strings or a dict, not the string {specials!r}")
+    names = list(specials)
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        raise TokenizerError(f"special token {repeated!r} is listed twice; list each once")
+    return {_typed(name, str, "a special token's name"): first_id + k for k, name in enumerate(names)}

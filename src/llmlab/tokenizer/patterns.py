@@ -34,6 +34,7 @@ those constructs so a pattern means the same on both sides, and refuse what has 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 
 import regex
@@ -109,6 +110,19 @@ def resolve_pattern(pattern: str) -> tuple[str, str | None]:
         raise TokenizerError(f"pattern {pattern!r} can match the empty string; make every alternative "
                              f"consume at least one character (e.g. use + instead of *)")
     return pattern, None
+
+
+@functools.lru_cache(maxsize=64)
+def check_tiktoken_pattern(pattern: str) -> None:
+    """TokenizerError unless tiktoken's regex engine compiles the pattern (encoding runs on tiktoken)."""
+    import tiktoken
+
+    try:
+        tiktoken.Encoding(f"llmlab-check-{hash(pattern)}", pat_str=pattern,
+                          mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={})
+    except ValueError as e:
+        raise TokenizerError(f"pattern {pattern!r} does not compile in tiktoken's regex engine "
+                             f"({str(e).splitlines()[0]}); rewrite it without that construct") from None
 
 
 def pattern_name(pattern: str) -> str | None:

@@ -13,6 +13,9 @@ from llmlab.errors import TokenizerError
 
 NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
 SEMANTICS = ("merges", "ranks")
+# Ids may skip unused values (tiktoken's cl100k leaves 100256 free before its specials), but a table that is
+# mostly holes is a corrupt file, and allocating it could exhaust memory.
+MAX_UNUSED_IDS = 1 << 16
 
 
 @dataclass(frozen=True)
