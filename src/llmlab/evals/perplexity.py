@@ -89,13 +89,16 @@ def evaluate_perplexity(model, shards: str | Path, split: str = "val", block_siz
 
 def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, split: str = "val",
                          block_size: int | None = None, batch_size: int = 8, max_batches: int | None = None,
-                         device: str = "cpu", dtype: str | None = None, progress: bool = True) -> list[dict]:
+                         device: str = "cpu", dtype: str | None = None, progress: bool = True,
+                         cpu_routes: bool = True) -> list[dict]:
     """One row per checkpoint: perplexity, mean NLL, tokens, file size and quantization scheme.
 
     Every checkpoint's config is read (and checked) before the first evaluation starts, so a bad path
     fails fast. Checkpoints with different contexts are compared at the smallest block size of them all.
+    On CPU, cpu_routes lets linears take the matmul route measured fastest per shape (llmlab.infer.cpu_linear).
     """
     from llmlab.device import resolve_device
+    from llmlab.infer.cpu_linear import route_cpu_linears
     from llmlab.infer.quant import load_model
     from llmlab.model.transformer import WEIGHTS_FILE, read_config
 
@@ -111,6 +114,8 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, spli
     rows = []
     for path in checkpoints:
         model = load_model(path, device=dev, dtype=dtype)
+        if cpu_routes and dev.type == "cpu":
+            route_cpu_linears(model)
         result = evaluate_perplexity(model, shards, split, block, batch_size, max_batches, progress)
         rows.append({"checkpoint": str(path), "ppl": result["ppl"], "nll": result["nll"],
                      "tokens": result["tokens"], "block_size": block,

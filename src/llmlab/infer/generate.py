@@ -27,6 +27,7 @@ import torch
 
 from llmlab.device import resolve_device
 from llmlab.errors import CheckpointError, ConfigError
+from llmlab.infer.cpu_linear import route_cpu_linears
 from llmlab.infer.prompts import assemble, prepare_prompts, stop_tensor
 from llmlab.infer.quant import load_model
 from llmlab.infer.sampling import check_sampling, next_token, seeded_generator
@@ -114,14 +115,16 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
              top_p: float | None = None, seed: int | None = None, stream_text: bool = False,
              stop_at_eos: bool = True, doc_start: bool = True, draft: str | Path | None = None,
              speculate_k: int = 4, draft_confidence: float | None = None, lookup: bool = False,
-             device: str = "auto", dtype: str = "auto") -> Iterator[str]:
+             device: str = "auto", dtype: str = "auto", cpu_routes: bool = True) -> Iterator[str]:
     """Load CHECKPOINT (and its tokenizer), continue `prompt`; return an iterator over the new text (piece by
     piece as tokens are made if stream_text, else all at once). Loading and checks happen before it returns.
 
     doc_start prepends the tokenizer's eos id, which separates documents in the training shards, so the
     prompt reads as the start of a document. max_new_tokens None fills the context up to 256 new tokens.
     `draft` (a checkpoint) or `lookup` (draft-free prompt lookup) switches to speculative decoding
-    (draft_confidence: see llmlab.infer.speculative.speculative_generate).
+    (draft_confidence: see llmlab.infer.speculative.speculative_generate). On CPU, cpu_routes lets the
+    models' linears take the matmul route measured fastest per shape (llmlab.infer.cpu_linear); False keeps
+    plain F.linear.
     """
     checkpoint = Path(checkpoint)
     dev = resolve_device(device)
@@ -134,6 +137,10 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
         tok_dir = Path(tokenizer) if tokenizer is not None else checkpoint / "tokenizer"
         draft_model = load_draft(model, draft, lookup=lookup, speculate_k=speculate_k,
                                  tokenizer_dir=tok_dir, device=dev, dtype=dtype)
+    if cpu_routes and dev.type == "cpu":
+        for m in (model, draft_model, getattr(draft_model, "fallback", None)):
+            if isinstance(m, torch.nn.Module):
+                route_cpu_linears(m)
     tok = _load_tokenizer(checkpoint, tokenizer)
     ids = tok.encode(prompt, allowed_special="all")
     if doc_start and tok.eos_id is not None:
