@@ -228,7 +228,7 @@ def test_speedrun_and_pretrain_refuse_outputs_around_their_inputs(world, tmp_pat
     assert code == 2 and "lies inside the input" in err
 
 
-def test_check_output_rules_by_hand(tmp_path):
+def test_check_output_rules_by_hand(tmp_path, monkeypatch):
     data = someones_dir(tmp_path / "data")
     assert check_output(tmp_path / "new", inputs=[data]) == tmp_path / "new"
     (tmp_path / "empty").mkdir()
@@ -245,6 +245,10 @@ def test_check_output_rules_by_hand(tmp_path):
         with pytest.raises(OutputError, match=message):
             check_output(out, inputs=inputs, overwrite=overwrite)
     check_output(data / "run", inputs=[data / "run" / "shards"], kept=True)  # written into, never replaced
+    monkeypatch.chdir(data)
+    for out in (".", "..", "/"):
+        with pytest.raises(OutputError, match="current directory"):
+            check_output(out, overwrite=True)
     with pytest.raises(OutputError, match="is a regular file"):
         check_output(data / "notes.txt", overwrite=True, into=True)
 

@@ -218,6 +218,9 @@ def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike 
                               "so choose a path outside it")
         if _is_within(target, source):
             raise OutputError(f"{what} {path} lies inside the input {given}; choose a path outside it")
+    if not kept and _is_within(_resolve(os.getcwd()), target):
+        raise OutputError(f"{what} {path} is or contains the current directory; writing it would replace the "
+                          "directory you are in, so name a new directory inside it")
     check_writable(path, what)
     if into and os.path.lexists(path) and not path.is_dir():
         raise OutputError(f"{what} {path} is a regular file, not a directory; choose a directory path")
