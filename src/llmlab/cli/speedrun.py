@@ -21,8 +21,9 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--out", default="runs/demo",
                    help="output directory (tokenizer, shards, checkpoints, report)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start over in an OUT that holds other files or another speedrun's (an OUT of an "
-                        "earlier run of the same preset is resumed stage by stage without it)")
+                   help="also write into an OUT that holds files other than a speedrun's (they stay; each "
+                        "stage replaces only its own output). An earlier speedrun's OUT is resumed stage by "
+                        "stage without it")
     p.set_defaults(func=_speedrun)
 
 
