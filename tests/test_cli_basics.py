@@ -58,7 +58,8 @@ def test_overrides_may_stand_anywhere_among_the_options(capsys):
 
 def test_argparse_errors_are_one_line_and_a_hint(capsys):
     for argv, first in [
-        (["pretrain", "--config", "tiny", "--bogus"], "llmlab pretrain: error: unrecognized argument: --bogus"),
+        (["pretrain", "--config", "tiny", "--bogus"],
+         "llmlab pretrain: error: unrecognized argument: --bogus"),
         (["pretrain", "--config", "tiny", "stray"], "override 'stray' is not key=value"),
         (["tokenizer"], "llmlab tokenizer: error: missing ACTION; choose one of: train, encode"),
         (["data", "prepare", "x", "--out", "o"], "the following arguments are required: --tokenizer"),
@@ -68,3 +69,51 @@ def test_argparse_errors_are_one_line_and_a_hint(capsys):
         lines = captured.err.splitlines()
         assert captured.out == "" and first in lines[0] and "usage:" not in captured.err
         assert len(lines) == 1 or lines[1] == f"llmlab: see '{lines[0].split(': error')[0]} --help'"
+
+
+def _all_parsers(parser):
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _all_parsers(child)
+
+
+def test_every_numeric_option_is_range_checked():
+    """No option takes a bare int/float (which lets --workers -3 or --temperature inf through), except
+    --bits, whose values the quantizer names itself."""
+    from llmlab.cli import build_parser
+
+    bare = [f"{p.prog} {a.option_strings[0]}" for p in _all_parsers(build_parser()) for a in p._actions
+            if a.type in (int, float) and a.option_strings != ["--bits"]]
+    assert bare == []
+
+
+def test_range_checked_types_accept_exactly_their_range():
+    import argparse
+    import math
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from llmlab.cli.options import COUNT, TEMPERATURE, real
+
+    top_p = real(0.0, 1.0, low_open=True)
+    words = st.one_of(st.integers(-10, 10**6).map(str),
+                      st.floats(allow_nan=True, allow_infinity=True).map(str), st.text(max_size=6))
+
+    @given(words)
+    def check(text):
+        for parse, ok in ((COUNT, lambda v: isinstance(v, int) and v >= 1),
+                          (TEMPERATURE, lambda v: math.isfinite(v) and v >= 0),
+                          (top_p, lambda v: math.isfinite(v) and 0 < v <= 1)):
+            try:
+                value = parse(text)
+            except argparse.ArgumentTypeError as e:
+                assert "\n" not in str(e)
+            else:
+                assert ok(value), (text, value)
+
+    check()
