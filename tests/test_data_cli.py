@@ -10,6 +10,7 @@ import pytest
 
 from helpers import assert_one_line_error, run_cli
 from llmlab.data.shards import describe_shards, write_shard_dir
+from llmlab.tokenizer import Tokenizer
 
 
 @pytest.fixture
@@ -40,6 +41,7 @@ def test_prepare_empty_file(tmp_path, capsys):
 def test_prepare_empty_corpus(tmp_path, capsys):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.jsonl").write_text('{"text": ""}\n')
+    Tokenizer.train(["a few words"], vocab_size=270, progress=False).save(tmp_path / "tok")
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "data", "prepare", str(tmp_path / "corpus"), "--tokenizer",
                         str(tmp_path / "tok"), "--out", str(out))

@@ -269,3 +269,14 @@ def test_random_meta_json_mutations(pristine, tmp_path, path, value, delete):
         return
     (directory / "meta.json").write_text(json.dumps(meta))
     _outcome(directory)  # either outcome, as long as nothing but DataError escapes
+
+
+def test_a_file_where_a_directory_belongs(tmp_path, capsys):
+    from llmlab.data.prepare import prepare_shards
+
+    (tmp_path / "f").write_text("x")
+    code, _, err = run_cli(capsys, "data", "info", str(tmp_path / "f"))
+    assert_one_line_error(code, err, "is a file, not a shard directory")
+    (tmp_path / "doc.txt").write_text("some text")
+    with pytest.raises(DataError, match="--tokenizer .* is a file, not a tokenizer directory"):
+        prepare_shards([str(tmp_path / "doc.txt")], tmp_path / "f", tmp_path / "out", progress=False)

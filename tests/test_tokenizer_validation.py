@@ -260,3 +260,8 @@ def test_random_tokenizer_json_mutations(saved, tmp_path, keys, value, delete):
     if _mutate(data, keys, value, delete):
         path.write_text(json.dumps(data))
         _loads_or_refuses(lambda: Tokenizer.from_hf(path), "tokenizer.json")
+
+
+def test_a_file_where_the_tokenizer_directory_belongs(copy):
+    _refused(lambda: Tokenizer.load(copy / "tokenizer.json"), "tokenizer.json",
+             "is a file, not a tokenizer directory.*Tokenizer.from_hf")

@@ -264,6 +264,9 @@ def _resolve_tokenizer(tokenizer, stack: contextlib.ExitStack):
     """(tokenizer object, directory it loads from, description) for a directory path or a Tokenizer object."""
     if isinstance(tokenizer, (str, os.PathLike)):
         path = Path(tokenizer)
+        if path.exists() and not path.is_dir():
+            raise DataError(f"--tokenizer {path} is a file, not a tokenizer directory; pass the directory "
+                            f"`llmlab tokenizer train` wrote")
         if not path.is_dir():
             raise DataError(f"tokenizer directory {path} does not exist; train one with "
                             f"`llmlab tokenizer train SOURCES --out {path}` or pass --tokenizer DIR")
@@ -334,14 +337,14 @@ def prepare_shards(sources: list[str] | str, tokenizer, out_dir: str | os.PathLi
                      overwrite=overwrite, reusable=_holds_only_shards, into=True, what="--out")
         if max_chars is not None and max_chars <= 0:
             raise DataError(f"max_chars must be positive, got {max_chars}; omit it to read everything")
-        num_docs = num_chars = 0
-        for text in _iter_resolved(resolved, text_field, max_chars):  # validates all input before writing
-            num_docs += 1
-            num_chars += len(text)
         tok, tok_dir, tok_desc = _resolve_tokenizer(tokenizer, stack)
         if tok.eos_id is None:
             raise DataError(f"tokenizer {tok_desc} has no <|eos|> token to separate documents; "
                             f"train it with the default special tokens")
+        num_docs = num_chars = 0
+        for text in _iter_resolved(resolved, text_field, max_chars):  # validates all input before writing
+            num_docs += 1
+            num_chars += len(text)
         overrides = split_overrides(num_docs, seed, val_fraction)
         options = {"shard_tokens": shard_tokens, "val_fraction": val_fraction, "seed": seed,
                    "text_field": text_field, "max_chars": max_chars}

@@ -191,6 +191,9 @@ def read_meta(shard_dir: str | os.PathLike) -> dict:
     """The meta.json of a prepared shard directory, checked (keys, types, counts); DataError naming the
     file and the fix if the directory is not (fully) prepared or the file is damaged."""
     shard_dir = Path(shard_dir)
+    if shard_dir.exists() and not shard_dir.is_dir():
+        raise DataError(f"{shard_dir} is a file, not a shard directory; pass the directory "
+                        f"`llmlab data prepare --out` wrote")
     if not shard_dir.is_dir():
         raise DataError(f"shard directory {shard_dir} does not exist; create it with "
                         f"`llmlab data prepare SOURCES --tokenizer DIR --out {shard_dir}`")

@@ -128,6 +128,9 @@ def write_llmlab_dir(spec: TokenizerSpec, directory: Path) -> None:
 
 def read_llmlab_dir(directory: Path) -> TokenizerSpec:
     path = directory / LLMLAB_JSON
+    if directory.exists() and not directory.is_dir():
+        raise TokenizerError(f"{directory} is a file, not a tokenizer directory; pass the directory that "
+                             f"holds {LLMLAB_JSON} (a tokenizer.json file imports with Tokenizer.from_hf)")
     if not directory.is_dir():
         raise TokenizerError(f"tokenizer directory {directory} does not exist; train one with "
                              f"`llmlab tokenizer train SOURCES --out {directory}` or pass the right directory")
