@@ -428,7 +428,7 @@ def test_ranks_wait_for_checkpoint_writes(tmp_path, monkeypatch):
     import llmlab.train.trainer as trainer_mod
 
     log = []
-    monkeypatch.setattr(trainer_mod, "_barrier",
+    monkeypatch.setattr(trainer_mod, "barrier",
                         lambda: log.append(("barrier", sorted(p.name for p in tmp_path.glob("ckpt-*")))))
     cb = Scripted({3: Rollback(to_step=2, skip=(2, 3), reason="test")})
     t = make_trainer(tmp_path, steps=4, ckpt_every=2, keep_last=5, callbacks=[cb])

@@ -320,10 +320,6 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return check_config(cfg)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def to_toml(cfg: Any) -> str:
     """Serialize a (nested) dataclass as TOML; None values are omitted since TOML has no null."""
     scalars, tables = [], []

@@ -69,6 +69,12 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def init_distributed(device: str = "auto") -> tuple[int, int, torch.device | None]:
     """Start the process group torchrun describes (env RANK, WORLD_SIZE); no-op in a single process.
 
@@ -215,7 +221,7 @@ class DistCheckpointer(Checkpointer):
             self.forget_best(step)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         model_sd, optim_sd = self._state(model)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
         full, _ = self._state(model, full=True)  # collective: gathers the shards onto rank 0's CPU
@@ -226,7 +232,7 @@ class DistCheckpointer(Checkpointer):
             os.replace(tmp, target)
             fsync_dir(self.run_dir)
             self.prune()
-        _barrier()
+        barrier()
         return target
 
     def _write_rank0(self, tmp: Path, model: nn.Module, full: dict, train_state: dict) -> None:
@@ -279,11 +285,6 @@ class DistCheckpointer(Checkpointer):
         set_optimizer_state_dict(model, self.optimizer, loaded["optim"])
         state["optimizer"] = self.optimizer.state_dict()  # the Trainer reloads it: a no-op round trip
         return state
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ---------------------------------------------------------------- signals

@@ -1,4 +1,4 @@
-"""Fault injection for testing the spike guard and crash safety (tests and benchmarks only).
+"""Fault injection for the spike guard's tests and benchmarks; training itself never uses it.
 
 - `CorruptBatches(loader, at)`: wraps a batch source; the batches at loader positions `at` are replaced by
   poison: every target is one fixed token, which a trained model finds very unlikely, so the loss jumps
@@ -7,14 +7,10 @@
 - `GradScaleFault(steps, factor)`: a callback + loss wrapper that multiplies the gradient of the given
   optimizer steps by `factor` (the loss value is unchanged), as a numerical blow-up would. It fires once
   per step index, so a replay after a rollback is clean.
-- `LLMLAB_CKPT_SLEEP` (seconds, read by `slow_checkpoint_writes`): makes checkpoint writing sleep between
-  files, so a test can land a SIGKILL inside a checkpoint write.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -91,26 +87,3 @@ class GradScaleFault(Callback):
         if stats.step in self.steps:
             self.fired.add(stats.step)  # also counts a step that is then skipped or rolled back
         return None
-
-
-def checkpoint_sleep() -> float:
-    """Seconds to sleep between checkpoint files (env LLMLAB_CKPT_SLEEP; 0 when unset)."""
-    try:
-        return max(0.0, float(os.environ.get("LLMLAB_CKPT_SLEEP", "0") or 0))
-    except ValueError:
-        return 0.0
-
-
-def slow_checkpoint_writes(checkpointer) -> None:
-    """If LLMLAB_CKPT_SLEEP is set, make `checkpointer` sleep after writing the weights and after the state."""
-    delay = checkpoint_sleep()
-    if delay <= 0:
-        return
-    write_model = checkpointer.write_model
-
-    def slow_write_model(model, directory):
-        time.sleep(delay)
-        write_model(model, directory)
-        time.sleep(delay)
-
-    checkpointer.write_model = slow_write_model

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from llmlab.config import NonEmptyStr, NonNegativeInt, PositiveInt, check_config, to_toml
@@ -50,8 +49,8 @@ from llmlab.train.distributed import (
     parallelize,
     process_group,
     stop_on_signals,
+    world,
 )
-from llmlab.train.faults import slow_checkpoint_writes
 from llmlab.train.optim import OptimConfig
 from llmlab.train.spike import SpikeConfig, SpikeGuard
 from llmlab.train.trainer import TrainConfig, Trainer
@@ -105,12 +104,6 @@ def make_eval(loader, max_batches: int):
     return eval_fn
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def resolve_config(cfg: PretrainConfig, meta: dict) -> PretrainConfig:
     """Check every value, fill the derived ones (vocab, block size, accumulation) and check those; nothing is
     written."""
@@ -133,7 +126,7 @@ def resolve_config(cfg: PretrainConfig, meta: dict) -> PretrainConfig:
                           f"lower data.block_size or raise model.block_size")
     train = cfg.train
     if train.tokens_per_step:
-        per_micro = cfg.data.batch_size * block * _world()[1]
+        per_micro = cfg.data.batch_size * block * world()[1]
         accum, rest = divmod(train.tokens_per_step, per_micro)
         if rest or accum == 0:
             near = max(1, round(train.tokens_per_step / per_micro)) * per_micro
@@ -196,12 +189,12 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device
     device = dist_device or resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
-    rank, world = _world()
+    rank, world_size = world()
     d = cfg.data
     train_loader = TokenLoader(d.shards, "train", d.block_size, d.batch_size, seed=d.seed, rank=rank,
-                               world_size=world, device=device)
+                               world_size=world_size, device=device)
     val_loader = TokenLoader(d.shards, "val", d.block_size, d.batch_size, seed=d.seed, rank=rank,
-                             world_size=world, device=device)
+                             world_size=world_size, device=device)
     run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
     # Never inside what the run reads; whether an existing run may be replaced: _prepare_run_dir.
     check_output(run_dir, inputs=[d.shards, cfg.data.tokenizer, cfg.distill.teacher], overwrite=True,
@@ -216,12 +209,11 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device
     seed_everything(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
     flops = model.flops_per_token(d.block_size)
-    strategy = cfg.parallel.resolved_strategy(world)
+    strategy = cfg.parallel.resolved_strategy(world_size)
     wrapped = parallelize(model, cfg.parallel, device)
     dcp = strategy == "fsdp" or (resume_path is not None and is_dcp_checkpoint(resume_path))
     checkpointer = (DistCheckpointer if dcp else Checkpointer)(run_dir, cfg.train.keep_last, tokenizer_dir,
                                                                 cfg.train.keep_best, tokenizer_fingerprint)
-    slow_checkpoint_writes(checkpointer)  # only with LLMLAB_CKPT_SLEEP set (crash tests)
     callbacks = [SpikeGuard(cfg.spike)] if cfg.spike.enabled else []
     loss_fn = lm_loss
     if cfg.distill.teacher:
@@ -249,7 +241,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device
         raise
     summary.update(params=model.num_params(), non_embedding_params=model.num_params(non_embedding=True),
                    flops_per_token=trainer.flops_per_token, accum_steps=cfg.train.accum_steps,
-                   tokens_per_step=cfg.train.accum_steps * d.batch_size * d.block_size * world,
+                   tokens_per_step=cfg.train.accum_steps * d.batch_size * d.block_size * world_size,
                    checkpoint=str(trainer.checkpointer.path(trainer.step)), device=str(device))
     if rank == 0:
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

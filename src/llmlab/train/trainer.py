@@ -54,6 +54,7 @@ from llmlab.config import NonEmptyStr, NonNegativeInt, PositiveFloat, PositiveIn
 from llmlab.device import resolve_dtype
 from llmlab.errors import CheckpointError, LLMLabError
 from llmlab.train.checkpoint import Checkpointer, rng_state, set_rng_state, unwrap
+from llmlab.train.distributed import barrier, world
 from llmlab.train.metrics import MetricsWriter, Throughput, mfu, peak_flops
 from llmlab.train.optim import OptimConfig, build_optimizer
 from llmlab.train.schedule import lr_at
@@ -145,12 +146,6 @@ def batch_tokens(batch: Any) -> int:
 MAX_NONFINITE = 10  # consecutive non-finite steps before the run stops instead of skipping
 
 
-def _barrier() -> None:
-    """Wait for every rank (a no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -177,8 +172,7 @@ class Trainer:
         self.optimizer = optimizer or build_optimizer(self.module, optim)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank, self.world_size = world()
         self.is_main = self.rank == 0
         self.checkpointer = checkpointer or (
             Checkpointer(self.run_dir, train.keep_last, tokenizer_dir, train.keep_best)
@@ -463,7 +457,7 @@ class Trainer:
         if self.is_main and hasattr(self.checkpointer, "update_best"):
             self.checkpointer.update_best(self.step, self._val_loss_now())
         # No rank may read this checkpoint (a rollback, or code after fit) before rank 0 has written it.
-        _barrier()
+        barrier()
         if log:
             self._events.append(event)
         for cb in self.callbacks:
@@ -515,7 +509,7 @@ class Trainer:
         """
         if self.checkpointer is None:
             raise CheckpointError("rollback needs checkpoints; give the Trainer a run_dir")
-        _barrier()  # every rank must see the same, completely written checkpoints before choosing one
+        barrier()  # every rank must see the same, completely written checkpoints before choosing one
         path = self.checkpointer.latest(max_step=action.to_step)
         if path is None:
             raise CheckpointError(f"no checkpoint at or before step {action.to_step} to roll back to "
