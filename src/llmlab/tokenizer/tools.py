@@ -9,7 +9,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from llmlab.data.sources import SourceFile, iter_documents, resolve_sources
+from llmlab.fsutil import check_output
 from llmlab.tokenizer.core import Tokenizer
+from llmlab.tokenizer.formats import check_output_dir
 
 
 def train_from_sources(sources: Sequence[str], out: str | os.PathLike, *, vocab_size: int = 8192,
@@ -21,10 +24,6 @@ def train_from_sources(sources: Sequence[str], out: str | os.PathLike, *, vocab_
     Everything is checked before any output exists (an existing non-empty `out` only with `overwrite`, see
     llmlab.fsutil.check_output); the directory appears complete or not at all.
     """
-    from llmlab.data.sources import SourceFile, iter_documents, resolve_sources
-    from llmlab.fsutil import check_output
-    from llmlab.tokenizer.formats import check_output_dir
-
     inputs = [f.path for f in resolve_sources(list(sources)) if isinstance(f, SourceFile)]
     check_output(out, inputs=inputs, overwrite=overwrite, what="--out")
     check_output_dir(Path(out))
@@ -62,8 +61,6 @@ def inspect_text(tok: Tokenizer, text: str, allowed_special="none") -> str:
 
 def file_stats(tok: Tokenizer, files: Sequence[str], text_field: str = "text") -> list[dict]:
     """Per file: documents, characters, bytes, whitespace-separated words, tokens, bytes/token, tokens/word."""
-    from llmlab.data.sources import iter_documents
-
     rows = []
     for f in files:
         docs = list(iter_documents([f], text_field=text_field))
