@@ -49,8 +49,9 @@ def write_failure(exc: BaseException, path: str | os.PathLike) -> OutputError | 
             return OutputError(f"cannot write {where}: {os.strerror(code)} (disk full or over the file-size "
                                "limit); free space or write to another disk")
         if code in _DENIED:
-            return OutputError(f"cannot write {where}: {os.strerror(code)}; choose a directory you can "
-                               "write to")
+            what = f"cannot write {path}" if str(where) == str(path) else f"{where} (while writing {path})"
+            return OutputError(f"{what}: {os.strerror(code)}; fix the permissions or choose a directory you "
+                               "can write to")
         if code in _NOT_DIR:
             return OutputError(f"cannot write {where}: a path component is a regular file, not a directory; "
                                "choose a path in a directory")

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from llmlab.fsutil import write_failure
 
-        failure = write_failure(e, getattr(e, "filename", None) or "the output")
+        failure = write_failure(e, "the output")
         if failure is None:
             raise
         return _fail(str(failure), failure.exit_code)
