@@ -116,7 +116,8 @@ def test_sampling_transform_by_hand():
     # top_p=0.7: 0.644 < 0.7 so the second token is needed too; top_p=0.6 keeps only the first.
     torch.testing.assert_close(probs_from_logits(logits, top_p=0.7), top2)
     torch.testing.assert_close(probs_from_logits(logits, top_p=0.6), torch.tensor([1.0, 0, 0, 0]))
-    torch.testing.assert_close(probs_from_logits(logits, top_p=0.95), torch.cat([p[:3] / p[:3].sum(), torch.zeros(1)]))
+    top3 = torch.cat([p[:3] / p[:3].sum(), torch.zeros(1)])
+    torch.testing.assert_close(probs_from_logits(logits, top_p=0.95), top3)
     torch.testing.assert_close(probs_from_logits(logits, temperature=0), torch.tensor([1.0, 0, 0, 0]))
     assert torch.isinf(filter_logits(logits, top_k=1)[1:]).all()
     batch = torch.stack([logits, logits.flip(0)])  # works row by row
@@ -144,11 +145,14 @@ def test_draft_dispatches_to_speculative_decoding(monkeypatch):
 
 
 @pytest.mark.parametrize("ids,kwargs,error,match", [
-    (list(range(65)), dict(max_new_tokens=1), ModelError, r"65 tokens but the model's context \(block_size\) is 64"),
-    (list(range(60)), dict(max_new_tokens=10), ModelError, r"prompt \(60 tokens\) plus max_new_tokens \(10\).*at most 4"),
+    (list(range(65)), dict(max_new_tokens=1), ModelError,
+     r"65 tokens but the model's context \(block_size\) is 64"),
+    (list(range(60)), dict(max_new_tokens=10), ModelError,
+     r"prompt \(60 tokens\) plus max_new_tokens \(10\).*at most 4"),
     ([], dict(max_new_tokens=1), ModelError, "prompt is empty"),
     ([[1, 2], []], dict(max_new_tokens=1), ModelError, "prompt is empty"),
-    ([1, 300], dict(max_new_tokens=1), ModelError, r"token id 300 is outside the model's vocabulary \[0, 256\)"),
+    ([1, 300], dict(max_new_tokens=1), ModelError,
+     r"token id 300 is outside the model's vocabulary \[0, 256\)"),
     ([1, -2], dict(max_new_tokens=1), ModelError, r"token id -2"),
     ("hello", dict(max_new_tokens=1), ModelError, "encode text with the tokenizer"),
     (torch.zeros(1, 1, 2, dtype=torch.long), dict(max_new_tokens=1), ModelError, r"shape \(1, 1, 2\)"),

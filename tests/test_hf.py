@@ -1,7 +1,8 @@
-"""Hugging Face interop, checked against transformers itself: tiny random HF models (GPT-2, Llama with GQA tied
-and untied, Qwen2 with q/k/v biases, Mistral without a sliding window) saved as safetensors, sharded safetensors
-and pytorch_model.bin are imported and must give the same logits (1e-4, fp32) and the same greedy tokens; llmlab
-models exported with save_hf must do the same inside transformers; bad directories fail with one clear line."""
+"""Hugging Face interop, checked against transformers itself: tiny random HF models (GPT-2, Llama with GQA
+tied and untied, Qwen2 with q/k/v biases, Mistral without a sliding window) saved as safetensors, sharded
+safetensors and pytorch_model.bin are imported and must give the same logits (1e-4, fp32) and the same greedy
+tokens; llmlab models exported with save_hf must do the same inside transformers; bad directories fail with
+one clear line."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from llmlab.model.hf import load_hf, save_hf  # noqa: E402
 
 V, T = 96, 12
 PROMPT = [[5, 17, 3, 88, 41, 9, 60, 2], [1, 2, 3, 4, 5, 6, 7, 8]]
-LLAMA_SHAPE = dict(vocab_size=V, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                   max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+LLAMA_SHAPE = dict(vocab_size=V, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
+                   pad_token_id=None)
 
 
 def hf_models() -> dict:
@@ -30,10 +32,11 @@ def hf_models() -> dict:
     return {
         "gpt2": ("GPT2Config", dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                     bos_token_id=None, eos_token_id=None), {}),
-        "llama-gqa-untied": ("LlamaConfig", dict(LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False,
-                                                 rope_theta=50000.0), {"max_shard_size": "20KB"}),
-        "llama-tied-smollm": ("LlamaConfig", dict(LLAMA_SHAPE, num_key_value_heads=1, tie_word_embeddings=True),
-                              {"bin": True}),
+        "llama-gqa-untied": ("LlamaConfig", dict(LLAMA_SHAPE, num_key_value_heads=2,
+                                                 tie_word_embeddings=False, rope_theta=50000.0),
+                             {"max_shard_size": "20KB"}),
+        "llama-tied-smollm": ("LlamaConfig", dict(LLAMA_SHAPE, num_key_value_heads=1,
+                                                  tie_word_embeddings=True), {"bin": True}),
         "qwen2-bias": ("Qwen2Config", dict(LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=True), {}),
         "mistral": ("MistralConfig", dict(LLAMA_SHAPE, num_key_value_heads=2, sliding_window=None), {}),
     }
@@ -226,14 +229,16 @@ def edited_config(src, dst, **changes):
     ("llama-gqa-untied", dict(model_type=None), CheckpointError, "no 'model_type'"),
     ("llama-gqa-untied", dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
      ModelError, "lacks 'low_freq_factor'"),  # llama3 scaling is supported, but needs all its keys
-    ("llama-gqa-untied", dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "linear", "factor": 2}),
+    ("llama-gqa-untied",
+     dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "linear", "factor": 2}),
      ModelError, "rope_scaling.rope_type='linear'"),
     ("llama-gqa-untied", dict(hidden_act="gelu"), ModelError, "hidden_act='gelu'"),
     ("llama-gqa-untied", dict(head_dim=16), ModelError, "head_dim=16"),
     ("llama-gqa-untied", dict(attention_bias=True), ModelError, "attention_bias=True"),
     ("llama-gqa-untied", dict(num_local_experts=8), ModelError, "num_local_experts"),
     ("mistral", dict(sliding_window=16), ModelError, "sliding_window=16"),
-    ("qwen2-bias", dict(layer_types=["full_attention", "sliding_attention"]), ModelError, "sliding_attention"),
+    ("qwen2-bias", dict(layer_types=["full_attention", "sliding_attention"]), ModelError,
+     "sliding_attention"),
     ("gpt2", dict(activation_function="relu"), ModelError, "activation_function='relu'"),
     ("gpt2", dict(n_head=5), ModelError, "n_head"),
     ("llama-gqa-untied", dict(hidden_size=None), CheckpointError, "'hidden_size'"),
@@ -258,7 +263,8 @@ def test_tensor_problems_name_the_tensor_and_shape(hf_dirs, tmp_path):
         "missing": ({k: v for k, v in state.items() if k != "model.layers.1.self_attn.k_proj.bias"},
                     r"lacks tensor 'model.layers.1.self_attn.k_proj.bias' \(expected shape \(16,\)\)"),
         "shape": ({**state, "model.layers.0.mlp.up_proj.weight": torch.zeros(81, 32)},
-                  r"'model.layers.0.mlp.up_proj.weight' has shape \(81, 32\) but config.json implies \(80, 32\)"),
+                  r"'model.layers.0.mlp.up_proj.weight' has shape \(81, 32\) "
+                  r"but config.json implies \(80, 32\)"),
         "extra": ({**state, "model.layers.0.self_attn.q_norm.weight": torch.ones(8)},
                   r"'model.layers.0.self_attn.q_norm.weight' \(1 unexpected"),
     }
@@ -295,7 +301,8 @@ class Payload:
 def test_pickle_with_objects_is_refused(hf_dirs, tmp_path):
     directory = edited_config(hf_dirs["llama-tied-smollm"][0], tmp_path / "m")
     assert not (directory / "model.safetensors").exists()
-    torch.save({"model.embed_tokens.weight": torch.zeros(2), "evil": Payload()}, directory / "pytorch_model.bin")
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "evil": Payload()},
+               directory / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="weights_only"):
         load_hf(directory)
 

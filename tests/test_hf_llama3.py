@@ -1,8 +1,8 @@
 """Llama 3.1/3.2 "llama3" RoPE scaling, checked against transformers and the NumPy reference.
 
-The tiny models use head_dim 16, rope_theta 1e4 and original_max_position_embeddings 32 with factor 8, low 1,
-high 4, so the eight rotary frequencies fall in all three ranges of the adjustment (kept, blended, divided by 8),
-and every comparison runs past position 32, where scaled and plain RoPE disagree most."""
+The tiny models use head_dim 16, rope_theta 1e4 and original_max_position_embeddings 32 with factor 8, low
+1, high 4, so the eight rotary frequencies fall in all three ranges of the adjustment (kept, blended, divided
+by 8), and every comparison runs past position 32, where scaled and plain RoPE disagree most."""
 
 from __future__ import annotations
 
@@ -85,9 +85,11 @@ def test_import_transformers4_rope_scaling_form(hf_llama3, tmp_path):
     directory, reference = hf_llama3
     shutil.copytree(directory, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg.pop("rope_parameters")  # as Llama-3.2-1B's config.json: rope_theta + rope_scaling with integer-ish values
+    # as Llama-3.2-1B's config.json: rope_theta + rope_scaling with integer-ish values
+    cfg.pop("rope_parameters")
     cfg.update(rope_theta=10000.0, rope_scaling={"factor": 8, "high_freq_factor": 4.0, "low_freq_factor": 1,
-                                                 "original_max_position_embeddings": ORIGINAL, "rope_type": "llama3"})
+                                                 "original_max_position_embeddings": ORIGINAL,
+                                                 "rope_type": "llama3"})
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     model, _ = load_hf(tmp_path / "m")
     assert model.config.rope_scaling == SCALING
@@ -135,7 +137,8 @@ def test_llama32_frequencies_match_numpy_reference():
     """Llama-3.2-1B's own numbers (head_dim 64, theta 5e5, factor 32, context 8192): the clamped torch form
     equals the case-by-case NumPy form."""
     scaling = dict(SCALING, factor=32.0, original_max_position_embeddings=8192)
-    cfg = ModelConfig.preset("llama", "tiny", d_model=256, n_head=4, rope_theta=500000.0, rope_scaling=scaling)
+    cfg = ModelConfig.preset("llama", "tiny", d_model=256, n_head=4, rope_theta=500000.0,
+                             rope_scaling=scaling)
     plain = 500000.0 ** (-np.arange(0, 64, 2) / 64)
     expected = llama3_scale(plain, scaling)
     assert (expected == plain).any() and (expected == plain / 32).any()  # both ends are reached
@@ -163,7 +166,8 @@ def test_scaling_with_learned_positions_is_refused():
 @pytest.mark.parametrize("changes, words", [
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
      "rope_parameters.rope_type='yarn'"),
-    (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling.rope_type='dynamic'"),
+    (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}),
+     "rope_scaling.rope_type='dynamic'"),
     (dict(rope_scaling={**SCALING, "factor": 4.0}), "rope_scaling and rope_parameters disagree"),
 ])
 def test_cli_refuses_other_rope_types_in_one_line(hf_llama3, tmp_path, capsys, changes, words):

@@ -17,7 +17,8 @@ def make(flavour: str, **kw) -> Transformer:
     return Transformer(ModelConfig.preset(flavour, "tiny", **kw)).eval()
 
 
-@pytest.mark.parametrize("flavour,kw", [("gpt2", {}), ("llama", {"n_kv_head": 2}), ("gpt2", {"tie_embeddings": False})])
+@pytest.mark.parametrize("flavour,kw", [("gpt2", {}), ("llama", {"n_kv_head": 2}),
+                                        ("gpt2", {"tie_embeddings": False})])
 def test_round_trip_gives_bitwise_identical_logits(tmp_path, flavour, kw):
     model = make(flavour, **kw)
     model.save(tmp_path / "ckpt")

@@ -32,7 +32,8 @@ def _weights(N=48, K=128, seed=0) -> torch.Tensor:
 
 
 def _activations(T=1024, K=128, seed=1) -> torch.Tensor:
-    """Correlated inputs with a few large-magnitude channels, as LLM activations have (Dettmers et al. 2022)."""
+    """Correlated inputs with a few large-magnitude channels, as LLM activations have (Dettmers et al.
+    2022)."""
     g = torch.Generator().manual_seed(seed)
     mix = torch.eye(K) + torch.randn(K, K, generator=g) / K ** 0.5
     x = torch.randn(T, K, generator=g) @ mix

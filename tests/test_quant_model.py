@@ -12,8 +12,8 @@ import torch.nn as nn
 from llmlab.errors import CheckpointError, ConfigError, ModelError
 from llmlab.infer import generate
 from llmlab.infer.quant import QuantLinear, load_model, quantize, set_kernel
-from llmlab.model.hf import export_hf
 from llmlab.model import ModelConfig, Transformer
+from llmlab.model.hf import export_hf
 
 SHAPES = {"gpt2": {}, "llama": {"n_kv_head": 2}}  # llama with GQA: AWQ must skip the v -> o fold
 
@@ -60,7 +60,8 @@ def test_quantize_generate_save_load(flavour, method, bits, tmp_path):
     set_kernel(loaded, "dequant")
     set_kernel(model, "dequant")
     assert torch.equal(loaded(IDS), model(IDS))
-    assert torch.equal(generate(loaded, [1, 2, 3], 10, temperature=0), generate(model, [1, 2, 3], 10, temperature=0))
+    assert torch.equal(generate(loaded, [1, 2, 3], 10, temperature=0),
+                       generate(model, [1, 2, 3], 10, temperature=0))
 
 
 def test_quantized_file_is_smaller(tmp_path):
@@ -72,7 +73,8 @@ def test_quantized_file_is_smaller(tmp_path):
         q.save(tmp_path / f"int{bits}")
         sizes[bits] = (tmp_path / f"int{bits}" / "model.safetensors").stat().st_size
     block_params = sum(p.numel() for p in model.blocks.parameters() if p.dim() == 2)
-    # int8 saves 3 of every 4 bytes of the block weights, int4 (g32, fp16 scale + uint8 zero) ~ 7/8 minus overhead
+    # int8 saves 3 of every 4 bytes of the block weights, int4 (g32, fp16 scale + uint8 zero) ~ 7/8 minus
+    # overhead
     assert sizes["fp32"] - sizes[8] > 0.74 * 3 * block_params
     assert sizes["fp32"] - sizes[4] > 0.80 * 3.5 * block_params
 
@@ -128,10 +130,12 @@ def test_quantize_bad_inputs():
         quantize(_model("gpt2"), "foo", 4, 32)
     with pytest.raises(ConfigError, match="bits=3"):
         quantize(_model("gpt2"), "rtn", 3)
-    with pytest.raises(ConfigError, match="group_size=48 does not divide the input width 64 of layer blocks.0"):
+    with pytest.raises(ConfigError, match="group_size=48 does not divide the input width 64 of layer "
+                                          "blocks.0"):
         quantize(_model("gpt2"), "rtn", 4, 48)
     # a d_model=256 llama has a 704-wide SwiGLU MLP (like cpu-demo): 128 divides d_model but not 704
-    with pytest.raises(ConfigError, match=r"input width 704 of layer blocks\.0\.mlp\.proj; use one of 64, 32"):
+    with pytest.raises(ConfigError, match=r"input width 704 of layer blocks\.0\.mlp\.proj; "
+                                          r"use one of 64, 32"):
         quantize(_model("llama", d_model=256), "rtn", 4, 128)
     with pytest.raises(ConfigError, match="needs calibration data"):
         quantize(_model("gpt2"), "gptq", 4, 32)

@@ -23,13 +23,14 @@ def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: fl
                           "own distribution)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(f"top_k={top_k!r} must be a positive integer, or None to keep every token")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
         raise ConfigError(f"top_p={top_p!r} must be in (0, 1], or None to keep every token")
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
-    """float32 logits [..., V] scaled by 1/temperature with dropped tokens at -inf (temperature must be > 0)."""
+    """float32 logits [..., V] scaled by 1/temperature, dropped tokens at -inf (temperature must be > 0)."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -48,9 +49,11 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 def probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None) -> torch.Tensor:
-    """The sampling distribution [..., V] (float32) after temperature / top-k / top-p; one-hot if temperature 0."""
+    """The sampling distribution [..., V] (float32) after temperature / top-k / top-p; one-hot at
+    temperature 0."""
     if temperature == 0:
-        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        best = logits.argmax(-1, keepdim=True)
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, best, 1.0)
     return filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
 
 

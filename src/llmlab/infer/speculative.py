@@ -85,8 +85,8 @@ class SpeculativeStats:
 
 def speculative_generate(model, draft, ids, max_new_tokens: int, temperature: float = 1.0,
                          top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                         stop=None, speculate_k: int = 4, draft_confidence: float | None = None, pad_id: int = -1,
-                         return_stats: bool = False):
+                         stop=None, speculate_k: int = 4, draft_confidence: float | None = None,
+                         pad_id: int = -1, return_stats: bool = False):
     """generate() with proposals from `draft` (a Transformer sharing the target's vocabulary, a PromptLookup,
     or the string "lookup"), checked by `model`. Same arguments and output format as llmlab.infer.generate;
     return_stats=True returns (tokens, SpeculativeStats). draft_confidence (draft models only): a row stops
@@ -137,7 +137,8 @@ def check_draft_confidence(confidence, draft) -> None:
 
 
 def check_draft(model, draft, needed_len: int):
-    """The proposer to use: a Transformer that can stand in for `model`, or a PromptLookup (ModelError if not)."""
+    """The proposer to use: a Transformer that can stand in for `model`, or a PromptLookup (ModelError if
+    not)."""
     if isinstance(draft, str):
         if draft != "lookup":
             raise ModelError(f"draft={draft!r} is not a model; pass a Transformer, a PromptLookup, or "
@@ -158,15 +159,16 @@ def check_draft_model(model, draft, needed_len: int):
                          "the target's vocabulary, a PromptLookup, or 'lookup'")
     tv, dv = model.config.vocab_size, draft.config.vocab_size
     if tv != dv:
-        raise ModelError(f"the draft model's vocabulary has {dv} tokens but the target's has {tv}; use a draft "
-                         "trained with the target's tokenizer (same vocab_size)")
+        raise ModelError(f"the draft model's vocabulary has {dv} tokens but the target's has {tv}; use a "
+                         "draft trained with the target's tokenizer (same vocab_size)")
     if draft.config.block_size < needed_len:
         raise ModelError(f"the draft model's context (block_size {draft.config.block_size}) is shorter than "
                          f"the prompt plus max_new_tokens ({needed_len}); use a draft with a longer context "
                          "or ask for fewer tokens")
     td, dd = next(model.parameters()).device, next(draft.parameters()).device
     if td != dd:
-        raise ModelError(f"the draft model is on {dd} but the target is on {td}; load both on the same device")
+        raise ModelError(f"the draft model is on {dd} but the target is on {td}; load both on the same "
+                         "device")
     return draft
 
 
@@ -268,7 +270,8 @@ class _DraftProposer:
         starts = [len(s) - T if a else 0 for s, a in zip(seqs, active, strict=True)]
         self.cache.set_pos(starts)
         device = self.cache.k.device
-        x = torch.tensor([(s[i:i + T] + [0] * T)[:T] for s, i in zip(seqs, starts, strict=True)], device=device)
+        rows = [(s[i:i + T] + [0] * T)[:T] for s, i in zip(seqs, starts, strict=True)]
+        x = torch.tensor(rows, device=device)
         guesses, qs = [], []
         proposing = torch.ones(len(seqs), dtype=torch.bool, device=device)
         counts = torch.zeros(len(seqs), dtype=torch.long, device=device)
@@ -290,7 +293,10 @@ class _DraftProposer:
             x = d[:, None]
         self.stats.draft_forwards += self.fed
         n_proposed = counts.tolist() if self.confidence is not None else [K] * len(seqs)
-        guesses = torch.stack(guesses, 1) if guesses else torch.zeros(len(seqs), 0, dtype=torch.long, device=device)
+        if guesses:
+            guesses = torch.stack(guesses, 1)
+        else:
+            guesses = torch.zeros(len(seqs), 0, dtype=torch.long, device=device)
         return guesses, (torch.stack(qs, 1) if qs else None), n_proposed
 
     def extend(self, b: int, tokens: list[int]) -> None:
@@ -365,7 +371,8 @@ def _proposer(draft, batch, max_len, opts, generator, stats, confidence):
     lookup = _LookupProposer(draft, stats)
     if draft.fallback is None:
         return lookup
-    return _LookupThenDraft(lookup, _DraftProposer(draft.fallback, batch, max_len, opts, generator, stats, confidence))
+    draft_proposer = _DraftProposer(draft.fallback, batch, max_len, opts, generator, stats, confidence)
+    return _LookupThenDraft(lookup, draft_proposer)
 
 
 # ----- the loop -----

@@ -1,18 +1,20 @@
-"""Hugging Face interop: load a local GPT-2 / Llama-family model directory into a Transformer, and write one back.
+"""Hugging Face interop: load a local GPT-2 / Llama-family model directory into a Transformer, and write one
+back.
 
     from llmlab.model.hf import load_hf, save_hf
     model, tok = load_hf("path/to/SmolLM-135M")         # tok is None when there is no tokenizer.json
     model, _ = load_hf("gpt2-dir", dtype="bf16", tokenizer=False)
     save_hf(model, "out-dir", tokenizer=tok)            # AutoModelForCausalLM / AutoTokenizer load it offline
 
-Supported (model_type in config.json): gpt2, llama, mistral and qwen2, which covers GPT-2, Llama 1/2/3, Llama 3.1/3.2
-(their "llama3" rope scaling is reproduced), TinyLlama, SmolLM (tied embeddings), Mistral without a sliding window in use and Qwen2/2.5
-(biases on q/k/v only). Tokenizers come through Tokenizer.from_hf, which reads byte-level BPE (GPT-2, SmolLM,
-Llama 3, Qwen2); the SentencePiece-style tokenizer.json of Llama 2 / TinyLlama / Mistral is refused there, so
-import those with tokenizer=False (`--no-tokenizer`). Anything the Transformer cannot reproduce exactly -- other rope scaling types (linear,
-dynamic, yarn, longrope), sliding windows in use, mixture-of-experts, other activations, a head_dim that is not hidden_size/num_heads, unknown model types --
-is refused with a ModelError naming the key, never loaded approximately. Missing, extra or mis-shaped tensors
-raise a CheckpointError naming the tensor and the shape config.json implies.
+Supported (model_type in config.json): gpt2, llama, mistral and qwen2, which covers GPT-2, Llama 1/2/3, Llama
+3.1/3.2 (their "llama3" rope scaling is reproduced), TinyLlama, SmolLM (tied embeddings), Mistral without a
+sliding window in use and Qwen2/2.5 (biases on q/k/v only). Tokenizers come through Tokenizer.from_hf, which
+reads byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2); the SentencePiece-style tokenizer.json of Llama 2 /
+TinyLlama / Mistral is refused there, so import those with tokenizer=False (`--no-tokenizer`). Anything the
+Transformer cannot reproduce exactly -- other rope scaling types (linear, dynamic, yarn, longrope), sliding
+windows in use, mixture-of-experts, other activations, a head_dim that is not hidden_size/num_heads, unknown
+model types -- is refused with a ModelError naming the key, never loaded approximately. Missing, extra or
+mis-shaped tensors raise a CheckpointError naming the tensor and the shape config.json implies.
 
 Tensor layout. llmlab's parameter names map one-to-one onto HF modules (see transformer.py's docstring); two
 mappings need care. GPT-2 stores its matrices as Conv1D weights, [in, out], the transpose of nn.Linear, and
@@ -62,8 +64,8 @@ SUPPORTED = ("gpt2", *LLAMA_FAMILY)
 # Model types people will try, with the reason they do not map onto this Transformer.
 UNSUPPORTED_TYPES = {
     **{t: "it is a mixture-of-experts model" for t in
-       ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "olmoe", "jamba", "granitemoe",
-        "phimoe", "llama4")},
+       ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "olmoe", "jamba",
+        "granitemoe", "phimoe", "llama4")},
     "qwen3": "it normalises queries and keys (q_norm/k_norm)",
     "gemma": "it scales embeddings and uses offset RMSNorm weights and GeGLU",
     "gemma2": "it soft-caps logits and alternates sliding-window layers",
@@ -79,8 +81,8 @@ UNSUPPORTED_TYPES = {
 }
 
 # Per-layer module names: llmlab module -> HF module(s), in the order they are stacked along dim 0.
-GPT2_LAYER = {"attn_norm": ["ln_1"], "mlp_norm": ["ln_2"], "attn.qkv": ["attn.c_attn"], "attn.proj": ["attn.c_proj"],
-              "mlp.fc": ["mlp.c_fc"], "mlp.proj": ["mlp.c_proj"]}
+GPT2_LAYER = {"attn_norm": ["ln_1"], "mlp_norm": ["ln_2"], "attn.qkv": ["attn.c_attn"],
+              "attn.proj": ["attn.c_proj"], "mlp.fc": ["mlp.c_fc"], "mlp.proj": ["mlp.c_proj"]}
 LLAMA_LAYER = {"attn_norm": ["input_layernorm"], "mlp_norm": ["post_attention_layernorm"],
                "attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                "attn.proj": ["self_attn.o_proj"], "mlp.fc": ["mlp.gate_proj", "mlp.up_proj"],
@@ -97,11 +99,13 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 # ----------------------------------------------------------------------------------------------------------
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
-    """config.json of a HF model directory as a dict, with CheckpointError for a missing or unreadable file."""
+    """config.json of a HF model directory as a dict, with CheckpointError for a missing or unreadable
+    file."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"Hugging Face model directory {path} does not exist; pass a local directory "
-                              f"holding {CONFIG} and the weights (download it first, e.g. with huggingface-cli)")
+                              f"holding {CONFIG} and the weights (download it first, e.g. with "
+                              "huggingface-cli)")
     file = path / CONFIG
     if not file.is_file():
         raise CheckpointError(f"{path} has no {CONFIG}; point at a Hugging Face model directory "
@@ -116,7 +120,8 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_hf(hf: dict[str, Any], source: str = CONFIG) -> ModelConfig:
-    """The ModelConfig equivalent to a HF config dict; ModelError for anything the Transformer cannot reproduce."""
+    """The ModelConfig equivalent to a HF config dict; ModelError for anything the Transformer cannot
+    reproduce."""
     model_type = hf.get("model_type")
     if model_type is None:
         raise CheckpointError(f"{source} has no 'model_type'; llmlab reads {', '.join(SUPPORTED)} models")
@@ -124,8 +129,8 @@ def config_from_hf(hf: dict[str, Any], source: str = CONFIG) -> ModelConfig:
         raise ModelError(f"{source}: model_type {model_type!r} is not supported because "
                          f"{UNSUPPORTED_TYPES[model_type]}; llmlab imports {', '.join(SUPPORTED)}")
     if model_type not in SUPPORTED:
-        raise ModelError(f"{source}: unknown model_type {model_type!r}; llmlab imports {', '.join(SUPPORTED)} "
-                         "(GPT-2 and Llama-family checkpoints)")
+        raise ModelError(f"{source}: unknown model_type {model_type!r}; llmlab imports "
+                         f"{', '.join(SUPPORTED)} (GPT-2 and Llama-family checkpoints)")
     _refuse_moe(hf, source)
     cfg = _gpt2_config(hf, source) if model_type == "gpt2" else _llama_config(hf, source)
     try:
@@ -174,8 +179,8 @@ def _llama_config(hf: dict, source: str) -> ModelConfig:
     d, n_head = _need(hf, "hidden_size", source), _need(hf, "num_attention_heads", source)
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * n_head != d:
-        raise _refuse(source, "head_dim", head_dim, f"llmlab needs head_dim = hidden_size / num_attention_heads "
-                                                    f"= {d // n_head}")
+        raise _refuse(source, "head_dim", head_dim,
+                      f"llmlab needs head_dim = hidden_size / num_attention_heads = {d // n_head}")
     block_size = _need(hf, "max_position_embeddings", source)
     scaling = _rope_scaling(hf, source)
     _check_sliding_window(hf, source, block_size)
@@ -194,14 +199,15 @@ def _llama_config(hf: dict, source: str) -> ModelConfig:
 
 
 def _llama_biases(hf: dict, source: str) -> tuple[bool, bool | None]:
-    """(bias, qkv_bias) for ModelConfig. Qwen2 always has q/k/v biases and nothing else; Llama's attention_bias
-    puts biases on q/k/v *and* o, mlp_bias on all three MLP matrices -- llmlab has one switch for o + MLP."""
+    """(bias, qkv_bias) for ModelConfig. Qwen2 always has q/k/v biases and nothing else; Llama's
+    attention_bias puts biases on q/k/v *and* o, mlp_bias on all three MLP matrices -- llmlab has one switch
+    for o + MLP."""
     if hf["model_type"] == "qwen2":
         return False, True
     attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
     if attention_bias != mlp_bias:
-        raise ModelError(f"{source}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is not supported "
-                         "(llmlab's Llama has biases on all linears or on none but q/k/v)")
+        raise ModelError(f"{source}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is not "
+                         "supported (llmlab's Llama has biases on all linears or on none but q/k/v)")
     return attention_bias, None
 
 
@@ -221,8 +227,8 @@ def _rope_scaling(hf: dict, source: str) -> dict[str, Any] | None:
             raise _refuse(source, key, params, "expected a JSON object")
         kind = params.get("rope_type", params.get("type", "default"))
         if kind not in ("default", "llama3"):
-            raise _refuse(source, f"{key}.rope_type", kind, "llmlab implements plain RoPE and 'llama3' scaling only; "
-                                                             "other scaled variants change the rotary frequencies")
+            raise _refuse(source, f"{key}.rope_type", kind, "llmlab implements plain RoPE and 'llama3' "
+                          "scaling only; other scaled variants change the rotary frequencies")
         factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         if factor != 1.0:
             raise _refuse(source, "partial_rotary_factor", factor, "llmlab rotates the whole head")
@@ -237,8 +243,8 @@ def _rope_scaling(hf: dict, source: str) -> dict[str, Any] | None:
 def _llama3_params(params: dict, key: str, source: str) -> dict[str, Any]:
     missing = [k for k in LLAMA3_SCALING_KEYS if k not in params]
     if missing:
-        raise ModelError(f"{source}: {key} has rope_type 'llama3' but lacks {missing[0]!r}; llama3 scaling needs "
-                         f"{', '.join(LLAMA3_SCALING_KEYS)} (re-save the model with transformers)")
+        raise ModelError(f"{source}: {key} has rope_type 'llama3' but lacks {missing[0]!r}; llama3 scaling "
+                         f"needs {', '.join(LLAMA3_SCALING_KEYS)} (re-save the model with transformers)")
     values = {k: params[k] for k in LLAMA3_SCALING_KEYS}
     for k in ("factor", "low_freq_factor", "high_freq_factor"):  # JSON may write 8 for 8.0
         if isinstance(values[k], int) and not isinstance(values[k], bool):
@@ -261,9 +267,10 @@ def _check_sliding_window(hf: dict, source: str, block_size: int) -> None:
     else:
         window = None
     if window is not None and window < block_size:
-        raise ModelError(f"{source}: sliding_window={window} with max_position_embeddings={block_size} is not "
-                         "supported (llmlab attends over the whole context); set max_position_embeddings to "
-                         f"{window} in config.json to use the model on at most {window} tokens")
+        raise ModelError(f"{source}: sliding_window={window} with max_position_embeddings={block_size} is "
+                         "not supported (llmlab attends over the whole context); set "
+                         f"max_position_embeddings to {window} in config.json to use the model on at most "
+                         f"{window} tokens")
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, specials: dict[str, int | None]) -> dict[str, Any]:
@@ -284,11 +291,13 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, specials: dict[str, int |
     out = {"architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
            "model_type": "qwen2" if qwen2 else "llama", "num_hidden_layers": cfg.n_layer,
            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "hidden_size": cfg.d_model,
-           "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_dim, "max_position_embeddings": cfg.block_size,
-           "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_dropout": cfg.dropout,
+           "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_dim,
+           "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+           "attention_dropout": cfg.dropout,
            # rope_theta/rope_scaling for transformers 4.x, rope_parameters for 5.x.
            "rope_theta": cfg.rope_theta, "rope_scaling": _hf_rope_scaling(cfg),
-           "rope_parameters": {**(_hf_rope_scaling(cfg) or {"rope_type": "default"}), "rope_theta": cfg.rope_theta},
+           "rope_parameters": {**(_hf_rope_scaling(cfg) or {"rope_type": "default"}),
+                               "rope_theta": cfg.rope_theta},
            **common}
     if qwen2:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
@@ -315,8 +324,8 @@ def _flavour(cfg: ModelConfig) -> str:
     llama = dict(position="rope", norm="rmsnorm", mlp="swiglu")
     if all(getattr(cfg, k) == v for k, v in gpt2.items()):
         if cfg.kv_heads != cfg.n_head:
-            raise ModelError(f"GPT-2 has no grouped-query attention (n_kv_head={cfg.kv_heads}, n_head={cfg.n_head}); "
-                             "such a model cannot be exported to Hugging Face")
+            raise ModelError(f"GPT-2 has no grouped-query attention (n_kv_head={cfg.kv_heads}, "
+                             f"n_head={cfg.n_head}); such a model cannot be exported to Hugging Face")
         return "gpt2"
     if all(getattr(cfg, k) == v for k, v in llama.items()) and not (cfg.bias and not cfg.attn_bias):
         return "llama"
@@ -329,8 +338,9 @@ def _no_flavour(cfg: ModelConfig, gpt2: dict, llama: dict):
     if not bad:  # llama flavour with biases on o/MLP but not q/k/v
         bad = [f"bias=True with qkv_bias={cfg.qkv_bias}"]
     name = "GPT-2" if target is gpt2 else "Llama"
-    raise ModelError(f"this model (position={cfg.position!r}) differs from {name} in {', '.join(bad)}; Hugging "
-                     "Face has no architecture for it, so it cannot be exported (use the gpt2 or llama preset)")
+    raise ModelError(f"this model (position={cfg.position!r}) differs from {name} in {', '.join(bad)}; "
+                     "Hugging Face has no architecture for it, so it cannot be exported (use the gpt2 or "
+                     "llama preset)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,7 +412,8 @@ def tensor_map(model: Transformer, prefix: str) -> list[Slot]:
 # ----------------------------------------------------------------------------------------------------------
 
 def _detect_prefix(names: set[str], first: str, prefixes: tuple[str, ...]) -> str:
-    """The module prefix the files use, found from the embedding table's name (e.g. 'wte' or 'embed_tokens')."""
+    """The module prefix the files use, found from the embedding table's name (e.g. 'wte' or
+    'embed_tokens')."""
     for prefix in prefixes:
         if prefix + first + ".weight" in names:
             return prefix
@@ -417,7 +428,8 @@ def check_weights(weights: HFWeights, slots: list[Slot], tied: bool) -> None:
         for name, shape in zip(slot.sources, slot.hf_shapes(), strict=True):
             if name not in names:
                 raise CheckpointError(f"{weights.path} lacks tensor {name!r} (expected shape {shape}) that "
-                                      f"{CONFIG} implies; the weights and {CONFIG} come from different models")
+                                      f"{CONFIG} implies; the weights and {CONFIG} come from different "
+                                      "models")
             got = weights.shape(name)
             if got != shape:
                 raise CheckpointError(f"{weights.path}: tensor {name!r} has shape {got} but {CONFIG} implies "
@@ -427,9 +439,9 @@ def check_weights(weights: HFWeights, slots: list[Slot], tied: bool) -> None:
         used.add("lm_head.weight")  # some writers keep the tied copy; it equals the embedding
     extra = sorted(n for n in names - used if not n.endswith(IGNORED_SUFFIXES))
     if extra:
-        raise CheckpointError(f"{weights.path} has tensor {extra[0]!r} ({len(extra)} unexpected in all) that a "
-                              f"{CONFIG}-shaped model does not use; the architecture has parts llmlab does not "
-                              "implement, or the weights and config.json do not match")
+        raise CheckpointError(f"{weights.path} has tensor {extra[0]!r} ({len(extra)} unexpected in all) that "
+                              f"a {CONFIG}-shaped model does not use; the architecture has parts llmlab does "
+                              "not implement, or the weights and config.json do not match")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -440,10 +452,10 @@ def load_hf(path: str | Path, dtype: str | torch.dtype | None = None, device: st
             tokenizer: bool = True, progress: bool = False):
     """Load a local HF model directory -> (Transformer in eval mode, Tokenizer | None).
 
-    dtype None keeps the checkpoint's dtype; device is where the weights go, one tensor at a time. The tokenizer
-    comes from tokenizer.json when present (see load_hf_tokenizer), else None; tokenizer=False skips it (e.g. for
-    a tokenizer type llmlab cannot read). Nothing is read from the weights before config.json and the
-    tokenizer have been accepted, so a refusal comes fast.
+    dtype None keeps the checkpoint's dtype; device is where the weights go, one tensor at a time. The
+    tokenizer comes from tokenizer.json when present (see load_hf_tokenizer), else None; tokenizer=False skips
+    it (e.g. for a tokenizer type llmlab cannot read). Nothing is read from the weights before config.json and
+    the tokenizer have been accepted, so a refusal comes fast.
     """
     from llmlab.device import resolve_device, resolve_dtype
 
@@ -472,7 +484,8 @@ def _assemble(cfg: ModelConfig, weights: HFWeights, dtype, device, progress: boo
     check_weights(weights, slots, cfg.tie_embeddings)
     dtype = dtype or weights.dtype(slots[0].sources[0])  # the embedding table's: the checkpoint's dtype
     scratch = Scratch()
-    state = {slot.name: _build(slot, weights, dtype, device, scratch) for slot in _bar(slots, progress, "loading")}
+    state = {slot.name: _build(slot, weights, dtype, device, scratch)
+             for slot in _bar(slots, progress, "loading")}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
@@ -482,8 +495,9 @@ def _assemble(cfg: ModelConfig, weights: HFWeights, dtype, device, progress: boo
 
 
 def _build(slot: Slot, weights: HFWeights, dtype: torch.dtype, device, scratch: Scratch) -> torch.Tensor:
-    """One llmlab tensor, allocated once where and as it will live and filled from its HF tensors: read straight
-    in when nothing changes, else staged in `scratch` and copied (transposed / converted) into place."""
+    """One llmlab tensor, allocated once where and as it will live and filled from its HF tensors: read
+    straight in when nothing changes, else staged in `scratch` and copied (transposed / converted) into
+    place."""
     out = torch.empty(slot.shape, dtype=dtype, device=device)
     if slot.op == "t":
         out.copy_(weights.view(slot.sources[0], scratch).t())
@@ -503,8 +517,9 @@ def _bar(items, progress: bool, desc: str):
 
 
 def save_hf(model: Transformer, path: str | Path, tokenizer=None) -> None:
-    """Write PATH as a HF model directory: config.json, model.safetensors and, with a tokenizer, tokenizer.json,
-    tokenizer_config.json and special_tokens_map.json. PATH is written atomically (replaced whole)."""
+    """Write PATH as a HF model directory: config.json, model.safetensors and, with a tokenizer,
+    tokenizer.json, tokenizer_config.json and special_tokens_map.json. PATH is written atomically (replaced
+    whole)."""
     cfg = model.config
     dtype = model.tok_emb.weight.dtype
     _flavour(cfg)  # refuse early, before writing anything
@@ -540,8 +555,9 @@ def load_hf_tokenizer(path: str | Path):
     """Tokenizer from PATH/tokenizer.json through Tokenizer.from_hf, or None when the directory has none.
 
     llmlab's Tokenizer finds bos/eos/pad by token name (<|endoftext|>, </s>, <|end_of_text|>, ...). When
-    tokenizer_config.json names a different eos token (instruct models: <|im_end|>, <|eot_id|>), a warning says
-    which token generation will stop at, since the Tokenizer has no way yet to record the file's choice.
+    tokenizer_config.json names a different eos token (instruct models: <|im_end|>, <|eot_id|>), a warning
+    says which token generation will stop at, since the Tokenizer has no way yet to record the file's
+    choice.
     """
     from llmlab.tokenizer import Tokenizer
 
@@ -555,8 +571,9 @@ def load_hf_tokenizer(path: str | Path):
 
 
 def hf_special_tokens(path: str | Path) -> dict[str, str]:
-    """{"bos": token, "eos": token, "pad": token} as tokenizer_config.json (else special_tokens_map.json) names
-    them; roles the files leave empty are absent. Values may be strings or AddedToken objects ({"content": ..})."""
+    """{"bos": token, "eos": token, "pad": token} as tokenizer_config.json (else special_tokens_map.json)
+    names them; roles the files leave empty are absent. Values may be strings or AddedToken objects
+    ({"content": ..})."""
     roles: dict[str, str] = {}
     for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):  # the later file wins, as in transformers
         file = Path(path) / name
@@ -582,15 +599,15 @@ def _warn_on_eos_mismatch(tok, roles: dict[str, str], path: Path) -> None:
     if want is not None and want != have and want in tok.special_tokens:
         import warnings
 
-        warnings.warn(f"{path / TOKENIZER_CONFIG} names eos_token {want!r} but llmlab's Tokenizer resolves eos to "
-                      f"{have!r} by name; generation stops at {have!r}, pass stop={tok.special_tokens[want]} "
-                      "to stop at the file's eos", stacklevel=3)
+        warnings.warn(f"{path / TOKENIZER_CONFIG} names eos_token {want!r} but llmlab's Tokenizer resolves "
+                      f"eos to {have!r} by name; generation stops at {have!r}, pass "
+                      f"stop={tok.special_tokens[want]} to stop at the file's eos", stacklevel=3)
 
 
 def save_hf_tokenizer(tokenizer, directory: str | Path, model_max_length: int | None = None) -> None:
-    """tokenizer.json (Tokenizer.to_hf) + tokenizer_config.json + special_tokens_map.json in DIRECTORY, so that
-    AutoTokenizer.from_pretrained loads a PreTrainedTokenizerFast that encodes exactly as llmlab does: no bos/eos
-    added (llmlab's encode adds none), no clean-up of spaces on decode."""
+    """tokenizer.json (Tokenizer.to_hf) + tokenizer_config.json + special_tokens_map.json in DIRECTORY, so
+    that AutoTokenizer.from_pretrained loads a PreTrainedTokenizerFast that encodes exactly as llmlab does: no
+    bos/eos added (llmlab's encode adds none), no clean-up of spaces on decode."""
     directory = Path(directory)
     tokenizer.to_hf(directory / TOKENIZER_JSON)
     names = {i: s for s, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])}
@@ -607,7 +624,8 @@ def save_hf_tokenizer(tokenizer, directory: str | Path, model_max_length: int | 
 def _special_ids(tokenizer) -> dict[str, int | None]:
     if tokenizer is None:
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -632,8 +650,9 @@ def _summary(model_type: str, model: Transformer, tok) -> dict:
             "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."), "tokenizer": tok is not None}
 
 
-def export_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None, tokenizer: str | Path | None = None,
-              with_tokenizer: bool = True, overwrite: bool = False) -> dict:
+def export_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None,
+              tokenizer: str | Path | None = None, with_tokenizer: bool = True,
+              overwrite: bool = False) -> dict:
     """`llmlab export-hf`: llmlab checkpoint -> HF directory OUT (tokenizer from CKPT/tokenizer unless given).
     OUT follows llmlab.fsutil.check_output: a non-empty OUT is replaced only with `overwrite`, never CKPT."""
     from llmlab.tokenizer import Tokenizer
@@ -655,5 +674,5 @@ def _refuse_extended(ckpt: Path, meta: dict) -> None:
     other tensors, and dequantizing would ship weights the user never had."""
     for key in EXTENSIONS:
         if meta.get(key):
-            raise ModelError(f"cannot export {ckpt}: its config.json has a {key!r} entry ({meta[key]}), so its "
-                             "layers are not a plain Transformer's; export the full-precision checkpoint")
+            raise ModelError(f"cannot export {ckpt}: its config.json has a {key!r} entry ({meta[key]}), so "
+                             "its layers are not a plain Transformer's; export the full-precision checkpoint")

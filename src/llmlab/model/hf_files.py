@@ -11,8 +11,8 @@ Writing: `write_safetensors` streams tensors into one file, each produced only w
 holds at most one transposed copy beside the model.
 
 Safetensors format (github.com/huggingface/safetensors): an unsigned 64-bit little-endian header length, a
-JSON header {name: {"dtype", "shape", "data_offsets": [begin, end)}, "__metadata__": {...}} padded with spaces,
-then the tensors' bytes (offsets relative to the end of the header), little-endian, row-major.
+JSON header {name: {"dtype", "shape", "data_offsets": [begin, end)}, "__metadata__": {...}} padded with
+spaces, then the tensors' bytes (offsets relative to the end of the header), little-endian, row-major.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class SafetensorsFile:
                 begin, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as e:
                 raise bad(f"entry {name!r} is malformed or has an unknown dtype ({e!r})") from e
-            if end - begin != torch.Size(shape).numel() * dtype.itemsize or not 0 <= begin <= end <= data_size:
+            size = torch.Size(shape).numel() * dtype.itemsize
+            if end - begin != size or not 0 <= begin <= end <= data_size:
                 raise bad(f"tensor {name!r} has byte range [{begin}, {end}) that does not fit its shape "
                           f"{shape} or the file")
             entries[name] = (dtype, shape, begin, end)
@@ -105,10 +106,11 @@ def write_safetensors(file: Path, tensors, metadata: dict[str, str] | None = Non
     offset = 0
     for name, shape, dtype, _ in tensors:
         if dtype not in DTYPE_NAMES:
-            raise ModelError(f"cannot write tensor {name!r} of dtype {dtype} as safetensors; convert the model "
-                             "to fp32, bf16 or fp16")
+            raise ModelError(f"cannot write tensor {name!r} of dtype {dtype} as safetensors; convert the "
+                             "model to fp32, bf16 or fp16")
         size = torch.Size(shape).numel() * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
@@ -124,8 +126,9 @@ def write_safetensors(file: Path, tensors, metadata: dict[str, str] | None = Non
 
 
 def torch_load_weights(file: Path) -> dict[str, torch.Tensor]:
-    """A pytorch_model.bin state dict. weights_only: a pickle can run code, so only tensors and plain containers
-    are accepted. mmap=True reads lazily (zip-format files; the legacy format falls back to a plain read)."""
+    """A pytorch_model.bin state dict. weights_only: a pickle can run code, so only tensors and plain
+    containers are accepted. mmap=True reads lazily (zip-format files; the legacy format falls back to a plain
+    read)."""
     import pickle
 
     try:
@@ -146,9 +149,9 @@ def torch_load_weights(file: Path) -> dict[str, torch.Tensor]:
 
 
 class Scratch:
-    """One reusable byte buffer for tensors that must be staged (a Conv1D weight before its transpose, a tensor
-    changing dtype or device): reusing it leaves no freed holes behind in the allocator, so the process holds
-    the model and this buffer, nothing more."""
+    """One reusable byte buffer for tensors that must be staged (a Conv1D weight before its transpose, a
+    tensor changing dtype or device): reusing it leaves no freed holes behind in the allocator, so the process
+    holds the model and this buffer, nothing more."""
 
     def __init__(self):
         self._buf = torch.empty(0, dtype=torch.uint8)
@@ -161,7 +164,8 @@ class Scratch:
 
 
 class HFWeights:
-    """The tensors of a HF model directory across its shards: names, shapes, and reads one tensor at a time."""
+    """The tensors of a HF model directory across its shards: names, shapes, and reads one tensor at a
+    time."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -176,8 +180,8 @@ class HFWeights:
         elif (path / PT_BIN_INDEX).is_file():
             self.kind, files = "bin", self._index(PT_BIN_INDEX)
         else:
-            raise CheckpointError(f"{path} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {PT_BIN} "
-                                  f"or {PT_BIN_INDEX}; download the model's weight files too")
+            raise CheckpointError(f"{path} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, "
+                                  f"{PT_BIN} or {PT_BIN_INDEX}; download the model's weight files too")
         indexed = bool(self.where)
         for file in files:
             names = self._names(self._handle(file))
@@ -186,8 +190,8 @@ class HFWeights:
                 continue
             missing = [n for n, f in self.where.items() if f == file and n not in names]
             if missing:
-                raise CheckpointError(f"{path / file} lacks tensor {missing[0]!r} that the shard index places "
-                                      "there; re-download the shards")
+                raise CheckpointError(f"{path / file} lacks tensor {missing[0]!r} that the shard index "
+                                      "places there; re-download the shards")
 
     def _index(self, index_name: str) -> list[str]:
         file = self.path / index_name
@@ -210,7 +214,8 @@ class HFWeights:
     def _handle(self, file: str):
         if file not in self._open:
             full = self.path / file
-            self._open[file] = SafetensorsFile(full) if self.kind == "safetensors" else torch_load_weights(full)
+            safetensors = self.kind == "safetensors"
+            self._open[file] = SafetensorsFile(full) if safetensors else torch_load_weights(full)
         return self._open[file]
 
     def shape(self, name: str) -> tuple[int, ...]:

@@ -394,7 +394,8 @@ def read_weights(file: Path, device: str | torch.device = "cpu",
 
 
 def config_from_meta(meta: dict, source: Path) -> ModelConfig:
-    """The ModelConfig of a config.json dict (EXTENSIONS entries left out); CheckpointError naming `source`."""
+    """The ModelConfig of a config.json dict (EXTENSIONS entries left out); CheckpointError naming
+    `source`."""
     from llmlab.config import from_dict
 
     try:
@@ -417,7 +418,8 @@ def refuse_extensions(path: Path, meta: dict) -> None:
 
 
 def check_state(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:
-    """Every tensor the model needs is present with its shape, and nothing else is (CheckpointError otherwise)."""
+    """Every tensor the model needs is present with its shape, and nothing else is (CheckpointError
+    otherwise)."""
     expected = model.state_dict()
     if getattr(getattr(model, "config", None), "tie_embeddings", False):
         expected.pop("lm_head.weight", None)
@@ -427,12 +429,14 @@ def check_state(model: nn.Module, state: dict[str, torch.Tensor], source) -> Non
             raise CheckpointError(f"{source} lacks tensor {name!r} (shape {tuple(t.shape)}) that config.json "
                                   "requires; the weights and config.json come from different models")
         if state[name].shape != t.shape:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)} but config.json "
-                                  f"implies {tuple(t.shape)}; the weights and config.json do not match")
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)} but "
+                                  f"config.json implies {tuple(t.shape)}; the weights and config.json do not "
+                                  "match")
         if state[name].is_floating_point() != t.is_floating_point():
-            raise CheckpointError(f"{source}: tensor {name!r} is stored as {state[name].dtype} where the model "
-                                  f"needs {t.dtype}; the file is corrupt or not a model of this kind")
+            raise CheckpointError(f"{source}: tensor {name!r} is stored as {state[name].dtype} where the "
+                                  f"model needs {t.dtype}; the file is corrupt or not a model of this kind")
     extra = sorted(set(state) - set(expected))
     if extra:
-        raise CheckpointError(f"{source} has tensor {extra[0]!r} that the model from config.json does not use "
-                              f"({len(extra)} unexpected in all); the weights and config.json do not match")
+        raise CheckpointError(f"{source} has tensor {extra[0]!r} that the model from config.json does not "
+                              f"use ({len(extra)} unexpected in all); the weights and config.json do not "
+                              "match")

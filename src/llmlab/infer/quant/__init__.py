@@ -55,14 +55,15 @@ def target_layers(model: nn.Module, include_head: bool = False) -> list[tuple[st
     return layers
 
 
-def check_request(model: nn.Module, method: str, bits: int, group_size: int | None, include_head: bool) -> None:
+def check_request(model: nn.Module, method: str, bits: int, group_size: int | None,
+                  include_head: bool) -> None:
     """Every bad-input check quantize() makes before touching the model (ConfigError, one line each)."""
     if method not in METHODS:
         raise ConfigError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
     check_scheme(bits, group_size)
     if getattr(model, QUANT_KEY, None):
-        raise ConfigError(f"the model is already quantized ({model.quantization}); quantize the full-precision "
-                          "checkpoint instead")
+        raise ConfigError(f"the model is already quantized ({model.quantization}); quantize the "
+                          "full-precision checkpoint instead")
     if include_head and model.config.tie_embeddings:
         raise ConfigError("include_head=True needs an untied LM head, but this model ties it to the token "
                           "embeddings (tie_embeddings=true); leave the head in full precision")
@@ -87,7 +88,8 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int = 8, group_size: i
     group_size = group_size if bits == 4 else None
     if method != "rtn":
         if calib is None:
-            raise ConfigError(f"{method.upper()} needs calibration data: pass calib=LongTensor[n_samples, seq_len] "
+            raise ConfigError(f"{method.upper()} needs calibration data: pass "
+                              "calib=LongTensor[n_samples, seq_len] "
                               "(llmlab.infer.quant.calib.calibration_tokens builds one)")
         cfg = model.config
         calib = check_calibration(calib, cfg.vocab_size, cfg.block_size).to(next(model.parameters()).device)
@@ -106,8 +108,8 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int = 8, group_size: i
         else:
             from llmlab.infer.quant.awq import awq_model
 
-            scaled = awq_model(model, calib, bits, group_size, include_head=include_head, batch_size=batch_size,
-                               progress=progress, **method_options)
+            scaled = awq_model(model, calib, bits, group_size, include_head=include_head,
+                               batch_size=batch_size, progress=progress, **method_options)
             entry["input_scaled"] = scaled
             entry["clip"] = method_options.get("clip", True)
     if method != "rtn":
@@ -156,9 +158,9 @@ def prepare_quantized(model: nn.Module, entry: dict, source: str | Path = "confi
 
     for name, layer in check_request_shapes:
         dtype = layer.weight.dtype if isinstance(layer, nn.Linear) else torch.float32
+        device = layer.weight.device if hasattr(layer, "weight") else None
         q = QuantLinear(layer.in_features, layer.out_features, bits, group_size, layer.bias is not None,
-                        input_scale=name in scaled, device=layer.weight.device if hasattr(layer, "weight") else None,
-                        dtype=dtype)
+                        input_scale=name in scaled, device=device, dtype=dtype)
         replace_module(model, name, q)
     model.quantization = dict(entry)
     return model
@@ -169,10 +171,11 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "rtn", bits: int = 8,
-                        group_size: int | None = 128, *, calib_source: str | None = None, calib_samples: int = 128,
-                        calib_len: int | None = None, seed: int = 0, act_order: bool = False,
-                        include_head: bool = False, tokenizer: str | Path | None = None, device: str = "cpu",
-                        overwrite: bool = False, progress: bool = True, **method_options) -> dict:
+                        group_size: int | None = 128, *, calib_source: str | None = None,
+                        calib_samples: int = 128, calib_len: int | None = None, seed: int = 0,
+                        act_order: bool = False, include_head: bool = False,
+                        tokenizer: str | Path | None = None, device: str = "cpu", overwrite: bool = False,
+                        progress: bool = True, **method_options) -> dict:
     """Load CHECKPOINT, quantize it, write OUT (config.json + model.safetensors + a copy of the tokenizer)
     atomically; return a summary dict. Every check runs before anything is written."""
     import shutil
@@ -182,8 +185,8 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
     from llmlab.infer.quant.calib import calibration_tokens
 
     checkpoint, out = Path(checkpoint), Path(out)
-    check_output(out, inputs=[checkpoint, tokenizer, calib_source if calib_source and Path(calib_source).exists()
-                              else None], overwrite=overwrite, what="--out")
+    calib_path = calib_source if calib_source and Path(calib_source).exists() else None
+    check_output(out, inputs=[checkpoint, tokenizer, calib_path], overwrite=overwrite, what="--out")
     dev = resolve_device(device)
     model = load_model(checkpoint, device=dev, dtype=torch.float32)  # a quantized one is refused next
     check_request(model, method, bits, group_size, include_head)
@@ -205,9 +208,10 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
         model.save_into(tmp)
         if tok_dir.is_dir():
             shutil.copytree(tok_dir, Path(tmp) / "tokenizer")
-    return {"checkpoint": str(checkpoint), "out": str(out), **model.quantization, "seconds": round(seconds, 2),
-            "bytes_in": (checkpoint / WEIGHTS_FILE).stat().st_size, "bytes_out": (out / WEIGHTS_FILE).stat().st_size}
+    return {"checkpoint": str(checkpoint), "out": str(out), **model.quantization,
+            "seconds": round(seconds, 2), "bytes_in": (checkpoint / WEIGHTS_FILE).stat().st_size,
+            "bytes_out": (out / WEIGHTS_FILE).stat().st_size}
 
 
-__all__ = ["quantize", "load_model", "prepare_quantized", "quantize_checkpoint", "QuantLinear", "set_kernel", "METHODS",
-           "is_quantized", "target_layers"]
+__all__ = ["quantize", "load_model", "prepare_quantized", "quantize_checkpoint", "QuantLinear", "set_kernel",
+           "METHODS", "is_quantized", "target_layers"]

@@ -55,8 +55,8 @@ def _quadratic_error(D: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return ((D @ gram) * D).sum()
 
 
-def search_scale(W: torch.Tensor, gram: torch.Tensor, act_mean: torch.Tensor, bits: int, group_size: int | None,
-                 n_grid: int = 20) -> tuple[torch.Tensor, float]:
+def search_scale(W: torch.Tensor, gram: torch.Tensor, act_mean: torch.Tensor, bits: int,
+                 group_size: int | None, n_grid: int = 20) -> tuple[torch.Tensor, float]:
     """Best per-input-channel scale s [K] for W [N, K] -> (s, alpha).
 
     The output error over the calibration tokens, ||X W^T - X W_eff^T||^2, is the quadratic form of the
@@ -80,7 +80,8 @@ def search_clip(W: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int 
     """Per-row (int8) or per-(row, group) (int4) clip value minimising that group's own output error
     sum_t (x_t,g . (w_g - q(w_g)))^2, a quadratic form with the group's diagonal block of the Gram matrix.
 
-    Returns max|w| kept: [N] or [N, K/G]. `rows` (bool [N]) limits the search; other rows keep their full range.
+    Returns max|w| kept: [N] or [N, K/G]. `rows` (bool [N]) limits the search; other rows keep their full
+    range.
     """
     W, gram = W.detach().float(), gram.float()
     N, K = W.shape

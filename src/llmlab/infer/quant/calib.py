@@ -25,6 +25,7 @@ import torch
 from llmlab.errors import ConfigError, DataError
 
 _ENCODE_FACTOR = 4  # encode ~4x the requested tokens of a text source, so windows come from a spread of it
+ID_DTYPES = (torch.int64, torch.int32)
 
 
 def calibration_tokens(source: str | Path, n_samples: int = 128, seq_len: int = 256, seed: int = 0,
@@ -36,9 +37,9 @@ def calibration_tokens(source: str | Path, n_samples: int = 128, seq_len: int = 
     stream = _token_stream(source, n_samples * seq_len, tokenizer)
     slots = len(stream) // seq_len
     if slots < n_samples:
-        raise DataError(f"calibration data {source} has {len(stream)} tokens but {n_samples} samples x {seq_len} "
-                        f"tokens = {n_samples * seq_len} were requested; lower the sample count or length "
-                        f"(at most {slots} samples of {seq_len}) or give more text")
+        raise DataError(f"calibration data {source} has {len(stream)} tokens but {n_samples} samples x "
+                        f"{seq_len} tokens = {n_samples * seq_len} were requested; lower the sample count or "
+                        f"length (at most {slots} samples of {seq_len}) or give more text")
     rng = np.random.default_rng(seed)
     starts = np.sort(rng.choice(slots, size=n_samples, replace=False)) * seq_len
     windows = np.stack([np.asarray(stream[s:s + seq_len], dtype=np.int64) for s in starts])
@@ -50,14 +51,16 @@ def _token_stream(source: str | Path, needed: int, tokenizer) -> np.ndarray:
 
     path = Path(source)
     if path.is_dir() and (path / META_NAME).is_file():
-        return np.concatenate([np.asarray(read_shard(p)) for p in split_shards(path, "train")] or [np.zeros(0)])
+        train = [np.asarray(read_shard(p)) for p in split_shards(path, "train")]
+        return np.concatenate(train or [np.zeros(0)])
     if path.is_file() and path.suffix == ".bin":
         return read_shard(path)
     if path.is_file() and path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
         except ValueError as e:
-            raise DataError(f"{path} is not a NumPy array of token ids ({e}); save one with np.save") from None
+            raise DataError(f"{path} is not a NumPy array of token ids ({e}); save one with "
+                            "np.save") from None
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
             raise DataError(f"{path} holds a {arr.dtype} array of shape {arr.shape}; calibration needs a 1-D "
                             "integer array of token ids")
@@ -90,10 +93,10 @@ def _encode_text(source: str, needed: int, tokenizer) -> np.ndarray:
 
 def check_calibration(calib, vocab_size: int, block_size: int) -> torch.Tensor:
     """ConfigError unless calib is a LongTensor [n, T] of ids in [0, vocab) with 2 <= T <= block_size."""
-    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype not in ID_DTYPES:
         shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
-        raise ConfigError(f"calibration data must be a LongTensor [n_samples, seq_len], got {shape}; build it "
-                          "with llmlab.infer.quant.calib.calibration_tokens")
+        raise ConfigError(f"calibration data must be a LongTensor [n_samples, seq_len], got {shape}; "
+                          "build it with llmlab.infer.quant.calib.calibration_tokens")
     n, T = calib.shape
     if n < 1 or T < 2:
         raise ConfigError(f"calibration data has shape {(n, T)}; give at least one sample of >= 2 tokens")

@@ -102,7 +102,8 @@ def check_scheme(bits: int, group_size: int | None, in_features: int | None = No
     if bits == 8:
         return  # int8 is per output channel: group_size does not apply
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
-        raise ConfigError(f"group_size={group_size!r} must be an even integer >= 2 for int4 (e.g. 32, 64 or 128)")
+        raise ConfigError(f"group_size={group_size!r} must be an even integer >= 2 for int4 (e.g. 32, 64 "
+                          "or 128)")
     if in_features is not None and in_features % group_size:
         fits = [g for g in (256, 128, 64, 32, 16) if in_features % g == 0]
         hint = f"use one of {', '.join(map(str, fits))}" if fits else "use a group size that divides it"
@@ -131,7 +132,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.ones(N, K // G, dtype=torch.float32, device=device))
             self.register_buffer("zeros", torch.zeros(N, K // G, dtype=torch.uint8, device=device))
         self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
-        self.register_buffer("input_scale", torch.ones(K, dtype=dtype, device=device) if input_scale else None)
+        ones = torch.ones(K, dtype=dtype, device=device) if input_scale else None
+        self.register_buffer("input_scale", ones)
         self.kernel = "auto"
         self._impl: dict = {}  # (device, dtype, kernel) -> (function or None for dequant, payload)
 
@@ -163,7 +165,8 @@ class QuantLinear(nn.Module):
         """Integer codes [N, K] (int8 or uint8)."""
         return self.qweight if self.bits == 8 else unpack_int4(self.qweight)
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32,
+                           rows: slice = slice(None)) -> torch.Tensor:
         """The weight the stored integers stand for, [N, K] (or the given block of rows), computed in fp32 and
         rounded once to `dtype`."""
         if self.bits == 8:
@@ -292,7 +295,8 @@ def _int4_packed(m: QuantLinear, device: torch.device):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
         op = torch.ops.aten._weight_int4pack_mm_for_cpu
     else:
-        tiles = next(t for t in (8, 4, 2) if m.in_features % (t * 16) == 0)  # StopIteration -> RuntimeError below
+        # StopIteration (no tile fits) becomes the RuntimeError below
+        tiles = next(t for t in (8, 4, 2) if m.in_features % (t * 16) == 0)
         as_bytes = ((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
         packed = torch.ops.aten._convert_weight_to_int4pack(as_bytes, tiles)
         op = torch.ops.aten._weight_int4pack_mm

@@ -52,7 +52,8 @@ def to_quant_linear(linear: nn.Linear, codes, scales, zeros, bits: int, group_si
                     input_scale: torch.Tensor | None = None) -> QuantLinear:
     """A QuantLinear holding the given codes, with `linear`'s bias (None for int8's all-zero zeros)."""
     bias = linear.bias.detach() if linear.bias is not None else None
-    q = QuantLinear.from_codes(codes, scales, zeros if bits == 4 else None, bits, group_size, bias, input_scale)
+    zeros = zeros if bits == 4 else None  # int8 is symmetric
+    q = QuantLinear.from_codes(codes, scales, zeros, bits, group_size, bias, input_scale)
     return q.to(linear.weight.device)
 
 
