@@ -1,6 +1,6 @@
-"""Artefacts that must agree: a checkpoint records its tokenizer's fingerprint, and generate (--tokenizer), eval
-ppl and data generate refuse a tokenizer or shards made with another one, in one line; older checkpoints
-without the record fall back to their tokenizer copy, then to the vocabulary size."""
+"""Artefacts that must agree: a checkpoint records its tokenizer's fingerprint, and generate (--tokenizer),
+eval ppl and data generate refuse a tokenizer or shards made with another one, in one line; older
+checkpoints without the record fall back to their tokenizer copy, then to the vocabulary size."""
 
 from __future__ import annotations
 
@@ -65,17 +65,18 @@ def _shards(out, tok_dir, record=True, copy=False):
     if record:
         block["fingerprint"] = fingerprint(tok)
     out.mkdir(parents=True, exist_ok=True)
-    write_shard_dir(out, {"train": [ids], "val": [ids]}, vocab_size=tok.vocab_size, extra={"tokenizer": block})
+    write_shard_dir(out, {"train": [ids], "val": [ids]}, vocab_size=tok.vocab_size,
+                    extra={"tokenizer": block})
     return out
 
 
 def test_generate_refuses_another_tokenizer(checkpoint, tokenizers, capsys):
     for other in ("b", "small"):
-        code, _, err = run_cli(capsys, "generate", checkpoint, "--prompt", "the", "--tokenizer", tokenizers[other],
-                               "--device", "cpu", "--max-new-tokens", "2")
+        code, _, err = run_cli(capsys, "generate", checkpoint, "--prompt", "the", "--tokenizer",
+                               tokenizers[other], "--device", "cpu", "--max-new-tokens", "2")
         assert_one_line_error(code, err, str(tokenizers[other]), "different tokenizer", "--tokenizer")
-    code, out, err = run_cli(capsys, "generate", checkpoint, "--prompt", "the", "--tokenizer", tokenizers["a"],
-                             "--device", "cpu", "--max-new-tokens", "2")
+    code, out, err = run_cli(capsys, "generate", checkpoint, "--prompt", "the", "--tokenizer",
+                             tokenizers["a"], "--device", "cpu", "--max-new-tokens", "2")
     assert code == 0, err
 
 
@@ -84,7 +85,8 @@ def test_a_tampered_tokenizer_copy_is_refused(checkpoint, tokenizers, tmp_path, 
     shutil.copytree(checkpoint, ckpt)
     shutil.rmtree(ckpt / "tokenizer")
     shutil.copytree(tokenizers["b"], ckpt / "tokenizer")
-    code, _, err = run_cli(capsys, "generate", ckpt, "--prompt", "the", "--device", "cpu", "--max-new-tokens", "2")
+    code, _, err = run_cli(capsys, "generate", ckpt, "--prompt", "the", "--device", "cpu",
+                           "--max-new-tokens", "2")
     assert_one_line_error(code, err, "different tokenizer")
 
 
@@ -95,7 +97,8 @@ def test_eval_ppl_refuses_shards_of_another_tokenizer(checkpoint, tokenizers, tm
     for name, kind in (("b", dict(record=True)), ("b_copy", dict(record=False, copy=True))):
         bad = _shards(tmp_path / name, tokenizers["b"], **kind)
         code, _, err = run_cli(capsys, "eval", "ppl", checkpoint, "--data", bad)
-        assert_one_line_error(code, err, str(bad), "different tokenizer", "shards made with the model's tokenizer")
+        assert_one_line_error(code, err, str(bad), "different tokenizer",
+                              "shards made with the model's tokenizer")
 
 
 def test_data_generate_refuses_shards_of_another_tokenizer(checkpoint, tokenizers, tmp_path, capsys):

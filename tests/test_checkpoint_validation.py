@@ -73,7 +73,7 @@ def _copy(checkpoint, tmp_path):
 
 
 def _restore_and_load(path):
-    """What resume and generate/eval/quantize/export do with a checkpoint: restore a trainer, load the model."""
+    """What resume and generate/eval/quantize/export do with a checkpoint: restore a trainer, load it."""
     _trainer(path.parent / "elsewhere").restore(path)
     Transformer.load(path)
 
@@ -102,7 +102,8 @@ def test_train_state_of_the_wrong_shape_is_refused(checkpoint, tmp_path):
     path = _copy(checkpoint, tmp_path)
     state = torch.load(path / "train_state.pt", weights_only=True)
     for broken, fragment in [([1, 2], "a list"), ({**state, "version": 99}, "version 99"),
-                             ({**state, "step": "3"}, "'step'"), ({**state, "rng": {"torch": 1}}, "cannot be restored")]:
+                             ({**state, "step": "3"}, "'step'"),
+                             ({**state, "rng": {"torch": 1}}, "cannot be restored")]:
         torch.save(broken, path / "train_state.pt")
         with pytest.raises(CheckpointError, match=fragment):
             _trainer(tmp_path / "other").restore(path)
@@ -132,8 +133,8 @@ def test_resume_from_a_truncated_checkpoint_is_one_line(capsys, tmp_path):
        cut=st.one_of(st.none(), st.floats(0, 1)),
        flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)), max_size=3),
        early=st.booleans())
-def test_truncated_or_flipped_files_load_or_raise_one_checkpoint_error(checkpoint, tmp_path_factory, name, cut,
-                                                                       flips, early):
+def test_truncated_or_flipped_files_load_or_raise_one_checkpoint_error(checkpoint, tmp_path_factory, name,
+                                                                       cut, flips, early):
     path = _copy(checkpoint, tmp_path_factory.mktemp("fuzz"))
     data = bytearray((path / name).read_bytes())
     if cut is not None:
@@ -158,7 +159,9 @@ def test_metrics_torn_last_line_is_tolerated_and_other_bad_lines_are_one_error(t
     path.write_text("\n".join(good) + '\n{"step": 3, "lo')
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
     assert run_cli(capsys, "plot", tmp_path)[0] == 0
-    for bad in ("garbage", "[1, 2]", '{"step": "x"}', '{"step": 3, "loss": "low"}', '{"step": 3, "events": 1}'):
+    bad_lines = ("garbage", "[1, 2]", '{"step": "x"}', '{"step": 3, "loss": "low"}',
+                 '{"step": 3, "events": 1}')
+    for bad in bad_lines:
         path.write_text(good[0] + "\n" + bad + "\n" + good[1] + "\n")
         with pytest.raises(DataError, match="line 2 is not a metrics record"):
             read_metrics(path)

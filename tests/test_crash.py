@@ -29,13 +29,13 @@ STEPS = 40
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("crashdata") / "shards"
-    write_shard_dir(out, {"train": [affine_stream(8000, V, 0)], "val": [affine_stream(1000, V, 2)]}, vocab_size=V,
-                    extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
+    write_shard_dir(out, {"train": [affine_stream(8000, V, 0)], "val": [affine_stream(1000, V, 2)]},
+                    vocab_size=V, extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
     return out
 
 
-# `llmlab pretrain` whose checkpoint writes sleep SLEEP seconds before and after the weights, so a kill can land
-# inside one: the fault lives here, in the test, not in the library.
+# `llmlab pretrain` whose checkpoint writes sleep SLEEP seconds before and after the weights, so a kill can
+# land inside one: the fault lives here, in the test, not in the library.
 _SLOW_CHECKPOINTS = """
 import sys, time
 from llmlab.cli import main
@@ -104,7 +104,7 @@ def test_sigkill_at_random_moments_and_mid_checkpoint_resumes_exactly(shards, re
     run = out / "crashy"
     rng = random.Random(1234)
     kills = 0
-    # trial 0: kill while a checkpoint is being written (its temp dir exists, slowed down by _SLOW_CHECKPOINTS)
+    # trial 0: kill while a checkpoint is being written (its temp dir exists; _SLOW_CHECKPOINTS slows it)
     proc = subprocess.Popen(_cmd(shards, out, "crashy", sleep=0.5), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     in_write = _wait_for(lambda: any(run.glob(".ckpt-*.tmp")), proc)
@@ -141,7 +141,8 @@ def test_sigterm_checkpoints_and_exits_zero(shards, tmp_path):
     run = tmp_path / "term"
     proc = subprocess.Popen(_cmd(shards, tmp_path, "term"), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0, proc)
+    metrics = run / "metrics.jsonl"
+    assert _wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]

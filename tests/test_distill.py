@@ -71,8 +71,8 @@ def test_weight_zero_is_plain_pretraining(data, tmp_path):
 
 def test_bad_distill_config_is_one_line(data, tmp_path, capsys):
     shards, teacher = data
-    base = ["pretrain", "--config", "configs/tiny.toml", f"data.shards={shards}", f"train.out_dir={tmp_path / 'r'}",
-            "train.progress=false", "train.plot=false"]
+    base = ["pretrain", "--config", "configs/tiny.toml", f"data.shards={shards}",
+            f"train.out_dir={tmp_path / 'r'}", "train.progress=false", "train.plot=false"]
     code, _, err = run_cli(capsys, *base, f"distill.teacher={tmp_path / 'missing'}")
     assert_one_line_error(code, err, "distill.teacher", "not a checkpoint directory")
     code, _, err = run_cli(capsys, *base, f"distill.teacher={teacher}", "distill.weight=1.5")

@@ -31,8 +31,8 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("distdata") / "shards"
-    write_shard_dir(out, {"train": [affine_stream(8000, V, 0)], "val": [affine_stream(1000, V, 2)]}, vocab_size=V,
-                    extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
+    write_shard_dir(out, {"train": [affine_stream(8000, V, 0)], "val": [affine_stream(1000, V, 2)]},
+                    vocab_size=V, extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
     return out
 
 
@@ -78,7 +78,8 @@ def test_loss_curve_equals_single_process_with_accumulation(runs, kind):
     single, multi = _losses(runs["single"]), _losses(runs[kind])
     assert sorted(single) == sorted(multi) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([multi[s] for s in single], list(single.values()), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(list(_vals(runs[kind]).values()), list(_vals(runs["single"]).values()), atol=1e-5)
+    np.testing.assert_allclose(list(_vals(runs[kind]).values()), list(_vals(runs["single"]).values()),
+                               atol=1e-5)
     assert single[STEPS] < single[1]  # it learned
     # rank 0 alone records the best checkpoint; every rank passed the post-save barrier (no hang)
     best = {name: json.loads((runs[name] / "best.json").read_text()) for name in ("single", kind)}
@@ -91,7 +92,8 @@ def test_fsdp_checkpoint_is_dcp_and_loads_in_one_process(runs):
     assert (ckpt / "dcp").is_dir() and (ckpt / "model.safetensors").is_file()
     fsdp_model = Transformer.load(ckpt)
     single_model = Transformer.load(runs["single"] / f"ckpt-{STEPS:06d}")
-    for (name, a), (_, b) in zip(fsdp_model.state_dict().items(), single_model.state_dict().items(), strict=True):
+    pairs = zip(fsdp_model.state_dict().items(), single_model.state_dict().items(), strict=True)
+    for (name, a), (_, b) in pairs:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
 
 
@@ -141,11 +143,11 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(shards, tmp_path,
     import time
 
     out, name = tmp_path / "runs", "term"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmlab",
-           "pretrain", "--config", "configs/tiny.toml", f"data.shards={shards}", f"train.out_dir={out}",
-           f"train.run_name={name}", "train.progress=false", "train.plot=false", "train.threads=1",
-           "optim.max_steps=100000", "train.ckpt_every=0", "train.eval_every=0", "train.keep_last=0",
-           "train.peak_flops=1e11", "data.batch_size=4", f"parallel.strategy={strategy}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "llmlab", "pretrain", "--config", "configs/tiny.toml", f"data.shards={shards}",
+           f"train.out_dir={out}", f"train.run_name={name}", "train.progress=false", "train.plot=false",
+           "train.threads=1", "optim.max_steps=100000", "train.ckpt_every=0", "train.eval_every=0",
+           "train.keep_last=0", "train.peak_flops=1e11", "data.batch_size=4", f"parallel.strategy={strategy}"]
     agent = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     workers = {}
@@ -187,7 +189,8 @@ result = {}
 try:
     with process_group("cpu") as device:
         x = torch.full((1000,), float(dist.get_rank() + 1))
-        pending = [dist.all_reduce(x.clone(), async_op=True) for _ in range(8)]  # gloo work held by its threads
+        # gloo work held by its threads
+        pending = [dist.all_reduce(x.clone(), async_op=True) for _ in range(8)]
         for work in pending:
             work.wait()
         dist.all_reduce(x)

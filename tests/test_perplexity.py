@@ -21,7 +21,8 @@ class Bigram(nn.Module):
     def __init__(self, table: torch.Tensor, block_size: int):
         super().__init__()
         self.table = nn.Parameter(table.clone())
-        self.config = ModelConfig(vocab_size=table.shape[0], block_size=block_size, n_layer=1, n_head=1, d_model=4)
+        self.config = ModelConfig(vocab_size=table.shape[0], block_size=block_size, n_layer=1, n_head=1,
+                                  d_model=4)
 
     def forward(self, idx):
         return self.table[idx]
@@ -35,7 +36,8 @@ def test_uniform_model_has_perplexity_equal_to_vocab():
 
 def test_perplexity_matches_hand_computation(tmp_path):
     V, T = 5, 4
-    val = np.array([0, 1, 2, 3, 4, 0, 0, 1, 4, 2, 3, 3, 1, 0])  # 14 tokens: windows of 5 at 0, 4, 8 -> 3 windows
+    # 14 tokens: windows of 5 at 0, 4, 8 -> 3 windows
+    val = np.array([0, 1, 2, 3, 4, 0, 0, 1, 4, 2, 3, 3, 1, 0])
     write_shard_dir(tmp_path, {"train": [np.arange(20) % V], "val": [val]}, vocab_size=V)
     table = torch.tensor(np.random.default_rng(0).normal(size=(V, V)), dtype=torch.float32)
     model = Bigram(table, T)
@@ -56,7 +58,8 @@ def test_perplexity_matches_hand_computation(tmp_path):
 
 def test_evaluate_checkpoints_same_windows(tmp_path):
     rng = np.random.default_rng(1)
-    write_shard_dir(tmp_path / "shards", {"train": [rng.integers(0, 256, 600)], "val": [rng.integers(0, 256, 600)]},
+    write_shard_dir(tmp_path / "shards",
+                    {"train": [rng.integers(0, 256, 600)], "val": [rng.integers(0, 256, 600)]},
                     vocab_size=256)
     torch.manual_seed(0)
     small = Transformer(ModelConfig.preset("gpt2", "tiny", block_size=32))

@@ -32,8 +32,8 @@ V = 64
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("spikedata") / "shards"
-    write_shard_dir(out, {"train": [affine_stream(30000, V, 0)], "val": [affine_stream(3000, V, 2)]}, vocab_size=V,
-                    extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
+    write_shard_dir(out, {"train": [affine_stream(30000, V, 0)], "val": [affine_stream(3000, V, 2)]},
+                    vocab_size=V, extra={"tokenizer": {"vocab_size": V, "eos_id": None}})
     return out
 
 
@@ -143,7 +143,8 @@ def _run(shards, run_dir, guard: SpikeConfig | None, poison=(), grad_fault=(), g
 
 
 def _events(run_dir, kind):
-    return [e for r in read_metrics(run_dir / "metrics.jsonl") for e in r.get("events") or [] if e["type"] == kind]
+    return [e for r in read_metrics(run_dir / "metrics.jsonl") for e in r.get("events") or []
+            if e["type"] == kind]
 
 
 def test_poisoned_batches_rolled_back_and_skipped(shards, tmp_path):

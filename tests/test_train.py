@@ -184,7 +184,8 @@ def test_resume_is_bitwise_identical_with_dropout(tmp_path):
     assert resumed.step == 4
     resumed.fit()
 
-    for (name, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+    pairs = zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True)
+    for (name, p), q in pairs:
         assert torch.equal(p, q), name
     full_losses = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
     part_losses = [r["loss"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl") if "loss" in r]
@@ -203,7 +204,8 @@ def test_checkpoint_round_trip(tmp_path):
     assert ckpts == ["ckpt-000004", "ckpt-000005"]  # keep_last=2
     assert not list(run.glob(".ckpt-*"))            # no temp dirs left behind
     last = run / "ckpt-000005"
-    assert {p.name for p in last.iterdir()} == {"config.json", "model.safetensors", "train_state.pt", "tokenizer"}
+    assert {p.name for p in last.iterdir()} == {"config.json", "model.safetensors", "train_state.pt",
+                                                "tokenizer"}
     assert (last / "tokenizer" / "tokenizer.json").read_text() == "{}"
 
     state = torch.load(last / "train_state.pt", weights_only=True)
@@ -382,9 +384,11 @@ def test_best_checkpoint_survives_pruning_and_resume(tmp_path):
     t.fit()
     ckpts = sorted(p.name for p in tmp_path.glob("ckpt-*"))
     assert ckpts == ["ckpt-000002", "ckpt-000004"]
-    assert json.loads((tmp_path / "best.json").read_text()) == {"step": 2, "path": "ckpt-000002", "val_loss": 1.0}
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best == {"step": 2, "path": "ckpt-000002", "val_loss": 1.0}
     assert resolve_resume("best", tmp_path) == tmp_path / "ckpt-000002"
-    ckpt_events = [e for r in read_metrics(tmp_path / "metrics.jsonl") for e in r["events"] if e["type"] == "checkpoint"]
+    ckpt_events = [e for r in read_metrics(tmp_path / "metrics.jsonl") for e in r["events"]
+                   if e["type"] == "checkpoint"]
     assert [e.get("best", False) for e in ckpt_events] == [True, True, False, False]
     best = make_trainer(tmp_path, **kw)
     best.restore(resolve_resume("best", tmp_path))

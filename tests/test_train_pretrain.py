@@ -36,7 +36,8 @@ def shards(tmp_path_factory):
     tok = out / "tokenizer"
     tok.mkdir(parents=True)
     (tok / "llmlab.json").write_text('{"fake": true}')
-    write_shard_dir(out, {"train": [affine_stream(12000, V, 0), affine_stream(8000, V, 1)], "val": [affine_stream(2000, V, 2)]},
+    write_shard_dir(out, {"train": [affine_stream(12000, V, 0), affine_stream(8000, V, 1)],
+                          "val": [affine_stream(2000, V, 2)]},
                     vocab_size=V, extra={"tokenizer": {"vocab_size": V, "eos_id": None, "copy": "tokenizer"}})
     return out
 
@@ -50,7 +51,8 @@ def _cfg(shards, tmp_path, *overrides):
 # ------------------------------------------------------------------ learning and the run directory
 
 def test_pretrain_learns_and_writes_a_complete_run(shards, tmp_path):
-    cfg = _cfg(shards, tmp_path, "optim.max_steps=60", "optim.lr=1e-2", "train.eval_every=30", "train.plot=true")
+    cfg = _cfg(shards, tmp_path, "optim.max_steps=60", "optim.lr=1e-2", "train.eval_every=30",
+               "train.plot=true")
     summary = run_pretrain(cfg)
     run = tmp_path / "runs" / "tiny"
     records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
@@ -142,7 +144,8 @@ def test_bad_input_is_one_line(shards, tmp_path, capsys, monkeypatch):
     assert_one_line_error(code, err, "tokens_per_step=100", "use train.tokens_per_step=128")
 
     small = tmp_path / "small"
-    write_shard_dir(small, {"train": [affine_stream(5000, V, 0)], "val": [affine_stream(20, V, 1)]}, vocab_size=V)
+    write_shard_dir(small, {"train": [affine_stream(5000, V, 0)], "val": [affine_stream(20, V, 1)]},
+                    vocab_size=V)
     code, _, err = run_cli(capsys, *base, f"data.shards={small}")
     assert_one_line_error(code, err, "block_size 32", "val split", "has 20")
 
@@ -182,7 +185,8 @@ def test_plot_cli(shards, tmp_path, capsys):
 def test_presets_load_and_resolve(name):
     from llmlab.train.pretrain import resolve_config
 
-    cfg = resolve_config(load_config(PretrainConfig, f"configs/{name}.toml"), {"tokenizer": {"vocab_size": 8192}})
+    cfg = resolve_config(load_config(PretrainConfig, f"configs/{name}.toml"),
+                         {"tokenizer": {"vocab_size": 8192}})
     assert cfg.model.vocab_size == 8192 and cfg.data.block_size <= cfg.model.block_size
     Transformer(cfg.model) if name != "gpt2-124M" else cfg.model.validate()
 
@@ -216,10 +220,11 @@ def test_lm_loss_same_through_a_wrapper():
 
 def test_grad_accumulation_matches_bigger_batch_on_the_transformer(shards, tmp_path):
     def run(name, steps, *extra):
-        run_pretrain(_cfg(shards, tmp_path, f"train.run_name={name}", f"optim.max_steps={steps}", "optim.lr=1e-2",
-                          "train.ckpt_every=0", *extra))
+        run_pretrain(_cfg(shards, tmp_path, f"train.run_name={name}", f"optim.max_steps={steps}",
+                          "optim.lr=1e-2", "train.ckpt_every=0", *extra))
         run_dir = tmp_path / "runs" / name
-        return load_file(run_dir / f"ckpt-{steps:06d}" / "model.safetensors"), read_metrics(run_dir / "metrics.jsonl")
+        weights = load_file(run_dir / f"ckpt-{steps:06d}" / "model.safetensors")
+        return weights, read_metrics(run_dir / "metrics.jsonl")
 
     accum = ("data.batch_size=2", "train.tokens_per_step=128")  # 2 micro-batches of 2 x 32 tokens
     (a, _), (b, _) = run("accum1", 1, *accum), run("big1", 1, "data.batch_size=4")

@@ -49,8 +49,9 @@ class Range:
         low = f"> {self.gt:g}" if self.gt is not None else f">= {self.ge:g}" if self.ge is not None else ""
         high = f"< {self.lt:g}" if self.lt is not None else f"<= {self.le:g}" if self.le is not None else ""
         if low and high:
-            return (f"in {'(' if self.gt is not None else '['}{self.gt if self.gt is not None else self.ge:g}, "
-                    f"{self.lt if self.lt is not None else self.le:g}{')' if self.lt is not None else ']'}")
+            left = f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}"
+            right = f"{self.lt:g})" if self.lt is not None else f"{self.le:g}]"
+            return f"in {left}, {right}"
         return low or high
 
     def holds(self, value: float) -> bool:
@@ -112,7 +113,9 @@ def _show(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_show(v) for v in value) + "]"
-    return repr(value) if not isinstance(value, float) else f"{value:g}" if math.isfinite(value) else str(value)
+    if isinstance(value, float):
+        return f"{value:g}" if math.isfinite(value) else str(value)
+    return repr(value)
 
 
 def _default_hint(default: Any) -> str:
@@ -124,22 +127,25 @@ def _bad(name: str, value: Any, problem: str, fix: str, default: Any = dataclass
 
 
 def _coerce(value: Any, typ: Any, name: str, default: Any = dataclasses.MISSING) -> Any:
-    """Check/convert a value to a field's annotated type (int -> float allowed, None for Optionals) and rules."""
+    """Check/convert a value to a field's annotated type (int -> float allowed, None for Optionals) and its
+    rules."""
     origin = typing.get_origin(typ)
     if origin is Annotated:
         inner, *rules = typing.get_args(typ)
         value = _coerce(value, inner, name, default)
         for rule in rules:
             if hasattr(rule, "holds") and value is not None and not rule.holds(value):
-                raise _bad(name, value, f"must be {rule.describe()}", f"set {name} to a value {rule.describe()}"
-                           if isinstance(rule, Range) else f"set {name} to {rule.describe()}", default)
+                fix = f"set {name} to a value {rule.describe()}" if isinstance(rule, Range) \
+                    else f"set {name} to {rule.describe()}"
+                raise _bad(name, value, f"must be {rule.describe()}", fix, default)
         return value
     if origin in (typing.Union, types.UnionType):
         return _coerce_union(value, typing.get_args(typ), name, default)
     if origin is typing.Literal:
         choices = typing.get_args(typ)
         if isinstance(value, bool) or value not in choices:
-            raise _bad(name, value, "is not allowed", f"use one of {', '.join(_show(c) for c in choices)}", default)
+            raise _bad(name, value, "is not allowed", f"use one of {', '.join(_show(c) for c in choices)}",
+                       default)
         return value
     if origin in (list, tuple):
         return _coerce_sequence(value, typ, name, default)
@@ -196,8 +202,8 @@ def _coerce_scalar(value: Any, typ: Any, name: str, default: Any) -> Any:
         fix = f"quote it: {name}='\"{value}\"'" if typ is str else f"give {name} {kind}"
         raise _bad(name, value, f"needs {kind}", fix, default)
     if typ is float and not math.isfinite(value):
-        raise _bad(name, value, "is not a finite number", f"give {name} a finite value (nan and inf are refused)",
-                   default)
+        raise _bad(name, value, "is not a finite number",
+                   f"give {name} a finite value (nan and inf are refused)", default)
     return value
 
 
@@ -279,7 +285,8 @@ def preset_names(package: str) -> list[str]:
     """Names of the TOML presets shipped in `package` (e.g. "llmlab.configs")."""
     from importlib import resources
 
-    return sorted(p.name.removesuffix(".toml") for p in resources.files(package).iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name.removesuffix(".toml") for p in resources.files(package).iterdir()
+                  if p.name.endswith(".toml"))
 
 
 def find_preset(name: str | Path, package: str = "llmlab.configs") -> Path:
@@ -293,7 +300,8 @@ def find_preset(name: str | Path, package: str = "llmlab.configs") -> Path:
         return Path(str(resources.files(package) / f"{name}.toml"))
     close = difflib.get_close_matches(str(name), preset_names(package), n=1, cutoff=0.5)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ConfigError(f"{name!r} is neither a TOML file nor a preset; {hint}presets: {', '.join(preset_names(package))}")
+    raise ConfigError(f"{name!r} is neither a TOML file nor a preset; {hint}presets: "
+                      f"{', '.join(preset_names(package))}")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Device and dtype resolution shared by training, inference and evaluation, and the one device sync timers use.
+"""Device and dtype resolution shared by training, inference and evaluation, and the device sync timers use.
 
 `device="auto"` picks cuda, then mps, then cpu; `dtype="auto"` is bf16 on GPUs that support it and fp32
 elsewhere (CPU bf16 matmuls are slow and lossy, so CPU runs stay in fp32).
@@ -10,7 +10,8 @@ import torch
 
 from llmlab.errors import ConfigError
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
 
@@ -24,7 +25,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise ConfigError(f"device={device!r} is not a device torch knows; use auto, cpu, cuda, cuda:N or mps") from e
+        raise ConfigError(f"device={device!r} is not a device torch knows; use auto, cpu, cuda, cuda:N "
+                          "or mps") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r}: torch sees no CUDA device here; use cpu (or auto)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

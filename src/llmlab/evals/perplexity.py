@@ -9,8 +9,9 @@ Perplexity = exp(mean negative log-likelihood per predicted token), the mean tak
 the evaluated windows (not a mean of per-batch means, which would over-weight a short last batch). The
 text is the shards' `val` split cut into consecutive windows of block_size + 1 tokens that share one token
 (as TokenLoader.iter_eval cuts it, but keeping a last partial batch): each token is predicted once, with
-between 0 and block_size - 1 tokens of context. All checkpoints compared in one call see exactly the same windows, so their numbers are
-comparable; numbers from different block sizes are not (more context, lower perplexity).
+between 0 and block_size - 1 tokens of context. All checkpoints compared in one call see exactly the same
+windows, so their numbers are comparable; numbers from different block sizes are not (more context, lower
+perplexity).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def eval_windows(shards: str | Path, split: str, block_size: int, batch_size: in
     count = (len(stream) - 1) // block_size
     if count < 1:
         raise DataError(f"the {split} split of {shards} has {len(stream)} tokens, fewer than one window of "
-                        f"{block_size + 1}; evaluate with a smaller --block-size or prepare more held-out text")
+                        f"{block_size + 1}; evaluate with a smaller --block-size or prepare more held-out "
+                        "text")
     starts = list(range(0, count * block_size, block_size))
     batches = [starts[i:i + batch_size] for i in range(0, count, batch_size)][:max_batches]
     for batch in batches:

@@ -10,7 +10,8 @@ from llmlab.train.optim import OptimConfig, build_optimizer, param_groups
 from llmlab.train.schedule import lr_at
 from llmlab.train.trainer import Callback, Rollback, Skip, StepStats, TrainConfig, Trainer
 
-__all__ = ["Trainer", "TrainConfig", "OptimConfig", "Callback", "Skip", "Rollback", "StepStats", "Checkpointer",
+__all__ = ["Trainer", "TrainConfig", "OptimConfig", "Callback", "Skip", "Rollback", "StepStats",
+           "Checkpointer",
            "resolve_resume", "unwrap", "build_optimizer", "param_groups", "lr_at", "PretrainConfig",
            "run_pretrain"]
 

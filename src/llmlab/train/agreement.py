@@ -42,11 +42,12 @@ class TokenizerId:
 
 def write_tokenizer_id(checkpoint_dir: Path, tokenizer_fingerprint: str) -> None:
     """Record a tokenizer fingerprint in CHECKPOINT/tokenizer_id.json (inside the caller's atomic write)."""
-    (Path(checkpoint_dir) / TOKENIZER_ID_FILE).write_text(json.dumps({"fingerprint": tokenizer_fingerprint}) + "\n")
+    record = json.dumps({"fingerprint": tokenizer_fingerprint})
+    (Path(checkpoint_dir) / TOKENIZER_ID_FILE).write_text(record + "\n")
 
 
 def checkpoint_tokenizer(path: str | Path, vocab_size: int) -> TokenizerId:
-    """A checkpoint's tokenizer: the recorded fingerprint, its tokenizer/ copy, the model's vocabulary size."""
+    """A checkpoint's tokenizer: its recorded fingerprint, its tokenizer/ copy, the model's vocabulary."""
     path = Path(path)
     copy = path / "tokenizer"
     return TokenizerId(f"the model {path}", vocab_size, _recorded_fingerprint(path),
@@ -60,8 +61,9 @@ def _recorded_fingerprint(path: Path) -> str | None:
     try:
         value = json.loads(file.read_text(encoding="utf-8")).get("fingerprint")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{file} is not a valid tokenizer record ({type(e).__name__}); delete it (the "
-                              "checkpoint's tokenizer/ copy is used instead) or re-save the checkpoint") from e
+        raise CheckpointError(f"{file} is not a valid tokenizer record ({type(e).__name__}); delete it "
+                              "(the checkpoint's tokenizer/ copy is used instead) or re-save the "
+                              "checkpoint") from e
     if not isinstance(value, str) or not _HEX16.fullmatch(value):
         raise CheckpointError(f"{file} has fingerprint {value!r}, not 16 hex digits; delete it (the "
                               "checkpoint's tokenizer/ copy is used instead) or re-save the checkpoint")
@@ -99,7 +101,8 @@ def require_same_tokenizer(model: TokenizerId, other: TokenizerId, fix: str) -> 
     if ours is not None and theirs is not None:
         if ours != theirs:
             raise TokenizerError(f"{other.name} uses a different tokenizer than {model.name} (fingerprint "
-                                 f"{theirs} vs {ours}, {other.vocab_size} vs {model.vocab_size} tokens); {fix}")
+                                 f"{theirs} vs {ours}, {other.vocab_size} vs {model.vocab_size} tokens); "
+                                 f"{fix}")
         return
     if model.vocab_size is not None and other.vocab_size is not None and other.vocab_size > model.vocab_size:
         raise TokenizerError(f"{other.name} has a {other.vocab_size}-token vocabulary but {model.name} has "

@@ -96,11 +96,13 @@ def check_complete(path: str | Path) -> Path:
     """Raise a CheckpointError naming the first missing file; return the path."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a ckpt-STEP directory or --resume auto")
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a ckpt-STEP directory or "
+                              "--resume auto")
     for name in REQUIRED_FILES:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}; it is incomplete, "
-                                  "resume from another checkpoint (--resume auto picks the newest complete one)")
+                                  "resume from another checkpoint (--resume auto picks the newest "
+                                  "complete one)")
     return path
 
 
@@ -116,8 +118,9 @@ _STATE_TYPES = {"step": int, "tokens": int, "batches": dict, "rng": dict, "files
 
 
 def read_train_state(path: str | Path) -> dict[str, Any]:
-    """train_state.pt of a complete checkpoint, loaded with weights_only=True (never unpickling anything else),
-    its entries and the files listed in it checked; CheckpointError naming the file for every failure."""
+    """train_state.pt of a complete checkpoint, loaded with weights_only=True (never unpickling anything
+    else), its entries and the files listed in it checked; CheckpointError naming the file for every
+    failure."""
     path = check_complete(path)
     file = path / "train_state.pt"
     try:
@@ -192,8 +195,8 @@ def write_model(model: nn.Module, directory: Path) -> None:
         return
     save_model(model, str(directory / "model.safetensors"))
     config = getattr(model, "config", None)
-    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config)
-                                                      else {}, indent=2))
+    settings = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+    (directory / "config.json").write_text(json.dumps(settings, indent=2))
 
 
 def read_model(model: nn.Module, directory: Path) -> None:
@@ -223,7 +226,7 @@ def read_best(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 class Checkpointer:
-    """Saves ckpt-STEP directories under `run_dir`; keeps the newest `keep_last`, pinned steps and the best."""
+    """Saves ckpt-STEP directories under `run_dir`; keeps the newest `keep_last`, pinned steps, the best."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3, tokenizer_dir: str | Path | None = None,
                  keep_best: bool = True, tokenizer_fingerprint: str | None = None):
@@ -296,7 +299,7 @@ class Checkpointer:
             (self.run_dir / BEST_FILE).unlink(missing_ok=True)
 
     def beats_best(self, step: int, val_loss: float | None) -> bool:
-        """Whether saving ckpt-STEP with this val loss makes it the best (update_best's rule, side-effect free;
+        """Whether saving ckpt-STEP with this val loss makes it the best (update_best's rule, no side effects;
         a best.json naming STEP itself does not count, as rewriting ckpt-STEP forgets it)."""
         if not self.keep_best or val_loss is None or not math.isfinite(val_loss):
             return False
@@ -318,7 +321,7 @@ class Checkpointer:
         return True
 
     def prune(self) -> None:
-        """Delete checkpoints beyond the newest keep_last (pinned ones and the best stay) and stale temp dirs."""
+        """Delete checkpoints beyond the newest keep_last (pinned ones and the best stay), stale temp dirs."""
         for tmp in self.run_dir.glob(".ckpt-*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
         if self.keep_last <= 0:

@@ -45,7 +45,8 @@ class DistillConfig:
     temperature: PositiveFloat = 1.0  # tau: > 1 softens both distributions
 
 
-def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  temperature: float = 1.0) -> torch.Tensor:
     """Mean over tokens of tau^2 KL(softmax(teacher / tau) || softmax(student / tau)), in fp32."""
     s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
@@ -72,12 +73,13 @@ def load_teacher(cfg: DistillConfig, vocab_size: int, block_size: int, tokenizer
     """The frozen teacher, checked against the training data (ConfigError / ModelError, one line each)."""
     path = Path(cfg.teacher)
     if not (path / "config.json").is_file():
-        raise ConfigError(f"distill.teacher={cfg.teacher} is not a checkpoint directory (no config.json); point "
-                          "it at a ckpt-STEP directory of a trained model")
+        raise ConfigError(f"distill.teacher={cfg.teacher} is not a checkpoint directory (no config.json); "
+                          "point it at a ckpt-STEP directory of a trained model")
     teacher = Transformer.load(path, device=device)
     if teacher.config.vocab_size != vocab_size:
-        raise ConfigError(f"distill.teacher has a {teacher.config.vocab_size}-token vocabulary but the shards "
-                          f"have {vocab_size}; distil from a teacher trained with the shards' tokenizer")
+        raise ConfigError(f"distill.teacher has a {teacher.config.vocab_size}-token vocabulary but the "
+                          f"shards have {vocab_size}; distil from a teacher trained with the shards' "
+                          "tokenizer")
     if teacher.config.block_size < block_size:
         raise ConfigError(f"distill.teacher's context ({teacher.config.block_size}) is shorter than "
                           f"data.block_size={block_size}; lower data.block_size")

@@ -162,7 +162,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
         if cfg.compile:
             block.compile()  # per block: one graph reused n_layer times, and FSDP hooks stay outside it
     if strategy == "ddp":
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -87,7 +87,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None 
         return measure_matmul_flops(device, dtype)
 
 
-def mfu(flops_per_token: float | None, tokens_per_s: float, peak: float | None, world_size: int = 1) -> float | None:
+def mfu(flops_per_token: float | None, tokens_per_s: float, peak: float | None,
+        world_size: int = 1) -> float | None:
     """Model FLOPs utilisation in [0, 1] (None when the FLOPs per token or the peak is unknown)."""
     if not flops_per_token or not peak:
         return None
@@ -106,7 +107,8 @@ class Throughput:
 
     def update(self, tokens: int, seconds: float) -> float:
         self.last = tokens / max(seconds, 1e-9)
-        self.ema = self.last if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * self.last
+        s = self.smoothing
+        self.ema = self.last if self.ema is None else s * self.ema + (1 - s) * self.last
         self.total_tokens += tokens
         self.total_time += seconds
         return self.last

@@ -1,4 +1,4 @@
-"""PNG plots of a run, derived from its metrics.jsonl (`llmlab plot RUN_DIR`, also run at the end of training).
+"""PNG plots of a run, derived from its metrics.jsonl (`llmlab plot RUN_DIR`; also run when training ends).
 
 Writes RUN_DIR/plots/loss.png (train loss, val loss) and RUN_DIR/plots/training.png (loss, learning rate,
 grad norm with the clip threshold, tokens/s with MFU). Events are marked as vertical lines: rollbacks

@@ -115,7 +115,8 @@ def resolve_config(cfg: PretrainConfig, meta: dict) -> PretrainConfig:
         model = dataclasses.replace(model, vocab_size=vocab)
     elif model.vocab_size != vocab:
         raise ConfigError(f"model.vocab_size={model.vocab_size} does not match the tokenizer of {shards} "
-                          f"({vocab} tokens, see its meta.json); set model.vocab_size={vocab} or drop it (0 = from the shards)")
+                          f"({vocab} tokens, see its meta.json); set model.vocab_size={vocab} or drop it "
+                          "(0 = from the shards)")
     try:
         model.validate()
     except ModelError as e:
@@ -130,10 +131,12 @@ def resolve_config(cfg: PretrainConfig, meta: dict) -> PretrainConfig:
         accum, rest = divmod(train.tokens_per_step, per_micro)
         if rest or accum == 0:
             near = max(1, round(train.tokens_per_step / per_micro)) * per_micro
-            raise ConfigError(f"train.tokens_per_step={train.tokens_per_step} is not a multiple of batch_size x "
-                              f"block_size x world_size = {per_micro}; use train.tokens_per_step={near}")
+            raise ConfigError(f"train.tokens_per_step={train.tokens_per_step} is not a multiple of "
+                              f"batch_size x block_size x world_size = {per_micro}; use "
+                              f"train.tokens_per_step={near}")
         train = dataclasses.replace(train, accum_steps=accum)
-    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, block_size=block), train=train)
+    data = dataclasses.replace(cfg.data, block_size=block)
+    return dataclasses.replace(cfg, model=model, data=data, train=train)
 
 
 def _run_tokenizer(cfg: PretrainConfig, shards: TokenizerId) -> tuple[Path | None, str | None]:
@@ -146,7 +149,8 @@ def _run_tokenizer(cfg: PretrainConfig, shards: TokenizerId) -> tuple[Path | Non
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not a directory; point it at a saved "
                           "tokenizer or drop it to use the shard directory's copy")
     tok = directory_tokenizer(path)
-    require_same_tokenizer(tok, shards, "point data.tokenizer at the tokenizer that made the shards, or drop it")
+    require_same_tokenizer(tok, shards, "point data.tokenizer at the tokenizer that made the shards, or "
+                                        "drop it")
     return path, tok.fingerprint
 
 
@@ -160,7 +164,7 @@ def _prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume auto to continue it, "
                           "train.overwrite=true to start over, or another train.run_name")
-    for p in old + [run_dir / "plots", run_dir / "summary.json", run_dir / BEST_FILE, run_dir / "tensorboard"]:
+    for p in old + [run_dir / name for name in ("plots", "summary.json", BEST_FILE, "tensorboard")]:
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
@@ -227,7 +231,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device
     if resume_path is not None:
         trainer.resume(resume_path)  # CheckpointError if it is incomplete or does not fit cfg.model
     elif rank == 0:
-        # `--resume auto` that found no checkpoint starts over: only a run killed before its first save is lost.
+        # `--resume auto` that found no checkpoint starts over: only a run killed before its first save is
+        # lost.
         _prepare_run_dir(run_dir, resuming=False, overwrite=cfg.train.overwrite or resume == "auto")
     fresh = not run_dir.exists()
     if rank == 0:

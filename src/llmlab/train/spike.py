@@ -22,9 +22,9 @@ and pre-clip global grad norm (identical on every rank, so every rank decides th
   `rollback_steps` before the first outlier, skip the data from that checkpoint's loader position
   through the spike plus `skip_batches` more batches, and optionally multiply the LR by `lr_scale` for
   `lr_scale_steps` steps. After `max_rollbacks` rollbacks the run stops with TrainingDiverged.
-- on every checkpoint after the warm-up it pins the checkpoints a future rollback may need (the newest one at least
-  `rollback_steps` old and every newer one), so keep_last pruning never deletes them while disk use stays
-  bounded by rollback_steps / ckpt_every + keep_last checkpoints.
+- on every checkpoint after the warm-up it pins the checkpoints a future rollback may need (the newest one
+  at least `rollback_steps` old and every newer one), so keep_last pruning never deletes them while disk use
+  stays bounded by rollback_steps / ckpt_every + keep_last checkpoints.
 
 Events ("spike", then the trainer's "skip"/"rollback") land in metrics.jsonl, and `llmlab plot` marks them.
 """
@@ -51,7 +51,7 @@ class SpikeConfig:
 
     enabled: bool = True
     window: PositiveInt = 100            # rolling window of recent (non-outlier) losses and grad norms
-    warmup: NonNegativeInt = 100         # steps before the guard arms (early loss falls fast, grad norms swing)
+    warmup: NonNegativeInt = 100         # steps before the guard arms (early loss falls, grad norms swing)
     min_samples: PositiveInt = 20        # values the window needs before z-scores mean anything
     loss_z: PositiveFloat = 6.0          # OLMo's 6 sigma
     loss_ratio: Ratio = 1.5              # ... and at least this multiple of the window's mean loss
@@ -88,7 +88,8 @@ class RollingStats:
         return mean, math.sqrt(sum((v - mean) ** 2 for v in self.values) / n)
 
 
-def outlier_reason(x: float, stats: RollingStats, z: float, ratio: float, name: str, armed: bool) -> str | None:
+def outlier_reason(x: float, stats: RollingStats, z: float, ratio: float, name: str,
+                   armed: bool) -> str | None:
     """Why `x` is a spike against `stats` (None if it is not): non-finite, or both z-score and ratio rules."""
     if not math.isfinite(x):
         return f"{name} is {x}"
@@ -172,7 +173,8 @@ class SpikeGuard(Callback):
         if self.rollbacks >= self.cfg.max_rollbacks:
             raise TrainingDiverged(
                 f"loss spike at step {last.step + 1} after {self.rollbacks} rollbacks (spike.max_rollbacks="
-                f"{self.cfg.max_rollbacks}): {reason}; lower optim.lr, raise optim.warmup_steps or check the data")
+                f"{self.cfg.max_rollbacks}): {reason}; lower optim.lr, raise optim.warmup_steps or check the "
+                "data")
         ckpt = self._target(trainer, first.step)
         if ckpt is None:
             raise TrainingDiverged(

@@ -16,7 +16,8 @@ loss divided by accum_steps so the gradient is the mean over the whole step), gl
 times `lr_scale`), bf16 autocast on GPUs that support it (fp32 on CPU), periodic evaluation through
 `eval_fn(model) -> {"val_loss": ...}`, checkpoints every `ckpt_every` steps and at the end (the newest
 `keep_last` plus, with `keep_best`, the one whose step's val_loss is lowest, named by best.json), exact
-resume, metrics.jsonl (and TensorBoard scalars with `tensorboard`), and a tqdm bar with loss, tokens/s and MFU.
+resume, metrics.jsonl (and TensorBoard scalars with `tensorboard`), and a tqdm bar with loss, tokens/s and
+MFU.
 
 Extension points (issue 4 and later objectives hook in here, the loop itself stays as it is):
 - `callbacks`: objects with any of on_fit_start(trainer), before_optimizer_step(trainer, stats) ->
@@ -83,7 +84,7 @@ class TrainConfig:
     progress: bool = True                # tqdm progress bar
     peak_flops: PositiveFloat | None = None  # override the device peak FLOP/s used for MFU (see metrics.py)
     plot: bool = True                    # write PNG plots at the end
-    max_minutes: PositiveFloat | None = None  # wall-clock cap: evaluate, checkpoint and stop early once reached
+    max_minutes: PositiveFloat | None = None  # wall-clock cap: then evaluate, checkpoint and stop early
     threads: NonNegativeInt = 0          # CPU threads for torch (0: torch's default, one per core); 1 is
                                          # often fastest on a machine busy with other work
 
@@ -256,7 +257,8 @@ class Trainer:
                 metric_sums[k] = metric_sums.get(k, 0) + v.to(self.device)
         end = getattr(self.batches, "step", None)
         means = {k: v / accum for k, v in metric_sums.items()}
-        return loss_sum / accum, means, n_tokens * self.world_size, (start, end) if start is not None else None
+        batch_range = (start, end) if start is not None else None
+        return loss_sum / accum, means, n_tokens * self.world_size, batch_range
 
     def clip_gradients(self) -> float:
         """Clip the global grad norm to optim.grad_clip (0: no clipping) and return the pre-clip norm."""
@@ -348,7 +350,8 @@ class Trainer:
                 # is not stretched, so resuming later continues exactly where this stopped.
                 self._events.append({"type": "time_limit", "minutes": self.cfg.max_minutes})
                 done = stopping = True
-            if self.eval_fn is not None and (done or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
+            eval_due = bool(self.cfg.eval_every and self.step % self.cfg.eval_every == 0)
+            if self.eval_fn is not None and (done or eval_due):
                 record.update(self.evaluate())
             saving = self.checkpointer is not None and (
                 done or stopping or bool(self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0))
@@ -400,7 +403,8 @@ class Trainer:
     def summary(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "tokens_per_s": self.throughput.mean,
                 "mfu": mfu(self.flops_per_token, self.throughput.mean, self._peak, self.world_size),
-                "peak_flops": self._peak, **self.last_eval, "run_dir": str(self.run_dir) if self.run_dir else None}
+                "peak_flops": self._peak, **self.last_eval,
+                "run_dir": str(self.run_dir) if self.run_dir else None}
 
     # ------------------------------------------------------------------ eval
 
@@ -445,8 +449,8 @@ class Trainer:
         return event
 
     def save(self, log: bool = True) -> Path | None:
-        """Write ckpt-STEP (rank 0; a distributed checkpointer overrides this policy) and, with `log`, queue its
-        event (fit logs it itself, before the write: see there)."""
+        """Write ckpt-STEP (rank 0; a distributed checkpointer overrides this policy) and, with `log`, queue
+        its event (fit logs it itself, before the write: see there)."""
         if self.checkpointer is None:
             return None
         event = self._checkpoint_event()
@@ -467,7 +471,8 @@ class Trainer:
     def restore(self, path: str | Path) -> None:
         """Load weights, optimizer, batch position, RNG states and counters from a checkpoint."""
         if self.checkpointer is None:
-            self.checkpointer = Checkpointer(Path(path).parent, self.cfg.keep_last, keep_best=self.cfg.keep_best)
+            self.checkpointer = Checkpointer(Path(path).parent, self.cfg.keep_last,
+                                             keep_best=self.cfg.keep_best)
         state = self.checkpointer.load(path, self.model)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -513,7 +518,8 @@ class Trainer:
         path = self.checkpointer.latest(max_step=action.to_step)
         if path is None:
             raise CheckpointError(f"no checkpoint at or before step {action.to_step} to roll back to "
-                                  f"in {self.checkpointer.run_dir}; keep more (train.keep_last) or checkpoint more often")
+                                  f"in {self.checkpointer.run_dir}; keep more (train.keep_last) or "
+                                  "checkpoint more often")
         from_step, skipped = self.step, list(self.skipped)
         if action.skip is not None:
             skipped.append(tuple(int(x) for x in action.skip))
