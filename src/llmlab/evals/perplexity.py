@@ -97,7 +97,8 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, spli
 
     Every checkpoint's config is read (and checked) before the first evaluation starts, so a bad path
     fails fast. Checkpoints with different contexts are compared at the smallest block size of them all.
-    On CPU, cpu_routes lets linears take the matmul route measured fastest per shape (llmlab.infer.cpu_linear).
+    On CPU, cpu_routes lets linears take the matmul route measured fastest per shape
+    (llmlab.infer.cpu_linear).
     """
     from llmlab.device import resolve_device
     from llmlab.infer.cpu_linear import route_cpu_linears
