@@ -185,7 +185,8 @@ def test_uint32_tokens_load_exactly(tmp_path):
 
 def test_block_size_larger_than_data_names_both(tmp_path):
     d = _make(tmp_path, n_train=50, n_val=20)
-    with pytest.raises(DataError, match=r"block_size 64 needs at least 65 tokens but the train split .* has 50"):
+    with pytest.raises(DataError, match=r"block_size 64 needs at least 65 tokens but the train split .* "
+                                        r"has 50"):
         TokenLoader(d, block_size=64, batch_size=2)
     loader = TokenLoader(d, block_size=30, batch_size=2)
     with pytest.raises(DataError, match=r"block_size 30 .* val split .* has 20"):

@@ -101,7 +101,8 @@ def test_split_is_by_document_hash_and_roughly_the_fraction():
 def test_shards_close_at_document_boundaries(tmp_path):
     path, docs = _corpus(tmp_path)
     out = tmp_path / "out"
-    meta = prepare_shards([str(path)], ByteTokenizer(), out, shard_tokens=300, val_fraction=0.0, progress=False)
+    meta = prepare_shards([str(path)], ByteTokenizer(), out, shard_tokens=300, val_fraction=0.0,
+                          progress=False)
     shards = meta["splits"]["train"]["shards"]
     assert len(shards) > 3
     previous_end = 0
@@ -119,8 +120,9 @@ def test_shards_close_at_document_boundaries(tmp_path):
 def test_workers_give_identical_shards(tmp_path):
     path, _ = _corpus(tmp_path, n=60)
     a, b = tmp_path / "a", tmp_path / "b"
-    prepare_shards([str(path)], ByteTokenizer(), a, shard_tokens=500, val_fraction=0.2, workers=1, progress=False)
-    prepare_shards([str(path)], ByteTokenizer(), b, shard_tokens=500, val_fraction=0.2, workers=2, progress=False)
+    for directory, workers in ((a, 1), (b, 2)):
+        prepare_shards([str(path)], ByteTokenizer(), directory, shard_tokens=500, val_fraction=0.2,
+                       workers=workers, progress=False)
     assert _snapshot(a) == _snapshot(b)
     assert (a / "meta.json").read_text() == (b / "meta.json").read_text()
 

@@ -36,8 +36,8 @@ def test_roundtrip_uint16_and_header_bytes(tmp_path):
     assert isinstance(mm, np.memmap) and mm.dtype == np.dtype("<u2")
     np.testing.assert_array_equal(mm, tokens)
     h = read_header(path)
-    assert (h.num_tokens, h.doc_start, h.doc_end, h.num_docs, h.fingerprint, h.max_id) == (5, 3, 9, 2, 0xABCDEF,
-                                                                                         65535)
+    fields = (h.num_tokens, h.doc_start, h.doc_end, h.num_docs, h.fingerprint, h.max_id)
+    assert fields == (5, 3, 9, 2, 0xABCDEF, 65535)
 
 
 def test_uint32_when_vocab_exceeds_65536(tmp_path):

@@ -27,7 +27,8 @@ def test_txt_files_and_globs_one_document_per_file_sorted(tmp_path):
     (tmp_path / "c.md").write_text("third", encoding="utf-8")
     assert list(iter_documents([str(tmp_path / "*.txt")])) == ["first \u732b", "second"]
     # Explicit files keep the order given; globs and directories are sorted.
-    assert list(iter_documents([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")])) == ["second", "first \u732b"]
+    docs = iter_documents([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")])
+    assert list(docs) == ["second", "first \u732b"]
     assert list(iter_documents([str(tmp_path)])) == ["first \u732b", "second", "third"]
 
 

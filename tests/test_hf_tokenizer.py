@@ -1,7 +1,8 @@
-"""Tokenizers travelling with Hugging Face models: a tokenizer trained by the `tokenizers` library beside a HF
-GPT-2 model is imported by load_hf / import-hf and encodes exactly as `tokenizers` and AutoTokenizer do, and the
-imported checkpoint generates through `llmlab generate` the same greedy text as transformers; an llmlab-trained
-tokenizer exported with save_hf loads in AutoTokenizer and encodes and decodes identically both ways."""
+"""Tokenizers travelling with Hugging Face models: a tokenizer trained by the `tokenizers` library beside a
+HF GPT-2 model is imported by load_hf / import-hf and encodes exactly as `tokenizers` and AutoTokenizer do,
+and the imported checkpoint generates through `llmlab generate` the same greedy text as transformers; an
+llmlab-trained tokenizer exported with save_hf loads in AutoTokenizer and encodes and decodes identically
+both ways."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def gpt2_with_tokenizer(tmp_path_factory):
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "model_max_length": 64,
-        "bos_token": "<|endoftext|>", "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "normalized": True,
+        "bos_token": "<|endoftext|>",
+        "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "normalized": True,
                       "rstrip": False, "single_word": False, "special": True},
         "unk_token": "<|endoftext|>"}))
     return directory, model, tok

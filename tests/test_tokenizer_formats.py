@@ -17,11 +17,13 @@ from llmlab.tokenizer import Tokenizer
 from llmlab.tokenizer.formats import byte_to_char, hf_to_bytes
 
 TRAIN = [inspect.getsource(json), inspect.getsource(string),
-         "Caf\u00e9 cr\u00e8me na\u00efve \u732b\u306f\u53ef\u611b\u3044 \U0001f600 \u0416\u0438\u0437\u043d\u044c "
+         "Caf\u00e9 cr\u00e8me na\u00efve \u732b\u306f\u53ef\u611b\u3044 \U0001f600 "
+         "\u0416\u0438\u0437\u043d\u044c "
          "strawberry embedding xylophone 2024 I'm\r\n" * 5]
 HELD_OUT = [inspect.getsource(random)[:15000],
-            "The \u732b sat on the \u30de\u30c3\u30c8. \U0001f44d\U0001f3fd na\u00efve\u0301 \u00e9t\u00e9 \u00df "
-            "\u05e9\u05dc\u05d5\u05dd \u0928\u092e\u0938\u094d\u0924\u0947 \t\t\n\n  x  \r\n 123456789 you'LL",
+            "The \u732b sat on the \u30de\u30c3\u30c8. \U0001f44d\U0001f3fd na\u00efve\u0301 \u00e9t\u00e9 "
+            "\u00df \u05e9\u05dc\u05d5\u05dd \u0928\u092e\u0938\u094d\u0924\u0947 \t\t\n\n  x  \r\n "
+            "123456789 you'LL",
             "", " ", "\n\n", "a", "   leading and trailing   ", "\x00\x01\x7f\x85"]
 
 
@@ -36,7 +38,8 @@ def tok() -> Tokenizer:
 
 def test_byte_alphabet_is_gpt2s():
     table = byte_to_char()
-    assert len(set(table)) == 256 and table[ord("a")] == "a" and table[32] == "\u0120" and table[10] == "\u010a"
+    assert len(set(table)) == 256 and table[ord("a")] == "a"
+    assert table[32] == "\u0120" and table[10] == "\u010a"
     assert set(table) == set(pre_tokenizers.ByteLevel.alphabet())
     assert hf_to_bytes("\u0120hello\u010a") == b" hello\n" and hf_to_bytes("\u732b") is None
 
@@ -67,14 +70,16 @@ def test_exported_tokenizer_json_encodes_identically_in_hf(tmp_path, pattern):
     assert hf.get_vocab_size() == ours.vocab_size
 
 
-def _train_hf(prefix_space: bool = False, full_alphabet: bool = True, split: str | None = None) -> HFTokenizer:
+def _train_hf(prefix_space: bool = False, full_alphabet: bool = True,
+              split: str | None = None) -> HFTokenizer:
     hf = HFTokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space, use_regex=split is None)
     hf.pre_tokenizer = byte_level if split is None else pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if full_alphabet else [])
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if full_alphabet else []
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<pad>"],
+                                  show_progress=False, initial_alphabet=alphabet)
     hf.train_from_iterator(TRAIN, trainer=trainer)
     return hf
 
@@ -84,10 +89,12 @@ def _train_hf(prefix_space: bool = False, full_alphabet: bool = True, split: str
     (True, True, None),
     (False, False, None),  # bytes never seen in training have no token: HF drops them, so must we
     (False, True, r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"),
-    (False, True, r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+"),  # Llama 3's pattern, a custom regex for us
+    # Llama 3's pattern, a custom regex for us
+    (False, True, r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
 ])
-def test_tokenizer_trained_by_hf_imports_and_encodes_identically(tmp_path, prefix_space, full_alphabet, split):
+def test_tokenizer_trained_by_hf_imports_and_encodes_identically(tmp_path, prefix_space, full_alphabet,
+                                                                   split):
     hf = _train_hf(prefix_space, full_alphabet, split)
     hf.save(str(tmp_path / "tokenizer.json"))
     ours = Tokenizer.from_hf(tmp_path / "tokenizer.json")
@@ -180,7 +187,8 @@ def test_load_refuses_newer_missing_and_corrupt(tmp_path, tok):
     meta_path = tmp_path / "t" / "llmlab.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "format_version": 2, "llmlab_version": "9.0"}))
-    with pytest.raises(TokenizerError, match=r"format version 2, written by a newer llmlab \(9.0\).*upgrade llmlab"):
+    with pytest.raises(TokenizerError,
+                       match=r"format version 2, written by a newer llmlab \(9.0\).*upgrade llmlab"):
         Tokenizer.load(tmp_path / "t")
     meta_path.write_text(json.dumps({**meta, "merges": [[1, 99999]]}))
     with pytest.raises(TokenizerError, match="llmlab.json"):
@@ -227,7 +235,8 @@ def test_oniguruma_construct_splits_like_tokenizers(construct):
 
 
 def _with_split(tmp_path, tok: Tokenizer, split_regex: str):
-    """tok's tokenizer.json with its Split regex replaced by split_regex (the file as someone might write it)."""
+    """tok's tokenizer.json with its Split regex replaced by split_regex (the file as someone might
+    write it)."""
     tok.to_hf(tmp_path / "tokenizer.json")
     data = json.loads((tmp_path / "tokenizer.json").read_text())
     split = {"type": "Split", "pattern": {"Regex": split_regex}, "behavior": "Isolated", "invert": False}
@@ -238,8 +247,8 @@ def _with_split(tmp_path, tok: Tokenizer, split_regex: str):
 
 
 def test_tiktoken_spelling_in_tokenizer_json_imports_with_tokenizers_ids(tmp_path):
-    """cl100k's pattern copied verbatim into tokenizer.json: tokenizers reads \\p{N}{1,3}+ as runs of digits of
-    any length, and so must the import (a possessive reading would cut them into threes)."""
+    """cl100k's pattern copied verbatim into tokenizer.json: tokenizers reads \\p{N}{1,3}+ as runs of
+    digits of any length, and so must the import (a possessive reading would cut them into threes)."""
     from llmlab.tokenizer import GPT4_PATTERN
 
     digit_runs = Tokenizer.train(TRAIN + DIGITS * 20, vocab_size=600, pattern="gpt2", progress=False)
@@ -248,7 +257,8 @@ def test_tiktoken_spelling_in_tokenizer_json_imports_with_tokenizers_ids(tmp_pat
     imported = Tokenizer.from_hf(path)
     for text in DIGITS + HELD_OUT:
         assert imported.encode(text) == hf_ids(hf, text), text
-    possessive = Tokenizer(digit_runs.spec().tokens, digit_runs.merges, GPT4_PATTERN, digit_runs.special_tokens)
+    possessive = Tokenizer(digit_runs.spec().tokens, digit_runs.merges, GPT4_PATTERN,
+                           digit_runs.special_tokens)
     assert imported.encode(DIGITS[0]) != possessive.encode(DIGITS[0])  # the two readings really differ here
     imported.to_hf(tmp_path / "again.json")  # and the export keeps tokenizers' reading
     again = HFTokenizer.from_file(str(tmp_path / "again.json"))

@@ -21,7 +21,8 @@ TEXTS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.\n",
     "def add(a, b):\n    return a + b\n\n\nprint(add(2, 3))  # 5\n        x = 10000000\n",
     "aaaaaaa aaaa aaa bbbb ==== ---- ....    \n\n\n\t\t  zzzzzz",
-    "Caf\u00e9 cr\u00e8me, na\u00efve, \u732b\u306f\u53ef\u611b\u3044 \U0001f600\U0001f600 I'm you'll WE'RE\r\n",
+    "Caf\u00e9 cr\u00e8me, na\u00efve, \u732b\u306f\u53ef\u611b\u3044 \U0001f600\U0001f600 "
+    "I'm you'll WE'RE\r\n",
 ] * 3
 
 
@@ -131,7 +132,8 @@ def test_long_document_is_counted_in_pieces():
 
 
 def test_custom_pattern_and_uncovered_text():
-    tok = Tokenizer.train(TEXTS, vocab_size=300, pattern=r"\w+|\s+|[^\w\s]+", special_tokens=[], progress=False)
+    tok = Tokenizer.train(TEXTS, vocab_size=300, pattern=r"\w+|\s+|[^\w\s]+", special_tokens=[],
+                          progress=False)
     assert tok.pattern_name is None and tok.decode(tok.encode("héllo, wörld!")) == "héllo, wörld!"
     with pytest.raises(TokenizerError, match="does not match every character.*skips ' '"):
         Tokenizer.train(["hello world"], vocab_size=300, pattern=r"\w+", progress=False)

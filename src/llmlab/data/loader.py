@@ -94,7 +94,8 @@ class TokenLoader:
         if block_size < 1 or batch_size < 1:
             raise DataError(f"block_size and batch_size must be >= 1 (got {block_size}, {batch_size})")
         if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world_size {world_size}; launch with torchrun or fix them")
+            raise DataError(f"rank {rank} is outside world_size {world_size}; launch with torchrun or "
+                            f"fix them")
         self.shard_dir = Path(shard_dir)
         self.meta = read_meta(self.shard_dir)
         self.split, self.block_size, self.batch_size = split, int(block_size), int(batch_size)
@@ -117,8 +118,9 @@ class TokenLoader:
         stream = _TokenStream(split_shards(self.shard_dir, split, self.meta),
                               self.meta["tokenizer"]["vocab_size"])
         if stream.num_tokens < self.block_size + 1:
-            raise DataError(f"block_size {self.block_size} needs at least {self.block_size + 1} tokens but the "
-                            f"{split} split of {self.shard_dir} has {stream.num_tokens}; use a smaller block_size "
+            raise DataError(f"block_size {self.block_size} needs at least {self.block_size + 1} tokens but "
+                            f"the {split} split of {self.shard_dir} has {stream.num_tokens}; use a smaller "
+                            f"block_size "
                             f"or prepare more text (a larger --val-fraction for val)")
         return stream
 

@@ -82,7 +82,8 @@ def _doc_hash(doc_index: int, seed: int) -> int:
 
 
 def split_of(doc_index: int, seed: int, val_fraction: float) -> str:
-    """'val' for a fraction `val_fraction` of documents chosen by a hash of (seed, doc_index), else 'train'."""
+    """'val' for a fraction `val_fraction` of documents chosen by a hash of (seed, doc_index), else
+    'train'."""
     return "val" if _doc_hash(doc_index, seed) < val_fraction * 2**64 else "train"
 
 
@@ -92,8 +93,8 @@ def split_overrides(num_docs: int, seed: int, val_fraction: float) -> dict[int, 
     if val_fraction == 0:
         return {}
     if num_docs < 2:
-        raise DataError(f"--val-fraction {val_fraction} needs at least 2 documents (one for train, one for val) "
-                        f"but the sources hold {num_docs}; give more documents or pass --val-fraction 0")
+        raise DataError(f"--val-fraction {val_fraction} needs at least 2 documents (one for train, one for "
+                        f"val) but the sources hold {num_docs}; give more documents or pass --val-fraction 0")
     lowest = highest = (_doc_hash(0, seed), 0)
     for i in range(1, num_docs):
         h = (_doc_hash(i, seed), i)
@@ -254,7 +255,8 @@ def _remove_stale(out_dir: Path, split: str, keep: int) -> None:
     for path in out_dir.glob(f"{split}_[0-9][0-9][0-9][0-9][0-9].bin"):
         if int(path.stem.split("_")[1]) >= keep:
             path.unlink()
-    for tmp in out_dir.glob(f".{split}_*.bin.*.tmp"):  # left by a killed run (atomic_file cleans up otherwise)
+    # Left by a killed run (atomic_file cleans up otherwise).
+    for tmp in out_dir.glob(f".{split}_*.bin.*.tmp"):
         tmp.unlink()
 
 
@@ -325,7 +327,8 @@ def prepare_shards(sources: list[str] | str, tokenizer, out_dir: str | os.PathLi
     if shard_tokens < 1:
         raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
     if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}; e.g. 0.01 keeps 1% for validation")
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}; e.g. 0.01 keeps 1% for "
+                        f"validation")
     if workers is not None and workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
@@ -429,6 +432,7 @@ def _meta(writers, tok, tok_desc, tok_digest, fingerprint, dtype, resolved, sour
                       "digest": tok_digest, "copy": "tokenizer",
                       **({"fingerprint": tokenizer_fingerprint(tok)} if isinstance(tok, Tokenizer) else {})},
         "options": options,
-        "sources": describe_sources([os.fspath(s) for s in ([sources] if isinstance(sources, str) else sources)]),
+        "sources": describe_sources([os.fspath(s) for s in
+                                     ([sources] if isinstance(sources, str) else sources)]),
         "splits": splits,
     }

@@ -88,7 +88,8 @@ def encode_header(header: ShardHeader) -> bytes:
 
 
 def read_header(path: str | os.PathLike) -> ShardHeader:
-    """Parse and validate a shard's header and size; DataError naming the file and the fix if anything is off."""
+    """Parse and validate a shard's header and size; DataError naming the file and the fix if anything is
+    off."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -204,7 +205,8 @@ def read_meta(shard_dir: str | os.PathLike) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run `llmlab data prepare` to rebuild it") from None
+        raise DataError(f"{path} is not valid JSON ({e}); re-run `llmlab data prepare` to rebuild "
+                        f"it") from None
     except OSError as e:
         raise DataError(f"cannot read {path} ({e.strerror}); check its permissions or re-run "
                         f"`llmlab data prepare`") from None
@@ -263,7 +265,8 @@ def _split_problem(split: str, entry) -> str | None:
     for k, shard in enumerate(shards):
         if (not isinstance(shard, dict) or shard.get("name") != shard_name(split, k)
                 or not _is_count(shard.get("tokens"))):
-            return f"splits.{split}.shards[{k}] is not {{\"name\": \"{shard_name(split, k)}\", \"tokens\": N}}"
+            return (f"splits.{split}.shards[{k}] is not "
+                    f'{{"name": "{shard_name(split, k)}", "tokens": N}}')
     if sum(shard["tokens"] for shard in shards) != entry["tokens"]:
         return f"splits.{split}.tokens {entry['tokens']} is not the sum of its shards' tokens"
     return None
@@ -284,12 +287,14 @@ def split_shards(shard_dir: str | os.PathLike, split: str, meta: dict | None = N
         header = read_header(path)
         if (header.num_tokens != entry["tokens"] or f"{header.fingerprint:016x}" != meta["fingerprint"]
                 or header.dtype.name != meta["dtype"]):
-            raise DataError(f"shard {path} does not match {shard_dir / META_NAME} (tokens {header.num_tokens} "
-                            f"vs {entry['tokens']}, {header.dtype.name} vs {meta['dtype']}); "
+            raise DataError(f"shard {path} does not match {shard_dir / META_NAME} (tokens "
+                            f"{header.num_tokens} vs {entry['tokens']}, {header.dtype.name} vs "
+                            f"{meta['dtype']}); "
                             f"re-run `llmlab data prepare` with --overwrite")
         if header.max_id is not None and header.max_id >= vocab:
             raise DataError(f"shard {path} holds token id {header.max_id}, past the vocabulary of {vocab} "
-                            f"tokens in {shard_dir / META_NAME}; re-run `llmlab data prepare` with --overwrite")
+                            f"tokens in {shard_dir / META_NAME}; re-run `llmlab data prepare` with "
+                            f"--overwrite")
         if header.max_id is None:
             read_shard(path, vocab)
         paths.append(path)
@@ -341,7 +346,8 @@ def write_shard_dir(out_dir: str | os.PathLike, splits: dict[str, list[np.ndarra
             header = write_shard(out_dir / shard_name(split, k), arr, dtype=dtype, fingerprint=fingerprint)
             shards.append({"name": shard_name(split, k), "tokens": header.num_tokens, "documents": 0})
         meta_splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": 0, "shards": shards}
-    meta = {"format": META_FORMAT, "version": VERSION, "fingerprint": f"{fingerprint:016x}", "dtype": dtype.name,
+    meta = {"format": META_FORMAT, "version": VERSION, "fingerprint": f"{fingerprint:016x}",
+            "dtype": dtype.name,
             "documents": 0, "characters": 0, "tokens": sum(s["tokens"] for s in meta_splits.values()),
             "tokenizer": {"vocab_size": vocab_size, "eos_id": eos_id,
                           **({"fingerprint": tokenizer_fingerprint} if tokenizer_fingerprint else {})},

@@ -15,4 +15,5 @@ from llmlab.tokenizer.core import DEFAULT_SPECIAL_TOKENS, Tokenizer
 from llmlab.tokenizer.patterns import GPT2_PATTERN, GPT4_PATTERN, PATTERNS
 from llmlab.tokenizer.spec import EncodingOptions
 
-__all__ = ["Tokenizer", "EncodingOptions", "DEFAULT_SPECIAL_TOKENS", "PATTERNS", "GPT4_PATTERN", "GPT2_PATTERN"]
+__all__ = ["Tokenizer", "EncodingOptions", "DEFAULT_SPECIAL_TOKENS", "PATTERNS", "GPT4_PATTERN",
+           "GPT2_PATTERN"]

@@ -91,13 +91,15 @@ class Tokenizer:
         regex_text, name = resolve_pattern(pattern)
         if name is None:
             check_tiktoken_pattern(regex_text)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
+        if (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                or vocab_size < 256 + len(specials)):
             raise TokenizerError(
                 f"vocab_size={vocab_size!r} is below 256 byte tokens + {len(specials)} special tokens = "
                 f"{256 + len(specials)}; pass vocab_size >= {256 + len(specials)}")
         if max_chars is not None and (not isinstance(max_chars, int) or max_chars <= 0):
             raise TokenizerError(f"max_chars={max_chars!r} must be a positive integer (or None for no cap)")
-        counts = count_chunks(texts, regex_text, name, max_chars=max_chars, workers=workers, progress=progress)
+        counts = count_chunks(texts, regex_text, name, max_chars=max_chars, workers=workers,
+                              progress=progress)
         if not counts:
             raise TokenizerError("the training corpus is empty (no text after reading every document); "
                                  "pass files or strings that contain text")
@@ -150,7 +152,8 @@ class Tokenizer:
                              semantics=self._semantics, options=self._options)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write DIR/llmlab.json (llmlab's versioned format) and DIR/tokenizer.json (Hugging Face), atomically."""
+        """Write DIR/llmlab.json (llmlab's versioned format) and DIR/tokenizer.json (Hugging Face),
+        atomically."""
         formats.write_llmlab_dir(self.spec(), Path(directory))
 
     def to_hf(self, path: str | os.PathLike) -> None:
@@ -237,7 +240,8 @@ class Tokenizer:
         return self._encode(_check_text(text), frozenset())
 
     def encode_batch(self, texts: Sequence[str], allowed_special: str | Collection[str] = "none_raise",
-                     disallowed_special: str | Collection[str] = "all", num_threads: int = 8) -> list[list[int]]:
+                     disallowed_special: str | Collection[str] = "all",
+                     num_threads: int = 8) -> list[list[int]]:
         """encode() of each text, on `num_threads` threads (tiktoken releases the GIL while encoding)."""
         texts = list(texts)
         encode = functools.partial(self.encode, allowed_special=allowed_special,
@@ -278,7 +282,8 @@ class Tokenizer:
                 raise TokenizerError(f"special token {s!r} has invalid id {i!r} (ids are 0 to "
                                      f"{n + MAX_UNUSED_IDS - 1} for {n} regular ids)")
             if i < n and self._tokens[i] is not None:
-                raise TokenizerError(f"special token {s!r} reuses id {i} of the regular token {self._tokens[i]!r}")
+                raise TokenizerError(f"special token {s!r} reuses id {i} of the regular token "
+                                     f"{self._tokens[i]!r}")
         if len(set(self._special.values())) != len(self._special):
             raise TokenizerError("two special tokens share one id; give each its own id")
         width = max([n, *(i + 1 for i in self._special.values())])
@@ -302,8 +307,8 @@ class Tokenizer:
                 raise TokenizerError(f"merge #{k} ({a}, {b}) refers to an id that is not a regular token")
             result = self._bytes_to_id.get(self._tokens[a] + self._tokens[b])
             if result is None:
-                raise TokenizerError(f"merge #{k} ({self._tokens[a]!r} + {self._tokens[b]!r}) makes a token that "
-                                     f"is not in the vocabulary; the tokenizer file is inconsistent")
+                raise TokenizerError(f"merge #{k} ({self._tokens[a]!r} + {self._tokens[b]!r}) makes a token "
+                                     f"that is not in the vocabulary; the tokenizer file is inconsistent")
             merged.append(result)
         self._merged_ids = merged
         unk = self._options.unk_id
@@ -342,7 +347,8 @@ class Tokenizer:
         """The special tokens to recognise in `text`, after raising for any disallowed one it contains."""
         _check_text(text)
         if allowed_special == "none_raise" and disallowed_special == "all":  # the default, kept cheap
-            if self._may_hold_special(text) and self._special_re(self._all_specials).search(text, concurrent=True):
+            specials = self._special_re(self._all_specials)
+            if self._may_hold_special(text) and specials.search(text, concurrent=True):
                 self._raise_special(text, self._all_specials)
             return frozenset()
         if allowed_special == "none":
@@ -364,7 +370,8 @@ class Tokenizer:
             disallowed = frozenset(self._special) - allowed
         else:
             disallowed = frozenset(disallowed_special) - allowed
-        if disallowed and self._may_hold_special(text) and self._special_re(disallowed).search(text, concurrent=True):
+        if (disallowed and self._may_hold_special(text)
+                and self._special_re(disallowed).search(text, concurrent=True)):
             self._raise_special(text, disallowed)
         if allowed and (not self._may_hold_special(text)
                         or self._special_re(allowed).search(text, concurrent=True) is None):
@@ -468,7 +475,8 @@ class Tokenizer:
         return merge_list_bpe(symbols, self._merge_rank())
 
     def _merge_rank(self) -> dict[tuple[int, int], tuple[int, int]]:
-        """(left, right) -> (priority, merged id) for the reference encoder; a repeated rule keeps its first."""
+        """(left, right) -> (priority, merged id) for the reference encoder; a repeated rule keeps its
+        first."""
         if self._merge_rank_map is None:
             rank: dict[tuple[int, int], tuple[int, int]] = {}
             for i, pair in enumerate(self._merges):
@@ -477,7 +485,8 @@ class Tokenizer:
         return self._merge_rank_map
 
     def _fast(self):
-        """(tiktoken.Encoding, rank_to_id or None) when tiktoken encodes exactly like this tokenizer, else None."""
+        """(tiktoken.Encoding, rank_to_id or None) when tiktoken encodes exactly like this tokenizer, else
+        None."""
         if self._fast_state is None:
             self._fast_state = self._build_fast() or False
         return self._fast_state or None

@@ -111,7 +111,8 @@ def check_output_dir(directory: Path) -> None:
     """Refuse to replace a directory that is not a tokenizer (saving swaps the whole directory)."""
     if directory.exists():
         if not directory.is_dir():
-            raise TokenizerError(f"{directory} exists and is a file; choose a directory path for the tokenizer")
+            raise TokenizerError(f"{directory} exists and is a file; choose a directory path for the "
+                                 f"tokenizer")
         if any(directory.iterdir()) and not (directory / LLMLAB_JSON).is_file():
             raise TokenizerError(f"{directory} exists and is not a tokenizer directory (no {LLMLAB_JSON}); "
                                  f"choose a new path or empty it first")
@@ -133,7 +134,8 @@ def read_llmlab_dir(directory: Path) -> TokenizerSpec:
                              f"holds {LLMLAB_JSON} (a tokenizer.json file imports with Tokenizer.from_hf)")
     if not directory.is_dir():
         raise TokenizerError(f"tokenizer directory {directory} does not exist; train one with "
-                             f"`llmlab tokenizer train SOURCES --out {directory}` or pass the right directory")
+                             f"`llmlab tokenizer train SOURCES --out {directory}` or pass the right "
+                             f"directory")
     if not path.is_file():
         hint = (f"; it has a tokenizer.json, import that with Tokenizer.from_hf('{directory / HF_JSON}')"
                 if (directory / HF_JSON).is_file() else "")
@@ -144,7 +146,8 @@ def read_llmlab_dir(directory: Path) -> TokenizerSpec:
                              f"save the tokenizer again with llmlab")
     version = data.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise TokenizerError(f"{path} has no positive integer format_version; save the tokenizer again with llmlab")
+        raise TokenizerError(f"{path} has no positive integer format_version; save the tokenizer again "
+                             f"with llmlab")
     if version > FORMAT_VERSION:
         raise TokenizerError(
             f"{path} has tokenizer format version {version}, written by a newer llmlab "
@@ -217,17 +220,20 @@ def _read_json(path: Path):
     except FileNotFoundError:
         raise TokenizerError(f"{path} does not exist; check the path") from None
     except OSError as e:  # a directory, no permission, an I/O error
-        raise TokenizerError(f"cannot read {path} ({e.strerror or e}); pass a readable tokenizer file") from None
+        raise TokenizerError(f"cannot read {path} ({e.strerror or e}); pass a readable tokenizer "
+                             f"file") from None
     except RecursionError:
-        raise TokenizerError(f"{path} nests JSON too deeply to be a tokenizer file; restore the file") from None
+        raise TokenizerError(f"{path} nests JSON too deeply to be a tokenizer file; restore the "
+                             f"file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path} is not valid JSON ({e}); restore or regenerate the file") from None
 
 
-# ---- Hugging Face tokenizer.json ----------------------------------------------------------------------------
+# ---- Hugging Face tokenizer.json --------------------------------------------------------------------
 
 def _byte_level(prefix_space: bool, use_regex: bool) -> dict:
-    return {"type": "ByteLevel", "add_prefix_space": prefix_space, "trim_offsets": True, "use_regex": use_regex}
+    return {"type": "ByteLevel", "add_prefix_space": prefix_space, "trim_offsets": True,
+            "use_regex": use_regex}
 
 
 def hf_json(spec: TokenizerSpec) -> dict:
@@ -406,13 +412,15 @@ def _spec_from_hf(data: dict, model: dict) -> TokenizerSpec:
             raise TokenizerError(f"vocab entry {text!r} (id {i}) is not a byte-level string; "
                                  f"only byte-level BPE vocabularies can be imported")
         tokens[i] = data_bytes
-    merges = [_hf_merge(k, rule, vocab) for k, rule in enumerate(_typed(model.get("merges") or [], list, "merges"))]
+    rules = _typed(model.get("merges") or [], list, "merges")
+    merges = [_hf_merge(k, rule, vocab) for k, rule in enumerate(rules)]
     unk = model.get("unk_token")
     unk_id = None if unk is None else added.get(unk, vocab.get(unk))
     if unk is not None and unk_id is None:
         raise TokenizerError(f"unk_token {unk!r} is neither in the vocab nor an added token")
-    options = EncodingOptions(prefix_space=prefix_space, ignore_merges=_flag(model, "ignore_merges", False, "BPE"),
-                              unk_id=unk_id, fuse_unk=_flag(model, "fuse_unk", False, "BPE"), normalizer=normalizer)
+    options = EncodingOptions(prefix_space=prefix_space,
+                              ignore_merges=_flag(model, "ignore_merges", False, "BPE"), unk_id=unk_id,
+                              fuse_unk=_flag(model, "fuse_unk", False, "BPE"), normalizer=normalizer)
     return TokenizerSpec(tokens, merges, pattern, added, options=options)
 
 
@@ -422,7 +430,8 @@ def _hf_vocab(vocab) -> dict[str, int]:
     for text, i in _typed(vocab if vocab is not None else {}, dict, "vocab").items():
         _id(i, f"vocab entry {text!r}")
         if i in by_id:
-            raise TokenizerError(f"vocab entries {by_id[i]!r} and {text!r} share id {i}; each id names one token")
+            raise TokenizerError(f"vocab entries {by_id[i]!r} and {text!r} share id {i}; each id names one "
+                                 f"token")
         by_id[i] = text
     return vocab or {}
 
@@ -445,7 +454,8 @@ def _hf_added(added) -> dict[str, int]:
 
 def _hf_merge(k: int, rule, vocab: dict[str, int]) -> tuple[int, int]:
     parts = rule.split(" ") if isinstance(rule, str) else rule
-    if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) and p in vocab for p in parts):
+    if (not isinstance(parts, list) or len(parts) != 2
+            or not all(isinstance(p, str) and p in vocab for p in parts)):
         raise TokenizerError(f"merge #{k} {rule!r} is not a pair of tokens from the vocab")
     return vocab[parts[0]], vocab[parts[1]]
 
@@ -454,11 +464,11 @@ def _check_id_range(ids: list[int], count: int) -> None:
     """Ids may leave a few unused values, not so many that the table would be mostly holes."""
     top = max(ids, default=-1)
     if top >= count + MAX_UNUSED_IDS:
-        raise TokenizerError(f"id {top} is far past the {count} tokens listed (at most {MAX_UNUSED_IDS} ids may "
-                             f"be unused); the file is corrupt")
+        raise TokenizerError(f"id {top} is far past the {count} tokens listed (at most {MAX_UNUSED_IDS} "
+                             f"ids may be unused); the file is corrupt")
 
 
-# ---- tiktoken rank files ------------------------------------------------------------------------------------
+# ---- tiktoken rank files --------------------------------------------------------------------------------
 
 def read_tiktoken(path: Path, pattern: str, specials) -> TokenizerSpec:
     """Import a .tiktoken file; ids are ranks, and encoding follows tiktoken's rank semantics."""
@@ -469,7 +479,8 @@ def read_tiktoken(path: Path, pattern: str, specials) -> TokenizerSpec:
     except IsADirectoryError:
         raise TokenizerError(f"{path} is a directory; pass the path of a .tiktoken rank file") from None
     except OSError as e:
-        raise TokenizerError(f"cannot read {path} ({e.strerror or e}); pass a readable .tiktoken file") from None
+        raise TokenizerError(f"cannot read {path} ({e.strerror or e}); pass a readable .tiktoken "
+                             f"file") from None
     ranks: dict[int, bytes] = {}
     seen: dict[bytes, int] = {}
     for lineno, line in enumerate(lines, 1):

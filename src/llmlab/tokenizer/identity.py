@@ -41,7 +41,8 @@ def first_difference(ref: Tokenizer, other: Tokenizer, ref_role: str = "referenc
     return None
 
 
-def check_same_tokenizer(ref_dir: Path, other_dir: Path, roles: tuple[str, str] = ("target", "draft")) -> None:
+def check_same_tokenizer(ref_dir: Path, other_dir: Path,
+                         roles: tuple[str, str] = ("target", "draft")) -> None:
     """TokenizerError if both tokenizer directories exist and differ (size, special tokens or any id's bytes).
 
     Identical files are accepted without loading them. `roles` names the two artefacts in the message
@@ -56,5 +57,6 @@ def check_same_tokenizer(ref_dir: Path, other_dir: Path, roles: tuple[str, str] 
     ref_role, other_role = roles
     problem = first_difference(Tokenizer.load(ref_dir), Tokenizer.load(other_dir), ref_role)
     if problem is not None:
-        raise TokenizerError(f"the {other_role}'s tokenizer {other_dir} differs from the {ref_role}'s {ref_dir} "
+        raise TokenizerError(f"the {other_role}'s tokenizer {other_dir} differs from the {ref_role}'s "
+                             f"{ref_dir} "
                              f"({problem}); use a {other_role} that shares the {ref_role}'s tokenizer")

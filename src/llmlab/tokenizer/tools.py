@@ -60,7 +60,8 @@ def inspect_text(tok: Tokenizer, text: str, allowed_special="none") -> str:
 
 
 def file_stats(tok: Tokenizer, files: Sequence[str], text_field: str = "text") -> list[dict]:
-    """Per file: documents, characters, bytes, whitespace-separated words, tokens, bytes/token, tokens/word."""
+    """Per file: documents, characters, bytes, whitespace-separated words, tokens, bytes/token and
+    tokens/word."""
     rows = []
     for f in files:
         docs = list(iter_documents([f], text_field=text_field))
@@ -76,6 +77,7 @@ def file_stats(tok: Tokenizer, files: Sequence[str], text_field: str = "text") -
 
 def format_stats(rows: list[dict]) -> str:
     head = f"{'bytes/token':>11}  {'tokens/word':>11}  {'tokens':>10}  {'bytes':>11}  file"
-    body = [f"{r['bytes_per_token']:>11.3f}  {r['tokens_per_word']:>11.3f}  {r['tokens']:>10}  {r['bytes']:>11}  "
+    body = [f"{r['bytes_per_token']:>11.3f}  {r['tokens_per_word']:>11.3f}  {r['tokens']:>10}  "
+            f"{r['bytes']:>11}  "
             f"{r['file']}" for r in rows]
     return "\n".join([head, *body])
