@@ -249,3 +249,17 @@ def test_one_document_with_a_val_fraction_is_refused_at_prepare_time(tmp_path):
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
     meta = prepare_shards([str(path)], ByteTokenizer(), tmp_path / "out", val_fraction=0.0, progress=False)
     assert meta["splits"]["val"]["documents"] == 0 and meta["splits"]["train"]["documents"] == 1
+
+
+def test_resume_rewrites_a_finished_shard_whose_body_is_damaged(tmp_path):
+    path, _ = _corpus(tmp_path)
+    out = tmp_path / "out"
+    prepare_shards([str(path)], ByteTokenizer(), out, shard_tokens=250, val_fraction=0.2, progress=False)
+    before = _snapshot(out)
+    raw = bytearray((out / "train_00000.bin").read_bytes())
+    raw[-2:] = b"\xff\xff"  # id 65535: past the header's largest id
+    (out / "train_00000.bin").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="corrupt body"):
+        TokenLoader(out, block_size=8, batch_size=2)
+    prepare_shards([str(path)], ByteTokenizer(), out, shard_tokens=250, val_fraction=0.2, progress=False)
+    assert _snapshot(out) == before

@@ -283,3 +283,13 @@ def test_a_file_where_a_directory_belongs(tmp_path, capsys):
     (tmp_path / "doc.txt").write_text("some text")
     with pytest.raises(DataError, match="--tokenizer .* is a file, not a tokenizer directory"):
         prepare_shards([str(tmp_path / "doc.txt")], tmp_path / "f", tmp_path / "out", progress=False)
+
+
+def test_calibration_refuses_a_damaged_body(shards):
+    from llmlab.infer.quant.calib import calibration_tokens
+
+    assert calibration_tokens(shards, n_samples=2, seq_len=8).max() < VOCAB
+    _set_token(shards / "train_00000.bin", 11, 65000)
+    for source in (shards, shards / "train_00000.bin"):  # a prepared directory, or one shard file
+        with pytest.raises(DataError, match=r"train_00000\.bin has a corrupt body"):
+            calibration_tokens(source, n_samples=2, seq_len=8)
