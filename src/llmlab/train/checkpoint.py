@@ -8,7 +8,14 @@ only a hidden .ckpt-STEP.*.tmp that `latest()` ignores and the next save's pruni
   works on any checkpoint); a model without `save` gets a safetensors file of its state dict.
 - train_state.pt holds only tensors and primitive containers (optimizer state, step, tokens, the batch
   source's state, RNG states, callback state) so it loads with torch.load(weights_only=True).
-- tokenizer/ is a copy of the run's tokenizer, so a checkpoint alone is enough for generate/export.
+- tokenizer/ is a copy of the run's tokenizer, so a checkpoint alone is enough for generate/export, and
+  tokenizer_id.json records its fingerprint (llmlab.train.agreement checks tokenizers and shards against it).
+
+Everything is validated where it is read: config.json (typed and finite, and matching the model), the
+weights (readable, every tensor present with its shape and kind), train_state.pt (its entries); each
+failure is one CheckpointError naming the file and, on resume, the run's previous complete checkpoint.
+`--resume auto` takes the newest checkpoint whose files are all present (a directory missing one is
+incomplete and skipped); one whose files are present but corrupt is refused, never skipped silently.
 
 `Checkpointer` is the single place the Trainer saves, finds, loads and prunes checkpoints; a distributed
 variant (torch.distributed.checkpoint under FSDP) can subclass it and override `write_model`/`read_model`.

@@ -198,6 +198,8 @@ def read_metrics_lines(path: str | Path) -> list[str]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise  # callers check for the file first (a run that has not logged yet has none)
     except OSError as e:
         raise DataError(f"{path} cannot be read ({e.strerror}); check the run directory's permissions") from e
     numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
