@@ -34,6 +34,7 @@ from llmlab.infer.sampling import check_sampling, next_token, seeded_generator
 from llmlab.infer.speculative import load_draft, speculative_generate
 from llmlab.model.kv_cache import KVCache
 from llmlab.tokenizer import Tokenizer
+from llmlab.train.agreement import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 
 
 def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -141,7 +142,7 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
         for m in (model, draft_model, getattr(draft_model, "fallback", None)):
             if isinstance(m, torch.nn.Module):
                 route_cpu_linears(m)
-    tok = _load_tokenizer(checkpoint, tokenizer)
+    tok = _load_tokenizer(checkpoint, tokenizer, model.config.vocab_size)
     ids = tok.encode(prompt, allowed_special="all")
     if doc_start and tok.eos_id is not None:
         ids = [tok.eos_id] + ids
@@ -170,10 +171,14 @@ def _decode_text(tok, tokens: Iterable[int], stop: int | None) -> Iterator[str]:
         yield tail
 
 
-def _load_tokenizer(checkpoint: Path, tokenizer: str | Path | None) -> Tokenizer:
+def _load_tokenizer(checkpoint: Path, tokenizer: str | Path | None, vocab_size: int) -> Tokenizer:
+    """The checkpoint's tokenizer (or --tokenizer's), refused if it is not the one the model was trained with."""
     directory = Path(tokenizer) if tokenizer is not None else checkpoint / "tokenizer"
     if not directory.is_dir():
         where = "--tokenizer" if tokenizer is not None else f"checkpoint {checkpoint}"
         raise CheckpointError(f"no tokenizer directory at {directory} (from {where}); pass --tokenizer DIR "
                               "pointing at a saved tokenizer (tokenizer.json + llmlab.json)")
-    return Tokenizer.load(directory)
+    tok = Tokenizer.load(directory)
+    require_same_tokenizer(checkpoint_tokenizer(checkpoint, vocab_size), directory_tokenizer(directory, tok),
+                           "pass the --tokenizer the model was trained with, or drop it to use the checkpoint's")
+    return tok
