@@ -1,27 +1,37 @@
-"""Decode throughput on CPU: llmlab.infer.generate vs transformers' GPT2LMHeadModel.generate, same model.
+"""Decode throughput on CPU: llmlab.infer.generate with plain F.linear, with measured CPU routes, and
+transformers' GPT2LMHeadModel.generate, same model.
 
 One GPT-2-shaped model (n_layer 4, d_model 256, 4 heads, vocab 8192, context 512), fp32, batch 1, a 32-token
-prompt, 256 new tokens, greedy, KV cache on both sides (transformers: use_cache=True, its default dynamic
-cache; llmlab: the static cache). transformers gets llmlab's weights, and the two token sequences are
-checked to be identical, so both do exactly the same work. Runs alternate; the figure is each side's median
-wall time for prefill + 256 steps (`ratio` = llmlab / transformers tokens/s, target >= 1.5), with the
-fastest runs' ratio beside it because other processes on a shared machine only ever add time.
+prompt, 256 new tokens, greedy, KV cache on all sides (transformers: use_cache=True, its default dynamic
+cache; llmlab: the static cache). llmlab runs twice: `plain` (nn.Linear, F.linear) and `routed` (the same
+weights after llmlab.infer.cpu_linear.route_cpu_linears, which `llmlab generate` applies on CPU: each
+product shape takes the route measured fastest on this machine, during the warm-up run). transformers gets
+llmlab's weights, and the three token sequences are checked to be identical, so all do the same work. Runs
+alternate; each side's figure is its median wall time for prefill + 256 steps, with the fastest runs beside
+it because other processes on a shared machine only ever add time; `routed_vs_plain` is the median of the
+routed / plain speed ratios of adjacent runs. `routes` lists the route measured for each product shape.
 
-    python benchmarks/bench_decode.py [--new 256] [--repeats 5]
+Targets: routed llmlab >= 1.5x transformers tokens/s; routed >= 0.97x plain (routing is never slower than
+F.linear beyond noise); identical tokens. Exit 1 when one is missed (0 with --no-check).
+
+    python benchmarks/bench_decode.py [--new 256] [--repeats 7] [--no-check]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import os
 import statistics
+import sys
 import time
 
 import torch
 
 from llmlab.infer import generate
+from llmlab.infer.cpu_linear import route_cpu_linears, route_table
 from llmlab.model import ModelConfig, Transformer
+from targets import add_no_check, finish, goal
 
 DIMS = dict(n_layer=4, d_model=256, n_head=4, vocab_size=8192, block_size=512)
 
@@ -56,34 +66,36 @@ def timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--new", type=int, default=256, help="new tokens")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
+    add_no_check(ap)
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset("gpt2", "mini", **DIMS)).eval()
+    plain = Transformer(ModelConfig.preset("gpt2", "mini", **DIMS)).eval()
     with torch.no_grad():  # a sharper head than the 0.02 init keeps greedy picks away from near-ties
-        model.lm_head.weight.mul_(10)
-    hf = hf_copy(model)
+        plain.lm_head.weight.mul_(10)
+    hf = hf_copy(plain)
+    routed = route_cpu_linears(copy.deepcopy(plain))
     prompt = torch.randint(1, DIMS["vocab_size"], (1, args.prompt), generator=torch.Generator().manual_seed(0))
-
-    def ours():
-        return generate(model, prompt, args.new, temperature=0)
 
     def theirs():
         with torch.inference_mode():
             return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new,
                                min_new_tokens=args.new, do_sample=False, use_cache=True, pad_token_id=0)
 
-    a, b = ours(), theirs()  # warm-up, and the same tokens from both
-    same = torch.equal(a, b)
-    times = {"llmlab": [], "transformers": []}
-    for _ in range(args.repeats):
-        times["llmlab"].append(timed(ours)[0])
-        times["transformers"].append(timed(theirs)[0])
+    sides = {"llmlab_plain": lambda: generate(plain, prompt, args.new, temperature=0),
+             "llmlab_routed": lambda: generate(routed, prompt, args.new, temperature=0),
+             "transformers": theirs}
+    outputs = [run() for run in sides.values()]  # warm-up (the routed side measures its routes here)
+    same = all(torch.equal(outputs[0], out) for out in outputs[1:])
+    times = {name: [] for name in sides}
+    for rep in range(args.repeats):  # the order flips every repeat, so no side always follows another
+        for name in list(sides) if rep % 2 == 0 else reversed(sides):
+            times[name].append(timed(sides[name])[0])
     import transformers
 
     result = {"benchmark": "decode_cpu_fp32_batch1_greedy", "dims": DIMS, "prompt_tokens": args.prompt,
@@ -94,13 +106,21 @@ def main() -> None:
         t = statistics.median(ts)
         result[name] = {"tokens_per_s": round(args.new / t, 1), "ms_per_token": round(1000 * t / args.new, 3),
                         "best_tokens_per_s": round(args.new / min(ts), 1)}
-    result["ratio"] = round(result["llmlab"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 3)
-    # Other processes only ever add time, so the fastest run of each is the least disturbed comparison.
-    result["ratio_best_runs"] = round(result["llmlab"]["best_tokens_per_s"] / result["transformers"]["best_tokens_per_s"], 3)
+    # Other processes only ever add time, so the fastest runs are the least disturbed comparison.
+    for label, key in (("", "tokens_per_s"), ("_best_runs", "best_tokens_per_s")):
+        speed = {name: result[name][key] for name in sides}
+        result["ratio" + label] = round(speed["llmlab_routed"] / speed["transformers"], 3)
+        result["ratio_plain" + label] = round(speed["llmlab_plain"] / speed["transformers"], 3)
+    # routed vs plain from adjacent runs, which share the machine's load: the median of the paired ratios
+    paired = [p / r for p, r in zip(times["llmlab_plain"], times["llmlab_routed"], strict=True)]
+    result["routed_vs_plain"] = round(statistics.median(paired), 3)
     result["load_average_1min"] = round(os.getloadavg()[0], 2)
-    result["target"] = 1.5
-    print(json.dumps(result, indent=2))
+    result["routes"] = route_table(routed).summary()
+    targets = {"ratio_vs_transformers": goal(result["ratio"], ">=", 1.5),
+               "routed_vs_plain": goal(result["routed_vs_plain"], ">=", 0.97),
+               "identical_tokens": goal(same, "==", True)}
+    return finish(result, targets, args.no_check)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

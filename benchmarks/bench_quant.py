@@ -11,17 +11,21 @@ saved, and loaded back with load_model, so every figure is for the file a user w
   decode_tok_s_Nt  greedy decoding, batch 1, KV cache, default kernel, N torch threads; runs alternate
                between the variants round by round so machine load hits all alike (median per variant).
                On a GPU the key is decode_tok_s_cuda (threads do not apply; timings synchronize the device)
-Ratios are against the baseline (fp32, or bf16 with --dtype bfloat16) measured in the same run. Targets
-(from the GPTQ / AWQ papers' pattern): int8 within +1% perplexity; GPTQ and AWQ each recover at least half of
-RTN-int4's perplexity increase, i.e. recovery = (ppl_rtn - ppl_method) / (ppl_rtn - ppl_base) >= 0.5 at the
-same group size. The int4-awq-noclip rows are AWQ without its clipping search (`--awq-no-clip`).
+Ratios are against the baseline (fp32, or bf16 with --dtype bfloat16) measured in the same run. On CPU every
+model runs with measured linear routes (llmlab.infer.cpu_linear, as `llmlab generate` and `llmlab eval ppl`
+apply them; --no-cpu-routes for plain F.linear). Targets (from the GPTQ / AWQ papers' pattern): int8 RTN
+within +1% perplexity; GPTQ and AWQ each recover at least half of RTN-int4's perplexity increase, i.e.
+recovery = (ppl_rtn - ppl_method) / (ppl_rtn - ppl_base) >= 0.5 at the same group size. The JSON ends with
+`targets`; exit 1 when one is missed (0 with --no-check). The int4-awq-noclip rows are AWQ without its
+clipping search (`--awq-no-clip`).
 
 --device/--dtype: everything runs on that device (calibration included). Quantization always starts from
 the checkpoint's fp32 weights (GPTQ/AWQ calibrate in fp32, as the trainer keeps fp32 master weights); the
 quantized model, and the baseline, are then cast to --dtype, saved and loaded back, so the bf16 baseline's
 file_bytes is that of a bf16 file.
 
-    python benchmarks/bench_quant.py --ckpt runs/NAME/ckpt-final --data data/stdlib/shards --groups 128 32
+    make demo   # the cpu-demo model: runs/demo/ckpt-STEP, its shards in runs/demo/shards
+    python benchmarks/bench_quant.py --ckpt runs/demo/ckpt-STEP --data runs/demo/shards --groups 128 32
     python benchmarks/bench_quant.py ... --outliers 20 --only int4-rtn-g128 int4-gptq-g128 int4-awq-g128
     python benchmarks/bench_quant.py ... --device cuda --dtype bfloat16 --rounds 3
 """
@@ -39,6 +43,8 @@ from pathlib import Path
 import torch
 
 from llmlab.device import synchronize
+from llmlab.infer.cpu_linear import route_cpu_linears
+from targets import add_no_check, finish, goal
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BASELINES = {torch.float32: ("fp32", 32), torch.bfloat16: ("bf16", 16)}  # baseline variant name, bits
@@ -140,6 +146,8 @@ def measure_variant(args, dev: torch.device, dtype: torch.dtype, work: Path, cal
         model.to(dtype)  # QuantLinear keeps its scales in fp32
         model.save(path)
     model = load_model(path, device=dev, dtype=dtype)  # every figure is for the file as loaded
+    if dev.type == "cpu" and not args.no_cpu_routes:
+        route_cpu_linears(model)
     row = {"variant": name, "method": method, "bits": bits, "group_size": group,
            "quantize_s": round(seconds, 1), "file_bytes": (path / WEIGHTS_FILE).stat().st_size}
     set_kernel(model, "dequant")
@@ -169,20 +177,19 @@ def time_decoding(args, dev: torch.device, rows: list[dict], models: dict, promp
 
 
 def recovery_targets(rows: list[dict], groups: list[int]) -> dict:
+    """int8 RTN's perplexity change (%) <= 1, and each int4 method's recovery of RTN's increase >= 0.5."""
     base = rows[0]
     by = {r["variant"]: r for r in rows}
     targets = {}
     if "int8-rtn" in by:
-        targets["int8_rtn_within_1pct"] = by["int8-rtn"]["ppl_delta_pct"] <= 1.0
+        targets["int8_rtn_ppl_delta_pct"] = goal(by["int8-rtn"]["ppl_delta_pct"], "<=", 1.0)
     for g in groups:
         rtn = by.get(f"int4-rtn-g{g}")
         for method in ("gptq", "awq", "awq-noclip"):
             other = by.get(f"int4-{method}-g{g}")
             if rtn and other and rtn["ppl"] > base["ppl"]:
                 rec = (rtn["ppl"] - other["ppl"]) / (rtn["ppl"] - base["ppl"])
-                key = method.replace("-", "_")
-                targets[f"{key}_g{g}_recovery"] = round(rec, 3)
-                targets[f"{key}_g{g}_recovers_half"] = rec >= 0.5
+                targets[f"{method.replace('-', '_')}_g{g}_recovery"] = goal(round(rec, 3), ">=", 0.5)
     return targets
 
 
@@ -219,13 +226,14 @@ def run(args, dev: torch.device, dtype: torch.dtype) -> dict:
             "calibration": {"samples": args.calib_samples, "seq_len": args.calib_len, "split": "train",
                             "dtype": "float32"},
             "act_order": args.act_order, "outliers": args.outliers,
+            "cpu_routes": dev.type == "cpu" and not args.no_cpu_routes,
             "decode_threads": args.threads if dev.type == "cpu" else None, "torch": torch.__version__,
             "decode": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch": 1,
                        "rounds": args.rounds},
             "rows": rows, "targets": targets}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="fp32 checkpoint directory")
     ap.add_argument("--data", required=True, help="prepared shard directory (val: perplexity, train: calibration)")
@@ -247,6 +255,9 @@ def main() -> None:
                     help="stress test: give the model outlier activation channels of this factor (see "
                          "inject_outliers; the fp32 function is unchanged); 0 = off")
     ap.add_argument("--json-out", default=None, help="also write the JSON here")
+    ap.add_argument("--no-cpu-routes", action="store_true",
+                    help="on CPU, run plain F.linear instead of measured linear routes")
+    add_no_check(ap)
     args = ap.parse_args()
     from llmlab.errors import LLMLabError
 
@@ -255,11 +266,10 @@ def main() -> None:
         result = run(args, dev, dtype)
     except LLMLabError as e:
         fail(str(e))
-    text = json.dumps(result, indent=2)
-    print(text)
     if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return finish(result, result["targets"], args.no_check)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

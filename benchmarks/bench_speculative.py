@@ -2,19 +2,18 @@
 with draft-free prompt lookup, and with lookup-then-draft, at identical greedy output (asserted for every
 prompt and setting).
 
-Needs a trained target and a smaller draft on the same tokenizer. The reported figures come from these: a
-Llama-style 6 x 512 target (21M parameters, 700 steps of 16 x 256 tokens, val loss 4.149) and GPT-2-style
-1 x 128 drafts (0.9M): `draft` trained on the corpus (600 steps, val 4.664) and `draft-target-text` trained
-on the target's own greedy continuations of 4,096 corpus prompts (`llmlab data generate`, 1M tokens, 1200
-steps); about 40 + 2 + 6 + 4.5 minutes of two CPU cores:
+Needs a trained target and a smaller draft on the same tokenizer; docs/performance.md's figures come from a
+Llama-style 6 x 512 target (21M parameters) and GPT-2-style 1 x 128 drafts: `draft` trained on the corpus
+and `draft-target-text` trained on the target's own greedy continuations of corpus prompts (`llmlab data
+generate`). They are made by:
 
     D=runs/spec-bench
     llmlab tokenizer train stdlib --vocab-size 4096 --out $D/tokenizer
     llmlab data prepare stdlib --tokenizer $D/tokenizer --out $D/shards
     llmlab pretrain --config configs/cpu-demo.toml data.shards=$D/shards train.out_dir=$D \
         train.run_name=target model.position=rope model.norm=rmsnorm model.mlp=swiglu model.bias=false \
-        model.n_layer=6 model.d_model=512 model.n_head=8 model.d_ff=1408 optim.lr=1.5e-3 optim.warmup_steps=50 \
-        optim.max_steps=700 train.max_minutes=70
+        model.n_layer=6 model.d_model=512 model.n_head=8 model.d_ff=1408 optim.lr=1.5e-3 \
+        optim.warmup_steps=50 optim.max_steps=700 train.max_minutes=70
     llmlab pretrain --config configs/cpu-demo.toml data.shards=$D/shards train.out_dir=$D \
         train.run_name=draft model.n_layer=1 model.d_model=128 model.n_head=2 optim.lr=3e-3 optim.max_steps=600
     llmlab data generate $D/target/ckpt-000700 --shards $D/shards --out $D/target-text --sequences 4096 \
@@ -22,28 +21,22 @@ steps); about 40 + 2 + 6 + 4.5 minutes of two CPU cores:
     llmlab pretrain --config configs/cpu-demo.toml data.shards=$D/target-text train.out_dir=$D \
         train.run_name=draft-target-text model.n_layer=1 model.d_model=128 model.n_head=2 optim.lr=3e-3 \
         optim.max_steps=1200 train.max_minutes=20
-    python benchmarks/bench_speculative.py --threads 2 --k 1,2,3,4,5,6 --lookup-k 4,6,10 --lookup-draft-k 4,6,10 \
-        --draft $D/draft-target-text
+    python benchmarks/bench_speculative.py --threads 2 --k 1,2,3,4,5,6 --lookup-k 4,6,10 \
+        --lookup-draft-k 4,6,10 --draft $D/draft-target-text
 
 --target/--draft take a checkpoint directory or a run directory (its newest ckpt-STEP is used). Each setting
 decodes the same prompts (128 new tokens each); settings alternate within each repeat so machine load hits
 them alike, and the figure per setting is the median over repeats of the total time over prompts.
-`speedup` = plain time / speculative time. Prints one JSON object.
+`speedup` = plain time / speculative time.
 
-Measured (2 threads, three runs on a shared machine: plain greedy 328, 249 and 213 tok/s). The draft trained
-on the target's continuations agrees with the target's greedy token 0.82 of the time (teacher-forced on the
-target's outputs for these prompts; the corpus-trained draft 0.68) and accepts 0.80 of its guesses at k=1:
-k=1..6 1.22-1.26 / 1.53-1.55 / 1.62-1.86 / 1.62-2.17 / 1.83-2.20 / 1.85-2.16x (2.5 tokens accepted per round at
-k=5). The corpus-trained draft, in the second run: 1.17 / 1.32 / 1.32x at k=2/3/5 (acceptance 0.47 at k=2).
-Prompt lookup k=4 / 6 / 10 2.04-2.33 / 2.27-2.89 / 2.39-3.18x; lookup-then-draft (with the target-text draft)
-k=4 / 6 / 10 2.28-2.90 / 2.45-3.35 / 2.27-3.39x.
+On CPU, target and draft run with measured linear routes (llmlab.infer.cpu_linear, as `llmlab generate`
+applies them; --no-cpu-routes for plain F.linear), and `forward_cost_in_steps` gives the cost of a cached
+target forward over T tokens (what a round's verification costs) in one-token steps, routed and with plain
+F.linear: a draft's rounds pay where the draft keeps agreeing and verification over K+1 tokens stays cheap.
 
-What a draft's speed depends on: agreement, then verification. With packed oneDNN linears
-(llmlab.model.cpu_matmul) a forward over 2 / 4 / 8 tokens of this target costs 1.20 / 1.32 / 1.49 one-token
-steps (1.51 / 1.68 / 2.66 without them), so long rounds pay only where the draft keeps agreeing: at 0.68
-agreement the best round is k=3 and returns ~2.1 tokens for ~1.6 steps; at 0.82 k=5 returns 3.5 tokens.
-Prompt lookup pays no draft cost and guesses only where the context repeats, which these small models'
-greedy outputs often do (llmlab/infer/lookup.py).
+Targets: the best setting's speedup >= 1.5; on CPU, routed target forwards not slower than plain F.linear
+ones (median over widths of F.linear time / routed time >= 0.97). Prints one JSON object ending with
+`targets`; exit 1 when one is missed (0 with --no-check).
 
 --device/--dtype (default cpu, float32) load target and draft there, e.g. `--device cuda --dtype bfloat16`;
 timings then synchronize the device.
@@ -52,6 +45,7 @@ timings then synchronize the device.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -62,9 +56,12 @@ import torch
 
 from llmlab.device import synchronize
 from llmlab.infer import generate
+from llmlab.infer.cpu_linear import route_cpu_linears, unroute
 from llmlab.infer.lookup import PromptLookup
 from llmlab.infer.speculative import speculative_generate
 from llmlab.model import Transformer
+from llmlab.model.kv_cache import KVCache
+from targets import add_no_check, finish, goal, unmeasured
 
 DEFAULT_TARGET, DEFAULT_DRAFT = Path("runs/spec-bench/target"), Path("runs/spec-bench/draft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -108,34 +105,34 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def verification_costs(model, prompt: list[int], widths=(1, 2, 4, 6, 8), repeats: int = 30) -> dict:
-    """Median time of a cached forward over T tokens, in one-token steps, with the packed oneDNN linears
-    (llmlab.model.cpu_matmul) and without them (MKL): what a round's verification costs."""
-    from llmlab.model import cpu_matmul
-    from llmlab.model.kv_cache import KVCache
-
+def verification_costs(versions: dict, prompt: list[int], widths=(1, 2, 4, 6, 8), repeats: int = 30) -> dict:
+    """For each version of the target ({label: model}): the median time of a cached forward over T tokens
+    after `prompt`, in one-token steps, and T1_ms; versions and widths alternate within each repeat. Plus
+    `f_linear_over_routed`: the median over widths of the "f_linear" version's time / the "routed" one's."""
+    model = next(iter(versions.values()))
     prompt = prompt[:model.config.block_size - max(widths)]  # context plus the widest forward must fit
-    cache = KVCache.for_model(model, 1, len(prompt) + max(widths))
-    costs = {}
+    caches = {label: KVCache.for_model(m, 1, len(prompt) + max(widths)) for label, m in versions.items()}
+    runs = {label: {T: [] for T in widths} for label in versions}
     with torch.inference_mode():
-        model(torch.tensor([prompt]), cache=cache)
-        for label, on in (("onednn", True), ("without_onednn", False)):
-            previous = cpu_matmul.enable(on)
-            try:
-                seconds = {}
-                for T in widths:
-                    x = torch.tensor([prompt[-T:]])
-                    runs = []
-                    for _ in range(repeats):
-                        cache.set_pos(len(prompt))
-                        start = time.perf_counter()
-                        model(x, cache=cache)
-                        runs.append(time.perf_counter() - start)
-                    seconds[T] = statistics.median(runs)
-            finally:
-                cpu_matmul.enable(previous)
-            costs[label] = {f"T{T}": round(s / seconds[1], 3) for T, s in seconds.items()}
-            costs[label]["T1_ms"] = round(1000 * seconds[1], 3)
+        for label, m in versions.items():
+            m(torch.tensor([prompt]), cache=caches[label])
+        for rep in range(repeats + 1):  # the first pass is a warm-up (and measures the routes)
+            for T in widths:
+                x = torch.tensor([prompt[-T:]])
+                for label, m in versions.items():
+                    caches[label].set_pos(len(prompt))
+                    start = time.perf_counter()
+                    m(x, cache=caches[label])
+                    if rep:
+                        runs[label][T].append(time.perf_counter() - start)
+    seconds = {label: {T: statistics.median(r) for T, r in by_width.items()} for label, by_width in runs.items()}
+    costs = {}
+    for label, by_width in seconds.items():
+        costs[label] = {f"T{T}": round(s / by_width[1], 3) for T, s in by_width.items()}
+        costs[label]["T1_ms"] = round(1000 * by_width[1], 3)
+    if {"routed", "f_linear"} <= set(seconds):
+        ratios = [seconds["f_linear"][T] / seconds["routed"][T] for T in widths]
+        costs["f_linear_over_routed"] = round(statistics.median(ratios), 3)
     return costs
 
 
@@ -147,7 +144,8 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
-def run(args) -> dict:
+def run(args) -> tuple[dict, dict]:
+    """(the result, its targets)."""
     from llmlab.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
@@ -155,6 +153,10 @@ def run(args) -> dict:
     target_dir, draft_dir = checkpoint_dir(args.target), checkpoint_dir(args.draft)
     target = Transformer.load(target_dir, device=device, dtype=dtype)
     draft = Transformer.load(draft_dir, device=device, dtype=dtype)
+    routed = device.type == "cpu" and not args.no_cpu_routes
+    if routed:  # as `llmlab generate` runs them on CPU
+        route_cpu_linears(target)
+        route_cpu_linears(draft)
     tok = Tokenizer.load(target_dir / "tokenizer")
     prompts = [[tok.eos_id] + tok.encode(p) for p in PROMPTS]
     n = args.max_new_tokens
@@ -193,16 +195,24 @@ def run(args) -> dict:
         "target": _describe(target, target_dir),
         "draft": _describe(draft, draft_dir),
         "prompts": len(prompts), "max_new_tokens": n, "repeats": args.repeats, "threads": args.threads,
-        "identical_greedy_output": True,  # asserted above for every method and prompt
+        "cpu_routes": routed, "identical_greedy_output": True,  # asserted above for every method and prompt
         "plain": {"seconds": round(med["plain"], 4), "tokens_per_s": round(tokens / med["plain"], 1)},
     }
-    if device.type == "cpu":  # the cost of a verification forward over T tokens, in one-token steps
-        result["forward_cost_in_steps"] = verification_costs(target, (prompts[-1] * 16)[:128])
     for name in methods:
         if name != "plain":
             result[name] = {"seconds": round(med[name], 4), "tokens_per_s": round(tokens / med[name], 1),
                             "speedup": round(med["plain"] / med[name], 3), **_pooled(stats[name])}
-    return result
+    best = max((r["speedup"] for r in result.values() if isinstance(r, dict) and "speedup" in r), default=None)
+    targets = {"best_speedup": goal(best, ">=", 1.5) if best is not None
+               else unmeasured(">=", 1.5, "no speculative setting was run")}
+    if device.type == "cpu":  # the cost of a verification forward over T tokens, routed and plain
+        versions = {"routed": target if routed else route_cpu_linears(copy.deepcopy(target)),
+                    "f_linear": unroute(copy.deepcopy(target)) if routed else target}
+        costs = result["forward_cost_in_steps"] = verification_costs(versions, (prompts[-1] * 16)[:128])
+        targets["routed_forward_vs_f_linear"] = goal(costs["f_linear_over_routed"], ">=", 0.97)
+    else:
+        targets["routed_forward_vs_f_linear"] = unmeasured(">=", 0.97, f"CPU routes do not apply on {device}")
+    return result, targets
 
 
 def _describe(model, ckpt: Path) -> dict:
@@ -241,7 +251,7 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=Path, default=DEFAULT_TARGET, help="target checkpoint or run directory")
     ap.add_argument("--draft", type=Path, default=DEFAULT_DRAFT, help="draft checkpoint or run directory")
@@ -261,8 +271,13 @@ def main() -> None:
                     "a few-M-parameter model gains little from more)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto (cuda, then mps, then cpu)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of target and draft")
-    print(json.dumps(run(ap.parse_args()), indent=2))
+    ap.add_argument("--no-cpu-routes", action="store_true",
+                    help="on CPU, decode with plain F.linear instead of measured linear routes")
+    add_no_check(ap)
+    args = ap.parse_args()
+    result, targets = run(args)
+    return finish(result, targets, args.no_check)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
