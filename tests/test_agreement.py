@@ -135,3 +135,17 @@ def test_checkpointer_records_the_fingerprint(tmp_path, tokenizers):
     (ckpt / TOKENIZER_ID_FILE).write_text('{"fingerprint": 3}')
     with pytest.raises(Exception, match="not 16 hex digits"):
         checkpoint_tokenizer(ckpt, tok.vocab_size)
+
+
+def test_pretraining_checks_its_tokenizer_and_records_it(tokenizers, tmp_path, capsys):
+    a, b = _shards(tmp_path / "a", tokenizers["a"], copy=True), _shards(tmp_path / "b", tokenizers["b"])
+    args = ["pretrain", "--config", "tiny", f"train.out_dir={tmp_path / 'runs'}", "train.run_name=r",
+            "train.progress=false", "train.plot=false", "train.peak_flops=1e11", "train.eval_every=0",
+            "model.block_size=16", "data.batch_size=2", "optim.max_steps=1"]
+    code, _, err = run_cli(capsys, *args, f"data.shards={a}", f"data.tokenizer={tokenizers['b']}")
+    assert_one_line_error(code, err, "different tokenizer", "data.tokenizer")
+    assert run_cli(capsys, *args, f"data.shards={a}")[0] == 0
+    ckpt = tmp_path / "runs" / "r" / "ckpt-000001"
+    assert checkpoint_tokenizer(ckpt, 280).fingerprint == fingerprint(Tokenizer.load(tokenizers["a"]))
+    code, _, err = run_cli(capsys, *args[:-1], "optim.max_steps=2", f"data.shards={b}", "--resume", "auto")
+    assert_one_line_error(code, err, str(b), "different tokenizer", "resume on shards made with the run's")
