@@ -149,3 +149,15 @@ def test_pretraining_checks_its_tokenizer_and_records_it(tokenizers, tmp_path, c
     assert checkpoint_tokenizer(ckpt, 280).fingerprint == fingerprint(Tokenizer.load(tokenizers["a"]))
     code, _, err = run_cli(capsys, *args[:-1], "optim.max_steps=2", f"data.shards={b}", "--resume", "auto")
     assert_one_line_error(code, err, str(b), "different tokenizer", "resume on shards made with the run's")
+
+
+def test_a_teacher_of_another_tokenizer_is_refused(checkpoint, tokenizers):
+    from llmlab.train.distill import DistillConfig, load_teacher
+
+    b = Tokenizer.load(tokenizers["b"])
+    data = TokenizerId("the training data d", b.vocab_size, fingerprint(b), tokenizers["b"])
+    with pytest.raises(TokenizerError, match=f"the model {checkpoint} uses a different tokenizer"):
+        load_teacher(DistillConfig(teacher=str(checkpoint)), b.vocab_size, 16, data, torch.device("cpu"))
+    a = Tokenizer.load(tokenizers["a"])
+    same = TokenizerId("the training data d", a.vocab_size, fingerprint(a))
+    load_teacher(DistillConfig(teacher=str(checkpoint)), a.vocab_size, 16, same, torch.device("cpu"))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from llmlab.config import Fraction, PositiveFloat
 from llmlab.errors import ConfigError
 from llmlab.model import Transformer
-from llmlab.tokenizer.identity import check_same_tokenizer
+from llmlab.train.agreement import TokenizerId, checkpoint_tokenizer, require_same_tokenizer
 
 
 @dataclass
@@ -68,9 +68,9 @@ def distill_loss(teacher: torch.nn.Module, weight: float, temperature: float):
     return loss_fn
 
 
-def load_teacher(cfg: DistillConfig, vocab_size: int, block_size: int, tokenizer_dir: Path | None,
+def load_teacher(cfg: DistillConfig, vocab_size: int, block_size: int, data: TokenizerId,
                  device: torch.device) -> torch.nn.Module:
-    """The frozen teacher, checked against the training data (ConfigError / ModelError, one line each)."""
+    """The frozen teacher, checked against the training data and its tokenizer `data` (one line each)."""
     path = Path(cfg.teacher)
     if not (path / "config.json").is_file():
         raise ConfigError(f"distill.teacher={cfg.teacher} is not a checkpoint directory (no config.json); "
@@ -83,6 +83,6 @@ def load_teacher(cfg: DistillConfig, vocab_size: int, block_size: int, tokenizer
     if teacher.config.block_size < block_size:
         raise ConfigError(f"distill.teacher's context ({teacher.config.block_size}) is shorter than "
                           f"data.block_size={block_size}; lower data.block_size")
-    if tokenizer_dir is not None:
-        check_same_tokenizer(tokenizer_dir, path / "tokenizer", roles=("training data", "teacher"))
+    require_same_tokenizer(data, checkpoint_tokenizer(path, teacher.config.vocab_size),
+                           "distil from a teacher trained with the shards' tokenizer")
     return teacher.eval().requires_grad_(False)

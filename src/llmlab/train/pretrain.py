@@ -221,7 +221,9 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device
     callbacks = [SpikeGuard(cfg.spike)] if cfg.spike.enabled else []
     loss_fn = lm_loss
     if cfg.distill.teacher:
-        teacher = load_teacher(cfg.distill, cfg.model.vocab_size, d.block_size, tokenizer_dir, device)
+        data_tokenizer = TokenizerId(f"the training data {d.shards}", cfg.model.vocab_size,
+                                     tokenizer_fingerprint, tokenizer_dir)
+        teacher = load_teacher(cfg.distill, cfg.model.vocab_size, d.block_size, data_tokenizer, device)
         loss_fn = distill_loss(teacher, cfg.distill.weight, cfg.distill.temperature)
     trainer = Trainer(wrapped, loss_fn, train_loader, cfg.optim, cfg.train, run_dir=run_dir,
                       eval_fn=make_eval(val_loader, cfg.train.eval_batches), flops_per_token=flops,
