@@ -1,5 +1,6 @@
-"""benchmarks/gpu_suite.py: the prepared GPU run, exercised end to end in --smoke mode (tiny sizes, CPU, fp32),
-so the plumbing (commands, flags, JSON layouts of the benchmarks it calls) cannot rot before GPU time is spent."""
+"""benchmarks/gpu_suite.py: the prepared GPU run, exercised end to end in --smoke mode (tiny sizes, CPU,
+fp32), so the plumbing (commands, flags, JSON layouts of the benchmarks it calls) cannot rot before GPU time
+is spent."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ SUITE = ROOT / "benchmarks" / "gpu_suite.py"
 
 
 def _suite_module():
+    if str(SUITE.parent) not in sys.path:  # gpu_suite imports targets.py beside it, as when run as a script
+        sys.path.insert(0, str(SUITE.parent))
     spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
@@ -26,8 +29,8 @@ def _suite_module():
 
 
 def _run(*argv, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SUITE), *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, str(SUITE), *map(str, argv)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,8 @@ def _load(out: Path, name: str) -> dict:
 
 def test_outputs_are_few_flat_files_and_every_step_ran(smoke):
     names = sorted(p.name for p in smoke.iterdir())
-    assert names == ["mfu.json", "quant.json", "speculative.json", "suite.log", "summary.json", "training.json"]
+    assert names == ["mfu.json", "quant.json", "speculative.json", "suite.log", "summary.json",
+                     "training.json"]
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
     summary = _load(smoke, "summary.json")
     assert summary["plan"] == "smoke"
@@ -108,6 +112,20 @@ def test_mfu_step_reports_skip_or_figures(smoke):
     assert "skipped" in mfu or mfu["compiled"]["mfu"] > 0
 
 
+def test_summary_ends_with_every_benchmarks_targets(smoke):
+    summary = _load(smoke, "summary.json")
+    assert list(summary)[-1] == "targets"
+    found = summary["targets"]
+    assert "mfu.mfu_compiled" in found
+    for prefix in ("quant.", "spec.draft.", "spec.distilled."):
+        assert any(name.startswith(prefix) for name in found), prefix
+    for target in found.values():
+        assert {"measured", "goal", "op", "met"} <= set(target)
+    mfu = found["mfu.mfu_compiled"]
+    if "skipped" in _load(smoke, "mfu.json"):  # no CUDA: reported, not measured, and not a miss
+        assert mfu["met"] is None and mfu["measured"] is None and mfu["why"]
+
+
 def test_bad_arguments_are_one_line_exit_2(tmp_path):
     for argv, fragment in (([], "--out"), (["--out", tmp_path / "o", "--minutes", "0"], "--minutes"),
                            (["--out", tmp_path / "same", "--work", tmp_path / "same"], "separate")):
@@ -120,7 +138,7 @@ def test_helpers():
     suite = _suite_module()
     assert suite.parse_json('compiling...\n{\n  "a": 1\n}\n') == {"a": 1}
     assert suite.parse_json('{"a": [1, 2]}') == {"a": [1, 2]}
-    compile(suite.mfu_eager_code(suite.GPU.mfu), "<mfu-eager>", "exec")  # the fallback program is valid Python
+    compile(suite.mfu_eager_code(suite.GPU.mfu), "<mfu-eager>", "exec")  # the fallback program is Python
     # About three epochs of the stdlib corpus's ~3M training tokens at 32 x 1024 tokens per step.
     assert suite.train_steps(suite.GPU, 3_000_000, 400) == round(3 * 3_000_000 / 32768)
     assert suite.train_steps(suite.GPU, 10**9, 400) == 400
@@ -131,5 +149,11 @@ def test_helpers():
     figures = suite.quant_figures(partial)
     assert figures["partial"] and figures["rows"]["int8-rtn"]["ppl_delta_pct"] == pytest.approx(1.0)
     assert figures["rows"]["int8-rtn"]["decode_tok_s"] is None and figures["rows"]["bf16"]["file_mb"] == 2.0
-    eager_only = {"device": "NVIDIA H200", "batch": 32, "eager": {"mfu": 0.3, "tokens_per_s": 4e5}, "compiled": None}
+    met = {"measured": 0.45, "goal": 0.4, "op": ">=", "met": True}
+    miss = {"measured": 1.1, "goal": 1.5, "op": ">=", "met": False}
+    results = {"mfu.json": {"targets": {"mfu_compiled": met}}, "quant.json": {"targets": {"old_style": True}},
+               "speculative.json": {"draft": {"targets": {"k5": miss}}}}
+    assert sorted(suite.collect_targets(results)) == ["mfu.mfu_compiled", "spec.draft.k5"]
+    eager_only = {"device": "NVIDIA H200", "batch": 32, "eager": {"mfu": 0.3, "tokens_per_s": 4e5},
+                  "compiled": None}
     assert suite.mfu_figures(eager_only)["compiled"] is None
