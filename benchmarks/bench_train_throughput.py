@@ -40,7 +40,7 @@ def hf_model() -> torch.nn.Module:
 
     cfg = GPT2Config(vocab_size=DIMS["vocab_size"], n_positions=DIMS["block_size"], n_embd=DIMS["d_model"],
                      n_layer=DIMS["n_layer"], n_head=DIMS["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, tie_word_embeddings=True)
+                     attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)  # in the vocab
     model = GPT2LMHeadModel(cfg)
     model.config.use_cache = False
     return model
