@@ -8,8 +8,9 @@ weights after llmlab.infer.cpu_linear.route_cpu_linears, which `llmlab generate`
 product shape takes the route measured fastest on this machine, during the warm-up run). transformers gets
 llmlab's weights, and the three token sequences are checked to be identical, so all do the same work. Runs
 alternate; each side's figure is its median wall time for prefill + 256 steps, with the fastest runs beside
-it because other processes on a shared machine only ever add time; `routed_vs_plain` is the median of the
-routed / plain speed ratios of adjacent runs. `routes` lists the route measured for each product shape.
+it because other processes on a shared machine only ever add time. `routed_vs_plain` (routed / plain
+speed) comes from --pairs back-to-back pairs of short runs (--pair-new tokens), the median of the pairs'
+ratios, since short adjacent runs share the machine's load. `routes` lists the route measured per shape.
 
 Targets: routed llmlab >= 1.5x transformers tokens/s; routed >= 0.97x plain (routing is never slower than
 F.linear beyond noise); identical tokens. Exit 1 when one is missed (0 with --no-check).
@@ -66,11 +67,26 @@ def timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
+def paired_ratio(a, b, pairs: int) -> float:
+    """Median over `pairs` back-to-back runs of time(a) / time(b), the order flipping every pair: short
+    adjacent runs share the machine's load far better than long runs apart."""
+    ratios = []
+    for i in range(pairs):
+        if i % 2 == 0:
+            ta, tb = timed(a)[0], timed(b)[0]
+        else:
+            tb, ta = timed(b)[0], timed(a)[0]
+        ratios.append(ta / tb)
+    return statistics.median(ratios)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--new", type=int, default=256, help="new tokens")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--pairs", type=int, default=30, help="short plain / routed run pairs for routed_vs_plain")
+    ap.add_argument("--pair-new", type=int, default=64, help="new tokens per run of those pairs")
     add_no_check(ap)
     args = ap.parse_args()
 
@@ -93,8 +109,10 @@ def main() -> int:
     outputs = [run() for run in sides.values()]  # warm-up (the routed side measures its routes here)
     same = all(torch.equal(outputs[0], out) for out in outputs[1:])
     times = {name: [] for name in sides}
-    for rep in range(args.repeats):  # the order flips every repeat, so no side always follows another
-        for name in list(sides) if rep % 2 == 0 else reversed(sides):
+    for rep in range(args.repeats):  # plain and routed swap places every repeat, right after transformers
+        order = ["transformers", "llmlab_plain", "llmlab_routed"] if rep % 2 == 0 else \
+            ["transformers", "llmlab_routed", "llmlab_plain"]
+        for name in order:
             times[name].append(timed(sides[name])[0])
     import transformers
 
@@ -111,9 +129,9 @@ def main() -> int:
         speed = {name: result[name][key] for name in sides}
         result["ratio" + label] = round(speed["llmlab_routed"] / speed["transformers"], 3)
         result["ratio_plain" + label] = round(speed["llmlab_plain"] / speed["transformers"], 3)
-    # routed vs plain from adjacent runs, which share the machine's load: the median of the paired ratios
-    paired = [p / r for p, r in zip(times["llmlab_plain"], times["llmlab_routed"], strict=True)]
-    result["routed_vs_plain"] = round(statistics.median(paired), 3)
+    result["routed_vs_plain"] = round(paired_ratio(lambda: generate(plain, prompt, args.pair_new, temperature=0),
+                                                   lambda: generate(routed, prompt, args.pair_new, temperature=0),
+                                                   args.pairs), 3)
     result["load_average_1min"] = round(os.getloadavg()[0], 2)
     result["routes"] = route_table(routed).summary()
     targets = {"ratio_vs_transformers": goal(result["ratio"], ">=", 1.5),

@@ -114,8 +114,8 @@ def test_another_route_must_beat_f_linear_by_the_margin_in_median_and_best_round
     def runs(*medians_and_bests):
         return {name: [best, med, med, med, 9.9] for name, med, best in medians_and_bests}
 
-    assert cpu_linear.pick(runs(("linear", 1.0, 1.0), ("rowblock", 0.97, 0.9), ("onednn", 1.2, 1.2))) == "linear"
-    assert cpu_linear.pick(runs(("linear", 1.0, 1.0), ("rowblock", 0.9, 0.9), ("onednn", 0.8, 0.7))) == "onednn"
+    assert cpu_linear.pick(runs(("linear", 1.0, 1.0), ("rowblock", 0.93, 0.8), ("onednn", 1.2, 1.2))) == "linear"
+    assert cpu_linear.pick(runs(("linear", 1.0, 1.0), ("rowblock", 0.85, 0.8), ("onednn", 0.8, 0.7))) == "onednn"
     # a median win with no win in the best round (F.linear's rounds stalled by load): F.linear stays
     assert cpu_linear.pick(runs(("linear", 1.0, 0.5), ("onednn", 0.8, 0.5))) == "linear"
     assert cpu_linear.pick(runs(("linear", 1.0, 1.0))) == "linear"
