@@ -161,3 +161,16 @@ def test_a_teacher_of_another_tokenizer_is_refused(checkpoint, tokenizers):
     a = Tokenizer.load(tokenizers["a"])
     same = TokenizerId("the training data d", a.vocab_size, fingerprint(a))
     load_teacher(DistillConfig(teacher=str(checkpoint)), a.vocab_size, 16, same, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("verb", ["quantize", "export-hf"])
+def test_quantize_and_export_refuse_another_tokenizer(verb, checkpoint, tokenizers, tmp_path, capsys):
+    """The tokenizer copied into a quantized checkpoint or a HF directory must be the model's own."""
+    extra = ["--method", "rtn", "--bits", "8", "--out"] if verb == "quantize" else []
+    for other in (tokenizers["b"], tokenizers["small"]):
+        out = tmp_path / f"out-{other.name}"
+        code, _, err = run_cli(capsys, verb, checkpoint, *extra, out, "--tokenizer", other)
+        assert_one_line_error(code, err, str(other), "tokenizer")
+        assert not out.exists()
+    code, _, err = run_cli(capsys, verb, checkpoint, *extra, tmp_path / "ok", "--tokenizer", tokenizers["a"])
+    assert code == 0, err

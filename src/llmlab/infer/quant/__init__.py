@@ -41,6 +41,7 @@ import torch.nn as nn
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.infer.quant.linear import BITS, QuantLinear, check_scheme, set_kernel
 from llmlab.model.transformer import CONFIG_FILE, WEIGHTS_FILE, Transformer
+from llmlab.train.agreement import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 
 METHODS = ("rtn", "gptq", "awq")
 QUANT_KEY = "quantization"  # the config.json entry
@@ -191,6 +192,10 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
     model = load_model(checkpoint, device=dev, dtype=torch.float32)  # a quantized one is refused next
     check_request(model, method, bits, group_size, include_head)
     tok_dir = Path(tokenizer) if tokenizer is not None else checkpoint / "tokenizer"
+    if tokenizer is not None:  # the copy shipped with OUT must be the model's own
+        require_same_tokenizer(checkpoint_tokenizer(checkpoint, model.config.vocab_size),
+                               directory_tokenizer(tok_dir),
+                               "quantize with the model's tokenizer (omit --tokenizer to use CKPT/tokenizer)")
     calib = None
     if method != "rtn":
         seq_len = calib_len if calib_len is not None else min(256, model.config.block_size)
