@@ -4,7 +4,8 @@ One dataclass describes both flavours the codebase speaks:
   gpt2  -- learned positions, LayerNorm, GELU(tanh) MLP, biases, tied input/output embeddings
            (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners");
   llama -- rotary positions, RMSNorm, SwiGLU MLP, no biases, untied embeddings, grouped-query attention
-           (Touvron et al. 2023; Su et al. 2021 "RoFormer"; Shazeer 2020 "GLU Variants"; Ainslie et al. 2023 "GQA").
+           (Touvron et al. 2023; Su et al. 2021 "RoFormer"; Shazeer 2020 "GLU Variants";
+           Ainslie et al. 2023 "GQA").
 
 `d_ff` and `n_kv_head` may be left as None; the resolved values are the properties `ffn_dim`
 (4*d_model for GELU, 8/3*d_model rounded up to a multiple of 64 for SwiGLU, which keeps the MLP's
@@ -16,8 +17,8 @@ only; it is not part of either preset.
 
 `rope_scaling` (None = plain RoPE) holds Llama 3.1/3.2's frequency adjustment as the dict Hugging Face stores
 under that name: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-"original_max_position_embeddings"} (Meta, "The Llama 3 Herd of Models", 2024; transformer.rope_inv_freq applies
-it). It is a plain dict so config.json and TOML round-trip it unchanged.
+"original_max_position_embeddings"} (Meta, "The Llama 3 Herd of Models", 2024; transformer.rope_inv_freq
+applies it). It is a plain dict so config.json and TOML round-trip it unchanged.
 
 `validate()` raises ModelError naming the key and the fix; Transformer() calls it, so configs built field by
 field (TOML + key=value overrides) are checked once, when they are complete.
@@ -52,7 +53,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     qkv_bias: bool | None = None  # None -> bias; True with bias=False is the Qwen2 layout
-    rope_scaling: dict[str, Any] | None = None  # None -> plain RoPE; else {"rope_type": "llama3", ...}, see above
+    rope_scaling: dict[str, Any] | None = None  # None: plain RoPE; else {"rope_type": "llama3", ...} (above)
 
     # ----- resolved values -----
     @property
@@ -88,16 +89,17 @@ class ModelConfig:
         _choice("norm", self.norm, ("layernorm", "rmsnorm"))
         _choice("mlp", self.mlp, ("gelu", "swiglu"))
         if self.d_model % self.n_head:
-            raise ModelError(f"model config: d_model={self.d_model} is not divisible by n_head={self.n_head}; "
-                             f"choose n_head among {_divisors(self.d_model)}")
+            raise ModelError(f"model config: d_model={self.d_model} is not divisible by "
+                             f"n_head={self.n_head}; choose n_head among {_divisors(self.d_model)}")
         if self.n_head % self.kv_heads:
-            raise ModelError(f"model config: n_head={self.n_head} is not divisible by n_kv_head={self.kv_heads}; "
-                             f"choose n_kv_head among {_divisors(self.n_head)}")
+            raise ModelError(f"model config: n_head={self.n_head} is not divisible by "
+                             f"n_kv_head={self.kv_heads}; choose n_kv_head among {_divisors(self.n_head)}")
         if self.position == "rope" and self.head_dim % 2:
-            raise ModelError(f"model config: rope needs an even head_dim, got d_model/n_head={self.head_dim}; "
-                             "change d_model or n_head")
+            raise ModelError(f"model config: rope needs an even head_dim, got "
+                             f"d_model/n_head={self.head_dim}; change d_model or n_head")
         if self.position == "rope" and not self.rope_theta > 0:
-            raise ModelError(f"model config: rope_theta={self.rope_theta} must be > 0 (Llama uses 10000 or 500000)")
+            raise ModelError(f"model config: rope_theta={self.rope_theta} must be > 0 "
+                             "(Llama uses 10000 or 500000)")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling, self.position)
         if not self.norm_eps > 0:
@@ -109,7 +111,8 @@ class ModelConfig:
     # ----- presets -----
     @classmethod
     def preset(cls, flavour: str = "gpt2", size: str = "tiny", **overrides: Any) -> ModelConfig:
-        """A named flavour ("gpt2" | "llama") at a named size ("tiny", "mini", "small", "gpt2-124M", "gpt2-350M").
+        """A named flavour ("gpt2" | "llama") at a named size ("tiny", "mini", "small", "gpt2-124M",
+        "gpt2-350M").
 
         Overrides replace any field, e.g. ModelConfig.preset("llama", "mini", vocab_size=tok.vocab_size).
         """
@@ -128,9 +131,10 @@ class ModelConfig:
 
 
 FLAVOURS: dict[str, dict[str, Any]] = {
-    "gpt2": dict(position="learned", norm="layernorm", norm_eps=1e-5, mlp="gelu", bias=True, tie_embeddings=True),
-    "llama": dict(position="rope", rope_theta=10000.0, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", bias=False,
-                  tie_embeddings=False),
+    "gpt2": dict(position="learned", norm="layernorm", norm_eps=1e-5, mlp="gelu", bias=True,
+                 tie_embeddings=True),
+    "llama": dict(position="rope", rope_theta=10000.0, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
+                  bias=False, tie_embeddings=False),
 }
 
 # Sizes. tiny: ~0.1M parameters for tests; mini/small: a few M / ~10M for CPU runs in minutes;
@@ -148,12 +152,12 @@ LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "origina
 
 
 def _check_rope_scaling(scaling: Any, position: str) -> None:
-    """rope_scaling must be the llama3 dict with its four positive numbers (low_freq_factor < high_freq_factor)."""
+    """rope_scaling must be the llama3 dict with its four positive numbers (low < high_freq_factor)."""
     example = ('rope_scaling = {rope_type = "llama3", factor = 32.0, low_freq_factor = 1.0, '
                'high_freq_factor = 4.0, original_max_position_embeddings = 8192}')
     if position != "rope":
-        raise ModelError(f"model config: rope_scaling is set but position={position!r}; set position='rope' or "
-                         "remove rope_scaling")
+        raise ModelError(f"model config: rope_scaling is set but position={position!r}; "
+                         "set position='rope' or remove rope_scaling")
     if not isinstance(scaling, dict):
         raise ModelError(f"model config: rope_scaling={scaling!r} must be a table like {example}")
     kind = scaling.get("rope_type")
@@ -174,8 +178,8 @@ def _check_rope_scaling(scaling: Any, position: str) -> None:
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ModelError(f"model config: rope_scaling.{key}={value!r} must be a positive number")
     if not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
-        raise ModelError(f"model config: rope_scaling.low_freq_factor={scaling['low_freq_factor']} must be below "
-                         f"high_freq_factor={scaling['high_freq_factor']} (Llama 3.1 uses 1.0 and 4.0)")
+        raise ModelError(f"model config: rope_scaling.low_freq_factor={scaling['low_freq_factor']} must be "
+                         f"below high_freq_factor={scaling['high_freq_factor']} (Llama 3.1 uses 1.0 and 4.0)")
 
 
 def _positive(key: str, value: Any) -> None:
