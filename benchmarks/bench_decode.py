@@ -57,7 +57,8 @@ def hf_copy(model: Transformer):
             dst[f"transformer.h.{i}.{theirs}.weight"] = w if "norm" in ours else w.t().contiguous()
             dst[f"transformer.h.{i}.{theirs}.bias"] = b
     missing, unexpected = hf.load_state_dict(dst, strict=False)
-    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing), (missing, unexpected)
+    only_buffers_missing = all("attn.bias" in k or "masked_bias" in k for k in missing)
+    assert not unexpected and only_buffers_missing, (missing, unexpected)
     return hf
 
 
@@ -85,7 +86,8 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--new", type=int, default=256, help="new tokens")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--pairs", type=int, default=30, help="short plain / routed run pairs for routed_vs_plain")
+    ap.add_argument("--pairs", type=int, default=30,
+                    help="short plain / routed run pairs for routed_vs_plain")
     ap.add_argument("--pair-new", type=int, default=64, help="new tokens per run of those pairs")
     add_no_check(ap)
     args = ap.parse_args()
@@ -96,7 +98,8 @@ def main() -> int:
         plain.lm_head.weight.mul_(10)
     hf = hf_copy(plain)
     routed = route_cpu_linears(copy.deepcopy(plain))
-    prompt = torch.randint(1, DIMS["vocab_size"], (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    seeded = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, DIMS["vocab_size"], (1, args.prompt), generator=seeded)
 
     def theirs():
         with torch.inference_mode():
@@ -129,9 +132,9 @@ def main() -> int:
         speed = {name: result[name][key] for name in sides}
         result["ratio" + label] = round(speed["llmlab_routed"] / speed["transformers"], 3)
         result["ratio_plain" + label] = round(speed["llmlab_plain"] / speed["transformers"], 3)
-    result["routed_vs_plain"] = round(paired_ratio(lambda: generate(plain, prompt, args.pair_new, temperature=0),
-                                                   lambda: generate(routed, prompt, args.pair_new, temperature=0),
-                                                   args.pairs), 3)
+    result["routed_vs_plain"] = round(paired_ratio(
+        lambda: generate(plain, prompt, args.pair_new, temperature=0),
+        lambda: generate(routed, prompt, args.pair_new, temperature=0), args.pairs), 3)
     result["load_average_1min"] = round(os.getloadavg()[0], 2)
     result["routes"] = route_table(routed).summary()
     targets = {"ratio_vs_transformers": goal(result["ratio"], ">=", 1.5),

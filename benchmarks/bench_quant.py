@@ -50,11 +50,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BASELINES = {torch.float32: ("fp32", 32), torch.bfloat16: ("bf16", 16)}  # baseline variant name, bits
 
 
-def variants(groups: list[int], dtype: torch.dtype = torch.float32) -> list[tuple[str, str, int, int | None, dict]]:
+def variants(groups: list[int],
+             dtype: torch.dtype = torch.float32) -> list[tuple[str, str, int, int | None, dict]]:
     """(name, method, bits, group size, quantize() options) of every row, the baseline first."""
     base, base_bits = BASELINES[dtype]
-    out = [(base, "none", base_bits, None, {}), ("int8-rtn", "rtn", 8, None, {}), ("int8-gptq", "gptq", 8, None, {}),
-           ("int8-awq", "awq", 8, None, {})]
+    out = [(base, "none", base_bits, None, {}), ("int8-rtn", "rtn", 8, None, {}),
+           ("int8-gptq", "gptq", 8, None, {}), ("int8-awq", "awq", 8, None, {})]
     for g in groups:
         out += [(f"int4-rtn-g{g}", "rtn", 4, g, {}), (f"int4-gptq-g{g}", "gptq", 4, g, {}),
                 (f"int4-awq-g{g}", "awq", 4, g, {}), (f"int4-awq-noclip-g{g}", "awq", 4, g, {"clip": False})]
@@ -203,7 +204,8 @@ def run(args, dev: torch.device, dtype: torch.dtype) -> dict:
     val_prompt = calibration_tokens(args.data, 1, args.prompt_tokens, seed=1)[0].tolist()
     base_name = BASELINES[dtype][0]
     rows, models = [], {}
-    todo = [v for v in variants(args.groups, dtype) if args.only is None or v[0] in args.only or v[0] == base_name]
+    todo = [v for v in variants(args.groups, dtype)
+            if args.only is None or v[0] in args.only or v[0] == base_name]
     with tempfile.TemporaryDirectory(prefix="bench_quant_") as work:
         for variant in todo:
             row, model = measure_variant(args, dev, dtype, Path(work), calib, val_prompt, variant)
@@ -220,8 +222,9 @@ def run(args, dev: torch.device, dtype: torch.dtype) -> dict:
     model = models[base_name]
     return {"benchmark": f"quantization_{dev.type}", "checkpoint": args.ckpt, "data": args.data,
             "device": str(dev), "dtype": args.dtype, "gpu": device_name(dev),
-            "model": {k: getattr(model.config, k) for k in ("n_layer", "d_model", "n_head", "ffn_dim", "vocab_size",
-                                                            "block_size", "mlp", "position", "tie_embeddings")},
+            "model": {k: getattr(model.config, k) for k in ("n_layer", "d_model", "n_head", "ffn_dim",
+                                                            "vocab_size", "block_size", "mlp", "position",
+                                                            "tie_embeddings")},
             "params": model.num_params(), "val_tokens": evaluate_perplexity(model, args.data)["tokens"],
             "calibration": {"samples": args.calib_samples, "seq_len": args.calib_len, "split": "train",
                             "dtype": "float32"},
@@ -236,7 +239,8 @@ def run(args, dev: torch.device, dtype: torch.dtype) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="fp32 checkpoint directory")
-    ap.add_argument("--data", required=True, help="prepared shard directory (val: perplexity, train: calibration)")
+    ap.add_argument("--data", required=True,
+                    help="prepared shard directory (val: perplexity, train: calibration)")
     ap.add_argument("--groups", type=int, nargs="+", default=[128, 32], help="int4 group sizes")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-len", type=int, default=256)
@@ -247,9 +251,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="timed decode rounds per variant")
     ap.add_argument("--threads", type=int, nargs="+", default=[1],
                     help="torch thread counts to time decoding at on CPU (1: steadier on a shared box)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto (cuda, then mps, then cpu)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu | cuda | cuda:N | mps | auto (cuda, then mps, then cpu)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                    help="compute and storage dtype of the baseline and the quantized models' unquantized tensors")
+                    help="compute and storage dtype of the baseline and the quantized models' "
+                         "unquantized tensors")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variant names")
     ap.add_argument("--outliers", type=float, default=0.0,
                     help="stress test: give the model outlier activation channels of this factor (see "

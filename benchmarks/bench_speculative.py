@@ -1,4 +1,4 @@
-"""Speculative decoding on CPU, batch 1: wall-clock speedup over plain greedy decoding, with a draft model,
+r"""Speculative decoding on CPU, batch 1: wall-clock speedup over plain greedy decoding, with a draft model,
 with draft-free prompt lookup, and with lookup-then-draft, at identical greedy output (asserted for every
 prompt and setting).
 
@@ -15,7 +15,8 @@ generate`). They are made by:
         model.n_layer=6 model.d_model=512 model.n_head=8 model.d_ff=1408 optim.lr=1.5e-3 \
         optim.warmup_steps=50 optim.max_steps=700 train.max_minutes=70
     llmlab pretrain --config configs/cpu-demo.toml data.shards=$D/shards train.out_dir=$D \
-        train.run_name=draft model.n_layer=1 model.d_model=128 model.n_head=2 optim.lr=3e-3 optim.max_steps=600
+        train.run_name=draft model.n_layer=1 model.d_model=128 model.n_head=2 optim.lr=3e-3 \
+        optim.max_steps=600
     llmlab data generate $D/target/ckpt-000700 --shards $D/shards --out $D/target-text --sequences 4096 \
         --batch-size 128
     llmlab pretrain --config configs/cpu-demo.toml data.shards=$D/target-text train.out_dir=$D \
@@ -125,7 +126,8 @@ def verification_costs(versions: dict, prompt: list[int], widths=(1, 2, 4, 6, 8)
                     m(x, cache=caches[label])
                     if rep:
                         runs[label][T].append(time.perf_counter() - start)
-    seconds = {label: {T: statistics.median(r) for T, r in by_width.items()} for label, by_width in runs.items()}
+    seconds = {label: {T: statistics.median(r) for T, r in by_width.items()}
+               for label, by_width in runs.items()}
     costs = {}
     for label, by_width in seconds.items():
         costs[label] = {f"T{T}": round(s / by_width[1], 3) for T, s in by_width.items()}
@@ -202,7 +204,8 @@ def run(args) -> tuple[dict, dict]:
         if name != "plain":
             result[name] = {"seconds": round(med[name], 4), "tokens_per_s": round(tokens / med[name], 1),
                             "speedup": round(med["plain"] / med[name], 3), **_pooled(stats[name])}
-    best = max((r["speedup"] for r in result.values() if isinstance(r, dict) and "speedup" in r), default=None)
+    speedups = [r["speedup"] for r in result.values() if isinstance(r, dict) and "speedup" in r]
+    best = max(speedups, default=None)
     targets = {"best_speedup": goal(best, ">=", 1.5) if best is not None
                else unmeasured(">=", 1.5, "no speculative setting was run")}
     if device.type == "cpu":  # the cost of a verification forward over T tokens, routed and plain
@@ -236,11 +239,12 @@ def _pooled(stats) -> dict:
     acc, prop = sum(s.accepted for s in stats), sum(s.proposed for s in stats)
     rounds, gen = sum(s.row_rounds for s in stats), sum(s.generated for s in stats)
     fwd = sum(s.target_forwards for s in stats)
+    lookup_rounds, all_rounds = sum(s.lookup_rounds for s in stats), sum(s.rounds for s in stats)
     return {"acceptance_rate": round(acc / prop, 4) if prop else None,
             "mean_accepted_length": round(acc / rounds, 3),
             "target_forwards_per_token": round(fwd / gen, 4),
             "draft_forwards_per_token": round(sum(s.draft_forwards for s in stats) / gen, 4),
-            "lookup_round_share": round(sum(s.lookup_rounds for s in stats) / sum(s.rounds for s in stats), 3)}
+            "lookup_round_share": round(lookup_rounds / all_rounds, 3)}
 
 
 def _floats(text: str) -> list[float]:
@@ -253,23 +257,27 @@ def _ints(text: str) -> list[int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", type=Path, default=DEFAULT_TARGET, help="target checkpoint or run directory")
+    ap.add_argument("--target", type=Path, default=DEFAULT_TARGET,
+                    help="target checkpoint or run directory")
     ap.add_argument("--draft", type=Path, default=DEFAULT_DRAFT, help="draft checkpoint or run directory")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--k", type=_ints, default=[1, 2, 3, 4], help="draft tokens proposed per round (list)")
+    ap.add_argument("--k", type=_ints, default=[1, 2, 3, 4],
+                    help="draft tokens proposed per round (list)")
     ap.add_argument("--lookup-k", type=_ints, default=[4, 6, 10],
                     help="prompt-lookup tokens proposed per round on a match (list)")
     ap.add_argument("--lookup-draft-k", type=_ints, default=[4, 6],
-                    help="speculate_k for lookup-then-draft (prompt lookup where the context has a match, the "
-                         "draft elsewhere; list, empty string for none)")
+                    help="speculate_k for lookup-then-draft (prompt lookup where the context has a match, "
+                         "the draft elsewhere; list, empty string for none)")
     ap.add_argument("--confidence", type=_floats, default=[],
-                    help="also run the draft with these draft_confidence values (list; guesses stop where the "
-                         "draft's top probability is lower), at each of --confidence-k")
-    ap.add_argument("--confidence-k", type=_ints, default=[4, 6], help="speculate_k for the --confidence runs")
+                    help="also run the draft with these draft_confidence values (list; guesses stop where "
+                         "the draft's top probability is lower), at each of --confidence-k")
+    ap.add_argument("--confidence-k", type=_ints, default=[4, 6],
+                    help="speculate_k for the --confidence runs")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (batch-1 decoding of "
                     "a few-M-parameter model gains little from more)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto (cuda, then mps, then cpu)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu | cuda | cuda:N | mps | auto (cuda, then mps, then cpu)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of target and draft")
     ap.add_argument("--no-cpu-routes", action="store_true",
                     help="on CPU, decode with plain F.linear instead of measured linear routes")

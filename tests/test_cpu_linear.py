@@ -82,7 +82,7 @@ def _sleepy(seconds: float):
 
 
 def test_a_slow_route_is_never_picked(monkeypatch):
-    """Routes made slow on purpose lose; made slow on purpose, F.linear loses too (the measurement decides)."""
+    """Routes made slow on purpose lose; made slow on purpose, F.linear loses too (measurement decides)."""
     layer = routed(64, 128)
     for name in cpu_linear.ROUTES:
         if name != "linear":
@@ -112,14 +112,14 @@ def test_a_slow_route_is_never_picked(monkeypatch):
 
 
 def test_another_route_must_beat_f_linear_by_the_margin_in_median_and_best_round():
-    def runs(*medians_and_bests):
-        return {name: [best, med, med, med, 9.9] for name, med, best in medians_and_bests}
+    def pick(*medians_and_bests):
+        return cpu_linear.pick({name: [best, med, med, med, 9.9] for name, med, best in medians_and_bests})
 
-    assert cpu_linear.pick(runs(("linear", 1.0, 1.0), ("rowblock", 0.93, 0.8), ("onednn", 1.2, 1.2))) == "linear"
-    assert cpu_linear.pick(runs(("linear", 1.0, 1.0), ("rowblock", 0.85, 0.8), ("onednn", 0.8, 0.7))) == "onednn"
+    assert pick(("linear", 1.0, 1.0), ("rowblock", 0.93, 0.8), ("onednn", 1.2, 1.2)) == "linear"
+    assert pick(("linear", 1.0, 1.0), ("rowblock", 0.85, 0.8), ("onednn", 0.8, 0.7)) == "onednn"
     # a median win with no win in the best round (F.linear's rounds stalled by load): F.linear stays
-    assert cpu_linear.pick(runs(("linear", 1.0, 0.5), ("onednn", 0.8, 0.5))) == "linear"
-    assert cpu_linear.pick(runs(("linear", 1.0, 1.0))) == "linear"
+    assert pick(("linear", 1.0, 0.5), ("onednn", 0.8, 0.5)) == "linear"
+    assert pick(("linear", 1.0, 1.0)) == "linear"
 
 
 def test_autograd_takes_f_linear_and_trains_as_nn_linear():
@@ -207,18 +207,22 @@ def test_onednn_route_follows_weight_updates_and_survives_deepcopy():
     layer = routed(128, 128)
     x = torch.randn(4, 128)
     onednn = cpu_linear.ROUTES["onednn"]
+
+    def matches_f_linear(module):
+        want = F.linear(x, module.weight, module.bias)
+        torch.testing.assert_close(onednn(module, x), want, **TOL[torch.float32])
+
     with torch.no_grad():
-        torch.testing.assert_close(onednn(layer, x), F.linear(x, layer.weight, layer.bias), **TOL[torch.float32])
+        matches_f_linear(layer)
         layer.weight.mul_(2.0)  # an in-place change (an optimizer step)
-        torch.testing.assert_close(onednn(layer, x), F.linear(x, layer.weight, layer.bias), **TOL[torch.float32])
+        matches_f_linear(layer)
         layer.load_state_dict({"weight": torch.randn(128, 128), "bias": torch.zeros(128)})
-        torch.testing.assert_close(onednn(layer, x), F.linear(x, layer.weight, layer.bias), **TOL[torch.float32])
+        matches_f_linear(layer)
         twin = copy.deepcopy(layer)
         twin.weight.add_(1.0)
-        torch.testing.assert_close(onednn(twin, x), F.linear(x, twin.weight, twin.bias), **TOL[torch.float32])
+        matches_f_linear(twin)
     with torch.inference_mode():  # weights made here carry no version counter
-        fresh = routed(128, 64)
-        torch.testing.assert_close(onednn(fresh, x), F.linear(x, fresh.weight, fresh.bias), **TOL[torch.float32])
+        matches_f_linear(routed(128, 64))
 
 
 def test_summary_lists_each_measured_shape():
@@ -251,8 +255,8 @@ def test_llmlab_generate_routes_on_cpu_unless_told_not_to(tmp_path, small_corpus
         return route_cpu_linears(m)
 
     monkeypatch.setattr(generate_module, "route_cpu_linears", recording)
-    args = ["generate", str(tmp_path / "ckpt"), "--prompt", "def", "--temperature", "0", "--max-new-tokens", "6",
-            "--device", "cpu"]
+    args = ["generate", str(tmp_path / "ckpt"), "--prompt", "def", "--temperature", "0",
+            "--max-new-tokens", "6", "--device", "cpu"]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert len(routed) == 1 and route_table(routed[0]).choice  # the target was routed and measured

@@ -1,4 +1,4 @@
-"""The Transformer: causality, learning, NumPy parity, SDPA vs explicit attention, GQA, accounting, configs."""
+"""Transformer: causality, learning, NumPy parity, SDPA vs explicit attention, GQA, accounting, configs."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def test_tiny_model_overfits_one_batch(flavour):
 
 
 @pytest.mark.parametrize("flavour,overrides", [("gpt2", {}), ("llama", {}), ("llama", {"n_kv_head": 1}),
-                                               ("llama", {"qkv_bias": True}), ("gpt2", {"tie_embeddings": False})])
+                                               ("llama", {"qkv_bias": True}),
+                                               ("gpt2", {"tie_embeddings": False})])
 def test_logits_match_numpy_reference(flavour, overrides):
     model = tiny(flavour, **overrides)
     with torch.no_grad():  # non-zero biases/gains so they are exercised

@@ -7,8 +7,8 @@ A speculative draft is worth what it agrees with its target, and a small model t
 the corpus, not the target: it agrees with the target's greedy token where the corpus is predictable and
 misses the target's own habits (its favourite phrasings, its loops). Training the draft on text the target
 wrote (sequence-level distillation, Kim & Rush 2016; DistillSpec, Zhou et al. 2023, shows drafts gain most
-from model-generated data) aims it at exactly what it is scored on. On the spec-bench models (a 21M target,
-a 0.9M draft; benchmarks/bench_speculative.py) it lifts the draft's greedy agreement from 0.68 to 0.82.
+from model-generated data) aims it at exactly what it is scored on (measured agreement: docs/performance.md,
+"Speculative decoding").
 
 Each sequence is a `prompt_tokens`-token window drawn at random from the source shards, followed by the
 model's continuation up to `length` tokens (greedy at temperature 0, the default, which is what greedy
@@ -66,9 +66,11 @@ def write_continuations(checkpoint: str | Path, shards: str | Path, out: str | P
                dynamic_ncols=True)
     start = time.perf_counter()
     with bar:
-        texts = {split: _continue(model, p, length, temperature, batch_size, rng, bar) for split, p in prompts.items()}
+        texts = {split: _continue(model, p, length, temperature, batch_size, rng, bar)
+                 for split, p in prompts.items()}
     seconds = time.perf_counter() - start
-    made = {"model": str(checkpoint), "source": str(shards), "sequences": {s: len(t) for s, t in texts.items()},
+    made = {"model": str(checkpoint), "source": str(shards),
+            "sequences": {s: len(t) for s, t in texts.items()},
             "prompt_tokens": prompt_tokens, "length": length, "temperature": temperature, "seed": seed,
             "tokens_per_s": round((sequences + val_sequences) * (length - prompt_tokens) / seconds, 1)}
     tokenizer_meta = dict(meta["tokenizer"])
@@ -79,15 +81,17 @@ def write_continuations(checkpoint: str | Path, shards: str | Path, out: str | P
             tokenizer_meta["copy"] = "tokenizer"
         else:
             tokenizer_meta.pop("copy", None)
-        written = write_shard_dir(tmp, splits, vocab_size=model.config.vocab_size, eos_id=tokenizer_meta.get("eos_id"),
+        written = write_shard_dir(tmp, splits, vocab_size=model.config.vocab_size,
+                                  eos_id=tokenizer_meta.get("eos_id"),
                                   extra={"tokenizer": tokenizer_meta, "generated": made})
     return written
 
 
-def _check_counts(sequences: int, val_sequences: int, prompt_tokens: int, length: int, batch_size: int) -> None:
+def _check_counts(sequences: int, val_sequences: int, prompt_tokens: int, length: int,
+                  batch_size: int) -> None:
     if sequences < 1 or val_sequences < 0:
-        raise ConfigError(f"--sequences={sequences} / --val-sequences={val_sequences}: need at least one train "
-                          "sequence and no negative count")
+        raise ConfigError(f"--sequences={sequences} / --val-sequences={val_sequences}: "
+                          "need at least one train sequence and no negative count")
     if not 1 <= prompt_tokens < length:
         raise ConfigError(f"--prompt-tokens={prompt_tokens} must be at least 1 and below --length={length} "
                           "(each sequence is a prompt plus the model's continuation)")
@@ -96,14 +100,14 @@ def _check_counts(sequences: int, val_sequences: int, prompt_tokens: int, length
 
 
 def _check_fit(model, checkpoint: Path, shards: Path, meta: dict, length: int) -> Path | None:
-    """The model must read the shards' tokens; returns the shards' tokenizer directory (None without one)."""
+    """The model must read the shards' tokens; returns the shards' tokenizer directory (None if none)."""
     vocab = meta["tokenizer"]["vocab_size"]
     if model.config.vocab_size != vocab:
-        raise ConfigError(f"{checkpoint} has a {model.config.vocab_size}-token vocabulary but {shards} has {vocab}; "
-                          "draw prompts from shards made with the model's tokenizer")
+        raise ConfigError(f"{checkpoint} has a {model.config.vocab_size}-token vocabulary but {shards} "
+                          f"has {vocab}; draw prompts from shards made with the model's tokenizer")
     if length > model.config.block_size:
-        raise ConfigError(f"--length={length} is longer than the model's context ({model.config.block_size}); "
-                          f"use --length {model.config.block_size} or less")
+        raise ConfigError(f"--length={length} is longer than the model's context "
+                          f"({model.config.block_size}); use --length {model.config.block_size} or less")
     shards_id = shards_tokenizer(shards, meta)
     require_same_tokenizer(checkpoint_tokenizer(checkpoint, model.config.vocab_size), shards_id,
                            "draw prompts from shards made with the model's tokenizer")

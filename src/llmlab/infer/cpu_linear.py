@@ -54,7 +54,7 @@ PLAIN = "linear"
 
 
 class RoutedLinear(nn.Linear):
-    """An nn.Linear whose no-grad CPU forward takes the route its RouteTable measured fastest for the shape."""
+    """An nn.Linear whose no-grad CPU forward takes the route its RouteTable timed fastest for the shape."""
 
     def __init__(self, linear: nn.Linear, table: RouteTable):
         nn.Module.__init__(self)  # no new parameters: the linear's own are registered below
@@ -62,7 +62,8 @@ class RoutedLinear(nn.Linear):
         self.register_parameter("weight", linear.weight)
         self.register_parameter("bias", linear.bias)
         self.table = table
-        self._routes: dict[tuple, str] = {}  # (x.shape, x.dtype, threads) -> route name: the cheap per-call key
+        # (x.shape, x.dtype, threads) -> route name: the cheap per-call key
+        self._routes: dict[tuple, str] = {}
         self._packed: tuple[tuple, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,8 @@ class RouteTable:
 
 def shape_key(layer: RoutedLinear, x: torch.Tensor) -> tuple:
     rows = x.numel() // layer.in_features
-    return rows, layer.out_features, layer.in_features, layer.bias is not None, x.dtype, torch.get_num_threads()
+    has_bias = layer.bias is not None
+    return rows, layer.out_features, layer.in_features, has_bias, x.dtype, torch.get_num_threads()
 
 
 # ----- the routes: each computes F.linear(x, layer.weight, layer.bias) -----

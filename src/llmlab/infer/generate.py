@@ -172,7 +172,7 @@ def _decode_text(tok, tokens: Iterable[int], stop: int | None) -> Iterator[str]:
 
 
 def _load_tokenizer(checkpoint: Path, tokenizer: str | Path | None, vocab_size: int) -> Tokenizer:
-    """The checkpoint's tokenizer (or --tokenizer's), refused if it is not the one the model was trained with."""
+    """The checkpoint's tokenizer (or --tokenizer's), refused unless the model was trained with it."""
     directory = Path(tokenizer) if tokenizer is not None else checkpoint / "tokenizer"
     if not directory.is_dir():
         where = "--tokenizer" if tokenizer is not None else f"checkpoint {checkpoint}"
@@ -180,5 +180,6 @@ def _load_tokenizer(checkpoint: Path, tokenizer: str | Path | None, vocab_size: 
                               "pointing at a saved tokenizer (tokenizer.json + llmlab.json)")
     tok = Tokenizer.load(directory)
     require_same_tokenizer(checkpoint_tokenizer(checkpoint, vocab_size), directory_tokenizer(directory, tok),
-                           "pass the --tokenizer the model was trained with, or drop it to use the checkpoint's")
+                           "pass the --tokenizer the model was trained with, "
+                           "or drop it to use the checkpoint's")
     return tok
