@@ -4,13 +4,14 @@ transformers' GPT2LMHeadModel.generate, same model.
 One GPT-2-shaped model (n_layer 4, d_model 256, 4 heads, vocab 8192, context 512), fp32, batch 1, a 32-token
 prompt, 256 new tokens, greedy, KV cache on all sides (transformers: use_cache=True, its default dynamic
 cache; llmlab: the static cache). llmlab runs twice: `plain` (nn.Linear, F.linear) and `routed` (the same
-weights after llmlab.infer.cpu_linear.route_cpu_linears, which `llmlab generate` applies on CPU: each
-product shape takes the route measured fastest on this machine, during the warm-up run). transformers gets
-llmlab's weights, and the three token sequences are checked to be identical, so all do the same work. Runs
-alternate; each side's figure is its median wall time for prefill + 256 steps, with the fastest runs beside
-it because other processes on a shared machine only ever add time. `routed_vs_plain` (routed / plain
-speed) comes from --pairs back-to-back pairs of short runs (--pair-new tokens), the median of the pairs'
-ratios, since short adjacent runs share the machine's load. `routes` lists the route measured per shape.
+weights after llmlab.infer.cpu_linear.route_cpu_linears, which `llmlab generate --cpu-routes` applies on
+CPU: each product shape takes the route measured fastest on this machine, during the warm-up run).
+transformers gets llmlab's weights, and the three token sequences are checked to be identical, so all do the
+same work. Runs alternate; each side's figure is its median wall time for prefill + 256 steps, with the
+fastest runs beside it because other processes on a shared machine only ever add time. `routed_vs_plain`
+(routed / plain speed) comes from --pairs back-to-back pairs of short runs (--pair-new tokens), the median
+of the pairs' ratios, since short adjacent runs share the machine's load. `routes` lists the route measured
+per shape.
 
 Targets: routed llmlab >= 1.5x transformers tokens/s; routed >= 0.97x plain (routing is never slower than
 F.linear beyond noise); identical tokens. Exit 1 when one is missed (0 with --no-check).

@@ -26,6 +26,9 @@ def register(sub, formatter_class) -> None:
     ppl.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     ppl.add_argument("--dtype", default=None, help="fp32, bf16 or fp16; none = as stored")
     ppl.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
+    ppl.add_argument("--cpu-routes", action="store_true",
+                     help="on CPU, let each linear take the matmul route measured fastest per shape on this "
+                          "machine (llmlab.infer.cpu_linear); off: plain F.linear")
     ppl.set_defaults(func=run_ppl)
 
 
@@ -34,7 +37,7 @@ def run_ppl(args) -> int:
 
     rows = evaluate_checkpoints(args.checkpoints, args.data, split=args.split, block_size=args.block_size,
                                 batch_size=args.batch_size, max_batches=args.max_batches, device=args.device,
-                                dtype=args.dtype)
+                                dtype=args.dtype, cpu_routes=args.cpu_routes)
     if args.json:
         for row in rows:
             print(json.dumps(row))

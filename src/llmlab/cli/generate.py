@@ -41,8 +41,9 @@ def register(sub, formatter_class) -> None:
                         "this (e.g. 0.5); unlikely guesses then cost no verification work")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), fp32, bf16, fp16")
-    p.add_argument("--no-cpu-routes", action="store_true",
-                   help="on CPU, keep plain F.linear instead of the matmul route measured fastest per shape")
+    p.add_argument("--cpu-routes", action="store_true",
+                   help="on CPU, let each linear take the matmul route measured fastest per shape on this "
+                        "machine (llmlab.infer.cpu_linear); off: plain F.linear")
     p.set_defaults(func=run)
 
 
@@ -55,7 +56,7 @@ def run(args) -> int:
                       stop_at_eos=not args.ignore_eos, doc_start=not args.no_doc_start, draft=args.draft,
                       speculate_k=args.speculate_k, draft_confidence=args.draft_confidence,
                       lookup=args.lookup, device=args.device, dtype=args.dtype,
-                      cpu_routes=not args.no_cpu_routes)
+                      cpu_routes=args.cpu_routes)
     sys.stdout.write(args.prompt)
     for piece in pieces:
         sys.stdout.write(piece)

@@ -92,12 +92,12 @@ def evaluate_perplexity(model, shards: str | Path, split: str = "val", block_siz
 def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, split: str = "val",
                          block_size: int | None = None, batch_size: int = 8, max_batches: int | None = None,
                          device: str = "cpu", dtype: str | None = None, progress: bool = True,
-                         cpu_routes: bool = True) -> list[dict]:
+                         cpu_routes: bool = False) -> list[dict]:
     """One row per checkpoint: perplexity, mean NLL, tokens, file size and quantization scheme.
 
     Every checkpoint's config is read (and checked) before the first evaluation starts, so a bad path
     fails fast. Checkpoints with different contexts are compared at the smallest block size of them all.
-    On CPU, cpu_routes lets linears take the matmul route measured fastest per shape
+    On CPU, cpu_routes (opt-in) lets linears take the matmul route measured fastest per shape
     (llmlab.infer.cpu_linear).
     """
     from llmlab.device import resolve_device

@@ -116,16 +116,16 @@ def complete(checkpoint: str | Path, prompt: str, *, tokenizer: str | Path | Non
              top_p: float | None = None, seed: int | None = None, stream_text: bool = False,
              stop_at_eos: bool = True, doc_start: bool = True, draft: str | Path | None = None,
              speculate_k: int = 4, draft_confidence: float | None = None, lookup: bool = False,
-             device: str = "auto", dtype: str = "auto", cpu_routes: bool = True) -> Iterator[str]:
+             device: str = "auto", dtype: str = "auto", cpu_routes: bool = False) -> Iterator[str]:
     """Load CHECKPOINT (and its tokenizer), continue `prompt`; return an iterator over the new text (piece by
     piece as tokens are made if stream_text, else all at once). Loading and checks happen before it returns.
 
     doc_start prepends the tokenizer's eos id, which separates documents in the training shards, so the
     prompt reads as the start of a document. max_new_tokens None fills the context up to 256 new tokens.
     `draft` (a checkpoint) or `lookup` (draft-free prompt lookup) switches to speculative decoding
-    (draft_confidence: see llmlab.infer.speculative.speculative_generate). On CPU, cpu_routes lets the
-    models' linears take the matmul route measured fastest per shape (llmlab.infer.cpu_linear); False keeps
-    plain F.linear.
+    (draft_confidence: see llmlab.infer.speculative.speculative_generate). On CPU, cpu_routes (opt-in)
+    lets the models' linears take the matmul route measured fastest per shape (llmlab.infer.cpu_linear);
+    by default they stay plain F.linear.
     """
     checkpoint = Path(checkpoint)
     dev = resolve_device(device)
