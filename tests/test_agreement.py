@@ -16,11 +16,11 @@ from llmlab.data.shards import write_shard_dir
 from llmlab.errors import TokenizerError
 from llmlab.model import ModelConfig, Transformer
 from llmlab.tokenizer import Tokenizer
-from llmlab.tokenizer.identity import fingerprint
-from llmlab.train.agreement import (
+from llmlab.tokenizer.identity import (
     TOKENIZER_ID_FILE,
     TokenizerId,
     checkpoint_tokenizer,
+    fingerprint,
     require_same_tokenizer,
     write_tokenizer_id,
 )

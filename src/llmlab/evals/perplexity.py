@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from llmlab.data.shards import read_meta, read_shard, split_shards
 from llmlab.errors import ConfigError, DataError
-from llmlab.train.agreement import checkpoint_tokenizer, require_same_tokenizer, shards_tokenizer
+from llmlab.tokenizer.identity import checkpoint_tokenizer, require_same_tokenizer, shards_tokenizer
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from llmlab.errors import ConfigError, DataError
 from llmlab.fsutil import atomic_dir, check_output
 from llmlab.infer.generate import generate
 from llmlab.infer.sampling import check_sampling
-from llmlab.train.agreement import checkpoint_tokenizer, require_same_tokenizer, shards_tokenizer
+from llmlab.tokenizer.identity import checkpoint_tokenizer, require_same_tokenizer, shards_tokenizer
 
 
 def write_continuations(checkpoint: str | Path, shards: str | Path, out: str | Path, *, sequences: int = 4096,

@@ -34,7 +34,7 @@ from llmlab.infer.sampling import check_sampling, next_token, seeded_generator
 from llmlab.infer.speculative import load_draft, speculative_generate
 from llmlab.model.kv_cache import KVCache
 from llmlab.tokenizer import Tokenizer
-from llmlab.train.agreement import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
+from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 
 
 def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -53,7 +53,7 @@ from llmlab.fsutil import atomic_dir, check_output
 from llmlab.model.config import LLAMA3_SCALING_KEYS, ModelConfig
 from llmlab.model.hf_files import PT_BIN, SAFETENSORS, HFWeights, Scratch, write_safetensors
 from llmlab.model.transformer import EXTENSIONS, Transformer
-from llmlab.tokenizer.identity import check_same_tokenizer
+from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 
 CONFIG = "config.json"
 TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = "tokenizer.json", "tokenizer_config.json", \
@@ -666,20 +666,12 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None,
         tok_dir = Path(tokenizer) if tokenizer is not None else ckpt / "tokenizer"
         if tokenizer is not None or tok_dir.is_dir():
             tok = Tokenizer.load(tok_dir)
-        if tokenizer is not None:
-            _check_export_tokenizer(ckpt, model, tok, tok_dir)
+        if tokenizer is not None:  # the copy shipped with OUT must be the model's own
+            require_same_tokenizer(checkpoint_tokenizer(ckpt, model.config.vocab_size),
+                                   directory_tokenizer(tok_dir, tok), "export with the model's tokenizer "
+                                   "(omit --tokenizer to use CKPT/tokenizer)")
     save_hf(model, out, tokenizer=tok)
     return _summary(hf_model_type(model.config), model, tok)
-
-
-def _check_export_tokenizer(ckpt: Path, model: Transformer, tok, tok_dir: Path) -> None:
-    """A --tokenizer given to export-hf must be the checkpoint's own (its tokenizer/ copy, where it has one)
-    and fit the model's vocabulary: a HF directory with another tokenizer decodes garbage."""
-    fix = "export with the tokenizer the model was trained with (omit --tokenizer to use CKPT/tokenizer)"
-    if tok.vocab_size > model.config.vocab_size:
-        raise TokenizerError(f"--tokenizer {tok_dir} has {tok.vocab_size} tokens but {ckpt} has a "
-                             f"{model.config.vocab_size}-token vocabulary; {fix}")
-    check_same_tokenizer(ckpt / "tokenizer", tok_dir, roles=("checkpoint", "--tokenizer"))
 
 
 def _refuse_extended(ckpt: Path, meta: dict) -> None:

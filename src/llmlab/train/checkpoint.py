@@ -9,7 +9,8 @@ only a hidden .ckpt-STEP.*.tmp that `latest()` ignores and the next save's pruni
 - train_state.pt holds only tensors and primitive containers (optimizer state, step, tokens, the batch
   source's state, RNG states, callback state) so it loads with torch.load(weights_only=True).
 - tokenizer/ is a copy of the run's tokenizer, so a checkpoint alone is enough for generate/export, and
-  tokenizer_id.json records its fingerprint (llmlab.train.agreement checks tokenizers and shards against it).
+  tokenizer_id.json records its fingerprint (llmlab.tokenizer.identity checks tokenizers and shards
+  against it).
 
 Everything is validated where it is read: config.json (typed and finite, and matching the model), the
 weights (readable, every tensor present with its shape and kind), train_state.pt (its entries); each
@@ -46,7 +47,7 @@ from llmlab.config import from_dict
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.fsutil import atomic_dir, write_text_atomic
 from llmlab.model.transformer import check_state, read_meta, read_weights, refuse_extensions
-from llmlab.train.agreement import TOKENIZER_ID_FILE, write_tokenizer_id
+from llmlab.tokenizer.identity import TOKENIZER_ID_FILE, write_tokenizer_id
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "train_state.pt")
 STATE_VERSION = 1

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from llmlab.config import Fraction, PositiveFloat
 from llmlab.errors import ConfigError
 from llmlab.model import Transformer
-from llmlab.train.agreement import TokenizerId, checkpoint_tokenizer, require_same_tokenizer
+from llmlab.tokenizer.identity import TokenizerId, checkpoint_tokenizer, require_same_tokenizer
 
 
 @dataclass

@@ -33,7 +33,7 @@ from llmlab.device import resolve_device
 from llmlab.errors import ConfigError, ModelError
 from llmlab.fsutil import check_output, write_text_atomic
 from llmlab.model import ModelConfig, Transformer
-from llmlab.train.agreement import (
+from llmlab.tokenizer.identity import (
     TokenizerId,
     checkpoint_tokenizer,
     directory_tokenizer,

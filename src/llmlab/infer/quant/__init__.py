@@ -41,7 +41,7 @@ import torch.nn as nn
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.infer.quant.linear import BITS, QuantLinear, check_scheme, set_kernel
 from llmlab.model.transformer import CONFIG_FILE, WEIGHTS_FILE, Transformer
-from llmlab.train.agreement import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
+from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 
 METHODS = ("rtn", "gptq", "awq")
 QUANT_KEY = "quantization"  # the config.json entry
