@@ -5,7 +5,6 @@ parameters, state_dict and outputs are those of the plain model."""
 from __future__ import annotations
 
 import copy
-import importlib
 import time
 
 import pytest
@@ -233,33 +232,3 @@ def test_summary_lists_each_measured_shape():
     rows = layer.table.summary()
     assert [r["rows"] for r in rows] == [1, 5]
     assert all(r["route"] in r["us"] and "linear" in r["us"] and r["dtype"] == "float32" for r in rows)
-
-
-def test_llmlab_generate_routes_on_cpu_when_asked(tmp_path, small_corpus, capsys, monkeypatch):
-    from llmlab.cli import main
-    from llmlab.tokenizer import Tokenizer
-
-    generate_module = importlib.import_module("llmlab.infer.generate")  # the package exports the function
-
-    tok = Tokenizer.train(small_corpus, vocab_size=300, progress=False, workers=1)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset("gpt2", "tiny", vocab_size=tok.vocab_size))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(5)  # decisive greedy picks
-    model.save(tmp_path / "ckpt")
-    tok.save(tmp_path / "ckpt" / "tokenizer")
-    routed = []
-
-    def recording(m):
-        routed.append(m)
-        return route_cpu_linears(m)
-
-    monkeypatch.setattr(generate_module, "route_cpu_linears", recording)
-    args = ["generate", str(tmp_path / "ckpt"), "--prompt", "def", "--temperature", "0",
-            "--max-new-tokens", "6", "--device", "cpu"]
-    assert main(args) == 0
-    text = capsys.readouterr().out
-    assert routed == []  # opt-in: plain F.linear by default
-    assert main(args + ["--cpu-routes"]) == 0
-    assert len(routed) == 1 and route_table(routed[0]).choice  # the target was routed and measured
-    assert capsys.readouterr().out == text  # the same text either way

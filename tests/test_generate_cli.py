@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from llmlab.cli import main
 from llmlab.infer import generate
+from llmlab.infer.cpu_linear import route_cpu_linears, route_table
 from llmlab.model import ModelConfig, Transformer
 from llmlab.tokenizer import Tokenizer
 
@@ -81,3 +84,24 @@ def test_missing_weights_file_is_named(checkpoint, capsys):
     (ckpt / "model.safetensors").unlink()
     assert main(["generate", str(ckpt), "--prompt", "a"]) == 2
     assert "has no model.safetensors" in capsys.readouterr().err
+
+
+def test_cpu_routes_are_opt_in_and_change_no_output(checkpoint, capsys, monkeypatch):
+    """--cpu-routes measures and routes the target's linears; without it they stay plain; same text."""
+    ckpt, _, _ = checkpoint
+    generate_module = importlib.import_module("llmlab.infer.generate")  # the package exports the function
+    routed = []
+
+    def recording(m):
+        routed.append(m)
+        return route_cpu_linears(m)
+
+    monkeypatch.setattr(generate_module, "route_cpu_linears", recording)
+    args = ["generate", str(ckpt), "--prompt", "def", "--temperature", "0",
+            "--max-new-tokens", "6", "--device", "cpu"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert routed == []  # opt-in: plain F.linear by default
+    assert main(args + ["--cpu-routes"]) == 0
+    assert len(routed) == 1 and route_table(routed[0]).choice  # the target was routed and measured
+    assert capsys.readouterr().out == text  # the same text either way
