@@ -1,0 +1,5 @@
+"""Post-training objectives on the one trainer (llmlab.train): SFT, reward modelling, DPO, and LoRA adapters.
+
+Each objective is a loss + its data + the metric that picks the best checkpoint; the loop, checkpoints,
+resume and parallelism are train/'s.
+"""
