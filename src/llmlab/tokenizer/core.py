@@ -19,6 +19,7 @@ that contains one raises TokenizerError, as tiktoken does, so a document cannot 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import unicodedata
@@ -31,6 +32,7 @@ import regex
 
 from llmlab.errors import TokenizerError
 from llmlab.tokenizer import formats
+from llmlab.tokenizer.chat import ChatFormat, ChatTemplate, has_llmlab_tokens, hf_format, llmlab_format
 from llmlab.tokenizer.patterns import check_tiktoken_pattern, resolve_pattern
 from llmlab.tokenizer.reference import merge_list_bpe, rank_bpe, tiktoken_compatible
 from llmlab.tokenizer.spec import MAX_UNUSED_IDS, SEMANTICS, EncodingOptions, TokenizerSpec
@@ -51,10 +53,11 @@ class Tokenizer:
 
     def __init__(self, tokens: Sequence[bytes | None], merges: Sequence[tuple[int, int]], pattern: str,
                  special_tokens: dict[str, int] | None = None, *, semantics: str = "merges",
-                 options: EncodingOptions | None = None):
+                 options: EncodingOptions | None = None, chat_format: ChatFormat | None = None):
         """tokens[id] is the byte string of a regular token (None for special ids and unused ids); merges are
         (left id, right id) rules in priority order; semantics "merges" (merge-list BPE, the default) or
-        "ranks" (tiktoken's rank BPE with rank = id, for tokenizers read from .tiktoken files)."""
+        "ranks" (tiktoken's rank BPE with rank = id, for tokenizers read from .tiktoken files); chat_format
+        the stored chat template (llmlab.tokenizer.chat)."""
         self._pattern, self._pattern_name = resolve_pattern(pattern)
         if self._pattern_name is None:
             check_tiktoken_pattern(self._pattern)
@@ -67,8 +70,13 @@ class Tokenizer:
         self._options = options or EncodingOptions()
         if not isinstance(self._options, EncodingOptions):
             raise TokenizerError(f"options must be an EncodingOptions, not {type(self._options).__name__}")
+        if chat_format is not None and not isinstance(chat_format, ChatFormat):
+            raise TokenizerError(f"chat_format must be a ChatFormat, not {type(chat_format).__name__}")
+        self._chat_format = chat_format
         self._validate()
         self._reset_caches()
+        if chat_format is not None:
+            self.chat_template  # noqa: B018 -- refuse a template whose tokens this tokenizer lacks, now
 
     # ---- construction ------------------------------------------------------------------------------------
 
@@ -114,7 +122,8 @@ class Tokenizer:
             tokens.append(tokens[a] + tokens[b])
         special_ids = {s: len(tokens) + i for i, s in enumerate(specials)}
         tokens += [None] * len(specials)
-        return cls(tokens, merges, regex_text, special_ids)
+        chat = llmlab_format(special_ids) if has_llmlab_tokens(special_ids) else None
+        return cls(tokens, merges, regex_text, special_ids, chat_format=chat)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
@@ -124,9 +133,20 @@ class Tokenizer:
 
     @classmethod
     def from_hf(cls, path: str | os.PathLike) -> Tokenizer:
-        """Import a Hugging Face tokenizer.json (byte-level BPE); a directory holding one also works."""
+        """Import a Hugging Face tokenizer.json (byte-level BPE); a directory holding one also works.
+
+        The model's Jinja chat template (chat_template.jinja or tokenizer_config.json beside the file) comes
+        along; one whose end of turn cannot be found is dropped with a warning."""
         path = formats.hf_json_path(Path(path))
-        return cls._from_spec(formats.read_hf(path), path)
+        spec = formats.read_hf(path)
+        template, variables = formats.read_hf_chat(path.parent)
+        if template is not None:
+            try:
+                chat = hf_format(template, variables, spec.special_tokens)
+                spec = dataclasses.replace(spec, chat_format=chat)
+            except TokenizerError as e:
+                warnings.warn(f"{path.parent}: the chat template is not kept ({e})", stacklevel=2)
+        return cls._from_spec(spec, path)
 
     @classmethod
     def from_tiktoken(cls, path: str | os.PathLike, pattern: str = "gpt4",
@@ -138,18 +158,23 @@ class Tokenizer:
         return cls._from_spec(formats.read_tiktoken(Path(path), pattern, specials), path)
 
     @classmethod
+    def from_spec(cls, spec: TokenizerSpec) -> Tokenizer:
+        """A tokenizer from plain data (the inverse of `spec`)."""
+        return cls(spec.tokens, spec.merges, spec.pattern, spec.special_tokens, semantics=spec.semantics,
+                   options=spec.options, chat_format=spec.chat_format)
+
+    @classmethod
     def _from_spec(cls, spec: TokenizerSpec, source: str | os.PathLike) -> Tokenizer:
         """A tokenizer from a spec read from `source`, whose name prefixes any error."""
         try:
-            return cls(spec.tokens, spec.merges, spec.pattern, spec.special_tokens, semantics=spec.semantics,
-                       options=spec.options)
+            return cls.from_spec(spec)
         except TokenizerError as e:
             raise TokenizerError(f"{source}: {e}") from None
 
     def spec(self) -> TokenizerSpec:
         """The tokenizer as plain data (what the file formats write)."""
         return TokenizerSpec(list(self._tokens), list(self._merges), self._pattern, dict(self._special),
-                             semantics=self._semantics, options=self._options)
+                             semantics=self._semantics, options=self._options, chat_format=self._chat_format)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write DIR/llmlab.json (llmlab's versioned format) and DIR/tokenizer.json (Hugging Face),
@@ -205,6 +230,37 @@ class Tokenizer:
     @property
     def options(self) -> EncodingOptions:
         return self._options
+
+    @property
+    def chat_format(self) -> ChatFormat | None:
+        """The stored chat template as plain data (None: none stored)."""
+        return self._chat_format
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The chat template bound to this tokenizer's ids: the stored one, else llmlab's when the tokenizer
+        has llmlab's chat tokens; TokenizerError otherwise (llmlab.tokenizer.chat.with_chat_tokens adds
+        them)."""
+        if self._chat is None:
+            fmt = self._chat_format
+            if fmt is None and has_llmlab_tokens(self._special):
+                fmt = llmlab_format(self._special)
+            if fmt is None:
+                raise TokenizerError("this tokenizer has no chat template and lacks llmlab's chat tokens; "
+                                     "add them with llmlab.tokenizer.chat.with_chat_tokens (fine-tuning "
+                                     "does it)")
+            self._chat = ChatTemplate(fmt, self._special)
+        return self._chat
+
+    def apply_chat_template(self, messages,
+                            add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, loss_mask) of a conversation [{"role": "system"|"user"|"assistant", "content": str}, ...].
+
+        loss_mask is 1 on assistant tokens, each turn's end-of-turn token included, 0 elsewhere. With
+        add_generation_prompt the ids end with the assistant header, ready for generation. The ids equal
+        transformers' apply_chat_template for the same template (see llmlab.tokenizer.chat).
+        """
+        return self.chat_template.apply(self, messages, add_generation_prompt)
 
     @property
     def uses_tiktoken(self) -> bool:
@@ -323,9 +379,10 @@ class Tokenizer:
         self._special_res: dict[frozenset, regex.Pattern] = {}
         self._split_re: regex.Pattern | None = None
         self._merge_rank_map: dict | None = None
+        self._chat: ChatTemplate | None = None
 
     _CACHES = ("_fast_state", "_why_not_fast", "_present_bytes", "_piece_cache", "_special_res", "_split_re",
-               "_merge_rank_map")
+               "_merge_rank_map", "_chat")
 
     def __getstate__(self):
         state = self.__dict__.copy()

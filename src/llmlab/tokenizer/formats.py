@@ -3,12 +3,15 @@
 - llmlab.json (inside a tokenizer directory, next to a tokenizer.json): {"format": "llmlab-tokenizer",
   "format_version": 1, "pattern", "pattern_name", "semantics", "special_tokens", "options", "merges",
   "tokens"}. "tokens" is null for the trained layout (ids 0-255 = bytes, 256 + i = merge i), else one
-  base64 string (or null) per id. A file with a higher format_version was written by a newer llmlab and
-  is refused with a message to upgrade.
+  base64 string (or null) per id. "chat_template" (optional) is the stored chat template
+  (llmlab.tokenizer.chat.ChatFormat.to_json). A file with a higher format_version was written by a newer
+  llmlab and is refused with a message to upgrade.
 - tokenizer.json (Hugging Face `tokenizers`): a BPE model over byte-level strings. HF maps each byte to
   a printable character (GPT-2's table: printable Latin-1 bytes stand for themselves, the other 68 bytes
   for U+0100 onwards) so that vocab entries and merges are strings; we translate both ways. The
   pre-tokenizer is ByteLevel (GPT-2 regex built in) or Sequence[Split(regex), ByteLevel(use_regex=false)].
+- tokenizer_config.json / chat_template.jinja (beside a tokenizer.json): the model's Jinja chat template and
+  the special-token names it reads (bos_token, eos_token, ...), as transformers loads them.
 - .tiktoken: one "<base64 bytes> <rank>" line per token; the rank is the id and the merge priority.
 """
 
@@ -25,6 +28,7 @@ import regex
 from llmlab import __version__
 from llmlab.errors import TokenizerError
 from llmlab.fsutil import atomic_dir, write_text_atomic
+from llmlab.tokenizer.chat import ChatFormat
 from llmlab.tokenizer.patterns import (
     GPT2_PATTERN,
     from_hf_spelling,
@@ -39,6 +43,9 @@ FORMAT = "llmlab-tokenizer"
 FORMAT_VERSION = 1
 LLMLAB_JSON = "llmlab.json"
 HF_JSON = "tokenizer.json"
+HF_CONFIG, HF_CHAT_JINJA = "tokenizer_config.json", "chat_template.jinja"
+# The special-token names transformers passes to a chat template (its special_tokens_map).
+HF_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # ByteLevel with use_regex=false and no Split: the whole text is one chunk.
 WHOLE_TEXT_PATTERN = r"[\s\S]+"
 
@@ -104,6 +111,7 @@ def llmlab_json(spec: TokenizerSpec) -> dict:
         "merges": [list(m) for m in spec.merges],
         "tokens": None if _trained_layout(spec) else
         [None if t is None else base64.b64encode(t).decode("ascii") for t in spec.tokens],
+        **({"chat_template": spec.chat_format.to_json()} if spec.chat_format is not None else {}),
     }
 
 
@@ -179,9 +187,11 @@ def _spec_from_llmlab(data: dict) -> TokenizerSpec:
     unknown = set(options) - set(EncodingOptions.__dataclass_fields__)
     if unknown:
         raise TokenizerError(f"unknown option {sorted(unknown)[0]!r}")
+    chat = data.get("chat_template")
     return TokenizerSpec(tokens, merges, _typed(data["pattern"], str, "pattern"),
                          {name: _id(i, f"special token {name!r}") for name, i in specials.items()},
-                         semantics=data.get("semantics", "merges"), options=EncodingOptions(**options))
+                         semantics=data.get("semantics", "merges"), options=EncodingOptions(**options),
+                         chat_format=None if chat is None else ChatFormat.from_json(chat))
 
 
 def _typed(value, kind: type, what: str):
@@ -384,6 +394,36 @@ def read_hf(path: Path) -> TokenizerSpec:
         return _spec_from_hf(data, model)
     except TokenizerError as e:
         raise TokenizerError(f"{path}: {e}") from None
+
+
+def read_hf_chat(directory: Path) -> tuple[str | None, dict[str, str]]:
+    """(Jinja chat template or None, {bos_token: text, ...}) from a HF tokenizer directory: the template of
+    chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or a list of named
+    templates whose "default" is taken), as transformers reads them."""
+    config_file = directory / HF_CONFIG
+    config = _read_json(config_file) if config_file.is_file() else {}
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{config_file} holds a {type(config).__name__}, not a JSON object")
+    variables = {}
+    for name in HF_TOKEN_NAMES:
+        value = config.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            variables[name] = value
+    jinja_file = directory / HF_CHAT_JINJA
+    if jinja_file.is_file():
+        try:
+            return jinja_file.read_text(encoding="utf-8"), variables
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"cannot read {jinja_file} ({e}); re-download it or delete it") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{config_file}: chat_template is {type(template).__name__}, not a Jinja string "
+                             "or a list of named templates with a 'default'")
+    return template or None, variables
 
 
 def _spec_from_hf(data: dict, model: dict) -> TokenizerSpec:

@@ -1,8 +1,8 @@
 """What a tokenizer is made of, as plain data: the layer both the Tokenizer and its file formats build on.
 
-`TokenizerSpec` holds the token table, merge rules, split pattern, special tokens, semantics and
-`EncodingOptions`. The file formats read and write specs; the Tokenizer is built from one and hands one
-out to be saved, so neither depends on the other's internals.
+`TokenizerSpec` holds the token table, merge rules, split pattern, special tokens, semantics,
+`EncodingOptions` and the stored chat template (if any). The file formats read and write specs; the
+Tokenizer is built from one and hands one out to be saved, so neither depends on the other's internals.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmlab.errors import TokenizerError
+from llmlab.tokenizer.chat import ChatFormat
 
 NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
 SEMANTICS = ("merges", "ranks")
@@ -56,6 +57,7 @@ class TokenizerSpec:
     special_tokens: dict[str, int]
     semantics: str = "merges"
     options: EncodingOptions = field(default_factory=EncodingOptions)
+    chat_format: ChatFormat | None = None  # the chat template (llmlab.tokenizer.chat), if one is stored
 
     @property
     def vocab_size(self) -> int:
