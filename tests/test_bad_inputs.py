@@ -213,6 +213,15 @@ CASES = [
     case("gen-data-prompt-too-long", "data generate {ckpt} --shards {shards} --out {t}/o --prompt-tokens "
          "12 --length 12 --device cpu",
          "--prompt-tokens"),
+    # ---- data tasks ----
+    case("tasks-unknown-task", "data tasks --out {t}/o --tasks add,div", "'div'"),
+    case("tasks-difficulty-range", "data tasks --out {t}/o --difficulty add=99", "difficulty 99"),
+    case("tasks-difficulty-syntax", "data tasks --out {t}/o --difficulty add", "TASK=INTEGER"),
+    case("tasks-too-few-problems", "data tasks --out {t}/o --tasks mul --difficulty mul=1 --test 50", "only"),
+    case("tasks-out-taken", "data tasks --out {t}/taken", "non-empty"),
+    case("tasks-out-under-file", "data tasks --out {t}/file/o", "regular file"),
+    case("tasks-train-0", "data tasks --out {t}/o --train 0", "--train", USAGE),
+    case("tasks-no-out", "data tasks", "--out", USAGE),
     # ---- data info ----
     case("info-missing", "data info {t}/nope", "nope"),
     case("info-not-shards", "data info {docs}", "meta.json"),

@@ -1,5 +1,5 @@
-"""`llmlab data prepare | generate | info`: turn text (or a model's own continuations) into token shards and
-describe them."""
+"""`llmlab data prepare | generate | tasks | info`: turn text (or a model's own continuations) into token
+shards and describe them; write verifiable tasks as SFT data and prompt sets."""
 
 from __future__ import annotations
 
@@ -68,6 +68,8 @@ def register(sub, formatter_class) -> None:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=_generate)
 
+    _register_tasks(verbs, formatter_class)
+
     i = verbs.add_parser("info", formatter_class=formatter_class,
                          help="token counts, dtype and splits of a shard dir",
                          description="Check every shard header in DIR and print token counts, dtype and "
@@ -105,6 +107,43 @@ def _generate(args) -> int:
     print(f"{args.out}: {made['sequences']['train']:,} train / {made['sequences']['val']:,} val sequences of "
           f"{made['length']} tokens ({splits['train']['tokens']:,} / {splits['val']['tokens']:,} tokens), "
           f"continued by {args.checkpoint} at {made['tokens_per_s']:,.0f} tok/s")
+    return 0
+
+
+def _register_tasks(verbs, formatter_class) -> None:
+    t = verbs.add_parser(
+        "tasks", formatter_class=formatter_class, help="verifiable tasks as SFT data and prompt sets",
+        description="Write problems a program can check (add, mul, count, reverse, sort, lookup; "
+                    "llmlab/data/tasks.py) into OUT:\n  train.jsonl          SFT data ({\"messages\": ...})\n"
+                    "  train_prompts.jsonl  train-split prompts (for `llmlab data preferences`)\n"
+                    "  test_prompts.jsonl   test-split prompts (for `llmlab eval tasks`)\n"
+                    "  tasks.json           settings and counts\nTrain and test problems are disjoint by "
+                    "construction (a hash of each problem decides its split).\n\n"
+                    "example: llmlab data tasks --out data/tasks --train 2000 --test 200 "
+                    "--difficulty add=3,sort=5")
+    t.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
+    t.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    t.add_argument("--train", type=COUNT, default=1000, help="SFT examples per task")
+    t.add_argument("--test", type=COUNT, default=100, help="test prompts (distinct problems) per task")
+    t.add_argument("--difficulty", default=None, metavar="TASK=N,...",
+                   help="difficulty per task (digits, letters, list length, pairs); unnamed tasks keep "
+                        "their default")
+    t.add_argument("--seed", type=SEED, default=0, help="which problems of each split are drawn")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    t.set_defaults(func=_tasks)
+
+
+def _tasks(args) -> int:
+    from llmlab.data.tasks import parse_difficulty, parse_task_names, write_task_data
+    from llmlab.fsutil import check_output
+
+    tasks = parse_task_names(args.tasks)
+    difficulty = parse_difficulty(args.difficulty)
+    check_output(args.out, overwrite=args.overwrite, into=True, what="--out")
+    meta = write_task_data(args.out, tasks, args.train, args.test, difficulty, seed=args.seed)
+    levels = ", ".join(f"{t}={d}" for t, d in meta["difficulty"].items())
+    files = ", ".join(f"{name} ({n:,})" for name, n in meta["files"].items())
+    print(f"{args.out}: {files}; difficulty {levels}")
     return 0
 
 
