@@ -313,6 +313,14 @@ CASES = [
     case("ppl-block-0", "eval ppl {ckpt} --data {shards} --block-size 0", "--block-size", USAGE),
     case("ppl-bad-split", "eval ppl {ckpt} --data {shards} --split test", "test", USAGE),
     case("ppl-no-action", "eval", "missing EVAL", USAGE),
+    # ---- eval tasks ----
+    case("evtasks-missing-ckpt", "eval tasks {t}/nope --n 1", "nope"),
+    case("evtasks-unknown-task", "eval tasks {ckpt} --tasks add,div", "'div'"),
+    case("evtasks-missing-prompts", "eval tasks {ckpt} --prompts {t}/nope.jsonl", "nope.jsonl"),
+    case("evtasks-corrupt-prompts", "eval tasks {ckpt} --prompts {t}/bad.jsonl", "bad.jsonl:1"),
+    case("evtasks-n-0", "eval tasks {ckpt} --n 0", "--n", USAGE),
+    case("evtasks-out-under-file", "eval tasks {ckpt} --n 1 --out {t}/file/r.json", "regular file"),
+    case("evtasks-out-in-ckpt", "eval tasks {ckpt} --n 1 --out {ckpt}/r.json", "inside the input"),
     # ---- speedrun ----
     case("speedrun-unknown-preset", "speedrun --preset nope --out {t}/o", "nope"),
     case("speedrun-bad-override", "speedrun --preset {preset} --out {t}/o tokenizer.vocab_size=abc",

@@ -1,11 +1,12 @@
-"""`llmlab eval ...`: evaluations of one or more checkpoints (today: `eval ppl`, perplexity on shards)."""
+"""`llmlab eval ...`: evaluations of one or more checkpoints: `eval ppl` (perplexity on shards), `eval tasks`
+(accuracy on the verifiable tasks)."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from llmlab.cli.options import COUNT
+from llmlab.cli.options import COUNT, SEED
 
 
 def register(sub, formatter_class) -> None:
@@ -30,6 +31,55 @@ def register(sub, formatter_class) -> None:
                      help="on CPU, let each linear take the matmul route measured fastest per shape on this "
                           "machine (llmlab.infer.cpu_linear); off: plain F.linear")
     ppl.set_defaults(func=run_ppl)
+    _register_tasks(esub, formatter_class)
+
+
+def _register_tasks(esub, formatter_class) -> None:
+    t = esub.add_parser(
+        "tasks", formatter_class=formatter_class, help="accuracy on the verifiable tasks",
+        description="Greedy answers of each CKPT to task prompts (chat template, stop at end of turn), "
+                    "graded exactly: accuracy per task with n and a 95% Wilson interval, as JSON on "
+                    "stdout (and --out), plus a bar chart (--plot, default OUT with .png).\nPrompts come "
+                    "from --prompts (test_prompts.jsonl of `llmlab data tasks`) or are made: --n test "
+                    "prompts per task.\n\nexample: llmlab eval tasks runs/base/ckpt-000600 "
+                    "runs/sft/ckpt-000400 --out tasks.json")
+    t.add_argument("checkpoints", metavar="CKPT", nargs="+", help="checkpoint directories")
+    t.add_argument("--prompts", default=None, metavar="FILE", help="prompt set; default: made from --tasks")
+    t.add_argument("--tasks", default="all", help="comma-separated task names, or all (without --prompts)")
+    t.add_argument("--n", type=COUNT, default=100, help="test prompts per task (without --prompts)")
+    t.add_argument("--difficulty", default=None, metavar="TASK=N,...",
+                   help="difficulty per task (without --prompts); unnamed tasks keep their default")
+    t.add_argument("--seed", type=SEED, default=0, help="which test problems are drawn (without --prompts)")
+    t.add_argument("--batch-size", type=COUNT, default=64, help="prompts answered together")
+    t.add_argument("--max-new-tokens", type=COUNT, default=None,
+                   help="longest answer; none = twice the longest right answer's tokens + 4")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    t.add_argument("--out", default=None, metavar="FILE", help="also write the JSON here")
+    t.add_argument("--plot", default=None, metavar="PNG", help="bar chart path (default: OUT with .png)")
+    t.set_defaults(func=run_tasks)
+
+
+def run_tasks(args) -> int:
+    from pathlib import Path
+
+    from llmlab.evals.tasks import evaluate_task_checkpoints, plot_task_accuracy, task_examples
+    from llmlab.fsutil import check_output, write_text_atomic
+
+    inputs = [*args.checkpoints, args.prompts]
+    plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
+    for path, what in ((args.out, "--out"), (plot, "--plot")):
+        if path:
+            check_output(path, inputs=inputs, overwrite=True, what=what)
+    examples = task_examples(args.prompts, args.tasks, args.n, args.difficulty, args.seed)
+    rows = evaluate_task_checkpoints(args.checkpoints, examples, args.batch_size, args.max_new_tokens,
+                                     args.device, log=lambda line: print(line, file=sys.stderr))
+    text = json.dumps({"results": rows}, indent=2)
+    if args.out:
+        write_text_atomic(args.out, text + "\n")
+    if plot:
+        plot_task_accuracy(rows, plot)
+    print(text)
+    return 0
 
 
 def run_ppl(args) -> int:
