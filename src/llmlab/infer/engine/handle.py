@@ -1,0 +1,123 @@
+"""A request's handle: a thread-safe stream of StepOutputs, iterable from plain code and from asyncio.
+
+The engine thread puts outputs; the consumer iterates. `for out in handle` blocks (and, when no engine thread
+is running, drives engine.step() itself, so scripts and tests need no thread); `async for out in handle`
+awaits without blocking the event loop (outputs are handed over with loop.call_soon_threadsafe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+
+from llmlab.errors import LLMLabError
+from llmlab.infer.engine.params import StepOutput
+
+
+class EngineError(LLMLabError):
+    """A request failed inside the engine (the exception that caused it is chained)."""
+
+
+class RequestHandle:
+    def __init__(self, engine, request_id: int, prompt_ids: list[int]):
+        self._engine, self.request_id, self.prompt_ids = engine, request_id, prompt_ids
+        self._cond = threading.Condition()
+        self._outputs: deque[StepOutput] = deque()
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.num_generated = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        """Stop generating; the request's KV blocks are freed now, or at the end of the engine's current
+        step."""
+        self._engine.cancel(self)
+
+    # ----- producer side (engine) -----
+    def _put(self, out: StepOutput) -> None:
+        with self._cond:
+            self.num_generated += len(out.token_ids)
+            if out.finish_reason is not None:
+                self._done, self.finish_reason = True, out.finish_reason
+            self._outputs.append(out)
+            self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._error, self._done = error, True
+            self._wake()
+
+    def _wake(self) -> None:
+        self._cond.notify_all()
+        for loop, event in self._waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the consumer's event loop is closed: nobody is waiting any more
+                pass
+        self._waiters.clear()
+
+    # ----- consumer side -----
+    def _next_ready(self) -> StepOutput | None:
+        """The next output, None if there is none yet; StopIteration / EngineError at the end."""
+        if self._outputs:
+            return self._outputs.popleft()
+        if self._error is not None:
+            error = self._error
+            raise EngineError(f"request {self.request_id} failed in the engine: {error}") from error
+        if self._done:
+            raise StopIteration
+        return None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> StepOutput:
+        while True:
+            with self._cond:
+                out = self._next_ready()
+                if out is not None:
+                    return out
+                if self._engine.running:
+                    self._cond.wait(timeout=0.1)
+                    continue
+            self._engine.step_or_raise()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        while True:
+            with self._cond:
+                try:
+                    out = self._next_ready()
+                except StopIteration:
+                    raise StopAsyncIteration from None
+                if out is not None:
+                    return out
+                if self._engine.running:
+                    event = asyncio.Event()
+                    self._waiters.append((asyncio.get_running_loop(), event))
+            if not self._engine.running:
+                self._engine.step_or_raise()  # no engine thread: step inline (blocks the loop meanwhile)
+                continue
+            await event.wait()
+
+    def result(self) -> StepOutput:
+        """Run to the end; all outputs joined into one (token_ids, text, logprobs, finish_reason)."""
+        tokens, text, logprobs, reason = [], [], [], None
+        for out in self:
+            tokens += out.token_ids
+            text.append(out.text)
+            logprobs += out.logprobs or []
+            reason = out.finish_reason
+        return StepOutput(tokens, "".join(text), logprobs or None, reason)

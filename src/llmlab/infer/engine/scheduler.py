@@ -1,0 +1,116 @@
+"""Iteration-level scheduling (Orca, Yu et al. 2022) over the block pool.
+
+Every engine step the scheduler
+  1. admits waiting requests, first come first served, while fewer than max_running run and the pool can
+     reserve all the blocks a request may need (its cached prefix blocks are shared, not reserved again);
+  2. plans the step: one decode token for every running request whose prompt is done, and prompt chunks for
+     the others within a budget of prefill_chunk tokens, oldest first (chunked prefill: a long prompt is
+     spread over several steps instead of stalling the decodes);
+  3. after the forwards, registers newly completed blocks in the prefix cache, and retires finished requests,
+     whose blocks go back to the pool at once.
+No step waits for the batch to drain: a request that finishes leaves, and the next waiting one joins.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from llmlab.infer.engine.blocks import BlockPool, block_key
+from llmlab.infer.engine.params import SamplingParams
+from llmlab.infer.engine.text import TextStream
+
+
+class Request:
+    """One request's state: its tokens, how many have keys/values in the pool, its block table."""
+
+    def __init__(self, request_id: int, prompt: list[int], params: SamplingParams, max_tokens: int,
+                 handle, generator, tokenizer):
+        self.id, self.prompt, self.params, self.max_tokens = request_id, prompt, params, max_tokens
+        self.handle, self.generator = handle, generator
+        self.tokens = list(prompt)
+        self.computed = 0  # leading tokens whose keys/values are in the pool
+        self.table: list[int] = []
+        self.reserved = 0  # blocks reserved but not yet taken
+        self.keys: list[bytes] = []  # prefix-cache keys of the leading full blocks
+        self.registered = 0  # leading blocks offered to the prefix cache
+        self.generated = 0
+        self.cancel_requested = False
+        self.text = TextStream(tokenizer, params.stop)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt)
+
+    def blocks_needed(self, block_size: int) -> int:
+        """Blocks for every position that gets keys/values: the prompt and all but the last new token."""
+        return -(-(len(self.prompt) + self.max_tokens - 1) // block_size)
+
+    def key(self, i: int, block_size: int) -> bytes:
+        """The prefix-cache key of full block i (keys before it computed first)."""
+        while len(self.keys) <= i:
+            n = len(self.keys)
+            parent = self.keys[-1] if self.keys else b""
+            self.keys.append(block_key(parent, self.tokens[n * block_size:(n + 1) * block_size]))
+        return self.keys[i]
+
+
+@dataclass
+class StepPlan:
+    decode: list[Request]
+    prefill: list[tuple[Request, int]]  # (request, number of prompt tokens this step)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_running: int, prefill_chunk: int):
+        self.pool, self.max_running, self.prefill_chunk = pool, max_running, prefill_chunk
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.prefix_hit_blocks = 0
+
+    def admit(self) -> None:
+        bs = self.pool.block_size
+        while self.waiting and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            reusable = (len(req.prompt) - 1) // bs  # the last prompt token is always computed: its logits
+            shared = self.pool.cached_prefix([req.key(i, bs) for i in range(reusable)])
+            new = req.blocks_needed(bs) - len(shared)
+            if not self.pool.can_admit(new, shared):
+                return  # first come, first served: later requests wait too
+            self.waiting.popleft()
+            self.pool.admit(new, shared)
+            req.table, req.reserved = list(shared), new
+            req.computed, req.registered = len(shared) * bs, len(shared)
+            self.prefix_hit_blocks += len(shared)
+            self.running.append(req)
+
+    def plan(self) -> StepPlan:
+        decode = [r for r in self.running if not r.prefilling]
+        prefill, budget = [], self.prefill_chunk
+        for req in self.running:
+            if req.prefilling and budget > 0:
+                n = min(len(req.prompt) - req.computed, budget)
+                prefill.append((req, n))
+                budget -= n
+        return StepPlan(decode, prefill)
+
+    def grow(self, req: Request, n: int) -> None:
+        """Take reserved blocks until the table covers the next n positions."""
+        while len(req.table) * self.pool.block_size < req.computed + n:
+            req.table.append(self.pool.take())
+            req.reserved -= 1
+
+    def register_full_blocks(self, req: Request) -> None:
+        bs = self.pool.block_size
+        while req.registered < req.computed // bs:
+            self.pool.register(req.table[req.registered], req.key(req.registered, bs))
+            req.registered += 1
+
+    def retire(self, req: Request) -> None:
+        """Return a finished, cancelled or failed request's blocks and reservation."""
+        if req in self.running:
+            self.running.remove(req)
+            self.pool.release(req.table, req.reserved)
+            req.table, req.reserved = [], 0
+        elif req in self.waiting:
+            self.waiting.remove(req)
