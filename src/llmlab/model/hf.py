@@ -53,6 +53,7 @@ from llmlab.fsutil import atomic_dir, check_output
 from llmlab.model.config import LLAMA3_SCALING_KEYS, ModelConfig
 from llmlab.model.hf_files import PT_BIN, SAFETENSORS, HFWeights, Scratch, write_safetensors
 from llmlab.model.transformer import EXTENSIONS, Transformer
+from llmlab.tokenizer.chat import resolve_format
 from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 
 CONFIG = "config.json"
@@ -554,6 +555,7 @@ def _hf_tensors(slots: list[Slot], state: dict[str, torch.Tensor]):
 
 def load_hf_tokenizer(path: str | Path):
     """Tokenizer from PATH/tokenizer.json through Tokenizer.from_hf, or None when the directory has none.
+    The model's Jinja chat template (tokenizer_config.json or chat_template.jinja) comes with it.
 
     llmlab's Tokenizer finds bos/eos/pad by token name (<|endoftext|>, </s>, <|end_of_text|>, ...). When
     tokenizer_config.json names a different eos token (instruct models: <|im_end|>, <|eot_id|>), a warning
@@ -608,16 +610,23 @@ def _warn_on_eos_mismatch(tok, roles: dict[str, str], path: Path) -> None:
 def save_hf_tokenizer(tokenizer, directory: str | Path, model_max_length: int | None = None) -> None:
     """tokenizer.json (Tokenizer.to_hf) + tokenizer_config.json + special_tokens_map.json in DIRECTORY, so
     that AutoTokenizer.from_pretrained loads a PreTrainedTokenizerFast that encodes exactly as llmlab does: no
-    bos/eos added (llmlab's encode adds none), no clean-up of spaces on decode."""
+    bos/eos added (llmlab's encode adds none), no clean-up of spaces on decode. The tokenizer's chat template
+    (llmlab's, or the one an imported model came with, with the token names it reads) goes into
+    tokenizer_config.json, so transformers' apply_chat_template gives llmlab's ids."""
     directory = Path(directory)
     tokenizer.to_hf(directory / TOKENIZER_JSON)
     names = {i: s for s, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])}
     roles = {f"{r}_token": names.get(getattr(tokenizer, f"{r}_id")) for r in ("bos", "eos", "pad")}
+    chat = resolve_format(tokenizer.chat_format, tokenizer.special_tokens)
+    if chat is not None:  # the names the template was rendered with win over llmlab's guesses by name
+        specials = tokenizer.special_tokens
+        roles.update({k: v for k, v in chat.variables.items() if k in roles and v in specials})
     others = [s for s in names.values() if s not in roles.values()]
     special_map = {**{k: v for k, v in roles.items() if v is not None}, "additional_special_tokens": others}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles, "additional_special_tokens": others,
               "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-              **({"model_max_length": model_max_length} if model_max_length else {})}
+              **({"model_max_length": model_max_length} if model_max_length else {}),
+              **({"chat_template": chat.template} if chat is not None else {})}
     (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (directory / SPECIAL_TOKENS_MAP).write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
 

@@ -142,6 +142,13 @@ def has_llmlab_tokens(special_tokens: Mapping[str, int]) -> bool:
     return all(t in special_tokens for t in LLMLAB_CHAT_TOKENS)
 
 
+def resolve_format(stored: ChatFormat | None, special_tokens: Mapping[str, int]) -> ChatFormat | None:
+    """The format a tokenizer chats in: its stored one, else llmlab's when it has llmlab's chat tokens."""
+    if stored is None and has_llmlab_tokens(special_tokens):
+        return llmlab_format(special_tokens)
+    return stored
+
+
 def hf_format(template: str, variables: Mapping[str, str], special_tokens: Mapping[str, int]) -> ChatFormat:
     """The format of a Hugging Face chat template. Its end-of-turn token is the first special token the
     template writes after an assistant's reply (ChatML <|im_end|>, Llama 3 <|eot_id|>), else eos_token; its
@@ -285,7 +292,7 @@ def with_chat_tokens(tok, fmt: ChatFormat | None = None):
     ids after the vocabulary (tok.vocab_size onward); a format without a padding token gets <|pad|>. `added`
     lists the new tokens' texts; with none added and the template already stored, tok itself is returned.
     """
-    fmt = fmt or tok.chat_format or llmlab_format(tok.special_tokens)
+    fmt = fmt or resolve_format(tok.chat_format, tok.special_tokens) or llmlab_format(tok.special_tokens)
     if fmt.pad is None:
         fmt = replace(fmt, pad=PAD)
     specials = tok.special_tokens

@@ -32,7 +32,14 @@ import regex
 
 from llmlab.errors import TokenizerError
 from llmlab.tokenizer import formats
-from llmlab.tokenizer.chat import ChatFormat, ChatTemplate, has_llmlab_tokens, hf_format, llmlab_format
+from llmlab.tokenizer.chat import (
+    ChatFormat,
+    ChatTemplate,
+    has_llmlab_tokens,
+    hf_format,
+    llmlab_format,
+    resolve_format,
+)
 from llmlab.tokenizer.patterns import check_tiktoken_pattern, resolve_pattern
 from llmlab.tokenizer.reference import merge_list_bpe, rank_bpe, tiktoken_compatible
 from llmlab.tokenizer.spec import MAX_UNUSED_IDS, SEMANTICS, EncodingOptions, TokenizerSpec
@@ -242,9 +249,7 @@ class Tokenizer:
         has llmlab's chat tokens; TokenizerError otherwise (llmlab.tokenizer.chat.with_chat_tokens adds
         them)."""
         if self._chat is None:
-            fmt = self._chat_format
-            if fmt is None and has_llmlab_tokens(self._special):
-                fmt = llmlab_format(self._special)
+            fmt = resolve_format(self._chat_format, self._special)
             if fmt is None:
                 raise TokenizerError("this tokenizer has no chat template and lacks llmlab's chat tokens; "
                                      "add them with llmlab.tokenizer.chat.with_chat_tokens (fine-tuning "

@@ -286,7 +286,10 @@ def hf_json(spec: TokenizerSpec) -> dict:
             "type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
             "end_of_word_suffix": None, "fuse_unk": opts.fuse_unk, "byte_fallback": False,
             "ignore_merges": ignore_merges,
-            "vocab": {bytes_to_hf(t): i for i, t in enumerate(tokens) if t is not None},
+            # Special tokens are listed in the vocab too (as HF's own files do): an added token absent from
+            # it would be given the next free id on loading, not its own.
+            "vocab": {**spec.special_tokens,
+                      **{bytes_to_hf(t): i for i, t in enumerate(tokens) if t is not None}},
             "merges": [[bytes_to_hf(tokens[a]), bytes_to_hf(tokens[b])] for a, b in merges],
         },
     }
