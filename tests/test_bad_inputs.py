@@ -82,6 +82,7 @@ def make_scratch(t: Path, w: SimpleNamespace) -> None:
     (t / "empty.txt").write_text("")
     (t / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
     (t / "bad.jsonl").write_text("{not json\n")
+    (t / "prompts.jsonl").write_text('{"prompt": "What is 1 + 2?", "task": "add"}\n')
     (t / "tok_bad").mkdir()
     (t / "tok_bad" / "llmlab.json").write_text('{"format": "llmlab-tokenizer", "merges": 7')
     for name in ("no_weights", "bad_config", "trunc_weights"):
@@ -222,6 +223,26 @@ CASES = [
     case("tasks-out-under-file", "data tasks --out {t}/file/o", "regular file"),
     case("tasks-train-0", "data tasks --out {t}/o --train 0", "--train", USAGE),
     case("tasks-no-out", "data tasks", "--out", USAGE),
+    # ---- data preferences ----
+    case("prefs-missing-ckpt", "data preferences {t}/nope --prompts {t}/prompts.jsonl --out {t}/o.jsonl",
+         "nope"),
+    case("prefs-missing-prompts", "data preferences {ckpt} --prompts {t}/nope.jsonl --out {t}/o.jsonl",
+         "nope.jsonl"),
+    case("prefs-corrupt-prompts", "data preferences {ckpt} --prompts {t}/bad.jsonl --out {t}/o.jsonl",
+         "bad.jsonl:1"),
+    case("prefs-out-is-prompts", "data preferences {ckpt} --prompts {t}/prompts.jsonl --out "
+         "{t}/prompts.jsonl --overwrite", "is the input"),
+    case("prefs-out-under-file", "data preferences {ckpt} --prompts {t}/prompts.jsonl --out {t}/file/o.jsonl",
+         "regular file"),
+    case("prefs-samples-1", "data preferences {ckpt} --prompts {t}/prompts.jsonl --out {t}/o.jsonl "
+         "--samples 1", "--samples", USAGE),
+    case("prefs-noise-0.9", "data preferences {ckpt} --prompts {t}/prompts.jsonl --out {t}/o.jsonl "
+         "--noise 0.9", "--noise", USAGE),
+    case("prefs-temperature-0", "data preferences {ckpt} --prompts {t}/prompts.jsonl --out {t}/o.jsonl "
+         "--temperature 0", "--temperature", USAGE),
+    case("prefs-bad-rater", "data preferences {ckpt} --prompts {t}/prompts.jsonl --out {t}/o.jsonl "
+         "--rater loud", "loud", USAGE),
+    case("prefs-no-prompts", "data preferences {ckpt} --out {t}/o.jsonl", "--prompts", USAGE),
     # ---- data info ----
     case("info-missing", "data info {t}/nope", "nope"),
     case("info-not-shards", "data info {docs}", "meta.json"),

@@ -1,5 +1,5 @@
-"""`llmlab data prepare | generate | tasks | info`: turn text (or a model's own continuations) into token
-shards and describe them; write verifiable tasks as SFT data and prompt sets."""
+"""`llmlab data prepare | generate | tasks | preferences | info`: turn text (or a model's own continuations)
+into token shards and describe them; write verifiable tasks and simulated-rater preference pairs."""
 
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ def register(sub, formatter_class) -> None:
     g.set_defaults(func=_generate)
 
     _register_tasks(verbs, formatter_class)
+    _register_preferences(verbs, formatter_class)
 
     i = verbs.add_parser("info", formatter_class=formatter_class,
                          help="token counts, dtype and splits of a shard dir",
@@ -133,6 +134,36 @@ def _register_tasks(verbs, formatter_class) -> None:
     t.set_defaults(func=_tasks)
 
 
+def _register_preferences(verbs, formatter_class) -> None:
+    p = verbs.add_parser(
+        "preferences", formatter_class=formatter_class,
+        help="preference pairs from a model's samples and a simulated rater",
+        description="Sample several answers per prompt from CKPT (chat template, stop at end of turn) and "
+                    "label pairs with a simulated rater, a stand-in for human raters:\n"
+                    "  correct  prefers a correct answer to a wrong one (pairs only where the samples "
+                    "disagree), each label flipped with probability --noise\n"
+                    "  length   prefers the longer answer whatever it says (the length bias real reward "
+                    "models learn)\nWrites {\"prompt\", \"chosen\", \"rejected\"} message lists, one "
+                    "JSON object per line (what `llmlab reward train` and `llmlab dpo` read).\n\n"
+                    "example: llmlab data preferences runs/sft/ckpt-000400 --prompts "
+                    "data/tasks/train_prompts.jsonl --out data/prefs.jsonl")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint that samples the answers")
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help="prompt set (train_prompts.jsonl of `llmlab data tasks`)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output .jsonl file")
+    p.add_argument("--rater", default="correct", choices=["correct", "length"], help="the simulated rater")
+    p.add_argument("--noise", type=real(0.0, 0.5), default=0.1,
+                   help="probability that a label is flipped (rater noise)")
+    p.add_argument("--samples", type=whole(2), default=4, help="answers sampled per prompt")
+    p.add_argument("--temperature", type=real(0.0, low_open=True), default=1.0, help="sampling temperature")
+    p.add_argument("--max-new-tokens", type=COUNT, default=24, help="longest answer in tokens")
+    p.add_argument("--batch-size", type=COUNT, default=64, help="sequences sampled together")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of sampling and of the rater's noise")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=_preferences)
+
+
 def _tasks(args) -> int:
     from llmlab.data.tasks import parse_difficulty, parse_task_names, write_task_data
     from llmlab.fsutil import check_output
@@ -144,6 +175,19 @@ def _tasks(args) -> int:
     levels = ", ".join(f"{t}={d}" for t, d in meta["difficulty"].items())
     files = ", ".join(f"{name} ({n:,})" for name, n in meta["files"].items())
     print(f"{args.out}: {files}; difficulty {levels}")
+    return 0
+
+
+def _preferences(args) -> int:
+    from llmlab.align.preferences import write_preferences
+
+    stats = write_preferences(args.checkpoint, args.prompts, args.out, rater=args.rater, noise=args.noise,
+                              samples=args.samples, temperature=args.temperature,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              seed=args.seed, device=args.device, overwrite=args.overwrite)
+    print(f"{args.out}: {stats['pairs']:,} pairs from {stats['prompts']:,} prompts ({stats['ties']:,} "
+          f"without a preference: all samples equally good to the {args.rater} rater); "
+          f"{stats['flipped']:,} labels flipped by noise; sample accuracy {stats['sample_accuracy']:.1%}")
     return 0
 
 

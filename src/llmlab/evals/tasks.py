@@ -52,12 +52,14 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
 def complete_chats(model, tok, conversations: Sequence[list[dict]], max_new_tokens: int,
                    temperature: float = 0.0, seed: int | None = None, batch_size: int = 64,
                    top_k: int | None = None) -> list[str]:
-    """The assistant's reply to each conversation (text up to its end-of-turn token), in batches.
+    """The assistant's reply to each conversation, in batches: the text up to its end-of-turn token, or up to
+    any other special token it writes first (a reply holds no control tokens).
 
     max_new_tokens is cut to what the context leaves after a batch's longest prompt. With temperature > 0
     each batch draws from its own seed (seed + batch index), so the result is deterministic for a seed."""
     template = tok.chat_template
     stops = list(template.stop_ids)
+    specials = set(tok.special_tokens.values())
     prompts = [tok.apply_chat_template(c, add_generation_prompt=True)[0] for c in conversations]
     replies = []
     for b in range(0, len(prompts), batch_size):
@@ -70,14 +72,14 @@ def complete_chats(model, tok, conversations: Sequence[list[dict]], max_new_toke
         out = generate(model, batch, min(max_new_tokens, room), temperature=temperature, top_k=top_k,
                        seed=None if seed is None else seed + b // batch_size, stop=stops, pad_id=-1)
         for prompt, row in zip(batch, out.tolist(), strict=True):
-            replies.append(tok.decode(_reply_ids(row[len(prompt):], stops)))
+            replies.append(tok.decode(_reply_ids(row[len(prompt):], specials)))
     return replies
 
 
-def _reply_ids(new: list[int], stops: list[int]) -> list[int]:
+def _reply_ids(new: list[int], specials: set[int]) -> list[int]:
     reply = []
     for t in new:
-        if t in stops or t < 0:
+        if t in specials or t < 0:
             break
         reply.append(t)
     return reply
