@@ -106,6 +106,11 @@ def make_scratch(t: Path, w: SimpleNamespace) -> None:
     (t / "hf_nocfg" / "config.json").unlink()
     shutil.copytree(w.hf, t / "hf_badcfg")
     (t / "hf_badcfg" / "config.json").write_text("{oops")
+    shutil.copytree(w.hf, t / "hf_badchat")
+    (t / "hf_badchat" / "tokenizer_config.json").write_text('{"chat_template": 5}')
+    shutil.copytree(w.ckpt, t / "ckpt_badchat")  # a stored chat template whose pad ends a turn
+    tok_json = t / "ckpt_badchat" / "tokenizer" / "llmlab.json"
+    tok_json.write_text(tok_json.read_text().replace('"pad": "<|pad|>"', '"pad": "<|end|>"'))
     shutil.copytree(w.hf, t / "hfs" / "src")
     shutil.copytree(w.ckpt, t / "runs" / "exp" / "ckpt-000002")
 
@@ -303,6 +308,7 @@ CASES = [
     case("import-out-taken", "import-hf {hf} {t}/taken", "non-empty"),
     case("import-out-under-file", "import-hf {hf} {t}/file/o", "regular file"),
     case("import-bad-dtype", "import-hf {hf} {t}/o --dtype fp7", "fp7"),
+    case("import-bad-chat-template", "import-hf {t}/hf_badchat {t}/o", "chat_template is int"),
     # ---- export-hf ----
     case("export-missing", "export-hf {t}/nope {t}/o", "nope"),
     case("export-truncated-weights", "export-hf {t}/trunc_weights {t}/o", "model.safetensors"),
@@ -313,6 +319,7 @@ CASES = [
     case("export-out-under-file", "export-hf {ckpt} {t}/file/o", "regular file"),
     case("export-missing-tok", "export-hf {ckpt} {t}/o --tokenizer {t}/nope", "nope"),
     case("export-bad-dtype", "export-hf {ckpt} {t}/o --dtype fp7", "fp7"),
+    case("export-bad-chat-template", "export-hf {t}/ckpt_badchat {t}/o", "also ends a turn"),
     # ---- quantize ----
     case("quant-missing", "quantize {t}/nope --out {t}/o", "nope"),
     case("quant-bits-3", "quantize {ckpt} --out {t}/o --bits 3", "bits=3"),
