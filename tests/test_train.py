@@ -385,7 +385,8 @@ def test_best_checkpoint_survives_pruning_and_resume(tmp_path):
     ckpts = sorted(p.name for p in tmp_path.glob("ckpt-*"))
     assert ckpts == ["ckpt-000002", "ckpt-000004"]
     best = json.loads((tmp_path / "best.json").read_text())
-    assert best == {"step": 2, "path": "ckpt-000002", "val_loss": 1.0}
+    assert best == {"step": 2, "path": "ckpt-000002", "metric": "val_loss", "val_loss": 1.0,
+                    "higher_is_better": False}
     assert resolve_resume("best", tmp_path) == tmp_path / "ckpt-000002"
     ckpt_events = [e for r in read_metrics(tmp_path / "metrics.jsonl") for e in r["events"]
                    if e["type"] == "checkpoint"]
@@ -483,7 +484,7 @@ def test_ranks_agree_on_stopping(tmp_path, monkeypatch):
         values.copy_(torch.maximum(values, torch.tensor([0, 1])))
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    monkeypatch.setattr(t, "_mean_over_ranks", lambda v: v)
+    monkeypatch.setattr(t, "_sum_over_ranks", lambda v: v)
     assert t._agree(False, False) == (False, True)
     assert t._agree(True, False) == (True, True)
     t.fit()

@@ -6,7 +6,7 @@ head and the loss chunk by chunk, and the gradients right there in the forward p
 to a few MB: less memory traffic on CPU, less peak memory on GPU (the trick of Liger-Kernel's fused linear
 cross-entropy, Hsu et al. 2024). The FLOPs are the same three matmuls as the unfused head.
 
-    # the mean over kept targets
+    # the mean over kept targets (reduction="sum": their sum)
     loss = linear_cross_entropy(hidden [N, d], weight [V, d], targets [N], ignore_index=-100)
 
 The result equals F.cross_entropy(hidden @ weight.T, targets, ignore_index=...) (mean over non-ignored
@@ -27,10 +27,10 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index: int):
+    def forward(ctx, h, weight, targets, ignore_index: int, mean: bool):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kept = targets != ignore_index
-        n = kept.sum().clamp(min=1).to(torch.float32)
+        n = kept.sum().clamp(min=1).to(torch.float32) if mean else torch.ones((), device=h.device)
         safe = targets.masked_fill(~kept, 0)[:, None]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
@@ -46,7 +46,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total_exp = logits.exp_().sum(dim=-1)
             total += ((total_exp.log() - picked) * keep).sum()
             if want_h or want_w:
-                # d(mean loss)/d logits = (softmax - onehot(target)) / n on kept rows, 0 on ignored ones.
+                # d(loss)/d logits = (softmax - onehot(target)) / n on kept rows (n = 1 for the sum), 0 on
+                # ignored ones.
                 scale = keep / n
                 g = logits.mul_((scale / total_exp)[:, None])
                 g.scatter_add_(1, tgt, -scale[:, None])
@@ -62,14 +63,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype), None, None)
+                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype), None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of softmax(hidden @ weight.T) against targets, over targets != ignore_index.
+                         ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of softmax(hidden @ weight.T) against targets, over targets != ignore_index: their mean
+    (reduction="mean") or sum ("sum", what token-weighted objectives add up across micro-batches).
 
     hidden [..., d], targets [...] (same leading shape), weight [V, d]. Returns a float32 scalar.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}; use 'mean' or 'sum'")
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                     ignore_index)
+                                     ignore_index, reduction == "mean")

@@ -219,7 +219,7 @@ class Transformer(nn.Module):
             block.attn.impl = impl
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False,
-                targets: torch.Tensor | None = None, ignore_index: int = -100):
+                targets: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"):
         """idx LongTensor [B, T] -> logits [B, T, vocab] (or the final-normed hidden states [B, T, d_model]).
 
         With `cache`, idx continues each row at cache.pos (see kv_cache.py) and the cache advances by T.
@@ -253,7 +253,7 @@ class Transformer(nn.Module):
             cache.commit(step)
         x = self.norm(x)
         if targets is not None:
-            return self._cross_entropy(x, targets, ignore_index)
+            return self._cross_entropy(x, targets, ignore_index, reduction)
         return x if return_hidden else self.head(x)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -268,11 +268,13 @@ class Transformer(nn.Module):
         """
         return self(idx, targets=targets, ignore_index=ignore_index)
 
-    def _cross_entropy(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    def _cross_entropy(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                       reduction: str) -> torch.Tensor:
         if isinstance(self.lm_head, nn.Linear):  # plain or routed (llmlab.infer.cpu_linear): same weight
-            return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index)
+            return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index, reduction)
         logits = self.lm_head(h).float()  # a swapped-in head (e.g. quantized): the plain way
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index,
+                               reduction=reduction)
 
     # ----- accounting -----
     def num_params(self, non_embedding: bool = False) -> int:

@@ -22,9 +22,10 @@ incomplete and skipped); one whose files are present but corrupt is refused, nev
 variant (torch.distributed.checkpoint under FSDP) can subclass it and override `write_model`/`read_model`.
 
 Pruning keeps the newest `keep_last`, the `pinned` steps (the spike guard's rollback ring) and, with
-`keep_best`, the checkpoint with the lowest val loss so far. That one is named by RUN_DIR/best.json
-({"step", "path", "val_loss"}, written atomically after the checkpoint itself, so it only ever names a
-complete directory); it survives resume, and `--resume best` resumes from it.
+`keep_best`, the best checkpoint so far by the objective's best metric (lowest val_loss for pretraining,
+highest held-out accuracy for a reward model). That one is named by RUN_DIR/best.json ({"step", "path",
+"metric", METRIC: value, "higher_is_better"}, written atomically after the checkpoint itself, so it only
+ever names a complete directory); it survives resume, and `--resume best` resumes from it.
 """
 
 from __future__ import annotations
@@ -220,17 +221,21 @@ def read_model(model: nn.Module, directory: Path) -> None:
 # ---------------------------------------------------------------- a run's checkpoints
 
 def read_best(run_dir: str | Path) -> dict[str, Any] | None:
-    """best.json of a run ({"step", "path", "val_loss"}) if it names a complete checkpoint, else None."""
+    """best.json of a run if it names a complete checkpoint, else None: {"step", "path", "metric", "value",
+    "higher_is_better", METRIC: value} (a best.json without "metric" is by val_loss, lower is better)."""
     run_dir = Path(run_dir)
     try:
         best = json.loads((run_dir / BEST_FILE).read_text())
         path = run_dir / best["path"]
-        step, val_loss = int(best["step"]), float(best["val_loss"])
-    except (OSError, ValueError, KeyError, TypeError):
+        metric = str(best.get("metric", "val_loss"))
+        step, value = int(best["step"]), float(best[metric])
+        higher = bool(best.get("higher_is_better", False))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if step_of(path) != step or not all((path / name).is_file() for name in REQUIRED_FILES):
         return None
-    return {"step": step, "path": path, "val_loss": val_loss}
+    return {"step": step, "path": path, "metric": metric, "value": value, "higher_is_better": higher,
+            metric: value}
 
 
 class Checkpointer:
@@ -241,6 +246,7 @@ class Checkpointer:
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
         self.keep_best = keep_best
+        self.best_metric, self.higher_is_better = "val_loss", False  # the Trainer sets its objective's
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
         self.tokenizer_fingerprint = tokenizer_fingerprint  # recorded in each checkpoint's tokenizer_id.json
         self.pinned: set[int] = set()  # steps that pruning must keep (e.g. the spike guard's rollback ring)
@@ -297,7 +303,7 @@ class Checkpointer:
         return None
 
     def best(self) -> dict[str, Any] | None:
-        """The best checkpoint by val loss ({"step", "path", "val_loss"}) when keep_best is on, else None."""
+        """The best checkpoint (read_best's dict) when keep_best is on, else None."""
         return read_best(self.run_dir) if self.keep_best else None
 
     def forget_best(self, step: int) -> None:
@@ -306,24 +312,29 @@ class Checkpointer:
         if best is not None and best["step"] == step:
             (self.run_dir / BEST_FILE).unlink(missing_ok=True)
 
-    def beats_best(self, step: int, val_loss: float | None) -> bool:
-        """Whether saving ckpt-STEP with this val loss makes it the best (update_best's rule, no side effects;
-        a best.json naming STEP itself does not count, as rewriting ckpt-STEP forgets it)."""
-        if not self.keep_best or val_loss is None or not math.isfinite(val_loss):
+    def beats_best(self, step: int, value: float | None) -> bool:
+        """Whether saving ckpt-STEP with this value of best_metric makes it the best (update_best's rule, no
+        side effects; a best.json naming STEP itself, or another metric, does not count, as rewriting
+        ckpt-STEP forgets it and values of different metrics do not compare)."""
+        if not self.keep_best or value is None or not math.isfinite(value):
             return False
         best = self.best()
-        return best is None or best["step"] == step or val_loss < best["val_loss"]
+        if best is None or best["step"] == step or best["metric"] != self.best_metric:
+            return True
+        return value > best["value"] if self.higher_is_better else value < best["value"]
 
-    def update_best(self, step: int, val_loss: float | None) -> bool:
-        """After saving ckpt-STEP (rank 0): record it in best.json if its val loss beats the best so far.
+    def update_best(self, step: int, value: float | None) -> bool:
+        """After saving ckpt-STEP (rank 0): record it in best.json if its best_metric value beats the best
+        so far (a tie keeps the earlier one).
 
-        `val_loss` must have been measured at this step (None: not evaluated). A checkpoint saved over
+        `value` must have been measured at this step (None: not evaluated). A checkpoint saved over
         the best one's directory (after a rollback or a resume from an earlier step) loses that record,
         since the old weights are gone (see forget_best). Returns whether ckpt-STEP is now the best.
         """
-        if not self.beats_best(step, val_loss):
+        if not self.beats_best(step, value):
             return False
-        record = {"step": step, "path": self.path(step).name, "val_loss": val_loss}
+        record = {"step": step, "path": self.path(step).name, "metric": self.best_metric,
+                  self.best_metric: value, "higher_is_better": self.higher_is_better}
         write_text_atomic(self.run_dir / BEST_FILE, json.dumps(record) + "\n")
         self.prune()  # the previous best may now be outside keep_last
         return True
@@ -344,7 +355,8 @@ class Checkpointer:
 
 def resolve_resume(resume: str | Path | None, run_dir: str | Path) -> Path | None:
     """`auto` -> newest complete checkpoint in run_dir (None if there is none); `best` -> the one best.json
-    names (lowest val loss); a path -> that checkpoint. A run directory given as the path means its newest.
+    names (the best by the objective's metric); a path -> that checkpoint. A run directory given as the path
+    means its newest.
     """
     if resume is None or resume == "":
         return None

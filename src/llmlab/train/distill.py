@@ -26,6 +26,7 @@ a micro-batch are materialised ([batch, block, vocab] each), so lower data.batch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from llmlab.config import Fraction, PositiveFloat
 from llmlab.errors import ConfigError
 from llmlab.model import Transformer
 from llmlab.tokenizer.identity import TokenizerId, checkpoint_tokenizer, require_same_tokenizer
+from llmlab.train.objective import LossOutput, Objective
 
 
 @dataclass
@@ -46,26 +48,36 @@ class DistillConfig:
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                  temperature: float = 1.0) -> torch.Tensor:
-    """Mean over tokens of tau^2 KL(softmax(teacher / tau) || softmax(student / tau)), in fp32."""
+                  temperature: float = 1.0, reduction: str = "batchmean") -> torch.Tensor:
+    """tau^2 KL(softmax(teacher / tau) || softmax(student / tau)) in fp32: the mean over tokens
+    ("batchmean") or their sum ("sum")."""
     s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+    return F.kl_div(s, t, log_target=True, reduction=reduction) * temperature ** 2
 
 
-def distill_loss(teacher: torch.nn.Module, weight: float, temperature: float):
-    """loss_fn(model, (x, y)) -> (loss, {"ce", "kl"}) for the Trainer; the teacher runs without gradients."""
+class Distillation(Objective):
+    """The loss above, summed over tokens and weighted by their count; the teacher runs without gradients.
+    Metrics "ce" and "kl" per token; evaluate is `eval_fn` (plain cross-entropy for pretraining)."""
 
-    def loss_fn(model, batch):
+    name = "distill"
+
+    def __init__(self, teacher: torch.nn.Module, weight: float, temperature: float,
+                 eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None):
+        self.teacher, self.weight, self.temperature, self.eval_fn = teacher, weight, temperature, eval_fn
+
+    def loss(self, model: torch.nn.Module, batch) -> LossOutput:
         x, y = batch
         logits = model(x)
         with torch.no_grad():
-            teacher_logits = teacher(x)
-        ce = F.cross_entropy(logits.float().flatten(0, -2), y.flatten())
-        kl = kl_to_teacher(logits, teacher_logits, temperature)
-        return (1 - weight) * ce + weight * kl, {"ce": ce.detach(), "kl": kl.detach()}
+            teacher_logits = self.teacher(x)
+        ce = F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="sum")
+        kl = kl_to_teacher(logits, teacher_logits, self.temperature, reduction="sum")
+        loss = (1 - self.weight) * ce + self.weight * kl
+        return LossOutput(loss, y.numel(), {"ce": ce.detach(), "kl": kl.detach(), "n_tokens": x.numel()})
 
-    return loss_fn
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        return self.eval_fn(model) if self.eval_fn is not None else {}
 
 
 def load_teacher(cfg: DistillConfig, vocab_size: int, block_size: int, data: TokenizerId,

@@ -37,19 +37,39 @@ class OptimConfig:
     min_lr_ratio: Fraction = 0.1            # the cosine decays to lr * min_lr_ratio
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: tensors with dim >= 2 decay, the rest (biases, norm gains) do not."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+def param_groups(model: nn.Module, weight_decay: float, lr_groups: list[dict] | None = None) -> list[dict]:
+    """AdamW groups: tensors with dim >= 2 decay, the rest (biases, norm gains) do not.
+
+    `lr_groups` ([{"params": [...], "lr_mult": x}, ...], an objective's param_groups) give some parameters
+    their own LR multiplier; each is split by the same decay rule, and every trainable parameter of `model`
+    it leaves out trains at lr_mult 1. Each group records its "lr_mult": the trainer sets its LR to the
+    schedule's LR times that.
+    """
+    claimed: set[int] = set()
+    specs = []
+    for i, group in enumerate(lr_groups or []):
+        params = [p for p in group["params"] if p.requires_grad]
+        if any(id(p) in claimed for p in params):
+            raise ValueError(f"param group {i} repeats a parameter of an earlier group")
+        claimed.update(id(p) for p in params)
+        specs.append((f"group{i}.", params, float(group.get("lr_mult", 1.0))))
+    rest = [p for _, p in model.named_parameters() if p.requires_grad and id(p) not in claimed]
+    specs.insert(0, ("", rest, 1.0))
+    groups = []
+    for prefix, params, lr_mult in specs:
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups += [{"params": decay, "weight_decay": weight_decay, "name": f"{prefix}decay",
+                    "lr_mult": lr_mult},
+                   {"params": no_decay, "weight_decay": 0.0, "name": f"{prefix}no_decay", "lr_mult": lr_mult}]
+    return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)`; fused on CUDA, foreach elsewhere. The LR is set each step."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig,
+                    lr_groups: list[dict] | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, ..., lr_groups)`; fused on CUDA, foreach elsewhere. The LR is set each
+    step (times each group's lr_mult)."""
     device = next(model.parameters()).device
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, **fast)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, lr_groups), lr=cfg.lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps, **fast)

@@ -41,7 +41,7 @@ from llmlab.tokenizer.identity import (
     shards_tokenizer,
 )
 from llmlab.train.checkpoint import BEST_FILE, Checkpointer, resolve_resume, unwrap
-from llmlab.train.distill import DistillConfig, distill_loss, load_teacher
+from llmlab.train.distill import Distillation, DistillConfig, load_teacher
 from llmlab.train.distributed import (
     DistCheckpointer,
     ParallelConfig,
@@ -51,6 +51,7 @@ from llmlab.train.distributed import (
     stop_on_signals,
     world,
 )
+from llmlab.train.objective import NextToken
 from llmlab.train.optim import OptimConfig
 from llmlab.train.spike import SpikeConfig, SpikeGuard
 from llmlab.train.trainer import TrainConfig, Trainer
@@ -91,15 +92,18 @@ def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
 
 
 def make_eval(loader, max_batches: int):
-    """eval_fn(model) -> {"val_loss"}: token-weighted mean loss over the first `max_batches` val batches."""
+    """eval_fn(model) -> {"val_loss", "val_coverage"}: token-weighted mean loss over at most `max_batches`
+    val batches of windows spread evenly over the whole split (the same ones every time), so the estimate is
+    unbiased; val_coverage is the fraction of the split's windows read (1.0: the whole split)."""
+    coverage = len(loader.eval_windows(max_batches)) / loader.val_windows
 
     def eval_fn(model: torch.nn.Module) -> dict[str, float]:
         total, count = 0.0, 0
-        for x, y in loader.iter_eval(max_batches):
+        for x, y in loader.iter_eval(max_batches, spread=True):
             loss, _ = lm_loss(model, (x, y))
             total += loss.item() * y.numel()
             count += y.numel()
-        return {"val_loss": total / count}
+        return {"val_loss": total / count, "val_coverage": coverage}
 
     return eval_fn
 
@@ -219,15 +223,15 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device
     checkpointer = (DistCheckpointer if dcp else Checkpointer)(run_dir, cfg.train.keep_last, tokenizer_dir,
                                                                 cfg.train.keep_best, tokenizer_fingerprint)
     callbacks = [SpikeGuard(cfg.spike)] if cfg.spike.enabled else []
-    loss_fn = lm_loss
+    eval_fn = make_eval(val_loader, cfg.train.eval_batches)
+    objective = NextToken(eval_fn)
     if cfg.distill.teacher:
         data_tokenizer = TokenizerId(f"the training data {d.shards}", cfg.model.vocab_size,
                                      tokenizer_fingerprint, tokenizer_dir)
         teacher = load_teacher(cfg.distill, cfg.model.vocab_size, d.block_size, data_tokenizer, device)
-        loss_fn = distill_loss(teacher, cfg.distill.weight, cfg.distill.temperature)
-    trainer = Trainer(wrapped, loss_fn, train_loader, cfg.optim, cfg.train, run_dir=run_dir,
-                      eval_fn=make_eval(val_loader, cfg.train.eval_batches), flops_per_token=flops,
-                      checkpointer=checkpointer, callbacks=callbacks)
+        objective = Distillation(teacher, cfg.distill.weight, cfg.distill.temperature, eval_fn)
+    trainer = Trainer(wrapped, objective, train_loader, cfg.optim, cfg.train, run_dir=run_dir,
+                      flops_per_token=flops, checkpointer=checkpointer, callbacks=callbacks)
     if dcp:
         checkpointer.attach(trainer.optimizer)
     if resume_path is not None:

@@ -2,22 +2,23 @@
 
 An objective plugs in by supplying two things:
 
-    loss_fn(model, batch) -> (loss, metrics)   loss: scalar tensor to minimise (mean over the micro-batch);
-                                               metrics: dict of floats/0-d tensors, averaged over the
-                                               micro-batches of a step and logged. The key "n_tokens"
-                                               (if given) is the token count used for tokens/s; otherwise
-                                               the first tensor of the batch is counted.
+    objective: Objective                       its loss(model, batch) -> LossOutput(loss_sum, weight,
+                                               metrics), evaluation, best metric, per-step preparation,
+                                               LR groups and state (llmlab/train/objective.py). A plain
+                                               loss_fn(model, batch) -> (mean loss, metrics) also works:
+                                               each of its micro-batches then weighs the same.
     batches.next_batch() -> batch              plus state_dict()/load_state_dict() so resume is exact
                                                (and skip(a, b) if a spike guard will roll back).
 
-Everything else is shared: gradient accumulation (`accum_steps` micro-batches per optimizer step, each
-loss divided by accum_steps so the gradient is the mean over the whole step), global grad-norm clipping
-(the pre-clip norm and whether it clipped are logged), the LR schedule (a pure function of the step,
-times `lr_scale`), bf16 autocast on GPUs that support it (fp32 on CPU), periodic evaluation through
-`eval_fn(model) -> {"val_loss": ...}`, checkpoints every `ckpt_every` steps and at the end (the newest
-`keep_last` plus, with `keep_best`, the one whose step's val_loss is lowest, named by best.json), exact
-resume, metrics.jsonl (and TensorBoard scalars with `tensorboard`), and a tqdm bar with loss, tokens/s and
-MFU.
+Everything else is shared: gradient accumulation (`accum_steps` micro-batches per optimizer step; each
+micro-batch's loss SUM is backpropagated and the gradient is divided once by the weight summed over every
+micro-batch of the step and every rank, so kept tokens count the same however they are split), global
+grad-norm clipping (the pre-clip norm and whether it clipped are logged), the LR schedule (a pure function
+of the step, times `lr_scale`, times each parameter group's `lr_mult`), bf16 autocast on GPUs that support
+it (fp32 on CPU), periodic evaluation through `objective.evaluate(model)`, checkpoints every `ckpt_every`
+steps and at the end (the newest `keep_last` plus, with `keep_best`, the best by the objective's
+best_metric, named by best.json), exact resume, metrics.jsonl (and TensorBoard scalars with
+`tensorboard`), and a tqdm bar with loss, tokens/s and MFU.
 
 Extension points (issue 4 and later objectives hook in here, the loop itself stays as it is):
 - `callbacks`: objects with any of on_fit_start(trainer), before_optimizer_step(trainer, stats) ->
@@ -28,7 +29,9 @@ Extension points (issue 4 and later objectives hook in here, the loop itself sta
   optionally scale the LR; the skipped ranges are kept by the trainer and re-applied after every restore.
 - `model` may arrive wrapped by a separate parallelize step (DDP, torch.compile; FSDP2 shards in
   place): the loop only calls it, `unwrap()` finds the module to save, gradient sync is switched off on
-  all but the last micro-batch, loss/metrics are averaged over ranks, and only rank 0 writes files.
+  all but the last micro-batch, loss/weight/metric sums are added up over ranks in one all-reduce (the
+  wrapper's mean over ranks is undone when the gradient is divided by the global weight), and only rank 0
+  writes files.
   Parallelize before constructing the Trainer: the optimizer is built over the parameters it finds.
 - `checkpointer`: a Checkpointer (or a distributed subclass) does all checkpoint I/O.
 - `should_stop`: set it (e.g. from a SIGTERM handler) and the loop checkpoints and returns after the step.
@@ -57,6 +60,7 @@ from llmlab.errors import CheckpointError, LLMLabError
 from llmlab.train.checkpoint import Checkpointer, rng_state, set_rng_state, unwrap
 from llmlab.train.distributed import barrier, world
 from llmlab.train.metrics import MetricsWriter, Throughput, mfu, peak_flops
+from llmlab.train.objective import Objective, as_objective, batch_tokens
 from llmlab.train.optim import OptimConfig, build_optimizer
 from llmlab.train.schedule import lr_at
 
@@ -71,7 +75,8 @@ class TrainConfig:
     eval_batches: PositiveInt = 20       # val batches per evaluation
     ckpt_every: NonNegativeInt = 500     # steps between checkpoints (0: only at the end)
     keep_last: NonNegativeInt = 3        # checkpoints kept on disk (0: keep all)
-    keep_best: bool = True               # also keep the lowest-val_loss checkpoint (RUN_DIR/best.json)
+    keep_best: bool = True               # also keep the best checkpoint by the objective's metric (lowest
+                                         # val_loss for pretraining; RUN_DIR/best.json names it)
     tensorboard: bool = False            # also write scalars to RUN_DIR/tensorboard (pip install tensorboard)
     log_every: PositiveInt = 1           # steps between metrics.jsonl records (eval/ckpt steps always logged)
     device: NonEmptyStr = "auto"         # auto | cpu | cuda | cuda:N | mps
@@ -132,18 +137,6 @@ class Callback:
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def batch_tokens(batch: Any) -> int:
-    """Token count of a batch: numel of its first tensor (the inputs, by convention)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.numel()
-    if isinstance(batch, dict):
-        batch = batch.get("input_ids", next(iter(batch.values())))
-        return batch_tokens(batch)
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch_tokens(batch[0])
-    return 0
-
-
 MAX_NONFINITE = 10  # consecutive non-finite steps before the run stops instead of skipping
 
 
@@ -155,29 +148,43 @@ class TrainingDiverged(LLMLabError):
     """Loss or gradients stayed non-finite; lower the LR or resume from an earlier checkpoint."""
 
 
-class Trainer:
-    """Runs optimizer steps of `loss_fn` over `batches` (see the module docstring for the contract)."""
+def _syncs_gradients(model: nn.Module) -> bool:
+    """Whether `model` is wrapped by DDP or sharded by FSDP2 (both average gradients over ranks)."""
+    while hasattr(model, "_orig_mod"):
+        model = model._orig_mod
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    return ddp or hasattr(model, "set_requires_gradient_sync")
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]],
+
+class Trainer:
+    """Runs optimizer steps of `objective` over `batches` (see the module docstring for the contract)."""
+
+    def __init__(self, model: nn.Module, objective: Objective | Callable[[nn.Module, Any], tuple],
                  batches: Any, optim: OptimConfig, train: TrainConfig, *, run_dir: str | Path | None = None,
                  eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
                  flops_per_token: float | None = None, tokenizer_dir: str | Path | None = None,
                  callbacks: Sequence[Callback] = (), optimizer: torch.optim.Optimizer | None = None,
                  checkpointer: Checkpointer | None = None):
         optim, train = check_config(optim, "optim."), check_config(train, "train.")
-        self.model, self.loss_fn, self.batches, self.eval_fn = model, loss_fn, batches, eval_fn
+        self.objective = as_objective(objective, eval_fn)  # eval_fn: only with a plain loss function
+        self.model, self.batches = model, batches
         self.optim_cfg, self.cfg = optim, train
         self.module = unwrap(model)
         self.device = next(self.module.parameters()).device
         self.amp_dtype = resolve_dtype(train.dtype, self.device)
-        self.optimizer = optimizer or build_optimizer(self.module, optim)
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = optimizer or build_optimizer(self.module, optim,
+                                                      self.objective.param_groups(self.module))
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.rank, self.world_size = world()
+        # DDP and FSDP2 average the gradients over ranks; dividing by the global weight undoes that mean.
+        self._ranks_averaged = self.world_size if _syncs_gradients(model) else 1
         self.is_main = self.rank == 0
         self.checkpointer = checkpointer or (
             Checkpointer(self.run_dir, train.keep_last, tokenizer_dir, train.keep_best)
             if self.run_dir is not None else None)
+        if self.checkpointer is not None:
+            self._judge_by_objective(self.checkpointer)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
                                      self.run_dir / "tensorboard" if train.tensorboard else None,
                                      ) if self.run_dir is not None else None
@@ -229,58 +236,77 @@ class Trainer:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
         return tuple(bool(v) for v in values.tolist())
 
-    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
-            values /= self.world_size
         return values
 
-    def forward_backward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, tuple[int, int] | None]:
-        """Run accum_steps micro-batches, accumulating gradients; return the step's mean loss and metrics."""
+    def forward_backward(self) -> tuple[torch.Tensor, list[str], tuple[int, int] | None]:
+        """Run accum_steps micro-batches, backpropagating each one's loss sum (gradients accumulate).
+
+        Returns this rank's totals over the step packed in one tensor, [loss_sum, weight, n_tokens, *metric
+        sums], the metric names, and the batch-source positions read.
+        """
         accum = self.cfg.accum_steps
         start = getattr(self.batches, "step", None)
-        loss_sum = torch.zeros((), device=self.device)
-        metric_sums: dict[str, torch.Tensor] = {}
-        n_tokens = 0
+        # float64 keeps token counts exact (MPS has none: float32 there, exact to 2^24 tokens per step).
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        totals: dict[str, torch.Tensor] = {}
         self.model.train()
         for micro in range(accum):
             batch = self.batches.next_batch()
             with self._grad_sync(micro == accum - 1):
                 with self.autocast():
-                    loss, metrics = self.loss_fn(self.model, batch)
-                (loss / accum).backward()  # outside autocast, as torch recommends
-            loss_sum += loss.detach().float()
-            metrics = dict(metrics)
-            n_tokens += int(metrics.pop("n_tokens", batch_tokens(batch)))
-            for k, v in metrics.items():
-                v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                metric_sums[k] = metric_sums.get(k, 0) + v.to(self.device)
+                    out = self.objective.loss(self.model, batch)
+                out.loss_sum.backward()  # outside autocast, as torch recommends
+            metrics = dict(out.metrics)
+            n_tokens = metrics.pop("n_tokens", None)
+            parts = {"loss": out.loss_sum.detach(), "weight": out.weight,
+                     "n_tokens": batch_tokens(batch) if n_tokens is None else n_tokens, **metrics}
+            for k, v in parts.items():
+                v = v.detach().to(self.device, dtype) if isinstance(v, torch.Tensor) else float(v)
+                totals[k] = totals.get(k, 0.0) + v
         end = getattr(self.batches, "step", None)
-        means = {k: v / accum for k, v in metric_sums.items()}
+        packed = torch.stack([torch.as_tensor(v, dtype=dtype, device=self.device) for v in totals.values()])
         batch_range = (start, end) if start is not None else None
-        return loss_sum / accum, means, n_tokens * self.world_size, batch_range
+        return packed, list(totals)[3:], batch_range
 
-    def clip_gradients(self) -> float:
-        """Clip the global grad norm to optim.grad_clip (0: no clipping) and return the pre-clip norm."""
+    def clip_gradients(self, scale: float = 1.0) -> float:
+        """Multiply the gradients by `scale` (1 / the step's weight), clip the global norm to optim.grad_clip
+        (0: no clipping) and return the pre-clip norm; one pass over the gradients for both."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        foreach = self.device.type != "mps"
+        norm = torch.nn.utils.get_total_norm(grads, foreach=foreach) * scale  # a DTensor under FSDP2
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=self.device.type != "mps")
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-            norm = norm.full_tensor()
-        return float(norm)
+        if scale != 1.0 or max_norm < math.inf:
+            # clip_grad_norm_'s rule, grads * min(1, max_norm / (norm + 1e-6)), times the scale as well.
+            factor = scale * torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            if foreach:
+                torch._foreach_mul_(grads, factor)
+            else:
+                for g in grads:
+                    g.mul_(factor)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def train_step(self) -> dict | None:
         """One optimizer step; returns its metrics record (None if a callback rolled back instead)."""
         t0 = time.perf_counter()
+        self.objective.prepare_step(self)
         lr = self.lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss_t, metrics_t, n_tokens, batch_range = self.forward_backward()
-        grad_norm = self.clip_gradients()
-        packed = self._mean_over_ranks(torch.stack([loss_t, *metrics_t.values()]).float()).tolist()
-        loss, metrics = packed[0], dict(zip(metrics_t, packed[1:], strict=True))
-        stats = StepStats(self.step, loss, grad_norm, lr, n_tokens, metrics, batch_range)
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        packed, names, batch_range = self.forward_backward()
+        loss_sum, weight, n_tokens, *sums = self._sum_over_ranks(packed).tolist()
+        # The step's gradient is the sum of every micro-batch's and rank's loss sums over their total weight.
+        grad_norm = self.clip_gradients(self._ranks_averaged / weight if weight > 0 else 0.0)
+        loss = loss_sum / weight if weight > 0 else math.nan
+        metrics = {k: v / weight if weight > 0 else math.nan for k, v in zip(names, sums, strict=True)}
+        stats = StepStats(self.step, loss, grad_norm, lr, int(n_tokens), metrics, batch_range)
 
-        action = self._decide(stats)
+        action = Skip(reason="weight 0: nothing to learn from in this step") if weight <= 0 \
+            else self._decide(stats)
         if isinstance(action, Rollback):
             self.optimizer.zero_grad(set_to_none=True)
             self.rollback(action)
@@ -291,9 +317,9 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += n_tokens
+        self.tokens += stats.tokens
         dt = time.perf_counter() - t0
-        tokens_per_s = self.throughput.update(n_tokens, dt)
+        tokens_per_s = self.throughput.update(stats.tokens, dt)
         clipped = 0 < self.optim_cfg.grad_clip < grad_norm
         return {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "clipped": clipped, "tokens_per_s": tokens_per_s,
@@ -351,7 +377,7 @@ class Trainer:
                 self._events.append({"type": "time_limit", "minutes": self.cfg.max_minutes})
                 done = stopping = True
             eval_due = bool(self.cfg.eval_every and self.step % self.cfg.eval_every == 0)
-            if self.eval_fn is not None and (done or eval_due):
+            if done or eval_due:
                 record.update(self.evaluate())
             saving = self.checkpointer is not None and (
                 done or stopping or bool(self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0))
@@ -385,8 +411,9 @@ class Trainer:
         smoothed_mfu = mfu(self.flops_per_token, self.throughput.ema or 0, self._peak, self.world_size)
         if smoothed_mfu is not None:
             parts.append(f"mfu {100 * smoothed_mfu:.1f}%")
-        if "val_loss" in self.last_eval:
-            parts.append(f"val {self.last_eval['val_loss']:.4f}")
+        metric = self.objective.best_metric
+        if metric in self.last_eval:
+            parts.append(f"{'val' if metric == 'val_loss' else metric} {self.last_eval[metric]:.4f}")
         return " | ".join(parts)
 
     def _take_events(self) -> list[dict]:
@@ -410,13 +437,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Call eval_fn(model) in eval mode under the training autocast; logged with an eval event."""
+        """objective.evaluate(model) in eval mode under the training autocast; logged with an eval event
+        (nothing happens for an objective without held-out metrics)."""
         self.model.eval()
         try:
             with self.autocast():
-                result = {k: float(v) for k, v in self.eval_fn(self.model).items()}
+                result = {k: float(v) for k, v in self.objective.evaluate(self.model).items()}
         finally:
             self.model.train()
+        if not result:
+            return result
         self.last_eval, self._eval_step = result, self.step
         self._events.append({"type": "eval", **result})
         return result
@@ -432,19 +462,25 @@ class Trainer:
             "batches": self.batches.state_dict(),
             "rng": rng_state(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "objective": self.objective.state_dict(),
             "last_eval": dict(self.last_eval),
             "optim_config": dataclasses.asdict(self.optim_cfg),
         }
 
-    def _val_loss_now(self) -> float | None:
-        """The val loss measured at this step, None if this step was not evaluated."""
-        return self.last_eval.get("val_loss") if self._eval_step == self.step else None
+    def _judge_by_objective(self, checkpointer: Checkpointer) -> None:
+        """The checkpointer keeps (and best.json names) the best checkpoint by the objective's metric."""
+        checkpointer.best_metric = self.objective.best_metric
+        checkpointer.higher_is_better = self.objective.higher_is_better
+
+    def _best_value_now(self) -> float | None:
+        """The best metric measured at this step, None if this step was not evaluated."""
+        return self.last_eval.get(self.objective.best_metric) if self._eval_step == self.step else None
 
     def _checkpoint_event(self) -> dict:
         """The metrics event of saving ckpt-STEP now, "best" included when it will become the best."""
         event = {"type": "checkpoint", "path": self.checkpointer.path(self.step).name}
         if self.is_main and hasattr(self.checkpointer, "beats_best") and \
-                self.checkpointer.beats_best(self.step, self._val_loss_now()):
+                self.checkpointer.beats_best(self.step, self._best_value_now()):
             event["best"] = True
         return event
 
@@ -459,7 +495,7 @@ class Trainer:
         if self.is_main or getattr(self.checkpointer, "collective", False):  # DCP: every rank writes
             path = self.checkpointer.save(self.step, self.model, self.state_dict())
         if self.is_main and hasattr(self.checkpointer, "update_best"):
-            self.checkpointer.update_best(self.step, self._val_loss_now())
+            self.checkpointer.update_best(self.step, self._best_value_now())
         # No rank may read this checkpoint (a rollback, or code after fit) before rank 0 has written it.
         barrier()
         if log:
@@ -473,6 +509,7 @@ class Trainer:
         if self.checkpointer is None:
             self.checkpointer = Checkpointer(Path(path).parent, self.cfg.keep_last,
                                              keep_best=self.cfg.keep_best)
+            self._judge_by_objective(self.checkpointer)
         state = self.checkpointer.load(path, self.model)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -498,6 +535,8 @@ class Trainer:
         for cb in self.callbacks:
             if cb.name in saved:
                 cb.load_state_dict(saved[cb.name])
+        if state.get("objective"):
+            self.objective.load_state_dict(state["objective"])
 
     def resume(self, path: str | Path) -> None:
         """Continue a run from `path`: restore, and drop metrics records newer than the checkpoint."""
