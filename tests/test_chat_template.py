@@ -23,6 +23,13 @@ CORPUS = ["Hello world, how are you today? I am fine, thank you. The answer is 4
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
           "{% endif %}")
+# Qwen2.5-like: a default system prompt, and a tools block that must stay out when no tools are given.
+QWEN = ("{%- if tools is not none %}{{- '<|im_start|>system\nTools.<|im_end|>\n' }}{%- endif %}"
+        "{%- if messages[0]['role'] != 'system' %}"
+        "{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
 # Meta's Llama 3 template (bos, header tokens, trimmed content, <|eot_id|>).
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
           "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
@@ -64,6 +71,12 @@ def _hf_dir(tmp_path_factory, name: str, specials: list[str], template: str, **r
 @pytest.fixture(scope="module")
 def chatml_dir(tmp_path_factory):
     return _hf_dir(tmp_path_factory, "chatml", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML,
+                   eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return _hf_dir(tmp_path_factory, "qwen", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], QWEN,
                    eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
@@ -130,7 +143,7 @@ def test_edited_stored_template_is_used(tok, tmp_path):
 
 # ---- parity with transformers -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture", ["chatml_dir", "llama3_dir"])
+@pytest.mark.parametrize("fixture", ["chatml_dir", "qwen_dir", "llama3_dir"])
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 def test_hf_template_ids_equal_transformers(fixture, add_generation_prompt, request):
     path = request.getfixturevalue(fixture)
@@ -198,6 +211,7 @@ def test_export_hf_writes_llmlabs_template(tok, tmp_path):
             assert _hf_ids(tmp_path / "hf", messages, agp) == tok.apply_chat_template(messages, agp)[0]
 
 
+@pytest.mark.filterwarnings("ignore:.*names eos_token")  # llmlab's eos by name differs; the template's stops
 def test_import_hf_keeps_the_models_template_and_export_writes_it_back(llama3_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -8,7 +8,8 @@
 Modules: core (the Tokenizer), train (counting chunks and learning merges), reference (pure-Python
 encoders, the specification the tiktoken path is checked against), patterns (pre-tokenization regexes),
 spec (a tokenizer as plain data), formats (llmlab.json, tokenizer.json, .tiktoken: specs to and from
-files), identity (fingerprints), tools (inspect and stats for the CLI).
+files), chat (chat templates: conversations to ids + loss mask, HF Jinja templates), identity
+(fingerprints), tools (inspect and stats for the CLI).
 """
 
 from llmlab.tokenizer.core import DEFAULT_SPECIAL_TOKENS, Tokenizer

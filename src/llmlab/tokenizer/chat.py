@@ -395,7 +395,9 @@ def render(compiled: jinja2.Template, messages: list[dict], add_generation_promp
     spans: list[tuple[int, int]] = []
     token = _tracking.set((blocks, spans))
     try:
-        context = {**variables, "messages": messages, "add_generation_prompt": add_generation_prompt}
+        # tools and documents are None, as transformers passes them (a template may test `tools is not none`)
+        context = {**variables, "messages": messages, "tools": None, "documents": None,
+                   "add_generation_prompt": add_generation_prompt}
         for block in compiled.generate(context):
             blocks.append(block)
     except jinja2.TemplateError as e:
