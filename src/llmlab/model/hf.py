@@ -523,6 +523,9 @@ def save_hf(model: Transformer, path: str | Path, tokenizer=None) -> None:
     tokenizer.json, tokenizer_config.json and special_tokens_map.json. PATH is written atomically (replaced
     whole)."""
     cfg = model.config
+    if cfg.head != "lm":
+        raise ModelError(f"cannot export: the model has head={cfg.head!r} (a reward or value model); "
+                         "export-hf writes language models, export the checkpoint its backbone came from")
     dtype = model.tok_emb.weight.dtype
     _flavour(cfg)  # refuse early, before writing anything
     state = model.state_dict()
@@ -559,8 +562,8 @@ def load_hf_tokenizer(path: str | Path):
 
     llmlab's Tokenizer finds bos/eos/pad by token name (<|endoftext|>, </s>, <|end_of_text|>, ...). When
     tokenizer_config.json names a different eos token (instruct models: <|im_end|>, <|eot_id|>), a warning
-    says which token generation will stop at, since the Tokenizer has no way yet to record the file's
-    choice.
+    says which token plain generation will stop at; chats stop at tok.chat_template.stop_ids, which include
+    the file's eos token.
     """
     from llmlab.tokenizer import Tokenizer
 
