@@ -3,3 +3,7 @@
 Each objective is a loss + its data + the metric that picks the best checkpoint; the loop, checkpoints,
 resume and parallelism are train/'s.
 """
+
+from llmlab.align.sft import sft_objective
+
+__all__ = ["sft_objective"]

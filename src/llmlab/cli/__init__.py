@@ -16,7 +16,7 @@ from llmlab import __version__
 from llmlab.errors import LLMLabError
 
 # Modules under llmlab.cli, in the order their verbs appear in `llmlab --help`.
-VERB_MODULES: list[str] = ["tokenizer", "data", "generate", "serve", "train", "hf", "quant", "evals",
+VERB_MODULES: list[str] = ["tokenizer", "data", "generate", "serve", "train", "sft", "hf", "quant", "evals",
                             "speedrun"]
 
 
