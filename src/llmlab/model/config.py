@@ -20,6 +20,11 @@ under that name: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq
 "original_max_position_embeddings"} (Meta, "The Llama 3 Herd of Models", 2024; transformer.rope_inv_freq
 applies it). It is a plain dict so config.json and TOML round-trip it unchanged.
 
+`head` says what the last layer computes: "lm" (next-token logits over the vocabulary, the default) or
+"scalar" (one number per position from a Linear(d_model, 1) named `score`, for reward and value models; the
+LM head is absent and tie_embeddings has no effect). config.json records it, so Transformer.load rebuilds
+either kind.
+
 `validate()` raises ModelError naming the key and the fix; Transformer() calls it, so configs built field by
 field (TOML + key=value overrides) are checked once, when they are complete.
 """
@@ -54,6 +59,7 @@ class ModelConfig:
     dropout: float = 0.0
     qkv_bias: bool | None = None  # None -> bias; True with bias=False is the Qwen2 layout
     rope_scaling: dict[str, Any] | None = None  # None: plain RoPE; else {"rope_type": "llama3", ...} (above)
+    head: Literal["lm", "scalar"] = "lm"  # lm: next-token logits; scalar: one score per position (above)
 
     # ----- resolved values -----
     @property
@@ -88,6 +94,7 @@ class ModelConfig:
         _choice("position", self.position, ("learned", "rope"))
         _choice("norm", self.norm, ("layernorm", "rmsnorm"))
         _choice("mlp", self.mlp, ("gelu", "swiglu"))
+        _choice("head", self.head, ("lm", "scalar"))
         if self.d_model % self.n_head:
             raise ModelError(f"model config: d_model={self.d_model} is not divisible by "
                              f"n_head={self.n_head}; choose n_head among {_divisors(self.d_model)}")

@@ -1,4 +1,4 @@
-"""Cross-entropy of the LM head without materialising the full [tokens, vocab] logits.
+"""Cross-entropy and per-token log-probabilities of the LM head without the full [tokens, vocab] logits.
 
 Why: for a small model the logits are the largest tensors in a training step (8 x 256 tokens x 8192 vocab
 is 67 MB in fp32, and log_softmax, its gradient and the logits' gradient are as large again). Computing the
@@ -12,6 +12,12 @@ cross-entropy, Hsu et al. 2024). The FLOPs are the same three matmuls as the unf
 The result equals F.cross_entropy(hidden @ weight.T, targets, ignore_index=...) (mean over non-ignored
 targets); its backward multiplies the stored gradients by the incoming scale, so loss scaling for
 gradient accumulation works as usual.
+
+    # log p(target) per token, float32 [N] (DPO and PPO weigh each token's gradient differently)
+    logp = linear_token_logprobs(hidden [N, d], weight [V, d], targets [N], ignore_index=-100)
+
+Its backward recomputes each chunk's logits (the per-token gradient arrives only then), so it costs one
+matmul more than the loss but holds no [N, V] tensor across forward and backward.
 """
 
 from __future__ import annotations
@@ -77,3 +83,66 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"reduction={reduction!r}; use 'mean' or 'sum'")
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                      ignore_index, reduction == "mean")
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's when it is on (backward recomputes in the same)."""
+    kind = h.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """log softmax(h @ W.T)[target] per row, chunk by chunk. Unlike the loss, the gradient reaching each
+    row is only known in backward, so backward recomputes each chunk's logits (one extra matmul) from h
+    and the saved log-normaliser instead of keeping [N, V] probabilities."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int):
+        dtype = _compute_dtype(h)
+        kept = targets != ignore_index
+        safe = targets.masked_fill(~kept, 0)[:, None]
+        w = weight.to(dtype)
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(out)
+        step = _chunk_rows(weight.shape[0], h.device)
+        for s in range(0, h.shape[0], step):
+            logits = (h[s:s + step].to(dtype) @ w.T).float()
+            lse[s:s + step] = logits.logsumexp(dim=-1)
+            out[s:s + step] = logits.gather(1, safe[s:s + step]).squeeze(1) - lse[s:s + step]
+        out.masked_fill_(~kept, 0.0)
+        ctx.save_for_backward(h, weight, safe, kept, lse)
+        ctx.dtype = dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, safe, kept, lse = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(ctx.dtype)
+        g_out = grad_out.float() * kept
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        step = _chunk_rows(weight.shape[0], h.device)
+        for s in range(0, h.shape[0], step):
+            hc, gc = h[s:s + step].to(ctx.dtype), g_out[s:s + step, None]
+            # d log p(target) / d logits = onehot(target) - softmax, times the incoming gradient.
+            g = (hc @ w.T).float().sub_(lse[s:s + step, None]).exp_().mul_(-gc)
+            g.scatter_add_(1, safe[s:s + step], gc)
+            g = g.to(ctx.dtype)
+            if want_h:
+                grad_h[s:s + step] = g @ w
+            if want_w:
+                grad_w.addmm_(g.T.float(), hc.float())
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          ignore_index: int = -100) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[..., target] in float32, 0 where targets == ignore_index.
+
+    hidden [..., d], targets [...] (same leading shape), weight [V, d]; returns targets' shape. Equal to
+    log_softmax(hidden @ weight.T).gather(-1, targets) without the [N, V] logits or log-probabilities.
+    """
+    out = _LinearTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                     ignore_index)
+    return out.view(targets.shape)

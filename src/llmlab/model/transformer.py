@@ -2,7 +2,19 @@
 
     x = tok_emb(idx) (+ pos_emb)                       # learned positions (GPT-2) or none here (RoPE)
     for each block:  x = x + attn(norm(x));  x = x + mlp(norm(x))      # pre-norm residual blocks
-    logits = lm_head(norm(x))
+    logits = lm_head(norm(x))                          # or scores = score(norm(x)) with head="scalar"
+
+One forward computes what `output` asks for (every kind goes through forward, so DDP and FSDP2 see the call):
+    model(idx)                                   logits [B, T, V] (a scalar head: scores [B, T], float32)
+    model(idx, targets=y)                        mean next-token cross-entropy (reduction="sum": the sum)
+    model(idx, targets=y, output="logprobs")     log p(y[b, t] | idx[b, :t+1]) [B, T], float32
+    model(idx, output="scores" | "hidden")       a scalar head's outputs [B, T] / final-normed hidden states
+model.token_logprobs, model.scores and model.hidden are these calls by name. The loss and the log-probs are
+computed chunk by chunk from the hidden states (loss.py), never holding the [B*T, V] logits.
+
+Packed rows: `segment_ids` [B, T] marks examples packed into one row (a new segment starts wherever the
+id changes). A token attends only to earlier tokens of its own segment and positions restart at 0 in each,
+so every example is computed exactly as if it were alone in its row.
 
 Attention is causal self-attention through torch's scaled_dot_product_attention (flash / memory-efficient
 kernels where the device has them) with the explicit softmax(QK^T/sqrt(d) + mask)V kept beside it for checking
@@ -39,7 +51,7 @@ from llmlab.errors import CheckpointError, ConfigError, ModelError
 from llmlab.fsutil import atomic_dir
 from llmlab.model.config import ModelConfig
 from llmlab.model.kv_cache import CacheStep, KVCache
-from llmlab.model.loss import linear_cross_entropy
+from llmlab.model.loss import linear_cross_entropy, linear_token_logprobs
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # config.json entries beside the ModelConfig fields, each describing modules a plain Transformer does not
@@ -183,9 +195,12 @@ class Transformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        if cfg.head == "scalar":
+            self.score = nn.Linear(cfg.d_model, 1, bias=False)  # as HF's *ForSequenceClassification
+        else:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.lm_head.weight = self.tok_emb.weight
         self._make_rope()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -219,13 +234,20 @@ class Transformer(nn.Module):
             block.attn.impl = impl
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False,
-                targets: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"):
-        """idx LongTensor [B, T] -> logits [B, T, vocab] (or the final-normed hidden states [B, T, d_model]).
+                targets: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean", *,
+                segment_ids: torch.Tensor | None = None, output: str | None = None):
+        """idx LongTensor [B, T] -> what `output` names (module docstring): "logits" [B, T, vocab] (the
+        default for an LM head), "scores" [B, T] (the default for a scalar head), "hidden" [B, T, d_model]
+        (also return_hidden=True), "loss" (the default with `targets`: cross-entropy against targets [B, T],
+        ignore_index skipped, `reduction` "mean" or "sum") or "logprobs" (log p(targets) [B, T], float32,
+        0 at ignore_index).
 
         With `cache`, idx continues each row at cache.pos (see kv_cache.py) and the cache advances by T.
-        With `targets` [B, T], returns the mean next-token cross-entropy instead (see `loss`); going
-        through forward lets DDP/FSDP wrappers see the call.
+        With `segment_ids` [B, T] (no cache), packed examples do not see each other (module docstring).
         """
+        output = output or ("loss" if targets is not None else "hidden" if return_hidden else
+                            "scores" if self.config.head == "scalar" else "logits")
+        self._check_output(output, targets)
         B, T = idx.shape
         if cache is None:
             if T > self.config.block_size:
@@ -233,7 +255,12 @@ class Transformer(nn.Module):
                                  f"{self.config.block_size}; shorten it to at most {self.config.block_size} "
                                  "tokens")
             step, positions = None, slice(0, T)
+            if segment_ids is not None:
+                step = segment_step(segment_ids)
+                positions = step.positions
         else:
+            if segment_ids is not None:
+                raise ModelError("segment_ids apply to training passes without a KV cache; drop one of them")
             step = cache.begin(B, T)
             positions = step.positions
         x = self.tok_emb(idx)
@@ -252,13 +279,45 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.commit(step)
         x = self.norm(x)
-        if targets is not None:
+        if output == "loss":
             return self._cross_entropy(x, targets, ignore_index, reduction)
-        return x if return_hidden else self.head(x)
+        if output == "logprobs":
+            return self._token_logprobs(x, targets, ignore_index)
+        return x if output == "hidden" else self.head(x)
+
+    def _check_output(self, output: str, targets: torch.Tensor | None) -> None:
+        """ModelError for an output this model's head cannot give, or one that lacks its targets."""
+        lm = {"logits", "loss", "logprobs"}
+        if output not in lm | {"scores", "hidden"}:
+            raise ModelError(f"output={output!r} is unknown; use logits, loss, logprobs, scores or hidden")
+        if (output in lm) != (self.config.head == "lm") and output != "hidden":
+            raise ModelError(f"output={output!r} needs head={'lm' if output in lm else 'scalar'!r} but "
+                             f"this model has head={self.config.head!r}")
+        if output in ("loss", "logprobs") and targets is None:
+            raise ModelError(f"output={output!r} needs targets [B, T]")
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [..., vocab] for final-normed hidden states [..., d_model] (as from return_hidden=True)."""
+        """For final-normed hidden states [..., d_model] (as from return_hidden=True): logits [..., vocab],
+        or with a scalar head the scores [...] in float32."""
+        if self.config.head == "scalar":
+            return self.score(hidden).squeeze(-1).float()
         return self.lm_head(hidden)
+
+    def token_logprobs(self, idx: torch.Tensor, targets: torch.Tensor,
+                       segment_ids: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+        """log p(targets[b, t] | idx[b, :t+1]) [B, T] in float32 (0 where targets == ignore_index), computed
+        chunk by chunk like the loss. Under DDP/FSDP call model(idx, targets=..., output="logprobs")."""
+        return self(idx, targets=targets, ignore_index=ignore_index, segment_ids=segment_ids,
+                    output="logprobs")
+
+    def scores(self, idx: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """A scalar head's output at every position [B, T], float32 (reading it at the last real token is
+        the objective's job)."""
+        return self(idx, segment_ids=segment_ids, output="scores")
+
+    def hidden(self, idx: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, d_model]."""
+        return self(idx, segment_ids=segment_ids, output="hidden")
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy of idx [B, T] against targets [B, T] (ignore_index skipped).
@@ -267,6 +326,14 @@ class Transformer(nn.Module):
         without the full logits tensor (see loss.py): faster on CPU, lighter on GPU memory.
         """
         return self(idx, targets=targets, ignore_index=ignore_index)
+
+    def _token_logprobs(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        if isinstance(self.lm_head, nn.Linear):
+            return linear_token_logprobs(h, self.lm_head.weight, targets, ignore_index)
+        logits = self.lm_head(h).float()  # a swapped-in head (e.g. quantized): the plain way
+        kept = targets != ignore_index
+        picked = logits.log_softmax(-1).gather(-1, targets.masked_fill(~kept, 0)[..., None]).squeeze(-1)
+        return picked.masked_fill(~kept, 0.0)
 
     def _cross_entropy(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                        reduction: str) -> torch.Tensor:
@@ -299,7 +366,8 @@ class Transformer(nn.Module):
         """
         cfg = self.config
         seq_len = cfg.block_size if seq_len is None else seq_len
-        n = self.num_params(non_embedding=True) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+        tied_head = cfg.head == "lm" and cfg.tie_embeddings
+        n = self.num_params(non_embedding=True) + (cfg.vocab_size * cfg.d_model if tied_head else 0)
         return 6 * n + 12 * cfg.n_layer * cfg.d_model * seq_len
 
     # ----- checkpoints -----
@@ -352,12 +420,27 @@ class Transformer(nn.Module):
                 prepare(model, meta)
         check_state(model, state, weights)
         model.load_state_dict(state, strict=False, assign=True)
-        if config.tie_embeddings:
+        if config.head == "lm" and config.tie_embeddings:
             model.lm_head.weight = model.tok_emb.weight
         model._make_rope(device)
         # Rope tables follow the weights' dtype (as HF casts cos/sin to the activations' dtype).
         model.to(resolve_dtype(dtype, device) if dtype is not None else model.tok_emb.weight.dtype)
         return model.eval()
+
+
+def segment_step(segment_ids: torch.Tensor) -> CacheStep:
+    """The attention mask and positions of packed rows: a segment is a run of equal ids; a token sees the
+    earlier tokens of its own run (block-diagonal causal mask [B, 1, T, T]) and positions restart at 0."""
+    B, T = segment_ids.shape
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    index = torch.arange(T, device=segment_ids.device)
+    positions = index - torch.where(starts, index, 0).cummax(dim=1).values
+    runs = starts.cumsum(dim=1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    mask = (runs[:, :, None] == runs[:, None, :]) & causal
+    # No cache: a CacheStep here only carries the mask and the positions to the attention layers.
+    return CacheStep(T, 0, None, T, mask[:, None], False, positions)
 
 
 def read_meta(path: Path) -> dict:
