@@ -25,17 +25,23 @@ KEY = "test-key"
 WORDS = "the cat sat on a mat and the dog ran far away home while birds sang songs of the sea".split()
 
 
-def tiny_world() -> tuple[Transformer, Tokenizer]:
+def tokenizer(special_tokens=None) -> Tokenizer:
+    """A small BPE tokenizer; its default special tokens include llmlab's chat tokens (so a chat template)."""
     texts = [" ".join(WORDS[(i * 5 + j * 3) % len(WORDS)] for j in range(60)) + ".\n" for i in range(12)]
-    tok = Tokenizer.train(texts, vocab_size=300, progress=False, workers=1)
+    return Tokenizer.train(texts, vocab_size=300, special_tokens=special_tokens, progress=False, workers=1)
+
+
+def tiny_model(tok, block_size: int = 128) -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, block_size=128)
-    return Transformer(cfg).eval(), tok
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, block_size=block_size)
+    return Transformer(cfg).eval()
 
 
 @pytest.fixture(scope="module")
 def srv():
-    model, tok = tiny_world()
+    """The main server: a tokenizer with llmlab's chat template, an API key, tight limits."""
+    tok = tokenizer()
+    model = tiny_model(tok)
     engine = Engine(model, tok, block_size=8, max_running=64, prefill_chunk=32)
     limits = Limits(max_body_bytes=32 * 1024, max_prompt_tokens=100, max_tokens=64, max_n=4)
     app = create_app(engine, tok, model_name="tiny", limits=limits, api_key=KEY)
@@ -111,7 +117,9 @@ def test_streamed_completion_equals_the_whole(srv):
 
 def test_chat_streaming_and_not_use_the_template(srv):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat?"}]
-    ids, _, _ = chat_prompt(srv.tok, messages)
+    ids, stop_ids, _ = chat_prompt(srv.tok, messages)
+    assert ids == srv.tok.apply_chat_template(messages, add_generation_prompt=True)[0]
+    assert stop_ids == srv.tok.chat_template.stop_ids
     r = srv.client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
     assert r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == len(ids) and 1 <= r.usage.completion_tokens <= 16
@@ -122,6 +130,18 @@ def test_chat_streaming_and_not_use_the_template(srv):
     assert streamed == r.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_chat_without_a_template_uses_the_plain_one(slow):
+    tok = tokenizer(["<|eos|>"])
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi <|eos|>"}]
+    ids, stop_ids, stops = chat_prompt(tok, messages)
+    assert ids == [tok.eos_id] + tok.encode_ordinary("system: be brief\nuser: hi <|eos|>\nassistant:")
+    assert (stop_ids, stops) == ((tok.eos_id,), ("\nuser:",))
+    r = slow.http.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 5,
+                                                     "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids)
+    assert "\nuser:" not in r.json()["choices"][0]["message"]["content"]
 
 
 def test_stop_strings_cut_the_text(srv):
@@ -232,6 +252,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
     ({**CHAT, "n": 99}, 400, "n"),
     ({**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ({**CHAT, "messages": []}, 400, "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": "<|end|>"}]}, 400, "messages"),
     ({**CHAT, "stop": 7}, 400, "stop"),
     ({**CHAT, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ({"messages": CHAT["messages"]}, 400, "model"),
@@ -277,9 +298,8 @@ def test_api_key_is_required_and_checked(srv):
 @pytest.fixture(scope="module")
 def slow():
     """A second server with one decoding slot and one waiting place, whose long requests outlast a client."""
-    model, tok = tiny_world()
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32,
-                                    block_size=1024)).eval()
+    tok = tokenizer(["<|eos|>"])  # no chat tokens: chats use the plain template
+    model = tiny_model(tok, block_size=1024)
     engine = Engine(model, tok, block_size=16, max_running=1, prefill_chunk=64)
     app = create_app(engine, tok, model_name="tiny", limits=Limits(max_waiting=1, max_tokens=1000))
     with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=30) as http:

@@ -50,7 +50,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmlab.errors import ConfigError, LLMLabError
+from llmlab.errors import ConfigError, LLMLabError, TokenizerError
 from llmlab.infer.engine import Engine, EngineFull, SamplingParams
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -186,8 +186,11 @@ def chat_prompt(tok, messages: list[dict[str, str]]) -> tuple[list[int], tuple[i
 
     The tokenizer's chat template when it has one, else the plain template (module docstring). The same
     function renders `llmlab chat`'s prompts, so the page, the API and the terminal agree."""
-    template = getattr(tok, "chat_template", None)
-    if template is not None and hasattr(tok, "apply_chat_template"):
+    try:
+        template = tok.chat_template
+    except TokenizerError:  # no stored template and no chat tokens: the plain template
+        template = None
+    if template is not None:
         ids, _ = tok.apply_chat_template(messages, add_generation_prompt=True)
         return list(ids), tuple(template.stop_ids), ()
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
