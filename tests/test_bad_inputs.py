@@ -83,6 +83,7 @@ def make_scratch(t: Path, w: SimpleNamespace) -> None:
     (t / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
     (t / "bad.jsonl").write_text("{not json\n")
     (t / "prompts.jsonl").write_text('{"prompt": "What is 1 + 2?", "task": "add"}\n')
+    (t / "sft.jsonl").write_text('{"prompt": "What is 1 + 2?", "completion": "3"}\n' * 4)
     (t / "tok_bad").mkdir()
     (t / "tok_bad" / "llmlab.json").write_text('{"format": "llmlab-tokenizer", "merges": 7')
     for name in ("no_weights", "bad_config", "trunc_weights"):
@@ -306,6 +307,37 @@ CASES = [
          "train.run_name=exp",
          "already holds a run"),
     case("pretrain-resume-needs-value", "pretrain --resume", "--resume", USAGE),
+    # ---- sft ----
+    case("sft-no-checkpoint", "sft --data {t}/sft.jsonl train.out_dir={t}", "checkpoint is not set"),
+    case("sft-missing-checkpoint", "sft --checkpoint {t}/nope --data {t}/sft.jsonl train.out_dir={t}",
+         "nope"),
+    case("sft-checkpoint-no-weights", "sft --checkpoint {t}/no_weights --data {t}/sft.jsonl "
+         "train.out_dir={t}", "model.safetensors"),
+    case("sft-corrupt-config", "sft --checkpoint {t}/bad_config --data {t}/sft.jsonl train.out_dir={t}",
+         "config.json"),
+    case("sft-missing-data", "sft --checkpoint {ckpt} --data {t}/nope.jsonl train.out_dir={t}", "nope.jsonl"),
+    case("sft-malformed-record", "sft --checkpoint {ckpt} --data {t}/prompts.jsonl train.out_dir={t}",
+         "prompts.jsonl:1"),
+    case("sft-corrupt-jsonl", "sft --checkpoint {ckpt} --data {t}/bad.jsonl train.out_dir={t}",
+         "bad.jsonl:1"),
+    case("sft-missing-val", "sft --checkpoint {ckpt} --data {t}/sft.jsonl --val {t}/nope.jsonl "
+         "train.out_dir={t}", "nope.jsonl"),
+    case("sft-unknown-key", "sft --checkpoint {ckpt} --data {t}/sft.jsonl lora.rnk=4", "lora.rnk"),
+    case("sft-bad-lora-target", "sft --checkpoint {ckpt} --data {t}/sft.jsonl lora.rank=4 "
+         'lora.targets=["attn.q"]', "lora.targets"),
+    case("sft-block-past-context", "sft --checkpoint {ckpt} --data {t}/sft.jsonl train.out_dir={t} "
+         "data.block_size=9999", "data.block_size"),
+    case("sft-missing-tokenizer", "sft --checkpoint {ckpt} --data {t}/sft.jsonl train.out_dir={t} "
+         "data.tokenizer={t}/nope", "data.tokenizer"),
+    case("sft-other-tokenizer", "sft --checkpoint {ckpt} --data {t}/sft.jsonl train.out_dir={t} "
+         "data.tokenizer={tok_noeos}", "data.tokenizer"),
+    case("sft-missing-resume", "sft --checkpoint {ckpt} --data {t}/sft.jsonl train.out_dir={t} "
+         "--resume {t}/nope", "nope"),
+    case("sft-existing-run", "sft --checkpoint {ckpt} --data {t}/sft.jsonl train.out_dir={runs} "
+         "train.run_name=exp", "already holds a run"),
+    case("sft-run-under-file", "sft --checkpoint {ckpt} --data {t}/sft.jsonl train.out_dir={t}/file",
+         "regular file"),
+    case("sft-lr-nan", "sft --checkpoint {ckpt} --data {t}/sft.jsonl optim.lr=nan", "optim.lr"),
     # ---- plot ----
     case("plot-missing-dir", "plot {t}/nope", "metrics.jsonl"),
     case("plot-no-metrics", "plot {t}/run_nometrics", "metrics.jsonl"),

@@ -424,9 +424,6 @@ def run_sft(cfg: SFTConfig, resume: str | None = None, say=None) -> dict[str, An
 
 def _sft(cfg: SFTConfig, resume: str | None, dist_device, say) -> dict[str, Any]:
     cfg = resolve_config(cfg)
-    tok = load_tokenizer(cfg)
-    _check_tokenizer(cfg, tok)
-    data = prepare_data(cfg, tok, cfg.data.block_size)
     device = dist_device or resolve_device(cfg.train.device)
     rank, world_size = world()
     d = cfg.data
@@ -434,6 +431,11 @@ def _sft(cfg: SFTConfig, resume: str | None, dist_device, say) -> dict[str, Any]
     check_output(run_dir, inputs=[cfg.checkpoint, d.train, d.val, d.tokenizer], overwrite=True, into=True,
                  kept=True, what="run directory")
     resume_path = resolve_resume(resume, run_dir)
+    if resume_path is None and not (cfg.train.overwrite or resume == "auto"):
+        _prepare_run_dir(run_dir, resuming=False, overwrite=False)  # refuses an existing run, deletes nothing
+    tok = load_tokenizer(cfg)
+    _check_tokenizer(cfg, tok)
+    data = prepare_data(cfg, tok, d.block_size)
 
     seed_everything(cfg.train.seed)
     model, chat_tok, message = load_model(cfg.checkpoint, tok, device)
