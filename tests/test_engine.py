@@ -92,6 +92,14 @@ def test_chunked_prefill_keeps_decodes_going_and_changes_nothing():
     assert b.result().token_ids == reference(model, long_prompt, 10)
 
 
+def test_prefill_chunk_smaller_than_a_block_still_progresses():
+    model = tiny("gpt2")
+    engine = Engine(model, block_size=8, prefill_chunk=3)
+    requests = mixed_requests(4, seed=2)
+    handles = [engine.submit(p, greedy(n)) for p, n in requests]
+    assert [h.result().token_ids for h in handles] == [reference(model, p, n) for p, n in requests]
+
+
 def test_prefix_cache_reuses_blocks_and_changes_no_output():
     model = tiny("gpt2")
     system = [(7 * i + 3) % 256 for i in range(40)]
@@ -106,6 +114,19 @@ def test_prefix_cache_reuses_blocks_and_changes_no_output():
     assert stats["prefix_hits"] == 5 * 5  # 40 shared tokens = 5 full blocks of 8, for each later request
     assert stats["prompt_tokens"] - prefilled == 5 * 3  # only the 3 new tokens of each were computed
     assert stats["blocks_used"] == 0 and stats["blocks_cached"] > 0
+
+
+def test_requests_admitted_together_share_a_prefix_once_it_is_computed():
+    model = tiny("llama")
+    system = [(5 * i + 1) % 256 for i in range(48)]
+    prompts = [system + [i, 2 * i + 1] for i in range(5)]
+    engine = Engine(model, block_size=8, prefill_chunk=56)  # step 1: all of prompt 0, no block of prompt 1
+    handles = [engine.submit(p, greedy(6)) for p in prompts]
+    assert [h.result().token_ids for h in handles] == [reference(model, p, 6) for p in prompts]
+    stats = engine.stats()
+    assert stats["prefix_hits"] == 4 * 6  # the 48 common tokens: 6 blocks for each later prompt
+    assert stats["prompt_tokens"] == 50 + 4 * 2
+    assert stats["blocks_used"] == 0
 
 
 def test_prefix_cache_never_reuses_the_whole_prompt_and_evicts_lru():

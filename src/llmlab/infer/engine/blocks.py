@@ -87,11 +87,15 @@ class BlockPool:
         return new_blocks + revived <= self.available()
 
     def admit(self, new_blocks: int, shared: Sequence[int]) -> None:
-        for block in shared:
+        self.share(shared)
+        self.reserved += new_blocks
+
+    def share(self, blocks: Sequence[int]) -> None:
+        """One more reference to each of these cached blocks."""
+        for block in blocks:
             if self.refs[block] == 0:
                 del self.evictable[block]
             self.refs[block] += 1
-        self.reserved += new_blocks
 
     def take(self) -> int:
         """One reserved block: a free one, else the least recently released cached one (its key dropped)."""

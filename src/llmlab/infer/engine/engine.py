@@ -47,12 +47,13 @@ class Engine:
     kv_budget_bytes: memory for keys and values (None: room for max_running requests of the model's whole
     context, so admission never waits for memory). block_size: tokens per KV block. max_running: requests
     decoded together. prefill_chunk: prompt tokens processed per step. max_waiting: queued requests beyond
-    which submit raises EngineFull (None: no limit). draft: speculative decoding is refused (ConfigError).
+    which submit raises EngineFull (None: no limit). prefix_caching: reuse cached prompt-prefix blocks.
+    draft: speculative decoding is refused (ConfigError).
     """
 
     def __init__(self, model, tokenizer=None, kv_budget_bytes: int | None = None, block_size: int = 16,
                  max_running: int = 64, prefill_chunk: int = 256, *, max_waiting: int | None = None,
-                 draft=None):
+                 prefix_caching: bool = True, draft=None):
         if draft is not None:
             raise ConfigError("speculative decoding is not supported by the batching engine; serve without "
                               "a draft model (llmlab generate --draft speculates for single prompts)")
@@ -72,7 +73,7 @@ class Engine:
                                   f"{2 * per_block} bytes")
         self.pool = BlockPool(num_blocks, block_size)
         self.kv = KVPool(model, num_blocks, block_size)
-        self.scheduler = Scheduler(self.pool, max_running, prefill_chunk)
+        self.scheduler = Scheduler(self.pool, max_running, prefill_chunk, prefix_caching)
         self._lock = threading.Lock()  # held for a whole step (and prompt_logprobs' forward)
         self._wake = threading.Condition()  # guards the inbox; wakes the engine thread
         self._inbox: deque[Request] = deque()

@@ -4,12 +4,15 @@ The model calls cache.begin(B, T) once per forward, cache.update(layer, step, k,
 and cache.commit(step) at the end (llmlab.model.kv_cache documents the contract). PagedBatch implements the
 same three calls over block tables, so the model never learns that memory is paged:
   * update writes the new keys/values into their slots (slot = block * block_size + offset), then returns
-    each row's whole context gathered into contiguous [B, n_kv_head, L, head_dim] tensors for SDPA, L being
-    the longest row's length; shorter rows read the zeroed null block and are masked out.
+    each row's whole context gathered block by block into [B, n_kv_head, L, head_dim] tensors for SDPA, L
+    being the longest row's length; shorter rows' tails (the null block, or slots not written yet) are masked
+    out. The pool starts zeroed, so a masked slot is always finite (0 * NaN would poison the sum).
   * a prompt's first chunk (one row starting at position 0) attends only to its own new keys, so it returns
     them as they are with is_causal, exactly like generate()'s prefill.
-One gather per layer per forward is the cost of paging on devices without a paged attention kernel; the slot
-indices are computed once per forward, in begin, and shared by every layer.
+One gather per layer per forward is the cost of paging on devices without a paged attention kernel. It copies
+whole blocks (one contiguous run of block_size * n_kv_head * head_dim values each) into scratch buffers that
+are reused from layer to layer and step to step (a fresh multi-megabyte tensor per layer costs page faults
+on CPU); the indices are computed once per forward, in begin, and shared by every layer.
 """
 
 from __future__ import annotations
@@ -24,20 +27,25 @@ from llmlab.model.kv_cache import CacheStep
 
 
 class KVPool:
-    """Keys and values [n_layer, num_blocks * block_size, n_kv_head, head_dim] (slot-major)."""
+    """Keys and values [n_layer, num_blocks, block_size, n_kv_head, head_dim], and the gather buffers."""
 
     def __init__(self, model, num_blocks: int, block_size: int):
         cfg = model.config
         p = next(model.parameters())
         dtype = p.dtype if p.is_floating_point() else torch.float32
-        shape = (cfg.n_layer, num_blocks * block_size, cfg.kv_heads, cfg.head_dim)
-        # Empty, not zeros: only written slots and the null block are ever read.
-        self.k = torch.empty(shape, device=p.device, dtype=dtype)
-        self.v = torch.empty(shape, device=p.device, dtype=dtype)
-        null = slice(NULL_BLOCK * block_size, (NULL_BLOCK + 1) * block_size)
-        self.k[:, null] = 0
-        self.v[:, null] = 0
+        shape = (cfg.n_layer, num_blocks, block_size, cfg.kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=p.device, dtype=dtype)
+        self.v = torch.zeros(shape, device=p.device, dtype=dtype)
         self.block_size, self.device = block_size, p.device
+        self._scratch = (self.k.new_empty(0), self.v.new_empty(0))
+
+    def scratch(self, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two buffers [blocks, block_size, n_kv_head, head_dim] for gathered keys and values."""
+        n = blocks * self.k[0, 0].numel()
+        if self._scratch[0].numel() < n:
+            self._scratch = (self.k.new_empty(n), self.v.new_empty(n))
+        shape = (blocks, *self.k.shape[2:])
+        return self._scratch[0][:n].view(shape), self._scratch[1][:n].view(shape)
 
     @staticmethod
     def bytes_per_block(model, block_size: int) -> int:
@@ -63,14 +71,12 @@ class PagedBatch:
         positions = starts[:, None] + torch.arange(T, device=device)  # [B, T]
         width = max(len(t) for t in self.tables)
         table = torch.tensor([list(t) + [NULL_BLOCK] * (width - len(t)) for t in self.tables], device=device)
-        self.write = _slots(table, positions, bs).flatten()
+        self.write = (table.gather(1, positions // bs) * bs + positions % bs).flatten()
         if B == 1 and self.starts[0] == 0:  # a prompt's first chunk: only its own keys, causal
             return CacheStep(T, 0, None, T, None, True, slice(0, T))
-        lengths = [s + T for s in self.starts]
-        L = max(lengths)
+        L = max(self.starts) + T
+        self.read = table[:, :-(-L // bs)].flatten()  # whole blocks; the tail beyond L is sliced off
         keys = torch.arange(L, device=device)
-        valid = keys < (starts + T)[:, None]  # [B, L]
-        self.read = torch.where(valid, _slots(table, keys.expand(B, L), bs), 0).flatten()
         first = self.starts[0]
         same = all(s == first for s in self.starts)
         if same and T == 1:
@@ -84,18 +90,17 @@ class PagedBatch:
         """Write k, v [B, n_kv_head, T, head_dim] into their slots; return each row's context keys/values."""
         B, KV, T, hd = k.shape
         kc, vc = self.pool.k[layer], self.pool.v[layer]
-        kc.index_copy_(0, self.write, k.transpose(1, 2).reshape(B * T, KV, hd))
-        vc.index_copy_(0, self.write, v.transpose(1, 2).reshape(B * T, KV, hd))
+        kc.view(-1, KV, hd).index_copy_(0, self.write, k.transpose(1, 2).reshape(B * T, KV, hd))
+        vc.view(-1, KV, hd).index_copy_(0, self.write, v.transpose(1, 2).reshape(B * T, KV, hd))
         if self.read is None:
             return k, v
+        kg, vg = self.pool.scratch(self.read.numel())
+        torch.index_select(kc, 0, self.read, out=kg)
+        torch.index_select(vc, 0, self.read, out=vg)
         L = step.keylen
-        return (kc.index_select(0, self.read).view(B, L, KV, hd).transpose(1, 2),
-                vc.index_select(0, self.read).view(B, L, KV, hd).transpose(1, 2))
+        return (kg.view(B, -1, KV, hd)[:, :L].transpose(1, 2),
+                vg.view(B, -1, KV, hd)[:, :L].transpose(1, 2))
 
     def commit(self, step: CacheStep) -> None:
         """Nothing to advance: the engine moves each request's position itself."""
 
-
-def _slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Slot ids [B, N] of token positions [B, N] under block tables [B, width]."""
-    return table.gather(1, positions // block_size) * block_size + positions % block_size

@@ -5,7 +5,9 @@ Every engine step the scheduler
      reserve all the blocks a request may need (its cached prefix blocks are shared, not reserved again);
   2. plans the step: one decode token for every running request whose prompt is done, and prompt chunks for
      the others within a budget of prefill_chunk tokens, oldest first (chunked prefill: a long prompt is
-     spread over several steps instead of stalling the decodes);
+     spread over several steps instead of stalling the decodes). Before a prompt's next chunk, blocks cached
+     since its admission that continue it are shared instead of computed: requests admitted together with a
+     common prefix reuse it as soon as the first of them has computed it;
   3. after the forwards, registers newly completed blocks in the prefix cache, and retires finished requests,
      whose blocks go back to the pool at once.
 No step waits for the batch to drain: a request that finishes leaves, and the next waiting one joins.
@@ -62,8 +64,9 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_running: int, prefill_chunk: int):
+    def __init__(self, pool: BlockPool, max_running: int, prefill_chunk: int, prefix_caching: bool = True):
         self.pool, self.max_running, self.prefill_chunk = pool, max_running, prefill_chunk
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.prefix_hit_blocks = 0
@@ -72,7 +75,8 @@ class Scheduler:
         bs = self.pool.block_size
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
-            reusable = (len(req.prompt) - 1) // bs  # the last prompt token is always computed: its logits
+            # The last prompt token is always computed: its logits give the first new token.
+            reusable = (len(req.prompt) - 1) // bs if self.prefix_caching else 0
             shared = self.pool.cached_prefix([req.key(i, bs) for i in range(reusable)])
             new = req.blocks_needed(bs) - len(shared)
             if not self.pool.can_admit(new, shared):
@@ -89,10 +93,41 @@ class Scheduler:
         prefill, budget = [], self.prefill_chunk
         for req in self.running:
             if req.prefilling and budget > 0:
-                n = min(len(req.prompt) - req.computed, budget)
+                self.share_cached(req)
+                n = self.chunk(req, budget)
+                if n == 0:
+                    break
                 prefill.append((req, n))
                 budget -= n
         return StepPlan(decode, prefill)
+
+    def chunk(self, req: Request, budget: int) -> int:
+        """Prompt tokens to compute now: all that is left if the budget allows, else up to a block boundary
+        (so the next chunk can start on blocks another request has cached meanwhile); 0 to wait a step.
+        A whole step's budget that reaches no boundary is taken as it is: every step makes progress."""
+        left = len(req.prompt) - req.computed
+        if left <= budget:
+            return left
+        bs = self.pool.block_size
+        aligned = (req.computed + budget) // bs * bs - req.computed
+        if aligned > 0:
+            return aligned
+        return budget if budget == self.prefill_chunk else 0
+
+    def share_cached(self, req: Request) -> None:
+        """Extend a prompt's table with cached blocks that continue it (when it ends on a block boundary)."""
+        bs = self.pool.block_size
+        if not self.prefix_caching or req.computed != len(req.table) * bs:
+            return
+        reusable = (len(req.prompt) - 1) // bs
+        shared = self.pool.cached_prefix([req.key(i, bs) for i in range(len(req.table), reusable)])
+        if shared:
+            self.pool.share(shared)
+            self.pool.reserved -= len(shared)  # these no longer come out of the request's reservation
+            req.table += shared
+            req.reserved -= len(shared)
+            req.computed, req.registered = len(req.table) * bs, len(req.table)
+            self.prefix_hit_blocks += len(shared)
 
     def grow(self, req: Request, n: int) -> None:
         """Take reserved blocks until the table covers the next n positions."""
@@ -102,7 +137,7 @@ class Scheduler:
 
     def register_full_blocks(self, req: Request) -> None:
         bs = self.pool.block_size
-        while req.registered < req.computed // bs:
+        while self.prefix_caching and req.registered < req.computed // bs:
             self.pool.register(req.table[req.registered], req.key(req.registered, bs))
             req.registered += 1
 
