@@ -1,0 +1,165 @@
+"""Rollouts for RL fine-tuning: sample responses to a batch of prompts, then score every sampled token.
+
+    ro = rollout(policy, prompts, stop_ids=tok.chat_template.stop_ids, pad_id=tok.chat_template.pad_id,
+                 max_new_tokens=64, seed=step, reference=ref, reward_model=rm, missing_eos_penalty=1.0)
+    ro.responses [B, R], ro.mask [B, R], ro.logprobs / ro.ref_logprobs [B, R], ro.scores [B], ro.ended [B]
+
+Sampling uses the KV-cache generator (llmlab.infer.generate) on prompts of any lengths: it right-pads them,
+prefills once and rolls each row back to its own length, so a row samples exactly what it would alone. A
+response ends right after its first stop id (the chat template's end-of-turn, kept in the response) or at
+max_new_tokens; `ended` says which rows ended on a stop id.
+
+Layout for the forward passes that follow: row b of `sequences` [B, W] is prompt_b followed by response_b,
+then `pad_id` (right padding, so plain causal attention computes each row as if alone). The response's token
+t sits in column prompt_lengths[b] + t and is predicted from the column before, so per-token log-probs and
+values are read at `columns` [B, R] = prompt_lengths[:, None] - 1 + t of a forward over sequences[:, :-1].
+Response-aligned tensors [B, R] follow llmlab.align.rl's layout: `mask` is 1 on the n_b real tokens of row b.
+
+Log-probabilities are the models' raw distributions (temperature 1, no top-k/top-p): sample at temperature 1
+for the importance ratios of PPO to be on-policy. Every forward here runs without gradients; the policy's
+trainable pass during the update goes through `response_logprobs` with the same layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from llmlab.errors import ModelError
+from llmlab.infer.generate import generate
+from llmlab.train.checkpoint import unwrap
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses and what was measured about them (module docstring for the layout)."""
+
+    sequences: torch.Tensor            # [B, W] prompt + response + pad_id, right-padded
+    prompt_lengths: torch.Tensor       # [B]
+    responses: torch.Tensor            # [B, R] response tokens, pad_id after each row's end
+    mask: torch.Tensor                 # [B, R] float, 1 on real response tokens
+    ended: torch.Tensor                # [B] bool: the response ended on a stop id (not at the length limit)
+    logprobs: torch.Tensor             # [B, R] policy log p of each sampled token (0 on padding)
+    ref_logprobs: torch.Tensor | None = None   # [B, R] the reference model's (0 on padding)
+    scores: torch.Tensor | None = None         # [B] reward-model score at the last real token (+ penalty)
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """[B, R]: where response token t's prediction sits in a forward over sequences[:, :-1]."""
+        return response_columns(self.prompt_lengths, self.responses.shape[1])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] response lengths in tokens."""
+        return self.mask.sum(dim=1).long()
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The rollout restricted to `rows` (a minibatch), every per-row tensor indexed alike."""
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                          for f in fields(self)})
+
+
+def response_columns(prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width]: column prompt_lengths[b] - 1 + t, where the prediction of response token t sits."""
+    return prompt_lengths[:, None] - 1 + torch.arange(width, device=prompt_lengths.device)
+
+
+def response_logprobs(model: nn.Module, ro: Rollout) -> torch.Tensor:
+    """[B, R] log p(response token t | prompt, earlier response tokens) under `model` (0 on padding).
+
+    Goes through model(...), so it is the trainable pass under DDP/FSDP too (no_grad is the caller's)."""
+    seq = ro.sequences
+    logprobs = model(seq[:, :-1], targets=seq[:, 1:], output="logprobs")
+    return _at_columns(logprobs, ro) * ro.mask
+
+
+def response_values(model: nn.Module, ro: Rollout) -> torch.Tensor:
+    """[B, R] a scalar-head model's value of each response token's state: its output at the position that
+    predicts the token (the prompt's last token for t = 0), 0 on padding."""
+    values = model(ro.sequences[:, :-1], output="scores")
+    return _at_columns(values.float(), ro) * ro.mask
+
+
+def last_token_scores(model: nn.Module, ro: Rollout) -> torch.Tensor:
+    """[B] a scalar-head model's output at each sequence's last real token (the response's last token)."""
+    scores = model(ro.sequences, output="scores").float()
+    last = ro.prompt_lengths + ro.lengths - 1
+    return scores[torch.arange(scores.shape[0], device=scores.device), last]
+
+
+def _at_columns(per_position: torch.Tensor, ro: Rollout) -> torch.Tensor:
+    columns = ro.columns.clamp(max=per_position.shape[1] - 1)  # padding columns past the end: masked anyway
+    return per_position.gather(1, columns)
+
+
+def sample_responses(policy: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Sequence[int],
+                     pad_id: int, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """Sample one response per prompt -> sequences, prompt_lengths, responses, mask, ended (see Rollout)."""
+    if not prompts:
+        raise ModelError("no prompts to roll out; give at least one")
+    if max_new_tokens < 1:
+        raise ModelError(f"max_new_tokens={max_new_tokens} leaves no room for a response; use at least 1")
+    model = unwrap(policy)
+    rows = [list(p) for p in prompts]
+    # pad -1 is never a token, so it marks where each row's response ends; replaced by pad_id below.
+    out = generate(model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   stop=list(stop_ids), pad_id=-1)
+    out = out.clone()  # generate runs in inference mode; a plain tensor can feed autograd passes later
+    if out.dim() == 1:
+        out = out[None]
+    device = out.device
+    prompt_lengths = torch.tensor([len(p) for p in rows], device=device)
+    real = out != -1
+    n_resp = real.sum(dim=1) - prompt_lengths
+    width = int(n_resp.max())
+    cols = prompt_lengths[:, None] + torch.arange(width, device=device)
+    mask = (torch.arange(width, device=device) < n_resp[:, None])
+    responses = out.gather(1, cols.clamp(max=out.shape[1] - 1)).masked_fill(~mask, pad_id)
+    last = responses.gather(1, (n_resp - 1)[:, None]).squeeze(1)
+    ended = torch.isin(last, torch.tensor(list(stop_ids), device=device))
+    sequences = out.masked_fill(~real, pad_id)[:, : int((prompt_lengths + n_resp).max())]
+    return {"sequences": sequences, "prompt_lengths": prompt_lengths, "responses": responses,
+            "mask": mask.float(), "ended": ended}
+
+
+@torch.no_grad()
+def rollout(policy: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Sequence[int], pad_id: int,
+            max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+            top_p: float | None = None, seed: int | None = None, reference: nn.Module | None = None,
+            reward_model: nn.Module | None = None, missing_eos_penalty: float | None = None) -> Rollout:
+    """Sample a response to each prompt and score it: the policy's (and the reference's) log-probs of the
+    sampled tokens, and the reward model's score at the last real token, minus `missing_eos_penalty` for a
+    response that reached max_new_tokens without a stop id (TRL's missing_eos_penalty)."""
+    sampled = sample_responses(policy, prompts, stop_ids=stop_ids, pad_id=pad_id,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed)
+    ro = Rollout(**sampled, logprobs=torch.empty(0))
+    with _eval_mode(policy):
+        ro.logprobs = response_logprobs(unwrap(policy), ro)
+    if reference is not None:
+        with _eval_mode(reference):
+            ro.ref_logprobs = response_logprobs(unwrap(reference), ro)
+    if reward_model is not None:
+        with _eval_mode(reward_model):
+            scores = last_token_scores(unwrap(reward_model), ro)
+        if missing_eos_penalty:
+            scores = scores - missing_eos_penalty * (~ro.ended).float()
+        ro.scores = scores
+    return ro
+
+
+class _eval_mode:
+    """Dropout off for a measurement pass; the module's mode restored after."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self):
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)
