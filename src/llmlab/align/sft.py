@@ -22,10 +22,8 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import json
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +34,10 @@ import torch
 from torch import nn
 
 from llmlab.align.lora import META_KEY, LoRACheckpointer, LoRAConfig, apply_lora, load_lora
-from llmlab.config import Fraction, NonEmptyStr, NonNegativeInt, PositiveInt, check_config, to_toml
+from llmlab.config import Fraction, NonEmptyStr, NonNegativeInt, PositiveInt, check_config
 from llmlab.data.chat_data import SFTExample, encode_sft, read_sft
-from llmlab.device import resolve_device
 from llmlab.errors import CheckpointError, ConfigError, DataError
-from llmlab.fsutil import atomic_dir, check_output, write_text_atomic
+from llmlab.fsutil import atomic_dir
 from llmlab.model.resize import add_chat_tokens
 from llmlab.model.transformer import (
     CONFIG_FILE,
@@ -59,21 +56,12 @@ from llmlab.tokenizer.identity import (
     require_same_tokenizer,
     write_tokenizer_id,
 )
-from llmlab.train.checkpoint import Checkpointer, resolve_resume
-from llmlab.train.distributed import (
-    DistCheckpointer,
-    ParallelConfig,
-    is_dcp_checkpoint,
-    parallelize,
-    process_group,
-    stop_on_signals,
-    world,
-)
+from llmlab.train.distributed import ParallelConfig, world
+from llmlab.train.launch import Built, Plan, Run, launch
 from llmlab.train.objective import LossOutput, Objective, next_token_loss
 from llmlab.train.optim import OptimConfig
-from llmlab.train.pretrain import _prepare_run_dir, seed_everything
-from llmlab.train.spike import SpikeConfig, SpikeGuard
-from llmlab.train.trainer import TrainConfig, Trainer
+from llmlab.train.spike import SpikeConfig
+from llmlab.train.trainer import TrainConfig
 
 IGNORE = -100
 STATE_VERSION = 1
@@ -403,90 +391,59 @@ def _check_tokenizer(cfg: SFTConfig, tok: Tokenizer) -> None:
                            "drop it")
 
 
-def _write_merged(run_dir: Path, final: Path, tok: Tokenizer, tokenizer_dir: Path) -> Path:
-    """RUN_DIR/merged: the final adapters folded into the base, a plain checkpoint every verb reads."""
+def write_merged(run_dir: Path, final: Path, tok: Tokenizer, chat_tok: Tokenizer) -> Path:
+    """RUN_DIR/merged: the adapters of checkpoint `final` folded into their base, a plain checkpoint (with the
+    chat tokenizer) that every verb reads."""
     model = load_lora(final, merge=True, base_loader=lambda base, meta: load_model(base, tok)[0])
     target = run_dir / "merged"
     with atomic_dir(target) as tmp:
         model.save_into(tmp)
-        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        write_tokenizer_id(tmp, fingerprint(Tokenizer.load(tokenizer_dir)))
+        chat_tok.save(tmp / "tokenizer")
+        write_tokenizer_id(tmp, fingerprint(chat_tok))
     return target
 
 
 def run_sft(cfg: SFTConfig, resume: str | None = None, say=None) -> dict[str, Any]:
-    """Fine-tune cfg.checkpoint on cfg.data (resume: a checkpoint, a run dir, "auto" or "best"); returns the
-    run's summary. `say(line)` receives the one-line notes (chat tokens added, examples dropped)."""
-    cfg = check_config(cfg)
-    with process_group(cfg.train.device) as dist_device:
-        return _sft(cfg, resume, dist_device, say or (lambda line: None))
+    """Fine-tune cfg.checkpoint on cfg.data on the shared launcher (resume: a checkpoint, a run dir, "auto" or
+    "best"); returns the run's summary. `say(line)` receives the one-line notes (chat tokens added, examples
+    left out)."""
+    cfg = check_config(cfg)  # bad values are reported before anything runs
+    say = say or (lambda line: None)
 
+    def resolve(cfg: SFTConfig) -> Plan:
+        cfg = resolve_config(cfg)
+        return Plan(cfg, inputs=[cfg.checkpoint, cfg.data.train, cfg.data.val, cfg.data.tokenizer])
 
-def _sft(cfg: SFTConfig, resume: str | None, dist_device, say) -> dict[str, Any]:
-    cfg = resolve_config(cfg)
-    device = dist_device or resolve_device(cfg.train.device)
-    rank, world_size = world()
-    d = cfg.data
-    run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
-    check_output(run_dir, inputs=[cfg.checkpoint, d.train, d.val, d.tokenizer], overwrite=True, into=True,
-                 kept=True, what="run directory")
-    resume_path = resolve_resume(resume, run_dir)
-    if resume_path is None and not (cfg.train.overwrite or resume == "auto"):
-        _prepare_run_dir(run_dir, resuming=False, overwrite=False)  # refuses an existing run, deletes nothing
-    tok = load_tokenizer(cfg)
-    _check_tokenizer(cfg, tok)
-    data = prepare_data(cfg, tok, d.block_size)
-
-    seed_everything(cfg.train.seed)
-    model, chat_tok, message = load_model(cfg.checkpoint, tok, device)
-    if message and rank == 0:
-        say(f"llmlab sft: {message}")
-    if data.dropped and rank == 0:
-        say(f"llmlab sft: {data.dropped} example(s) of {d.train} have no assistant token within "
-            f"data.block_size={d.block_size} tokens and were left out")
-    if cfg.lora.enabled:
-        apply_lora(model, cfg.lora)
-    flops = model.flops_per_token(d.block_size)
-    batches = SFTBatches(data.train_rows, d.batch_size, pad_id=data.pad_id, packed=d.packing, seed=d.seed,
-                         rank=rank, world_size=world_size, device=device, source=d.train)
-    objective = sft_objective(EvalSet(data.val_rows, d.batch_size, data.pad_id, d.packing,
-                                      cfg.train.eval_batches, device))
-    strategy = cfg.parallel.resolved_strategy(world_size)
-    wrapped = parallelize(model, cfg.parallel, device)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_dir = Path(tmp) / "tokenizer"
-        chat_tok.save(tokenizer_dir)
-        ckpt_args = (run_dir, cfg.train.keep_last, tokenizer_dir, cfg.train.keep_best, fingerprint(chat_tok))
+    def build(run: Run) -> Built:
+        cfg, d = run.config, run.config.data
+        tok = load_tokenizer(cfg)
+        _check_tokenizer(cfg, tok)
+        data = prepare_data(cfg, tok, d.block_size)
+        model, chat_tok, message = load_model(cfg.checkpoint, tok, run.device)
+        notes = [message] if message else []
+        if data.dropped:
+            notes.append(f"{data.dropped} example(s) of {d.train} have no assistant token within "
+                         f"data.block_size={d.block_size} tokens and were left out")
+        for line in notes if run.rank == 0 else []:
+            say(f"llmlab sft: {line}")
         if cfg.lora.enabled:
-            checkpointer = LoRACheckpointer(*ckpt_args, base=cfg.checkpoint)
-        else:
-            dcp = strategy == "fsdp" or (resume_path is not None and is_dcp_checkpoint(resume_path))
-            checkpointer = (DistCheckpointer if dcp else Checkpointer)(*ckpt_args)
-        callbacks = [SpikeGuard(cfg.spike)] if cfg.spike.enabled else []
-        trainer = Trainer(wrapped, objective, batches, cfg.optim, cfg.train, run_dir=run_dir,
-                          flops_per_token=flops, checkpointer=checkpointer, callbacks=callbacks)
-        if isinstance(checkpointer, DistCheckpointer):
-            checkpointer.attach(trainer.optimizer)
-        if resume_path is not None:
-            trainer.resume(resume_path)
-        elif rank == 0:
-            _prepare_run_dir(run_dir, resuming=False, overwrite=cfg.train.overwrite or resume == "auto")
-        fresh = not run_dir.exists()
-        if rank == 0:
-            write_text_atomic(run_dir / "config.toml", to_toml(cfg))
-        try:
-            with stop_on_signals(trainer):
-                summary = trainer.fit()
-        except BaseException:
-            if fresh and rank == 0 and not (run_dir / "metrics.jsonl").exists():
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-        final = trainer.checkpointer.path(trainer.step)
-        summary.update(checkpoint=str(final), examples=data.examples, dropped=data.dropped,
-                       val_examples=len(data.val_rows), added_tokens=data.added, device=str(device),
-                       trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
-        if cfg.lora.enabled and cfg.lora.merge and rank == 0:
-            summary["merged"] = str(_write_merged(run_dir, final, tok, tokenizer_dir))
-    if rank == 0:
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+            apply_lora(model, cfg.lora)
+        batches = SFTBatches(data.train_rows, d.batch_size, pad_id=data.pad_id, packed=d.packing,
+                             seed=d.seed, rank=run.rank, world_size=run.world_size, device=run.device,
+                             source=d.train)
+        objective = sft_objective(EvalSet(data.val_rows, d.batch_size, data.pad_id, d.packing,
+                                          cfg.train.eval_batches, run.device))
+        summary = {"examples": data.examples, "dropped": data.dropped, "val_rows": len(data.val_rows),
+                   "added_tokens": data.added}
+        checkpointer, finish = None, None
+        if cfg.lora.enabled:
+            checkpointer = functools.partial(LoRACheckpointer, base=cfg.checkpoint)
+            if cfg.lora.merge:
+                def finish(trainer, summary):
+                    if trainer.is_main:
+                        final = trainer.checkpointer.path(trainer.step)
+                        summary["merged"] = str(write_merged(run.run_dir, final, tok, chat_tok))
+        return Built(model, objective, batches, flops_per_token=model.flops_per_token(d.block_size),
+                     tokenizer=chat_tok, checkpointer=checkpointer, summary=summary, finish=finish)
+
+    return launch(cfg, build, resume, resolve=resolve)
