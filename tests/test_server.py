@@ -17,7 +17,7 @@ import torch
 
 from llmlab.infer import generate
 from llmlab.infer.engine import Engine
-from llmlab.infer.server import BackgroundServer, Limits, chat_prompt, create_app
+from llmlab.infer.server import BackgroundServer, Limits, SpecialText, chat_prompt, create_app
 from llmlab.model import ModelConfig, Transformer
 from llmlab.tokenizer import Tokenizer
 
@@ -142,6 +142,14 @@ def test_chat_without_a_template_uses_the_plain_one(slow):
                                                      "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids)
     assert "\nuser:" not in r.json()["choices"][0]["message"]["content"]
+
+
+def test_chat_replies_leave_out_special_token_text(srv):
+    f = SpecialText(srv.tok)
+    assert [f.feed("ab<|ass"), f.feed("istant|>c<"), f.feed("d<|e", final=True)] == ["ab", "c", "<d<|e"]
+    r = srv.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the cat?"}],
+                                           max_tokens=40, temperature=0)
+    assert not any(s in r.choices[0].message.content for s in srv.tok.special_tokens)
 
 
 def test_stop_strings_cut_the_text(srv):

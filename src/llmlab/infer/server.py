@@ -22,6 +22,7 @@ is OpenAI's error shape {"error": {"message", "type", "param", "code"}} with its
 unexpected is a 500 for that request only. A client that goes away cancels its engine requests, which
 returns their KV blocks at once.
 
+Chat replies leave out special-token text (class SpecialText); completions are the raw decoded text.
 Chat prompts use the tokenizer's chat template (tok.apply_chat_template) when it has one; otherwise a plain
 "role: content" transcript after the end-of-document token, ending in "assistant:", with "\\nuser:" as a
 stop string so the model does not write the user's next turn.
@@ -467,6 +468,27 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+class SpecialText:
+    """Drops special-token text (<|assistant|>, <|eos|>, ...) from a streamed chat reply, as vLLM's
+    skip_special_tokens does: a client sends the reply back in the next turn, and a chat template refuses
+    messages that write control tokens. A piece ending in what may begin one is held until the next piece."""
+
+    def __init__(self, tok):
+        self.specials = sorted(tok.special_tokens, key=len, reverse=True)
+        self.held = ""
+
+    def feed(self, text: str, final: bool = False) -> str:
+        text, self.held = self.held + text, ""
+        for special in self.specials:
+            text = text.replace(special, "")
+        if not final:
+            for k in range(min(len(text), max(map(len, self.specials), default=1) - 1), 0, -1):
+                if any(s.startswith(text[-k:]) for s in self.specials):
+                    text, self.held = text[:-k], text[-k:]
+                    break
+        return text
+
+
 # ----- logprobs in OpenAI's shapes --------------------------------------------------------------------------
 def top_pairs(entry: dict) -> list[tuple[int, float]]:
     """An engine logprob entry's alternatives as (id, logprob), the chosen token included."""
@@ -628,13 +650,19 @@ async def chat_completions(service: Service, request: Request, body: ChatBody):
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": service.model_name}
-        return _stream(service, jobs, body, head, len(prompt), lambda job, out: {
-            "index": job.index, "delta": {"content": out.text} if job.token_ids else
-            {"role": "assistant", "content": out.text},
-            "logprobs": chat_logprobs(service.tok, out.logprobs or [], top) if body.logprobs else None,
-            "finish_reason": out.finish_reason})
+        filters = [SpecialText(service.tok) for _ in jobs]
+
+        def chunk(job: Job, out) -> dict:
+            text = filters[job.index].feed(out.text, final=out.finish_reason is not None)
+            delta = {"content": text} if job.token_ids else {"role": "assistant", "content": text}
+            logprobs = chat_logprobs(service.tok, out.logprobs or [], top) if body.logprobs else None
+            return {"index": job.index, "delta": delta, "logprobs": logprobs,
+                    "finish_reason": out.finish_reason}
+
+        return _stream(service, jobs, body, head, len(prompt), chunk)
     await collect(service, jobs, request)
-    choices = [{"index": j.index, "message": {"role": "assistant", "content": j.text},
+    choices = [{"index": j.index, "message": {"role": "assistant",
+                                              "content": SpecialText(service.tok).feed(j.text, final=True)},
                 "logprobs": chat_logprobs(service.tok, j.logprobs or [], top) if body.logprobs else None,
                 "finish_reason": j.finish_reason} for j in jobs]
     return {"id": rid, "object": "chat.completion", "created": created, "model": service.model_name,
