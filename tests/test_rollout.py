@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmlab.align.rollout import response_values, rollout
-from llmlab.errors import ModelError
+from llmlab.align.rollout import MinibatchQueue, PromptStream, response_values, rollout
+from llmlab.errors import ConfigError, ModelError
 from llmlab.infer import generate
 from llmlab.model import ModelConfig, Transformer
 
@@ -99,3 +99,22 @@ def test_a_prompt_longer_than_the_context_is_a_one_line_model_error():
     with pytest.raises(ModelError, match="context") as info:
         rollout(policy, [[5] * 40, [6]], stop_ids=[3], pad_id=PAD, max_new_tokens=4)
     assert "\n" not in str(info.value)
+
+
+def test_prompt_stream_visits_every_prompt_once_per_epoch_and_is_a_function_of_the_index():
+    stream = PromptStream(10, 4, seed=3)
+    first_epoch = stream.batch(0) + stream.batch(1) + stream.batch(2)[:2]
+    assert sorted(first_epoch) == list(range(10))
+    assert PromptStream(10, 4, seed=3).batch(5) == stream.batch(5)
+    assert stream.batch(0) != PromptStream(10, 4, seed=4).batch(0)
+
+
+def test_minibatch_queue_holds_epochs_of_shuffled_micro_batches():
+    queue = MinibatchQueue()
+    queue.fill(8, epochs=2, num_minibatches=2, accum=2, seed=0)
+    items = [queue.next_batch() for _ in range(8)]
+    assert queue.empty and all(len(i) == 2 for i in items)
+    assert sorted(torch.cat(items[:4]).tolist()) == list(range(8))
+    assert sorted(torch.cat(items[4:]).tolist()) == list(range(8))
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        queue.fill(6, epochs=1, num_minibatches=2, accum=2, seed=0)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from llmlab.errors import ModelError
+from llmlab.errors import ConfigError, ModelError
 from llmlab.infer.generate import generate
 from llmlab.train.checkpoint import unwrap
 
@@ -163,3 +163,66 @@ class _eval_mode:
 
     def __exit__(self, *exc):
         self.module.train(self.was_training)
+
+
+# ----- what the RL objectives feed the trainer -----
+class PromptStream:
+    """Which prompts each rollout samples: epoch e visits the n prompts in a permutation drawn from
+    (seed, e), and rollout i takes stream entries [i * batch_size, (i + 1) * batch_size), so a rollout's
+    prompts are a pure function of its index (resuming needs only the index)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0):
+        if n < 1:
+            raise ModelError("no prompts to roll out; give a prompt file with at least one record")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+
+    def _epoch(self, e: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + e)
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def batch(self, i: int) -> list[int]:
+        start = i * self.batch_size
+        out, epoch, order = [], None, []
+        for pos in range(start, start + self.batch_size):
+            if pos // self.n != epoch:
+                epoch = pos // self.n
+                order = self._epoch(epoch)
+            out.append(order[pos % self.n])
+        return out
+
+
+class MinibatchQueue:
+    """The trainer's batch source for an RL objective: row indices into the current rollout batch.
+
+    fill() queues `epochs` passes over the rows, each a fresh permutation split into `num_minibatches`
+    minibatches (one optimizer step each) of `accum` micro-batches (the trainer's accum_steps), so one
+    rollout batch is worth epochs * num_minibatches optimizer steps. next_batch() pops the next micro-batch.
+    """
+
+    def __init__(self):
+        self.items: list[torch.Tensor] = []
+
+    def fill(self, n_rows: int, epochs: int, num_minibatches: int, accum: int, seed: int) -> None:
+        if n_rows % (num_minibatches * accum):
+            raise ConfigError(f"a rollout batch of {n_rows} samples does not split into {num_minibatches} "
+                             f"minibatches of {accum} micro-batches; make the batch a multiple of "
+                             f"{num_minibatches * accum}")
+        generator = torch.Generator().manual_seed(seed)
+        micro = n_rows // (num_minibatches * accum)
+        self.items = [part for _ in range(epochs)
+                      for part in torch.randperm(n_rows, generator=generator).split(micro)]
+
+    @property
+    def empty(self) -> bool:
+        return not self.items
+
+    def next_batch(self) -> torch.Tensor:
+        if not self.items:
+            raise RuntimeError("the rollout batch is used up; the objective's prepare_step refills it")
+        return self.items.pop(0)
+
+    def state_dict(self) -> dict:
+        return {"items": list(self.items)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.items = list(state["items"])

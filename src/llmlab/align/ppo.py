@@ -1,0 +1,228 @@
+"""PPO with a KL penalty (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022) on the one trainer.
+
+    model = PolicyAndValue(policy, value_from(reward_model))     # what the Trainer trains (one optimizer)
+    objective = PPOObjective(prompts, reference, reward_model, PPOConfig(...), stop_ids=..., pad_id=...)
+    Trainer(model, objective, objective.batches, optim, TrainConfig(accum_steps=A, ...)).fit()
+
+Every `num_ppo_epochs * num_mini_batches` optimizer steps, prepare_step collects a rollout batch of
+`rollout_batch_size` prompts (llmlab.align.rollout): responses sampled from the policy and ended at the chat
+template's end-of-turn, their log-probs under the policy and the frozen reference, the frozen reward model's
+score at the last real token (minus missing_eos_penalty for a response cut at the length limit), and the
+value model's values. Then, with llmlab.align.rl:
+    rewards    = -beta * KL estimate (k1 or k3) per token, + the score at the last token
+    advantages = GAE(gamma, lam) over the response tokens, whitened over the batch; returns = A + V
+and the batch's rows are queued for `num_ppo_epochs` passes, each a fresh shuffle split into
+`num_mini_batches` minibatches. Trainer semantics: one minibatch = one optimizer step, made of the trainer's
+`accum_steps` micro-batches; so rollout_batch_size must be a multiple of num_mini_batches * accum_steps, and
+optim.max_steps counts minibatch updates (rollouts = max_steps / (num_ppo_epochs * num_mini_batches)).
+
+Loss per response token (summed, weight = response tokens, so a minibatch's loss is the token mean however it
+is split into micro-batches, as TRL's masked means):
+    clipped surrogate(ratio = pi / pi_rollout, cliprange) + vf_coef * clipped value loss(cliprange_value)
+
+The value model is a separate scalar-head Transformer, initialised from the reward model as in InstructGPT and
+TRL; policy and value train together in PolicyAndValue under one optimizer (TRL's PolicyAndValueWrapper).
+beta is fixed (`kl_coef`) or adapted toward `target_kl` (Ziegler et al.'s controller, horizon `kl_horizon`).
+
+Metrics (TRL's names): per rollout batch objective/kl (summed over a response's tokens, mean over responses),
+objective/entropy (-sum log pi of the sampled tokens), objective/non_score_reward (-beta * KL summed),
+objective/rlhf_reward (score + non-score reward), objective/scores, objective/beta, val/num_eos_tokens
+(responses that ended on a stop id); per update (token means) policy/approxkl_avg, policy/clipfrac_avg,
+loss/policy_avg, loss/value_avg, val/clipfrac_avg, val/ratio. A rollout batch's metrics are logged at each of
+its update steps (the trainer's weighted mean of a constant is that constant).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+
+from llmlab.align import rl
+from llmlab.align.rollout import (
+    MinibatchQueue,
+    PromptStream,
+    Rollout,
+    response_logprobs,
+    response_values,
+    rollout,
+)
+from llmlab.config import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, check_config
+from llmlab.errors import ConfigError
+from llmlab.train.checkpoint import unwrap
+from llmlab.train.objective import LossOutput, Objective
+
+
+@dataclass
+class PPOConfig:
+    """PPO settings; names follow TRL's PPOConfig where it has them."""
+
+    rollout_batch_size: PositiveInt = 16     # prompts (= responses) per rollout batch
+    num_ppo_epochs: PositiveInt = 4          # passes over each rollout batch
+    num_mini_batches: PositiveInt = 1        # minibatches (optimizer steps) per pass
+    response_length: PositiveInt = 32        # max new tokens per response
+    temperature: PositiveFloat = 1.0         # sampling temperature (1: on-policy importance ratios)
+    kl_coef: NonNegativeFloat = 0.05         # beta: weight of the per-token KL penalty (initial, if adaptive)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    target_kl: PositiveFloat | None = None   # adapt beta toward this per-response KL (None: fixed beta)
+    kl_horizon: PositiveInt = 10_000         # the adaptive controller's horizon, in responses
+    gamma: Fraction = 1.0
+    lam: Fraction = 0.95
+    cliprange: PositiveFloat = 0.2
+    cliprange_value: PositiveFloat = 0.2
+    vf_coef: NonNegativeFloat = 0.1
+    whiten_rewards: bool = False
+    missing_eos_penalty: NonNegativeFloat | None = None  # subtracted from the score of a response that
+                                             # reached response_length without an end-of-turn
+    seed: int = 0
+
+    def controller(self) -> rl.FixedKLController:
+        if self.target_kl is None:
+            return rl.FixedKLController(self.kl_coef)
+        return rl.AdaptiveKLController(self.kl_coef, self.target_kl, self.kl_horizon)
+
+
+class PolicyAndValue(nn.Module):
+    """The policy and the value model as one module for the trainer: model(idx, which="policy"|"value",
+    **kwargs) calls one of them, so a DDP/FSDP wrapper around this module sees every forward."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, idx: torch.Tensor, *, which: str = "policy", **kwargs):
+        return (self.policy if which == "policy" else self.value)(idx, **kwargs)
+
+
+def value_from(reward_model: nn.Module) -> nn.Module:
+    """A trainable copy of the reward model, to serve as the value model."""
+    value = copy.deepcopy(unwrap(reward_model))
+    value.requires_grad_(True)
+    return value.train()
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """A frozen copy (the reference policy): eval mode, no gradients."""
+    ref = copy.deepcopy(unwrap(model))
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(policy, value) of a PolicyAndValue, however it is wrapped."""
+    inner = unwrap(model)
+    return inner.policy, inner.value
+
+
+class PPOObjective(Objective):
+    """PPO on rollouts from `prompts` (token-id lists ending with the assistant header); see the module
+    docstring. `objective.batches` is the trainer's batch source."""
+
+    name = "ppo"
+    best_metric = "objective/scores"
+    higher_is_better = True
+
+    def __init__(self, prompts: Sequence[Sequence[int]], reference: nn.Module, reward_model: nn.Module,
+                 cfg: PPOConfig, *, stop_ids: Sequence[int], pad_id: int, accum_steps: int = 1):
+        cfg = check_config(cfg, "ppo.")
+        if cfg.rollout_batch_size % (cfg.num_mini_batches * accum_steps):
+            need = cfg.num_mini_batches * accum_steps
+            raise ConfigError(f"ppo.rollout_batch_size={cfg.rollout_batch_size} must be a multiple of "
+                              f"ppo.num_mini_batches * train.accum_steps = {need}; change one of them")
+        self.prompts = [list(p) for p in prompts]
+        self.reference, self.reward_model = reference, reward_model
+        self.cfg, self.stop_ids, self.pad_id, self.accum = cfg, list(stop_ids), pad_id, accum_steps
+        self.stream = PromptStream(len(self.prompts), cfg.rollout_batch_size, cfg.seed)
+        self.kl_ctl = cfg.controller()
+        self.batches = MinibatchQueue()
+        self.rollouts = 0                      # rollout batches collected so far
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, float] = {}
+
+    # ----- collecting a rollout batch -----
+    def prepare_step(self, trainer) -> None:
+        if self.batches.empty:
+            self.collect(trainer.model)
+
+    @torch.no_grad()
+    def collect(self, model: nn.Module) -> None:
+        """Roll out the next batch of prompts, compute rewards and advantages, queue the updates."""
+        cfg = self.cfg
+        policy, value = parts(model)
+        prompts = [self.prompts[i] for i in self.stream.batch(self.rollouts)]
+        ro = rollout(policy, prompts, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                     max_new_tokens=cfg.response_length, temperature=cfg.temperature,
+                     seed=cfg.seed * 1_000_003 + self.rollouts, reference=self.reference,
+                     reward_model=self.reward_model, missing_eos_penalty=cfg.missing_eos_penalty)
+        was_training = value.training
+        value.eval()
+        values = response_values(value, ro)
+        value.train(was_training)
+        mask = ro.mask
+        kl = rl.kl_estimate(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * mask
+        beta = self.kl_ctl.beta
+        rewards, non_score = rl.per_token_rewards(kl, ro.scores, mask, beta)
+        if cfg.whiten_rewards:
+            rewards = rl.whiten(rewards, mask, shift_mean=False)
+        advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = rl.whiten(advantages, mask) if mask.sum() > 1 else advantages
+        self.buffer = {**vars(ro), "values": values, "advantages": advantages, "returns": returns}
+        self.stats = rollout_stats(ro, kl, non_score, beta)
+        self.kl_ctl.update(self.stats["objective/kl"], len(prompts))
+        self.batches.fill(len(prompts), cfg.num_ppo_epochs, cfg.num_mini_batches, self.accum,
+                          seed=cfg.seed * 1_000_003 + self.rollouts)
+        self.rollouts += 1
+
+    # ----- one micro-batch of an update -----
+    def loss(self, model: nn.Module, rows: torch.Tensor) -> LossOutput:
+        cfg, b = self.cfg, {k: v[rows] for k, v in self.buffer.items()}
+        mb = Rollout(**{k: b.get(k) for k in Rollout.__dataclass_fields__})
+        mask = mb.mask
+        logprobs = response_logprobs(partial(model, which="policy"), mb)
+        values = response_values(partial(model, which="value"), mb)
+        pg = rl.policy_loss_terms(logprobs, mb.logprobs, b["advantages"], cfg.cliprange)
+        vf = rl.value_loss_terms(values, b["values"], b["returns"], cfg.cliprange_value)
+        loss_sum = rl.masked_sum(pg["loss"] + cfg.vf_coef * vf["loss"], mask)
+        weight = mask.sum()
+        metrics = {"policy/approxkl_avg": rl.masked_sum(pg["approxkl"], mask),
+                   "policy/clipfrac_avg": rl.masked_sum(pg["clipped"], mask),
+                   "loss/policy_avg": rl.masked_sum(pg["loss"], mask),
+                   "loss/value_avg": rl.masked_sum(vf["loss"], mask),
+                   "val/clipfrac_avg": rl.masked_sum(vf["clipped"], mask),
+                   "val/ratio": rl.masked_sum(pg["ratio"], mask),
+                   **{k: v * weight for k, v in self.stats.items()},
+                   "n_tokens": mb.sequences.numel()}
+        return LossOutput(loss_sum, weight, {k: _detached(v) for k, v in metrics.items()})
+
+    # ----- state -----
+    def state_dict(self) -> dict:
+        return {"rollouts": self.rollouts, "kl_ctl": self.kl_ctl.state_dict(),
+                "buffer": {k: v for k, v in self.buffer.items() if v is not None}, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollouts = int(state["rollouts"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.buffer = dict(state["buffer"])
+        self.stats = {k: float(v) for k, v in state["stats"].items()}
+
+
+def rollout_stats(ro: Rollout, kl: torch.Tensor, non_score: torch.Tensor, beta: float) -> dict[str, float]:
+    """TRL's per-rollout metrics: per-response sums over tokens, means over responses."""
+    non_score_sum = non_score.sum(dim=1)
+    stats = {"objective/kl": kl.sum(dim=1).mean(),
+             "objective/entropy": (-ro.logprobs * ro.mask).sum(dim=1).mean(),
+             "objective/non_score_reward": non_score_sum.mean(),
+             "objective/rlhf_reward": (ro.scores + non_score_sum).mean(),
+             "objective/scores": ro.scores.mean(),
+             "objective/beta": beta,
+             "val/num_eos_tokens": ro.ended.sum()}
+    return {k: float(v) for k, v in stats.items()}
+
+
+def _detached(v):
+    return v.detach() if isinstance(v, torch.Tensor) else v

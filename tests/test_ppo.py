@@ -1,0 +1,135 @@
+"""PPO on the shared trainer: a tiny policy learns to emit a rewarded token within a few dozen updates, a very
+large KL coefficient keeps it near the reference, and the metrics carry TRL's names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from llmlab.align import rl
+from llmlab.align.ppo import PolicyAndValue, PPOConfig, PPOObjective, frozen
+from llmlab.align.rollout import rollout
+from llmlab.errors import ConfigError
+from llmlab.model import ModelConfig, Transformer
+from llmlab.train import OptimConfig, TrainConfig, Trainer
+from llmlab.train.trainer import Callback
+
+VOCAB, STOP, TARGET, PAD = 48, 3, 7, 0
+
+
+def tiny(seed: int, head: str = "lm") -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.preset("llama", "tiny", vocab_size=VOCAB, block_size=32, d_model=32,
+                                          n_layer=2, n_head=2, head=head))
+
+
+class CountReward(nn.Module):
+    """A reward 'model' whose score at each position is how often TARGET occurred so far."""
+
+    def forward(self, idx, output="scores"):
+        return (idx == TARGET).float().cumsum(dim=1)
+
+
+def make_prompts(n: int = 32) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 6, (n,), generator=g).tolist()
+    return [torch.randint(10, 40, (k,), generator=g).tolist() for k in lengths]  # never TARGET or STOP
+
+
+PROMPTS = make_prompts()
+
+
+def measure(policy, reference) -> tuple[float, float]:
+    """(mean reward, mean per-response KL to the reference) over one sampled response per prompt."""
+    ro = rollout(policy, PROMPTS, stop_ids=[STOP], pad_id=PAD, max_new_tokens=8, seed=123,
+                 reference=reference, reward_model=CountReward())
+    kl = (rl.kl_estimate(ro.logprobs, ro.ref_logprobs) * ro.mask).sum(dim=1).mean()
+    return float(ro.scores.mean()), float(kl)
+
+
+class Records(Callback):
+    def __init__(self):
+        self.records = []
+
+    def on_step_end(self, trainer, record):
+        self.records.append(record)
+
+
+def train_ppo(kl_coef: float, steps: int = 40, accum_steps: int = 1, **overrides):
+    policy = tiny(0)
+    reference = frozen(policy)
+    cfg = PPOConfig(rollout_batch_size=16, num_ppo_epochs=2, num_mini_batches=2, response_length=8,
+                    kl_coef=kl_coef, **overrides)
+    objective = PPOObjective(PROMPTS, reference, CountReward(), cfg, stop_ids=[STOP], pad_id=PAD,
+                             accum_steps=accum_steps)
+    records = Records()
+    optim = OptimConfig(lr=3e-3, warmup_steps=0, max_steps=steps, weight_decay=0.0, min_lr_ratio=1.0)
+    train = TrainConfig(progress=False, plot=False, eval_every=0, device="cpu", accum_steps=accum_steps)
+    Trainer(PolicyAndValue(policy, tiny(1, head="scalar")), objective, objective.batches, optim, train,
+            callbacks=[records]).fit()
+    return policy, reference, objective, records.records
+
+
+@pytest.fixture(scope="module")
+def free_run():
+    return train_ppo(kl_coef=0.0)
+
+
+def test_ppo_raises_the_mean_reward(free_run):
+    policy, reference, objective, records = free_run
+    before, _ = measure(tiny(0), reference)
+    after, kl = measure(policy, reference)
+    assert after > before + 0.4, (before, after)
+    assert objective.rollouts == 40 // (2 * 2)
+    first, last = records[0]["objective/scores"], records[-1]["objective/scores"]
+    assert last > first
+
+
+def test_a_very_large_kl_coefficient_keeps_the_policy_near_the_reference(free_run):
+    _, free_kl = measure(free_run[0], free_run[1])
+    policy, reference, _, _ = train_ppo(kl_coef=5.0)
+    _, kl = measure(policy, reference)
+    assert kl < 0.1 * free_kl, (kl, free_kl)
+
+
+def test_metrics_carry_trl_names_and_stay_constant_within_a_rollout(free_run):
+    records = free_run[3]
+    names = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+             "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+             "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens"]
+    for name in names:
+        assert all(name in r for r in records), name
+    # Steps 1-4 update on the first rollout batch: its metrics are logged unchanged at each.
+    assert len({round(r["objective/scores"], 9) for r in records[:4]}) == 1
+    # The first update starts on-policy: ratio 1, no clipping, no approximate KL.
+    assert records[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert records[0]["policy/clipfrac_avg"] == 0 and records[0]["policy/approxkl_avg"] < 1e-9
+    # beta = 0: no non-score reward, the RLHF reward is the score.
+    assert records[0]["objective/non_score_reward"] == 0
+    assert records[0]["objective/rlhf_reward"] == pytest.approx(records[0]["objective/scores"])
+
+
+def test_micro_batches_give_the_same_update_as_whole_minibatches():
+    one = train_ppo(kl_coef=0.1, steps=2)[0]
+    two = train_ppo(kl_coef=0.1, steps=2, accum_steps=2)[0]
+    for (name, a), b in zip(one.named_parameters(), two.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_adaptive_kl_controller_moves_beta_and_is_saved():
+    _, _, objective, records = train_ppo(kl_coef=0.1, steps=8, target_kl=0.01, kl_horizon=100)
+    # Rollout 1 is on-policy, KL 0 < target: beta shrinks by the clipped error, 0.2 * 16 / 100.
+    assert records[0]["objective/beta"] == pytest.approx(0.1)
+    assert records[-1]["objective/beta"] == pytest.approx(0.1 * (1 - 0.2 * 16 / 100))
+    # Rollout 2 has moved past the target KL: beta grows by the clipped error.
+    assert records[-1]["objective/kl"] > 1.2 * 0.01
+    assert objective.kl_ctl.beta == pytest.approx(0.1 * (1 - 0.032) * (1 + 0.032))
+    state = objective.state_dict()
+    assert state["kl_ctl"]["beta"] == objective.kl_ctl.beta and state["rollouts"] == 2
+
+
+def test_a_rollout_batch_that_does_not_split_is_a_config_error():
+    cfg = PPOConfig(rollout_batch_size=6, num_mini_batches=4)
+    with pytest.raises(ConfigError, match="multiple of"):
+        PPOObjective(PROMPTS, tiny(0), CountReward(), cfg, stop_ids=[STOP], pad_id=PAD)
