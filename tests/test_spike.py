@@ -19,8 +19,9 @@ from llmlab.errors import ConfigError
 from llmlab.model import ModelConfig, Transformer
 from llmlab.train import OptimConfig, Rollback, Skip, StepStats, TrainConfig, Trainer
 from llmlab.train.faults import CorruptBatches, GradScaleFault
+from llmlab.train.launch import seed_everything
 from llmlab.train.metrics import read_metrics
-from llmlab.train.pretrain import lm_loss, make_eval, seed_everything
+from llmlab.train.pretrain import lm_loss, make_eval
 from llmlab.train.spike import RollingStats, SpikeConfig, SpikeGuard, outlier_reason
 from llmlab.train.trainer import TrainingDiverged
 

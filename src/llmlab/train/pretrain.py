@@ -3,8 +3,9 @@
     llmlab pretrain --config configs/cpu-demo.toml train.run_name=demo optim.max_steps=500
     llmlab pretrain --config configs/cpu-demo.toml --resume auto      # continue runs/demo
 
-Wires a Transformer, a TokenLoader over prepared shards and the generic Trainer with the cross-entropy
-loss. Before anything is written it resolves and checks the config: model.vocab_size = 0 (the default)
+A Transformer, a TokenLoader over prepared shards and the next-token objective, run by the shared launcher
+(llmlab/train/launch.py: run directory, devices, DDP/FSDP2, checkpoints, resume). Before anything is
+written it resolves and checks the config: model.vocab_size = 0 (the default)
 takes the shards' vocabulary and any other value must equal it; data.block_size defaults to (and may
 not exceed) model.block_size; train.tokens_per_step, when set, fixes the gradient-accumulation steps
 (tokens_per_step = batch_size x block_size x accum_steps x world_size). The run directory
@@ -17,21 +18,15 @@ the loss is distillation towards that checkpoint (llmlab/train/distill.py); val_
 from __future__ import annotations
 
 import dataclasses
-import json
-import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmlab.config import NonEmptyStr, NonNegativeInt, PositiveInt, check_config, to_toml
-from llmlab.device import resolve_device
+from llmlab.config import NonEmptyStr, NonNegativeInt, PositiveInt, check_config
 from llmlab.errors import ConfigError, ModelError
-from llmlab.fsutil import check_output, write_text_atomic
 from llmlab.model import ModelConfig, Transformer
 from llmlab.tokenizer.identity import (
     TokenizerId,
@@ -40,21 +35,18 @@ from llmlab.tokenizer.identity import (
     require_same_tokenizer,
     shards_tokenizer,
 )
-from llmlab.train.checkpoint import BEST_FILE, Checkpointer, resolve_resume, unwrap
+from llmlab.train.checkpoint import unwrap
 from llmlab.train.distill import Distillation, DistillConfig, load_teacher
-from llmlab.train.distributed import (
-    DistCheckpointer,
-    ParallelConfig,
-    is_dcp_checkpoint,
-    parallelize,
-    process_group,
-    stop_on_signals,
-    world,
-)
+from llmlab.train.distributed import ParallelConfig, world
+from llmlab.train.launch import Built, Plan, Run, launch, prepare_run_dir, seed_everything
 from llmlab.train.objective import NextToken
 from llmlab.train.optim import OptimConfig
-from llmlab.train.spike import SpikeConfig, SpikeGuard
-from llmlab.train.trainer import TrainConfig, Trainer
+from llmlab.train.spike import SpikeConfig
+from llmlab.train.trainer import TrainConfig
+
+__all__ = ["PretrainConfig", "DataConfig", "run_pretrain", "resolve_config", "lm_loss", "make_eval",
+           "seed_everything"]
+_prepare_run_dir = prepare_run_dir  # align/sft.py imports it from here until it runs on launch
 
 
 @dataclass
@@ -158,102 +150,55 @@ def _run_tokenizer(cfg: PretrainConfig, shards: TokenizerId) -> tuple[Path | Non
     return path, tok.fingerprint
 
 
-def _prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
-    """Refuse to mix a fresh run into an old one unless asked; with overwrite, remove what a run writes."""
-    if resuming or not run_dir.exists():
-        return
-    old = [p for p in run_dir.iterdir() if p.name.startswith("ckpt-") or p.name == "metrics.jsonl"]
-    if not old:
-        return
-    if not overwrite:
-        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume auto to continue it, "
-                          "train.overwrite=true to start over, or another train.run_name")
-    for p in old + [run_dir / name for name in ("plots", "summary.json", BEST_FILE, "tensorboard")]:
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def run_pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
-    """Pretrain per `cfg` (resume: a checkpoint, a run dir, or "auto"); return the run's summary."""
+    """Pretrain per `cfg` (resume: a checkpoint, a run dir, "auto" or "best"); return the run's summary."""
     cfg = check_config(cfg)  # before anything else, so a bad value is reported first
-    with process_group(cfg.train.device) as dist_device:  # torchrun env -> process group (else no-op)
-        return _pretrain(cfg, resume, dist_device)
+    tokenizer: list[TokenizerId] = []  # found by resolve, copied into checkpoints by build
+
+    def resolve(cfg: PretrainConfig) -> Plan:
+        plan, tok = _plan(cfg)
+        tokenizer.append(tok)
+        return plan
+
+    return launch(cfg, lambda run: _build(run, tokenizer[0]), resume, resolve=resolve)
 
 
-def _pretrain(cfg: PretrainConfig, resume: str | None, dist_device: torch.device | None) -> dict[str, Any]:
-    from llmlab.data.loader import TokenLoader
+def _plan(cfg: PretrainConfig) -> tuple[Plan, TokenizerId]:
+    """The resolved config (vocabulary and accumulation from the shards and the world size), the inputs, a
+    resume check (the checkpoint must have been trained with the shards' tokenizer), and the tokenizer to
+    copy into checkpoints."""
     from llmlab.data.shards import read_meta
 
     meta = read_meta(cfg.data.shards)  # DataError naming the dir and the fix if it is missing/unfinished
     cfg = resolve_config(cfg, meta)
-    device = dist_device or resolve_device(cfg.train.device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
-    rank, world_size = world()
-    d = cfg.data
-    train_loader = TokenLoader(d.shards, "train", d.block_size, d.batch_size, seed=d.seed, rank=rank,
-                               world_size=world_size, device=device)
-    val_loader = TokenLoader(d.shards, "val", d.block_size, d.batch_size, seed=d.seed, rank=rank,
-                             world_size=world_size, device=device)
-    run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
-    # Never inside what the run reads; whether an existing run may be replaced: _prepare_run_dir.
-    check_output(run_dir, inputs=[d.shards, cfg.data.tokenizer, cfg.distill.teacher], overwrite=True,
-                 into=True, kept=True, what="run directory")
-    resume_path = resolve_resume(resume, run_dir)
-    shards_id = shards_tokenizer(d.shards, meta)
+    shards_id = shards_tokenizer(cfg.data.shards, meta)
     tokenizer_dir, tokenizer_fingerprint = _run_tokenizer(cfg, shards_id)
-    if resume_path is not None:
-        require_same_tokenizer(checkpoint_tokenizer(resume_path, cfg.model.vocab_size), shards_id,
+
+    def check_resume(path: Path) -> None:
+        require_same_tokenizer(checkpoint_tokenizer(path, cfg.model.vocab_size), shards_id,
                                "resume on shards made with the run's tokenizer, or start a new run")
 
-    seed_everything(cfg.train.seed)
+    plan = Plan(cfg, inputs=[cfg.data.shards, cfg.data.tokenizer, cfg.distill.teacher],
+                check_resume=check_resume)
+    return plan, TokenizerId(f"the training data {cfg.data.shards}", cfg.model.vocab_size,
+                             tokenizer_fingerprint, tokenizer_dir)
+
+
+def _build(run: Run, tokenizer: TokenizerId) -> Built:
+    """The Transformer, the train loader and the objective: next-token cross-entropy, or distillation
+    towards distill.teacher; both evaluate the cross-entropy on the val split."""
+    from llmlab.data.loader import TokenLoader
+
+    cfg, device, d = run.config, run.device, run.config.data
     model = Transformer(cfg.model).to(device)
-    flops = model.flops_per_token(d.block_size)
-    strategy = cfg.parallel.resolved_strategy(world_size)
-    wrapped = parallelize(model, cfg.parallel, device)
-    dcp = strategy == "fsdp" or (resume_path is not None and is_dcp_checkpoint(resume_path))
-    checkpointer = (DistCheckpointer if dcp else Checkpointer)(run_dir, cfg.train.keep_last, tokenizer_dir,
-                                                                cfg.train.keep_best, tokenizer_fingerprint)
-    callbacks = [SpikeGuard(cfg.spike)] if cfg.spike.enabled else []
+    loader = dict(seed=d.seed, rank=run.rank, world_size=run.world_size, device=device)
+    train_loader = TokenLoader(d.shards, "train", d.block_size, d.batch_size, **loader)
+    val_loader = TokenLoader(d.shards, "val", d.block_size, d.batch_size, **loader)
     eval_fn = make_eval(val_loader, cfg.train.eval_batches)
     objective = NextToken(eval_fn)
     if cfg.distill.teacher:
-        data_tokenizer = TokenizerId(f"the training data {d.shards}", cfg.model.vocab_size,
-                                     tokenizer_fingerprint, tokenizer_dir)
-        teacher = load_teacher(cfg.distill, cfg.model.vocab_size, d.block_size, data_tokenizer, device)
+        teacher = load_teacher(cfg.distill, cfg.model.vocab_size, d.block_size, tokenizer, device)
         objective = Distillation(teacher, cfg.distill.weight, cfg.distill.temperature, eval_fn)
-    trainer = Trainer(wrapped, objective, train_loader, cfg.optim, cfg.train, run_dir=run_dir,
-                      flops_per_token=flops, checkpointer=checkpointer, callbacks=callbacks)
-    if dcp:
-        checkpointer.attach(trainer.optimizer)
-    if resume_path is not None:
-        trainer.resume(resume_path)  # CheckpointError if it is incomplete or does not fit cfg.model
-    elif rank == 0:
-        # `--resume auto` that found no checkpoint starts over: only a run killed before its first save is
-        # lost.
-        _prepare_run_dir(run_dir, resuming=False, overwrite=cfg.train.overwrite or resume == "auto")
-    fresh = not run_dir.exists()
-    if rank == 0:
-        write_text_atomic(run_dir / "config.toml", to_toml(cfg))
-    try:
-        with stop_on_signals(trainer):  # SIGTERM/SIGINT: checkpoint after this step, then return
-            summary = trainer.fit()
-    except BaseException:
-        if fresh and rank == 0 and not (run_dir / "metrics.jsonl").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves no run directory behind
-        raise
-    summary.update(params=model.num_params(), non_embedding_params=model.num_params(non_embedding=True),
-                   flops_per_token=trainer.flops_per_token, accum_steps=cfg.train.accum_steps,
-                   tokens_per_step=cfg.train.accum_steps * d.batch_size * d.block_size * world_size,
-                   checkpoint=str(trainer.checkpointer.path(trainer.step)), device=str(device))
-    if rank == 0:
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    tokens_per_step = cfg.train.accum_steps * d.batch_size * d.block_size * run.world_size
+    return Built(model, objective, train_loader, flops_per_token=model.flops_per_token(d.block_size),
+                 tokenizer=tokenizer, summary={"tokens_per_step": tokens_per_step})
