@@ -1,0 +1,190 @@
+"""GRPO (Shao et al. 2024) on the one trainer: group-relative advantages, no value model.
+
+    objective = GRPOObjective(prompts, reference, grader_reward(tok, examples), GRPOConfig(...),
+                              stop_ids=..., pad_id=...)
+    Trainer(policy, objective, objective.batches, optim, TrainConfig(accum_steps=A, ...)).fit()
+
+Every `num_iterations * num_mini_batches` optimizer steps, prepare_step samples `num_generations` (G)
+responses to each of `prompts_per_rollout` prompts (llmlab.align.rollout; responses end at the chat template's
+end-of-turn) and rewards each response with `reward_fn`: the task graders (grader_reward: 1 for a correct
+answer, 0 otherwise) or a reward model (model_reward: its score at the last real token). A response's
+advantage is its reward relative to its own group (llmlab.align.rl):
+    baseline "group"  (r - mean) / (std + 1e-4) over the G responses to the same prompt (scale_rewards=False:
+                      r - mean, Liu et al. 2025)
+    baseline "loo"    r minus the mean of the other G - 1 rewards (RLOO, Ahmadian et al. 2024)
+and every token of the response gets it. Loss per response token:
+    clipped surrogate(ratio = pi / pi_rollout, epsilon) + beta * k3(pi, pi_ref)
+summed with weight = response tokens: each minibatch is a token mean (TRL's loss_type "bnpo"/"dapo" rather
+than GRPO's per-sequence mean, which weighs a long response's tokens less). Trainer semantics as PPO's
+(llmlab.align.ppo): one minibatch = one optimizer step of accum_steps micro-batches, so
+prompts_per_rollout * num_generations must be a multiple of num_mini_batches * accum_steps.
+
+Metrics (TRL's names where PPO has them): per rollout objective/scores (mean reward), objective/scores_std,
+objective/kl (k3 summed over a response, mean over responses), objective/entropy, val/num_eos_tokens,
+completions/mean_length; per update policy/approxkl_avg, policy/clipfrac_avg, loss/policy_avg, val/ratio,
+policy/kl_avg (the k3 term, token mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from llmlab.align import rl
+from llmlab.align.rollout import (
+    MinibatchQueue,
+    PromptStream,
+    Rollout,
+    last_token_scores,
+    response_logprobs,
+    rollout,
+)
+from llmlab.config import NonNegativeFloat, PositiveFloat, PositiveInt, check_config
+from llmlab.data.tasks import TaskExample, grade
+from llmlab.errors import ConfigError
+from llmlab.train.checkpoint import unwrap
+from llmlab.train.objective import LossOutput, Objective
+
+RewardFn = Callable[[list[int], Rollout], torch.Tensor]   # (prompt index per row, rollout) -> rewards [B]
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO settings; names follow TRL's GRPOConfig where it has them."""
+
+    prompts_per_rollout: PositiveInt = 4
+    num_generations: PositiveInt = 8          # G: responses per prompt
+    num_iterations: PositiveInt = 1           # passes over each rollout batch (TRL's mu)
+    num_mini_batches: PositiveInt = 1         # minibatches (optimizer steps) per pass
+    max_completion_length: PositiveInt = 32
+    temperature: PositiveFloat = 1.0
+    beta: NonNegativeFloat = 0.04             # weight of the k3 KL to the reference
+    epsilon: PositiveFloat = 0.2              # clip range of the ratio
+    baseline: Literal["group", "loo"] = "group"
+    scale_rewards: bool = True                # "group": divide by the group's std
+    seed: int = 0
+
+
+def grader_reward(tok, examples: Sequence[TaskExample]) -> RewardFn:
+    """1.0 for a response whose text (up to its end-of-turn) grades as correct for its example, else 0."""
+    stop_ids = set(tok.chat_template.stop_ids)
+
+    def reward(indices: list[int], ro: Rollout) -> torch.Tensor:
+        values = []
+        for b, i in enumerate(indices):
+            ids = [t for t in ro.responses[b, : int(ro.lengths[b])].tolist() if t not in stop_ids]
+            values.append(float(grade(examples[i].task, examples[i], tok.decode(ids))))
+        return torch.tensor(values, device=ro.responses.device)
+
+    return reward
+
+
+def model_reward(reward_model: nn.Module, missing_eos_penalty: float | None = None) -> RewardFn:
+    """A frozen reward model's score at each response's last real token (minus missing_eos_penalty for a
+    response cut at the length limit)."""
+
+    @torch.no_grad()
+    def reward(indices: list[int], ro: Rollout) -> torch.Tensor:
+        reward_model.eval()
+        scores = last_token_scores(unwrap(reward_model), ro)
+        if missing_eos_penalty:
+            scores = scores - missing_eos_penalty * (~ro.ended).float()
+        return scores
+
+    return reward
+
+
+class GRPOObjective(Objective):
+    """GRPO on rollouts from `prompts` (token-id lists ending with the assistant header), rewarded by
+    `reward_fn`; see the module docstring. `objective.batches` is the trainer's batch source."""
+
+    name = "grpo"
+    best_metric = "objective/scores"
+    higher_is_better = True
+
+    def __init__(self, prompts: Sequence[Sequence[int]], reference: nn.Module, reward_fn: RewardFn,
+                 cfg: GRPOConfig, *, stop_ids: Sequence[int], pad_id: int, accum_steps: int = 1):
+        cfg = check_config(cfg, "grpo.")
+        samples = cfg.prompts_per_rollout * cfg.num_generations
+        if samples % (cfg.num_mini_batches * accum_steps):
+            need = cfg.num_mini_batches * accum_steps
+            raise ConfigError(f"grpo.prompts_per_rollout * grpo.num_generations = {samples} must be a "
+                              f"multiple of grpo.num_mini_batches * train.accum_steps = {need}; change one "
+                              "of them")
+        if cfg.baseline == "loo" and cfg.num_generations < 2:
+            raise ConfigError("grpo.baseline='loo' needs grpo.num_generations >= 2; raise it")
+        self.prompts = [list(p) for p in prompts]
+        self.reference, self.reward_fn = reference, reward_fn
+        self.cfg, self.stop_ids, self.pad_id, self.accum = cfg, list(stop_ids), pad_id, accum_steps
+        self.stream = PromptStream(len(self.prompts), cfg.prompts_per_rollout, cfg.seed)
+        self.batches = MinibatchQueue()
+        self.rollouts = 0
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, float] = {}
+
+    def prepare_step(self, trainer) -> None:
+        if self.batches.empty:
+            self.collect(trainer.model)
+
+    @torch.no_grad()
+    def collect(self, policy: nn.Module) -> None:
+        """Sample G responses per prompt, reward them, compute group-relative advantages, queue updates."""
+        cfg = self.cfg
+        G = cfg.num_generations
+        indices = [i for i in self.stream.batch(self.rollouts) for _ in range(G)]  # prompt-major groups
+        ro = rollout(policy, [self.prompts[i] for i in indices], stop_ids=self.stop_ids, pad_id=self.pad_id,
+                     max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                     seed=cfg.seed * 1_000_003 + self.rollouts, reference=self.reference)
+        rewards = self.reward_fn(indices, ro).float()
+        if cfg.baseline == "loo":
+            advantages = rl.leave_one_out_advantages(rewards, G)
+        else:
+            advantages = rl.group_advantages(rewards, G, scale=cfg.scale_rewards)
+        ro.scores = rewards
+        self.buffer = {**vars(ro), "advantages": advantages}
+        self.stats = self._rollout_stats(ro, rewards)
+        self.batches.fill(len(indices), cfg.num_iterations, cfg.num_mini_batches, self.accum,
+                          seed=cfg.seed * 1_000_003 + self.rollouts)
+        self.rollouts += 1
+
+    def _rollout_stats(self, ro: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        kl = rl.kl_estimate(ro.logprobs, ro.ref_logprobs, "k3") * ro.mask
+        stats = {"objective/scores": rewards.mean(),
+                 "objective/scores_std": rewards.std() if rewards.numel() > 1 else 0.0,
+                 "objective/kl": kl.sum(dim=1).mean(),
+                 "objective/entropy": (-ro.logprobs * ro.mask).sum(dim=1).mean(),
+                 "val/num_eos_tokens": ro.ended.sum(),
+                 "completions/mean_length": ro.mask.sum(dim=1).mean()}
+        return {k: float(v) for k, v in stats.items()}
+
+    def loss(self, model: nn.Module, rows: torch.Tensor) -> LossOutput:
+        cfg, b = self.cfg, {k: v[rows] for k, v in self.buffer.items()}
+        mb = Rollout(**{k: b.get(k) for k in Rollout.__dataclass_fields__})
+        mask = mb.mask
+        logprobs = response_logprobs(model, mb)
+        pg = rl.policy_loss_terms(logprobs, mb.logprobs, b["advantages"], cfg.epsilon)
+        kl = rl.kl_estimate(logprobs, mb.ref_logprobs, "k3")
+        weight = mask.sum()
+        metrics = {"policy/approxkl_avg": rl.masked_sum(pg["approxkl"], mask),
+                   "policy/clipfrac_avg": rl.masked_sum(pg["clipped"], mask),
+                   "loss/policy_avg": rl.masked_sum(pg["loss"], mask),
+                   "policy/kl_avg": rl.masked_sum(kl, mask),
+                   "val/ratio": rl.masked_sum(pg["ratio"], mask),
+                   **{k: v * weight for k, v in self.stats.items()},
+                   "n_tokens": mb.sequences.numel()}
+        loss_sum = rl.masked_sum(pg["loss"] + cfg.beta * kl, mask)
+        return LossOutput(loss_sum, weight, {k: v.detach() if isinstance(v, torch.Tensor) else v
+                                             for k, v in metrics.items()})
+
+    def state_dict(self) -> dict:
+        return {"rollouts": self.rollouts, "buffer": {k: v for k, v in self.buffer.items() if v is not None},
+                "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollouts = int(state["rollouts"])
+        self.buffer = dict(state["buffer"])
+        self.stats = {k: float(v) for k, v in state["stats"].items()}
