@@ -175,6 +175,27 @@ def test_lr_mult_groups_and_objective_state(tmp_path):
     assert fresh.prepared == 3  # objective state came back from train_state.pt
 
 
+def test_a_step_with_nothing_kept_is_skipped():
+    class NothingKept(Rows):
+        def next_batch(self):
+            x, y = super().next_batch()
+            return x, torch.full_like(y, -100)
+
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    events = []
+
+    class Log(Callback):
+        def on_step_end(self, trainer, record):
+            events.extend(record["events"])
+
+    train = TrainConfig(eval_every=0, ckpt_every=0, progress=False, plot=False, peak_flops=1e12)
+    Trainer(model, NextToken(), NothingKept(per=2), OptimConfig(max_steps=1, warmup_steps=0), train,
+            callbacks=[Log()]).fit()
+    assert events == [{"type": "skip", "reason": "weight 0: nothing to learn from in this step"}]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_param_groups_refuse_a_parameter_twice():
     model = tiny_model()
     w = model.blocks[0].attn.qkv.weight

@@ -307,8 +307,9 @@ def test_nonfinite_step_is_skipped():
         return (loss * float("nan") if calls["n"] == 2 else loss), metrics
 
     t = make_trainer(steps=3)
-    t.loss_fn = sometimes_nan
+    t.objective.loss_fn = sometimes_nan
     t.fit()
+    assert calls["n"] == 3 and t.step == 3
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
