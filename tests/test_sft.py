@@ -278,3 +278,39 @@ def test_cli_adds_missing_chat_tokens_and_says_so(tmp_path, capsys):
     assert grown.config.vocab_size == 262
     saved = Tokenizer.load(f"{summary['checkpoint']}/tokenizer")
     assert saved.chat_template.pad_id == saved.special_tokens["<|pad|>"]
+
+
+def test_lora_sft_from_an_imported_hf_model(tmp_path, capsys):
+    """import-hf'd checkpoint -> LoRA SFT: chat tokens added (two notes), adapter-only checkpoints, and a
+    merged model that loads as a plain Transformer and equals base + adapters."""
+    import json
+
+    from helpers import run_cli
+    from llmlab.align.lora import load_lora
+    from llmlab.model.hf import import_hf, save_hf
+
+    plain = Tokenizer.train(["abc def"], vocab_size=257, special_tokens=["<|eos|>"], progress=False,
+                            workers=1)
+    save_hf(tiny(plain.vocab_size), tmp_path / "hf", tokenizer=plain)
+    import_hf(tmp_path / "hf", tmp_path / "imported")
+    capsys.readouterr()  # the import's progress bar
+    lines = [json.dumps({"prompt": w, "completion": w[::-1]}) for w in TRAIN_WORDS[:24]]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = run_cli(capsys, "sft", "--checkpoint", tmp_path / "imported", "--data",
+                             tmp_path / "train.jsonl", f"train.out_dir={tmp_path / 'runs'}", "lora.rank=4",
+                             "optim.max_steps=2", "data.batch_size=2", "train.progress=false",
+                             "train.plot=false", "optim.lr=1e-2")
+    assert code == 0, err
+    notes = err.strip().splitlines()
+    assert len(notes) == 2 and "added 5 chat tokens" in notes[0] and "lora.rank=0" in notes[1], err
+    summary = json.loads(out)
+    x = torch.randint(0, 262, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_lora(summary["checkpoint"], base_loader=lambda base, meta: _grown(base))(x)
+        torch.testing.assert_close(Transformer.load(summary["merged"])(x), expected, atol=1e-5, rtol=0)
+
+
+def _grown(base):
+    from llmlab.align.sft import load_model
+
+    return load_model(base, Tokenizer.load(f"{base}/tokenizer"))[0]

@@ -421,6 +421,10 @@ def run_sft(cfg: SFTConfig, resume: str | None = None, say=None) -> dict[str, An
         data = prepare_data(cfg, tok, d.block_size)
         model, chat_tok, message = load_model(cfg.checkpoint, tok, run.device)
         notes = [message] if message else []
+        if message and cfg.lora.enabled:
+            notes.append("with LoRA the new tokens' embedding rows stay frozen at their shared initial "
+                         "value (the mean row); fine-tune fully once (lora.rank=0) to let the model tell "
+                         "them apart")
         if data.dropped:
             notes.append(f"{data.dropped} example(s) of {d.train} have no assistant token within "
                          f"data.block_size={d.block_size} tokens and were left out")
