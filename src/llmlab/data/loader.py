@@ -26,7 +26,9 @@ keeps skipping. Because batches are addressed by step, resuming is exact: restor
 next batch is the one the original run would have produced.
 
 Evaluation. `iter_eval(max_batches)` walks the val split's windows in order (stride T from token 0) and
-is independent of the training position.
+is independent of the training position. With spread=True a capped evaluation takes windows spread evenly
+over the whole split instead of its first ones (the same windows every time), so an in-training estimate is
+not biased towards the documents at the start of the split; where the cap covers the split it is all of it.
 """
 
 from __future__ import annotations
@@ -218,20 +220,39 @@ class TokenLoader:
 
     # ---- evaluation ----
 
-    def iter_eval(self, max_batches: int | None = None,
-                  partition: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    @property
+    def val_windows(self) -> int:
+        """Windows of the val split (stride block_size from token 0)."""
+        if self._val is None:
+            self._val = self._open("val")
+        return _window_count(self._val.num_tokens, self.block_size)
+
+    def eval_windows(self, max_batches: int | None = None) -> list[int]:
+        """Token offsets of the val windows an evaluation of at most `max_batches` batches reads, in order.
+
+        None, or a cap that covers the split, gives every window. Otherwise window i of the n read is the
+        middle of the i-th of n equal slices of the split (k = floor((i + 1/2) * count / n)), so each part of
+        the split is represented in proportion to its length, and the choice never changes between calls.
+        """
+        count = self.val_windows
+        n = count if max_batches is None else min(count, max_batches * self.batch_size)
+        picked = range(count) if n == count else (int((i + 0.5) * count / n) for i in range(n))
+        return [k * self.block_size for k in picked]
+
+    def iter_eval(self, max_batches: int | None = None, partition: bool = False,
+                  spread: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches over the val split's windows in order (stride block_size from token 0).
 
         Only full batches are produced, except that a val split smaller than one batch gives one smaller
-        batch. `max_batches` caps the count. By default every rank gets the same batches; with
+        batch. `max_batches` caps the count: the first batches, or with spread=True batches of windows
+        spread evenly over the whole split (see eval_windows; these keep a last partial batch, so a cap
+        that covers the split reads all of it). By default every rank gets the same batches; with
         partition=True rank r gets batches r, r + world_size, ... of that sequence (average across ranks).
         """
-        if self._val is None:
-            self._val = self._open("val")
-        count = _window_count(self._val.num_tokens, self.block_size)
-        starts = [k * self.block_size for k in range(count)]
+        starts = self.eval_windows(max_batches if spread else None)
+        count = len(starts)
         batches = [starts[i:i + self.batch_size] for i in range(0, count, self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) < self.batch_size:
+        if not spread and len(batches) > 1 and len(batches[-1]) < self.batch_size:
             batches.pop()
         if max_batches is not None:
             batches = batches[:max_batches]
