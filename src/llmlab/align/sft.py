@@ -1,6 +1,6 @@
 """Supervised fine-tuning: the masked next-token loss on chat data, as an objective for the one trainer.
 
-    llmlab sft --checkpoint runs/demo/ckpt-000500 --data data/tasks/sft_train.jsonl train.run_name=sft
+    llmlab sft --checkpoint runs/demo/ckpt-000500 --data data/tasks/train.jsonl train.run_name=sft
     llmlab sft --checkpoint hf-import/ --data chat.parquet lora.rank=8          # LoRA adapters only
 
 Each example (read_sft + encode_sft: the chat template's ids and its assistant-only loss mask) becomes
@@ -17,6 +17,12 @@ The loss is the SUM over kept tokens with weight = kept tokens (llmlab.train.obj
 assistant token counts the same whatever the micro-batch or rank it lands in. The held-out loss (val_loss,
 token-weighted over data.val, or a data.val_fraction of the training examples held back) picks the best
 checkpoint.
+
+`run_sft` (behind `llmlab sft`) is this module's config, data and objective on the shared launcher
+(llmlab.train.launch): run directory, resume, spike guard, DDP/FSDP2 and checkpoints as in pretraining. A
+tokenizer without the chat template's tokens gets them, and the model rows for them
+(llmlab.model.resize.add_chat_tokens, said in one line). With lora.rank > 0 only adapters train
+(llmlab.align.lora), the checkpoints hold only them, and RUN_DIR/merged is the merged model at the end.
 """
 
 from __future__ import annotations
@@ -294,9 +300,8 @@ class SFTConfig:
 
 @dataclass
 class SFTData:
-    """Everything read and encoded before training: the chat tokenizer, the rows, what was done to them."""
+    """Everything read and encoded before training: the rows and what was done to the examples."""
 
-    tokenizer: Tokenizer           # the checkpoint's, with the chat template's special tokens
     added: list[str]               # special tokens with_chat_tokens added
     train_rows: list[Row]
     val_rows: list[Row]
@@ -345,7 +350,7 @@ def prepare_data(cfg: SFTConfig, tok: Tokenizer, block_size: int) -> SFTData:
     pad_id = chat_tok.chat_template.pad_id
     rows = make_rows(train_xy, block_size, d.packing, d.seed)
     val_rows = pack_rows(val_xy, block_size) if d.packing else pad_rows(val_xy)
-    return SFTData(chat_tok, added, rows, val_rows, pad_id, len(train_xy), len(train) - len(train_xy))
+    return SFTData(added, rows, val_rows, pad_id, len(train_xy), len(train) - len(train_xy))
 
 
 def resolve_config(cfg: SFTConfig) -> SFTConfig:
