@@ -23,7 +23,7 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
-NULL_BLOCK = 0  # never handed out: padding slots read it (kept zero so masked reads stay finite)
+NULL_BLOCK = 0  # never handed out: padding reads and writes go there (masked; it only holds finite values)
 
 
 def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:

@@ -35,6 +35,7 @@ from llmlab.infer.engine.scheduler import Request, Scheduler
 from llmlab.infer.sampling import next_token, seeded_generator
 
 log = logging.getLogger(__name__)
+CPU_DEFAULT_BUDGET = 2**30  # the pool is zeroed up front: keep the default modest in host memory
 
 
 class EngineFull(LLMLabError):
@@ -45,10 +46,10 @@ class Engine:
     """Continuous batching over a paged KV pool (module docstring).
 
     kv_budget_bytes: memory for keys and values (None: room for max_running requests of the model's whole
-    context, so admission never waits for memory). block_size: tokens per KV block. max_running: requests
-    decoded together. prefill_chunk: prompt tokens processed per step. max_waiting: queued requests beyond
-    which submit raises EngineFull (None: no limit). prefix_caching: reuse cached prompt-prefix blocks.
-    draft: speculative decoding is refused (ConfigError).
+    context, so admission never waits for memory; at most 1 GiB on CPU). block_size: tokens per KV block.
+    max_running: requests decoded together. prefill_chunk: prompt tokens processed per step. max_waiting:
+    queued requests beyond which submit raises EngineFull (None: no limit). prefix_caching: reuse cached
+    prompt-prefix blocks. draft: speculative decoding is refused (ConfigError).
     """
 
     def __init__(self, model, tokenizer=None, kv_budget_bytes: int | None = None, block_size: int = 16,
@@ -65,6 +66,8 @@ class Engine:
         per_block = KVPool.bytes_per_block(model, block_size)
         if kv_budget_bytes is None:
             num_blocks = max_running * -(-model.config.block_size // block_size) + 1
+            if next(model.parameters()).device.type == "cpu":
+                num_blocks = max(2, min(num_blocks, CPU_DEFAULT_BUDGET // per_block))
         else:
             num_blocks = int(kv_budget_bytes) // per_block
             if num_blocks < 2:
@@ -168,9 +171,9 @@ class Engine:
             self.model.eval()
             try:
                 if plan.decode:
-                    self._guarded(plan.decode, self._decode)
-                for req, n in plan.prefill:
-                    self._guarded([req], lambda reqs, n=n: self._prefill(reqs[0], n))
+                    self._run(plan.decode, [1] * len(plan.decode))
+                for group in prefill_groups(plan.prefill):
+                    self._run([r for r, _ in group], [n for _, n in group])
             finally:
                 self.model.train(was_training)
             self._sweep_cancelled()
@@ -181,41 +184,48 @@ class Engine:
         if not self.step() and self._pending():
             raise RuntimeError("the engine has requests it cannot schedule")
 
-    def _decode(self, reqs: list[Request]) -> None:
-        for req in reqs:
-            self.scheduler.grow(req, 1)
-        batch = PagedBatch(self.kv, [r.table for r in reqs], [r.computed for r in reqs], 1)
-        idx = torch.tensor([[r.tokens[r.computed]] for r in reqs], device=self.kv.device)
-        hidden = self.model(idx, cache=batch, return_hidden=True)[:, -1]
-        self._advance(reqs, 1)
-        self._sample(reqs, self.model.head(hidden))
+    def _run(self, reqs: list[Request], ns: list[int]) -> None:
+        """One forward over the next ns[b] tokens of each request; sample those whose prompt is then done.
 
-    def _prefill(self, req: Request, n: int) -> None:
-        self.scheduler.grow(req, n)
-        batch = PagedBatch(self.kv, [req.table], [req.computed], n)
-        idx = torch.tensor([req.tokens[req.computed:req.computed + n]], device=self.kv.device)
-        hidden = self.model(idx, cache=batch, return_hidden=True)
-        self._advance([req], n)
-        self.counters["prompt_tokens"] += n
-        if not req.prefilling:  # the prompt is done: its last position gives the first new token
-            self._sample([req], self.model.head(hidden[:, -1]))
-
-    def _advance(self, reqs: list[Request], n: int) -> None:
-        for req in reqs:
-            req.computed += n
-            self.scheduler.register_full_blocks(req)
-
-    def _guarded(self, reqs: list[Request], run) -> None:
-        """run(reqs); if it raises, fail those requests (blocks returned) and keep the engine going."""
+        A forward that raises is retried request by request, so only the request that causes it fails.
+        """
         try:
-            run(reqs)
+            hidden = self._forward(reqs, ns)
         except Exception as e:  # a failing request must not take the engine (or the server) down
-            log.exception("engine forward failed for requests %s", [r.id for r in reqs])
-            for req in reqs:
-                if req in self.scheduler.running:
-                    self._finish(req)
-                    self.counters["requests_failed"] += 1
-                    req.handle._fail(e)
+            if len(reqs) > 1:
+                for req, n in zip(reqs, ns, strict=True):
+                    self._run([req], [n])
+            else:
+                self._fail(reqs, e)
+            return
+        try:
+            self.counters["prompt_tokens"] += sum(n for r, n in zip(reqs, ns, strict=True) if r.prefilling)
+            for req, n in zip(reqs, ns, strict=True):
+                req.computed += n
+                self.scheduler.register_full_blocks(req)
+            rows = [b for b, r in enumerate(reqs) if not r.prefilling]  # decodes, and prompts just done
+            if rows:
+                last = hidden[torch.tensor(rows), torch.tensor([ns[b] - 1 for b in rows])]
+                self._sample([reqs[b] for b in rows], self.model.head(last))
+        except Exception as e:
+            self._fail([r for r in reqs if r in self.scheduler.running], e)
+
+    def _forward(self, reqs: list[Request], ns: list[int]) -> torch.Tensor:
+        """Hidden states [B, max(ns), d_model] for the requests' next tokens (shorter rows padded)."""
+        for req, n in zip(reqs, ns, strict=True):
+            self.scheduler.grow(req, n)
+        T = max(ns)
+        batch = PagedBatch(self.kv, [r.table for r in reqs], [r.computed for r in reqs], T, ns)
+        idx = torch.tensor([r.tokens[r.computed:r.computed + n] + [0] * (T - n)
+                            for r, n in zip(reqs, ns, strict=True)], device=self.kv.device)
+        return self.model(idx, cache=batch, return_hidden=True)
+
+    def _fail(self, reqs: list[Request], error: Exception) -> None:
+        log.error("engine forward failed for requests %s", [r.id for r in reqs], exc_info=error)
+        for req in reqs:
+            self._finish(req)
+            self.counters["requests_failed"] += 1
+            req.handle._fail(error)
 
     # ----- sampling and outputs -----
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
@@ -345,3 +355,16 @@ def _logprob_entry(logprobs: torch.Tensor, tok: int, top: int) -> dict:
         values, ids = logprobs.topk(min(top, logprobs.shape[-1]))
         entry["top"] = dict(zip(ids.tolist(), values.tolist(), strict=True))
     return entry
+
+
+def prefill_groups(chunks: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+    """Prompt chunks grouped into forwards: longest first, a group growing while padding stays under half
+    of its positions (one forward per group instead of one per prompt)."""
+    groups: list[list[tuple[Request, int]]] = []
+    for chunk in sorted(chunks, key=lambda c: -c[1]):
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * group[0][1] <= 2 * (sum(n for _, n in group) + chunk[1]):
+            group.append(chunk)
+        else:
+            groups.append([chunk])
+    return groups

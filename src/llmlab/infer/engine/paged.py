@@ -56,10 +56,14 @@ class KVPool:
 
 
 class PagedBatch:
-    """One forward over T new tokens for each of B rows; row b continues its block table at starts[b]."""
+    """One forward over B rows of T input positions: row b continues its block table at starts[b] with
+    lengths[b] <= T real tokens (default T). A shorter row's padding repeats its last position, writes to the
+    null block and attends like its last token; the caller ignores its outputs."""
 
-    def __init__(self, pool: KVPool, tables: Sequence[Sequence[int]], starts: Sequence[int], T: int):
+    def __init__(self, pool: KVPool, tables: Sequence[Sequence[int]], starts: Sequence[int], T: int,
+                 lengths: Sequence[int] | None = None):
         self.pool, self.tables, self.starts, self.T = pool, tables, list(starts), T
+        self.lengths = [T] * len(tables) if lengths is None else list(lengths)
         self.write = self.read = None
 
     def begin(self, B: int, T: int) -> CacheStep:
@@ -68,17 +72,20 @@ class PagedBatch:
                              f"input [{B}, {T}]")
         device, bs = self.pool.device, self.pool.block_size
         starts = torch.tensor(self.starts, device=device)
-        positions = starts[:, None] + torch.arange(T, device=device)  # [B, T]
+        lengths = torch.tensor(self.lengths, device=device)[:, None]
+        offsets = torch.arange(T, device=device)
+        positions = starts[:, None] + torch.minimum(offsets, lengths - 1)  # [B, T]
         width = max(len(t) for t in self.tables)
         table = torch.tensor([list(t) + [NULL_BLOCK] * (width - len(t)) for t in self.tables], device=device)
-        self.write = (table.gather(1, positions // bs) * bs + positions % bs).flatten()
-        if B == 1 and self.starts[0] == 0:  # a prompt's first chunk: only its own keys, causal
+        slots = table.gather(1, positions // bs) * bs + positions % bs
+        self.write = torch.where(offsets < lengths, slots, NULL_BLOCK * bs).flatten()
+        if B == 1 and self.starts[0] == 0 and self.lengths[0] == T:  # a prompt's first chunk: causal
             return CacheStep(T, 0, None, T, None, True, slice(0, T))
-        L = max(self.starts) + T
+        L = max(s + n for s, n in zip(self.starts, self.lengths, strict=True))
         self.read = table[:, :-(-L // bs)].flatten()  # whole blocks; the tail beyond L is sliced off
         keys = torch.arange(L, device=device)
         first = self.starts[0]
-        same = all(s == first for s in self.starts)
+        same = all(s == first for s in self.starts) and all(n == T for n in self.lengths)
         if same and T == 1:
             mask = None  # every row sees all of its L keys: no mask, as in KVCache's decode
         else:
