@@ -3,6 +3,8 @@ leave-one-out baselines); rewards from the task graders and from a reward model 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -124,3 +126,28 @@ def test_config_errors_are_one_line():
     with pytest.raises(ConfigError, match="num_generations >= 2"):
         GRPOObjective(PROMPTS, tiny(0), count_reward, GRPOConfig(num_generations=1, baseline="loo"),
                       stop_ids=[STOP], pad_id=PAD)
+
+
+def test_llmlab_grpo_with_the_graders_writes_a_run(tmp_path, capsys):
+    from helpers import run_cli
+
+    tok = Tokenizer.train(["What is 12 + 45? 57."], vocab_size=268, progress=False, workers=1)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("llama", "tiny", vocab_size=tok.vocab_size, block_size=48,
+                                           d_model=32, n_layer=2, n_head=2))
+    model.save(tmp_path / "policy")
+    tok.save(tmp_path / "policy" / "tokenizer")
+    lines = [json.dumps({"prompt": [{"role": "user", "content": ex.prompt}], "task": ex.task})
+             for ex in make_split("add", "train", 4, seed=0)]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = run_cli(capsys, "grpo", "--checkpoint", tmp_path / "policy", "--prompts",
+                             tmp_path / "prompts.jsonl", f"train.out_dir={tmp_path}",
+                             "grpo.prompts_per_rollout=2",
+                             "grpo.num_generations=2", "grpo.max_completion_length=6", "optim.max_steps=2",
+                             "train.progress=false", "train.plot=false", "train.device=cpu")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["step"] == 2 and summary["prompts"] == 4
+    assert Transformer.load(summary["checkpoint"]).config.head == "lm"
+    records = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all("objective/scores" in r for r in records if "loss" in r)

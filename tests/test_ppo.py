@@ -3,6 +3,9 @@ large KL coefficient keeps it near the reference, and the metrics carry TRL's na
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -133,3 +136,46 @@ def test_a_rollout_batch_that_does_not_split_is_a_config_error():
     cfg = PPOConfig(rollout_batch_size=6, num_mini_batches=4)
     with pytest.raises(ConfigError, match="multiple of"):
         PPOObjective(PROMPTS, tiny(0), CountReward(), cfg, stop_ids=[STOP], pad_id=PAD)
+
+
+# ----- `llmlab ppo` end to end -----
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory):
+    """An 'SFT' policy and a reward model sharing a tokenizer with llmlab's chat tokens, and a prompt file."""
+    from llmlab.data.tasks import make_split
+    from llmlab.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("rl")
+    tok = Tokenizer.train(["What is 12 + 45? 57. Sort: b a c -> a b c."], vocab_size=280, progress=False,
+                          workers=1)
+    for name, head in (("policy", "lm"), ("rm", "scalar")):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.preset("llama", "tiny", vocab_size=tok.vocab_size, block_size=48,
+                                               d_model=32, n_layer=2, n_head=2, head=head))
+        model.save(root / name)
+        tok.save(root / name / "tokenizer")
+    examples = make_split("add", "train", 6, seed=0)
+    lines = [json.dumps({"prompt": [{"role": "user", "content": ex.prompt}], "task": ex.task})
+             for ex in examples]
+    (root / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_llmlab_ppo_writes_a_run_whose_checkpoint_is_a_policy(chat_models, tmp_path, capsys):
+    from helpers import run_cli
+
+    root = chat_models
+    code, out, err = run_cli(capsys, "ppo", "--checkpoint", root / "policy", "--reward-model", root / "rm",
+                             "--prompts", root / "prompts.jsonl", f"train.out_dir={tmp_path}",
+                             "ppo.rollout_batch_size=4", "ppo.num_ppo_epochs=1", "ppo.num_mini_batches=2",
+                             "ppo.response_length=6", "optim.max_steps=4", "train.progress=false",
+                             "train.plot=false", "train.device=cpu")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["step"] == 4 and summary["prompts"] == 6
+    ckpt = Path(summary["checkpoint"])
+    policy = Transformer.load(ckpt)
+    value = Transformer.load(ckpt / "value")
+    assert policy.config.head == "lm" and value.config.head == "scalar"
+    records = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all("objective/kl" in r and "policy/clipfrac_avg" in r for r in records if "loss" in r)

@@ -28,26 +28,43 @@ policy/kl_avg (the k3 term, token mean).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from llmlab.align import rl
+from llmlab.align.ppo import (
+    PromptDataConfig,
+    check_models,
+    check_split,
+    frozen,
+    load_frozen,
+    pad_id_of,
+    policy_tokenizer,
+)
 from llmlab.align.rollout import (
     MinibatchQueue,
     PromptStream,
     Rollout,
+    encode_prompts,
     last_token_scores,
+    read_prompt_messages,
     response_logprobs,
     rollout,
 )
 from llmlab.config import NonNegativeFloat, PositiveFloat, PositiveInt, check_config
-from llmlab.data.tasks import TaskExample, grade
+from llmlab.data.tasks import TaskExample, grade, read_prompt_set
 from llmlab.errors import ConfigError
+from llmlab.model import Transformer
 from llmlab.train.checkpoint import unwrap
+from llmlab.train.distributed import ParallelConfig
+from llmlab.train.launch import Built, Plan, Run, launch
 from llmlab.train.objective import LossOutput, Objective
+from llmlab.train.optim import OptimConfig
+from llmlab.train.spike import SpikeConfig
+from llmlab.train.trainer import TrainConfig
 
 RewardFn = Callable[[list[int], Rollout], torch.Tensor]   # (prompt index per row, rollout) -> rewards [B]
 
@@ -98,6 +115,11 @@ def model_reward(reward_model: nn.Module, missing_eos_penalty: float | None = No
     return reward
 
 
+def check_samples(cfg: GRPOConfig, accum_steps: int) -> None:
+    check_split(cfg.prompts_per_rollout * cfg.num_generations,
+                "grpo.prompts_per_rollout * grpo.num_generations", cfg.num_mini_batches, accum_steps, "grpo")
+
+
 class GRPOObjective(Objective):
     """GRPO on rollouts from `prompts` (token-id lists ending with the assistant header), rewarded by
     `reward_fn`; see the module docstring. `objective.batches` is the trainer's batch source."""
@@ -109,12 +131,7 @@ class GRPOObjective(Objective):
     def __init__(self, prompts: Sequence[Sequence[int]], reference: nn.Module, reward_fn: RewardFn,
                  cfg: GRPOConfig, *, stop_ids: Sequence[int], pad_id: int, accum_steps: int = 1):
         cfg = check_config(cfg, "grpo.")
-        samples = cfg.prompts_per_rollout * cfg.num_generations
-        if samples % (cfg.num_mini_batches * accum_steps):
-            need = cfg.num_mini_batches * accum_steps
-            raise ConfigError(f"grpo.prompts_per_rollout * grpo.num_generations = {samples} must be a "
-                              f"multiple of grpo.num_mini_batches * train.accum_steps = {need}; change one "
-                              "of them")
+        check_samples(cfg, accum_steps)
         if cfg.baseline == "loo" and cfg.num_generations < 2:
             raise ConfigError("grpo.baseline='loo' needs grpo.num_generations >= 2; raise it")
         self.prompts = [list(p) for p in prompts]
@@ -188,3 +205,55 @@ class GRPOObjective(Objective):
         self.rollouts = int(state["rollouts"])
         self.buffer = dict(state["buffer"])
         self.stats = {k: float(v) for k, v in state["stats"].items()}
+
+
+# ---------------------------------------------------------------- the run: `llmlab grpo`
+
+@dataclass
+class GRPORunConfig:
+    checkpoint: str = ""           # the policy to start from (an SFT checkpoint); also the frozen reference
+    reward: Literal["grader", "model"] = "grader"  # grader: the task graders (prompts from `llmlab data
+                                   # tasks`); model: reward_model's score
+    reward_model: str = ""         # a reward-model checkpoint, for reward = "model"
+    missing_eos_penalty: NonNegativeFloat | None = None  # reward = "model": subtracted when a response
+                                   # reaches grpo.max_completion_length without an end-of-turn
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0,
+                                                                   max_steps=200, min_lr_ratio=1.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(run_name="grpo", eval_every=0,
+                                                                   ckpt_every=50))
+    spike: SpikeConfig = field(default_factory=lambda: SpikeConfig(enabled=False))  # RL losses jump by design
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def run_grpo(cfg: GRPORunConfig, resume: str | None = None) -> dict[str, Any]:
+    """GRPO from cfg.checkpoint on cfg.data.prompts, rewarded by the task graders or a reward model, on the
+    shared launcher; returns the run's summary."""
+    cfg = check_config(cfg)
+
+    def resolve(cfg: GRPORunConfig) -> Plan:
+        check_models(cfg.checkpoint, cfg.reward_model if cfg.reward == "model" else None, "train")
+        check_samples(cfg.grpo, cfg.train.accum_steps)
+        return Plan(cfg, inputs=[cfg.checkpoint, cfg.reward_model, cfg.data.prompts, cfg.data.tokenizer])
+
+    def build(run: Run) -> Built:
+        cfg = run.config
+        policy = Transformer.load(cfg.checkpoint, device=run.device, dtype="fp32")
+        tok = policy_tokenizer(cfg.checkpoint, cfg.data.tokenizer, policy.config.vocab_size)
+        template = tok.chat_template
+        items = read_prompt_messages(cfg.data.prompts)
+        if cfg.reward == "grader":
+            examples = read_prompt_set(cfg.data.prompts)
+            items = [(where, ex.prompt_messages()) for (where, _), ex in zip(items, examples, strict=True)]
+            reward_fn = grader_reward(tok, examples)
+        prompts = encode_prompts(tok, items, policy.config.block_size, cfg.grpo.max_completion_length,
+                                 "grpo.max_completion_length")
+        if cfg.reward == "model":
+            reward_fn = model_reward(load_frozen(cfg.reward_model, run.device), cfg.missing_eos_penalty)
+        objective = GRPOObjective(prompts, frozen(policy), reward_fn, cfg.grpo, stop_ids=template.stop_ids,
+                                  pad_id=pad_id_of(template), accum_steps=cfg.train.accum_steps)
+        return Built(policy, objective, objective.batches, flops_per_token=policy.flops_per_token(),
+                     tokenizer=tok, summary={"prompts": len(prompts)})
+
+    return launch(cfg, build, resume, resolve=resolve)

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -48,14 +49,25 @@ from llmlab.align.rollout import (
     MinibatchQueue,
     PromptStream,
     Rollout,
+    encode_prompts,
+    read_prompt_messages,
     response_logprobs,
     response_values,
     rollout,
 )
-from llmlab.config import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, check_config
-from llmlab.errors import ConfigError
-from llmlab.train.checkpoint import unwrap
+from llmlab.config import Fraction, NonEmptyStr, NonNegativeFloat, PositiveFloat, PositiveInt, check_config
+from llmlab.errors import CheckpointError, ConfigError
+from llmlab.model import ModelConfig, Transformer
+from llmlab.model.transformer import read_config
+from llmlab.tokenizer import Tokenizer
+from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
+from llmlab.train.checkpoint import Checkpointer, read_model, unwrap, write_model
+from llmlab.train.distributed import ParallelConfig
+from llmlab.train.launch import Built, Plan, Run, launch
 from llmlab.train.objective import LossOutput, Objective
+from llmlab.train.optim import OptimConfig
+from llmlab.train.spike import SpikeConfig
+from llmlab.train.trainer import TrainConfig
 
 
 @dataclass
@@ -85,6 +97,14 @@ class PPOConfig:
         if self.target_kl is None:
             return rl.FixedKLController(self.kl_coef)
         return rl.AdaptiveKLController(self.kl_coef, self.target_kl, self.kl_horizon)
+
+
+def check_split(samples: int, what: str, num_mini_batches: int, accum_steps: int, section: str) -> None:
+    """ConfigError unless a rollout batch of `samples` splits into minibatches of equal micro-batches."""
+    need = num_mini_batches * accum_steps
+    if samples % need:
+        raise ConfigError(f"{what} = {samples} must be a multiple of {section}.num_mini_batches * "
+                          f"train.accum_steps = {need}; change one of them")
 
 
 class PolicyAndValue(nn.Module):
@@ -130,10 +150,8 @@ class PPOObjective(Objective):
     def __init__(self, prompts: Sequence[Sequence[int]], reference: nn.Module, reward_model: nn.Module,
                  cfg: PPOConfig, *, stop_ids: Sequence[int], pad_id: int, accum_steps: int = 1):
         cfg = check_config(cfg, "ppo.")
-        if cfg.rollout_batch_size % (cfg.num_mini_batches * accum_steps):
-            need = cfg.num_mini_batches * accum_steps
-            raise ConfigError(f"ppo.rollout_batch_size={cfg.rollout_batch_size} must be a multiple of "
-                              f"ppo.num_mini_batches * train.accum_steps = {need}; change one of them")
+        check_split(cfg.rollout_batch_size, "ppo.rollout_batch_size", cfg.num_mini_batches, accum_steps,
+                    "ppo")
         self.prompts = [list(p) for p in prompts]
         self.reference, self.reward_model = reference, reward_model
         self.cfg, self.stop_ids, self.pad_id, self.accum = cfg, list(stop_ids), pad_id, accum_steps
@@ -226,3 +244,121 @@ def rollout_stats(ro: Rollout, kl: torch.Tensor, non_score: torch.Tensor, beta: 
 
 def _detached(v):
     return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+# ---------------------------------------------------------------- the run: `llmlab ppo`
+
+@dataclass
+class PromptDataConfig:
+    prompts: NonEmptyStr = "data/tasks/train_prompts.jsonl"  # {"prompt": text | [messages]} per line
+    tokenizer: str = ""            # "" -> the policy checkpoint's tokenizer/ copy
+
+
+@dataclass
+class PPORunConfig:
+    checkpoint: str = ""           # the policy to start from (an SFT checkpoint); also the frozen reference
+    reward_model: str = ""         # a reward-model checkpoint (head "scalar"); the value model starts as it
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0,
+                                                                   max_steps=200, min_lr_ratio=1.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(run_name="ppo", eval_every=0,
+                                                                   ckpt_every=50))
+    spike: SpikeConfig = field(default_factory=lambda: SpikeConfig(enabled=False))  # RL losses jump by design
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+class PPOCheckpointer(Checkpointer):
+    """Checkpoints of PolicyAndValue: the policy as a plain checkpoint (every verb reads it) and the value
+    model in its value/ subdirectory; the rest (train_state.pt with both models' optimizer state and the
+    objective's controller and rollout buffer, tokenizer/) as for any run."""
+
+    def write_model(self, model: nn.Module, directory: Path) -> None:
+        write_model(model.policy, directory)
+        (directory / VALUE_DIR).mkdir()
+        write_model(model.value, directory / VALUE_DIR)
+
+    def read_model(self, model: nn.Module, directory: Path) -> None:
+        read_model(model.policy, directory)
+        read_model(model.value, Path(directory) / VALUE_DIR)
+
+
+VALUE_DIR = "value"
+
+
+def policy_tokenizer(checkpoint: str, tokenizer: str, vocab_size: int) -> Tokenizer:
+    """data.tokenizer (checked against the policy) or the policy checkpoint's tokenizer/ copy."""
+    path = Path(tokenizer) if tokenizer else Path(checkpoint) / "tokenizer"
+    if not path.is_dir():
+        if tokenizer:
+            raise ConfigError(f"data.tokenizer={tokenizer} is not a directory; point it at a saved "
+                              "tokenizer, or set it to \"\" to use the checkpoint's")
+        raise CheckpointError(f"checkpoint {checkpoint} has no tokenizer/ directory; pass data.tokenizer=DIR "
+                              "(the tokenizer the policy was trained with)")
+    tok = Tokenizer.load(path)
+    if tokenizer:
+        require_same_tokenizer(checkpoint_tokenizer(checkpoint, vocab_size), directory_tokenizer(path, tok),
+                               "point data.tokenizer at the policy's tokenizer, or drop it")
+    return tok
+
+
+def check_models(checkpoint: str, reward_model: str | None, what: str) -> ModelConfig:
+    """The policy's ModelConfig, after checking both checkpoints exist, the policy has an LM head, the reward
+    model a scalar head and the policy's tokenizer (CheckpointError / TokenizerError, one line)."""
+    if not checkpoint:
+        raise ConfigError(f"checkpoint is not set; pass --checkpoint CKPT (the SFT policy to {what})")
+    policy = read_config(Path(checkpoint))
+    if policy.head != "lm":
+        raise CheckpointError(f"checkpoint {checkpoint} has a {policy.head!r} head; the policy needs an LM "
+                              "head (an SFT checkpoint)")
+    if reward_model is None:
+        return policy
+    if not reward_model:
+        raise ConfigError("reward_model is not set; pass --reward-model CKPT (from `llmlab reward train`)")
+    rm = read_config(Path(reward_model))
+    if rm.head != "scalar":
+        raise CheckpointError(f"reward model {reward_model} has head {rm.head!r}; pass a reward-model "
+                              "checkpoint (head \"scalar\", from `llmlab reward train`)")
+    require_same_tokenizer(checkpoint_tokenizer(checkpoint, policy.vocab_size),
+                           checkpoint_tokenizer(reward_model, rm.vocab_size),
+                           "train the reward model from the policy's SFT checkpoint (the same token ids)")
+    return policy
+
+
+def load_frozen(path: str, device) -> Transformer:
+    model = Transformer.load(path, device=device, dtype="fp32")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def run_ppo(cfg: PPORunConfig, resume: str | None = None) -> dict[str, Any]:
+    """PPO from cfg.checkpoint against cfg.reward_model on cfg.data.prompts, on the shared launcher (resume:
+    a checkpoint, a run dir, "auto" or "best"); returns the run's summary."""
+    cfg = check_config(cfg)
+
+    def resolve(cfg: PPORunConfig) -> Plan:
+        check_models(cfg.checkpoint, cfg.reward_model, "improve")
+        check_split(cfg.ppo.rollout_batch_size, "ppo.rollout_batch_size", cfg.ppo.num_mini_batches,
+                    cfg.train.accum_steps, "ppo")
+        return Plan(cfg, inputs=[cfg.checkpoint, cfg.reward_model, cfg.data.prompts, cfg.data.tokenizer])
+
+    def build(run: Run) -> Built:
+        cfg = run.config
+        policy = Transformer.load(cfg.checkpoint, device=run.device, dtype="fp32")
+        tok = policy_tokenizer(cfg.checkpoint, cfg.data.tokenizer, policy.config.vocab_size)
+        template = tok.chat_template
+        prompts = encode_prompts(tok, read_prompt_messages(cfg.data.prompts), policy.config.block_size,
+                                 cfg.ppo.response_length, "ppo.response_length")
+        reward_model = load_frozen(cfg.reward_model, run.device)
+        objective = PPOObjective(prompts, frozen(policy), reward_model, cfg.ppo, stop_ids=template.stop_ids,
+                                 pad_id=pad_id_of(template), accum_steps=cfg.train.accum_steps)
+        model = PolicyAndValue(policy, value_from(reward_model))
+        return Built(model, objective, objective.batches, flops_per_token=policy.flops_per_token(),
+                     tokenizer=tok, checkpointer=PPOCheckpointer, summary={"prompts": len(prompts)})
+
+    return launch(cfg, build, resume, resolve=resolve)
+
+
+def pad_id_of(template) -> int:
+    """The template's pad id, else its end-of-turn id (padding is masked out either way)."""
+    return template.pad_id if template.pad_id is not None else template.end_of_turn_id

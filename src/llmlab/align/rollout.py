@@ -28,7 +28,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from llmlab.errors import ConfigError, ModelError
+from llmlab.data.chat_data import iter_records
+from llmlab.errors import ConfigError, DataError, LLMLabError, ModelError
 from llmlab.infer.generate import generate
 from llmlab.train.checkpoint import unwrap
 
@@ -226,3 +227,44 @@ class MinibatchQueue:
 
     def load_state_dict(self, state: dict) -> None:
         self.items = list(state["items"])
+
+
+# ----- prompt files -----
+def read_prompt_messages(path) -> list[tuple[str, list[dict]]]:
+    """(where, messages) for every record of a prompt-only file (TRL's format): {"prompt": text} (one user
+    turn) or {"prompt": [messages]}; other keys are ignored. DataError "FILE:LINE: ..." for a bad record."""
+    items = []
+    for where, record in iter_records(path):
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, list) or not prompt:
+            raise DataError(f"{where}: field prompt must be a non-empty string or a list of messages; "
+                            "write records like {\"prompt\": \"...\"} (TRL's prompt-only format)")
+        items.append((where, prompt))
+    if not items:
+        raise DataError(f"{path} holds no prompts; write one {{\"prompt\": ...}} record per line")
+    return items
+
+
+def encode_prompts(tok, items: Sequence[tuple[str, list[dict]]], block_size: int, max_new_tokens: int,
+                   length_key: str) -> list[list[int]]:
+    """Each (where, messages) rendered with the chat template, ending with the assistant header; DataError
+    naming the record for a bad message or a prompt that leaves no room for max_new_tokens in the context
+    (`length_key` names the setting that asks for them)."""
+    room = block_size - max_new_tokens
+    if room < 1:
+        raise ConfigError(f"{length_key}={max_new_tokens} leaves no room for a prompt in the policy's "
+                          f"context of {block_size} tokens; lower it")
+    out = []
+    for where, messages in items:
+        try:
+            ids, _ = tok.apply_chat_template(messages, add_generation_prompt=True)
+        except LLMLabError as e:
+            raise DataError(f"{where}: {e}") from None
+        if len(ids) > room:
+            raise DataError(f"{where}: the prompt has {len(ids)} tokens but the policy's context of "
+                            f"{block_size} tokens leaves {room} beside {length_key}={max_new_tokens}; "
+                            f"shorten the prompt or lower {length_key}")
+        out.append(ids)
+    return out
