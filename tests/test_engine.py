@@ -326,6 +326,8 @@ def test_stop_cancels_what_is_left_and_a_failing_forward_fails_only_its_requests
     (lambda e: SamplingParams(temperature=-1), "temperature"),
     (lambda e: SamplingParams(max_tokens=-2), "max_tokens"),
     (lambda e: SamplingParams(stop=[""]), "stop"),
+    (lambda e: SamplingParams(stop=5), "stop=5"),
+    (lambda e: SamplingParams(stop_token_ids="ab"), "stop_token_ids"),
     (lambda e: SamplingParams(logprobs=True), "logprobs"),
     (lambda e: Engine(e.model, draft=e.model), "speculative decoding is not supported"),
     (lambda e: Engine(e.model, kv_budget_bytes=10), "kv_budget_bytes=10"),
@@ -336,6 +338,12 @@ def test_bad_input_one_line(call, fragment):
         call(engine)
     message = str(info.value)
     assert fragment in message and "\n" not in message
+
+
+def test_params_normalise_stop_fields():
+    params = SamplingParams(stop="\n", stop_token_ids=None)
+    assert params.stop == ("\n",) and params.stop_token_ids == ()
+    assert SamplingParams(stop=None, stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
 
 
 def test_queue_limit_and_max_tokens_zero():

@@ -24,7 +24,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int | None = None
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # a str, a list or None are accepted too
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
 
@@ -35,11 +35,11 @@ class SamplingParams:
                               "context")
         if self.seed is not None and not _is_int(self.seed):
             raise ConfigError(f"seed={self.seed!r} must be an integer or None")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if not all(isinstance(s, str) and s for s in stop):
+        stop = (self.stop,) if isinstance(self.stop, str) else _sequence(self.stop)
+        if stop is None or not all(isinstance(s, str) and s for s in stop):
             raise ConfigError(f"stop={self.stop!r} must be a non-empty string or a list of them")
-        stop_ids = tuple(self.stop_token_ids)
-        if not all(_is_int(i) and i >= 0 for i in stop_ids):
+        stop_ids = _sequence(self.stop_token_ids)
+        if stop_ids is None or not all(_is_int(i) and i >= 0 for i in stop_ids):
             raise ConfigError(f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids "
                               "(ints >= 0)")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
@@ -47,6 +47,11 @@ class SamplingParams:
                               "or None")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", stop_ids)
+
+
+def _sequence(x) -> tuple | None:
+    """A list/tuple (or None) as a tuple; None for anything else."""
+    return () if x is None else tuple(x) if isinstance(x, (list, tuple)) else None
 
 
 def _is_int(x) -> bool:
