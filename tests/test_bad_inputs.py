@@ -113,14 +113,6 @@ def make_scratch(t: Path, w: SimpleNamespace) -> None:
     tok_json = t / "ckpt_badchat" / "tokenizer" / "llmlab.json"
     tok_json.write_text(tok_json.read_text().replace('"pad": "<|pad|>"', '"pad": "<|end|>"'))
     shutil.copytree(w.hf, t / "hfs" / "src")
-    (t / "long_prompt.jsonl").write_text('{"prompt": "' + "the cat " * 40 + '"}\n')
-    for name in ("rm_scalar", "rm_othertok"):  # reward models: the checkpoint's config with a scalar head
-        shutil.copytree(w.ckpt, t / name)
-        config = t / name / "config.json"
-        config.write_text(config.read_text().replace('"head": "lm"', '"head": "scalar"'))
-    shutil.rmtree(t / "rm_othertok" / "tokenizer")
-    shutil.copytree(w.tok_noeos, t / "rm_othertok" / "tokenizer")
-    (t / "rm_othertok" / "tokenizer_id.json").unlink(missing_ok=True)
     shutil.copytree(w.ckpt, t / "runs" / "exp" / "ckpt-000002")
 
 
@@ -346,34 +338,6 @@ CASES = [
     case("sft-run-under-file", "sft --checkpoint {ckpt} --data {t}/sft.jsonl train.out_dir={t}/file",
          "regular file"),
     case("sft-lr-nan", "sft --checkpoint {ckpt} --data {t}/sft.jsonl optim.lr=nan", "optim.lr"),
-    # ---- ppo ----
-    case("ppo-no-checkpoint", "ppo --reward-model {t}/rm_scalar --prompts {t}/prompts.jsonl "
-         "train.out_dir={t}", "checkpoint is not set"),
-    case("ppo-no-reward-model", "ppo --checkpoint {ckpt} --prompts {t}/prompts.jsonl train.out_dir={t}",
-         "reward_model is not set"),
-    case("ppo-reward-model-lm-head", "ppo --checkpoint {ckpt} --reward-model {ckpt} --prompts "
-         "{t}/prompts.jsonl train.out_dir={t}", "head 'lm'"),
-    case("ppo-reward-model-other-tokenizer", "ppo --checkpoint {ckpt} --reward-model {t}/rm_othertok "
-         "--prompts {t}/prompts.jsonl train.out_dir={t}", "policy's SFT checkpoint"),
-    case("ppo-missing-prompts", "ppo --checkpoint {ckpt} --reward-model {t}/rm_scalar --prompts "
-         "{t}/nope.jsonl train.out_dir={t} ppo.response_length=8", "nope.jsonl"),
-    case("ppo-prompt-past-context", "ppo --checkpoint {ckpt} --reward-model {t}/rm_scalar --prompts "
-         "{t}/long_prompt.jsonl train.out_dir={t} ppo.response_length=8", "shorten the prompt"),
-    case("ppo-no-room-to-respond", "ppo --checkpoint {ckpt} --reward-model {t}/rm_scalar --prompts "
-         "{t}/prompts.jsonl train.out_dir={t} ppo.response_length=40", "ppo.response_length=40"),
-    case("ppo-batch-does-not-split", "ppo --checkpoint {ckpt} --reward-model {t}/rm_scalar --prompts "
-         "{t}/prompts.jsonl train.out_dir={t} ppo.response_length=8 ppo.rollout_batch_size=6 "
-         "ppo.num_mini_batches=4", "multiple of"),
-    case("ppo-bad-kl-estimator", "ppo --checkpoint {ckpt} ppo.kl_estimator=k2", "ppo.kl_estimator"),
-    # ---- grpo ----
-    case("grpo-no-checkpoint", "grpo --prompts {t}/prompts.jsonl train.out_dir={t}", "checkpoint is not set"),
-    case("grpo-reward-model-other-tokenizer", "grpo --checkpoint {ckpt} --reward-model {t}/rm_othertok "
-         "--prompts {t}/prompts.jsonl train.out_dir={t}", "policy's SFT checkpoint"),
-    case("grpo-prompt-past-context", "grpo --checkpoint {ckpt} --reward-model {t}/rm_scalar --prompts "
-         "{t}/long_prompt.jsonl train.out_dir={t} grpo.max_completion_length=8", "shorten the prompt"),
-    case("grpo-grader-prompts-without-task", "grpo --checkpoint {ckpt} --prompts {t}/long_prompt.jsonl "
-         "train.out_dir={t} grpo.max_completion_length=8", "no field task"),
-    case("grpo-bad-baseline", "grpo --checkpoint {ckpt} grpo.baseline=mean", "grpo.baseline"),
     # ---- plot ----
     case("plot-missing-dir", "plot {t}/nope", "metrics.jsonl"),
     case("plot-no-metrics", "plot {t}/run_nometrics", "metrics.jsonl"),
@@ -430,6 +394,44 @@ CASES = [
     case("evtasks-n-0", "eval tasks {ckpt} --n 0", "--n", USAGE),
     case("evtasks-out-under-file", "eval tasks {ckpt} --n 1 --out {t}/file/r.json", "regular file"),
     case("evtasks-out-in-ckpt", "eval tasks {ckpt} --n 1 --out {ckpt}/r.json", "inside the input"),
+    # ---- reward train / reward score / dpo ----
+    case("reward-no-checkpoint", "reward train --data {t}/bad.jsonl train.out_dir={t}",
+         "checkpoint is not set"),
+    case("reward-missing-checkpoint", "reward train --checkpoint {t}/nope --data {t}/bad.jsonl "
+         "train.out_dir={t}", "nope"),
+    case("reward-missing-data", "reward train --checkpoint {ckpt} --data {t}/nope.jsonl train.out_dir={t}",
+         "nope.jsonl"),
+    case("reward-corrupt-jsonl", "reward train --checkpoint {ckpt} --data {t}/bad.jsonl train.out_dir={t}",
+         "bad.jsonl:1"),
+    case("reward-not-pairs", "reward train --checkpoint {ckpt} --data {t}/sft.jsonl train.out_dir={t}",
+         "chosen"),
+    case("reward-negative-center", "reward train --checkpoint {ckpt} reward.center_coefficient=-1",
+         "reward.center_coefficient"),
+    case("reward-unknown-key", "reward train --checkpoint {ckpt} reward.center=1", "reward.center"),
+    case("reward-block-past-context", "reward train --checkpoint {ckpt} --data {t}/bad.jsonl "
+         "data.block_size=100000 train.out_dir={t}", "data.block_size"),
+    case("reward-no-action", "reward", "missing ACTION", USAGE),
+    case("reward-score-missing-ckpt", "reward score {t}/nope --data {t}/sft.jsonl --out {t}/o.jsonl", "nope"),
+    case("reward-score-lm-head", "reward score {ckpt} --data {t}/sft.jsonl --out {t}/o.jsonl", "scalar head"),
+    case("reward-score-no-out", "reward score {ckpt} --data {t}/sft.jsonl", "--out", USAGE),
+    case("reward-score-batch-0", "reward score {ckpt} --data {t}/sft.jsonl --out {t}/o.jsonl --batch-size 0",
+         "--batch-size", USAGE),
+    case("reward-score-out-is-data", "reward score {ckpt} --data {t}/sft.jsonl --out {t}/sft.jsonl "
+         "--overwrite", "is the input"),
+    case("reward-score-out-under-file", "reward score {ckpt} --data {t}/sft.jsonl --out {t}/file/o.jsonl",
+         "regular file"),
+    case("dpo-no-checkpoint", "dpo --data {t}/bad.jsonl train.out_dir={t}", "checkpoint is not set"),
+    case("dpo-missing-data", "dpo --checkpoint {ckpt} --data {t}/nope.jsonl train.out_dir={t}", "nope.jsonl"),
+    case("dpo-corrupt-jsonl", "dpo --checkpoint {ckpt} --data {t}/bad.jsonl train.out_dir={t}",
+         "bad.jsonl:1"),
+    case("dpo-beta-0", "dpo --checkpoint {ckpt} dpo.beta=0", "dpo.beta"),
+    case("dpo-unknown-loss", "dpo --checkpoint {ckpt} dpo.loss_type=hinge", "hinge"),
+    case("dpo-smoothing-half", "dpo --checkpoint {ckpt} dpo.label_smoothing=0.5", "dpo.label_smoothing"),
+    case("dpo-smoothing-with-ipo", "dpo --checkpoint {ckpt} --data {t}/bad.jsonl train.out_dir={t} "
+         "dpo.loss_type=ipo dpo.label_smoothing=0.1", "dpo.label_smoothing"),
+    case("dpo-unknown-reference", "dpo --checkpoint {ckpt} dpo.reference=copy", "copy"),
+    case("dpo-run-under-file", "dpo --checkpoint {ckpt} --data {t}/bad.jsonl train.out_dir={t}/file",
+         "regular file"),
     # ---- speedrun ----
     case("speedrun-unknown-preset", "speedrun --preset nope --out {t}/o", "nope"),
     case("speedrun-bad-override", "speedrun --preset {preset} --out {t}/o tokenizer.vocab_size=abc",

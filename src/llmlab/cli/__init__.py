@@ -16,7 +16,7 @@ from llmlab import __version__
 from llmlab.errors import LLMLabError
 
 # Modules under llmlab.cli, in the order their verbs appear in `llmlab --help`.
-VERB_MODULES: list[str] = ["tokenizer", "data", "generate", "serve", "train", "sft", "rl", "hf", "quant",
+VERB_MODULES: list[str] = ["tokenizer", "data", "generate", "serve", "train", "sft", "align", "hf", "quant",
                             "evals", "speedrun"]
 
 
