@@ -90,6 +90,36 @@ def test_masked_loss_equals_the_hand_computed_sum():
     assert out.metrics["n_tokens"] == x.numel()
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_loss_equals_transformers_on_trl_style_labels(tmp_path, packed):
+    """The same model exported to transformers, labels as TRL's completion-only loss makes them (input ids,
+    -100 where the completion mask is 0 and on padding): the mean loss over kept tokens agrees."""
+    from transformers import AutoModelForCausalLM
+
+    from llmlab.model.hf import save_hf
+
+    model = tiny(50).eval()
+    save_hf(model, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    pairs = random_examples(6, 50, seed=2)
+    examples = encode_examples(pairs, 32)
+    ours = sft_objective().loss(model, collate(pack_rows(examples, 32) if packed else pad_rows(examples),
+                                               0, packed))
+    width = max(len(row) for row, _ in pairs)
+
+    def padded(row, fill):
+        return row + [fill] * (width - len(row))
+
+    x = torch.tensor([padded(row, 0) for row, _ in pairs])
+    labels = torch.tensor([padded([t if m else -100 for t, m in zip(row, mask, strict=True)], -100)
+                           for row, mask in pairs])
+    attention = torch.tensor([padded([1] * len(row), 0) for row, _ in pairs])
+    with torch.no_grad():
+        theirs = hf(input_ids=x, attention_mask=attention, labels=labels).loss
+    assert int(ours.weight) == int((labels[:, 1:] != -100).sum())
+    assert (ours.loss_sum / ours.weight).item() == pytest.approx(theirs.item(), abs=1e-5)
+
+
 def test_packing_keeps_examples_whole_and_apart():
     examples = encode_examples(random_examples(20, 50), 16)
     rows = pack_rows(examples, 16)
