@@ -113,6 +113,14 @@ def make_scratch(t: Path, w: SimpleNamespace) -> None:
     tok_json = t / "ckpt_badchat" / "tokenizer" / "llmlab.json"
     tok_json.write_text(tok_json.read_text().replace('"pad": "<|pad|>"', '"pad": "<|end|>"'))
     shutil.copytree(w.hf, t / "hfs" / "src")
+    (t / "long_prompt.jsonl").write_text('{"prompt": "' + "the cat " * 40 + '"}\n')
+    for name in ("rm_scalar", "rm_othertok"):  # reward models: the checkpoint's config with a scalar head
+        shutil.copytree(w.ckpt, t / name)
+        config = t / name / "config.json"
+        config.write_text(config.read_text().replace('"head": "lm"', '"head": "scalar"'))
+    shutil.rmtree(t / "rm_othertok" / "tokenizer")
+    shutil.copytree(w.tok_noeos, t / "rm_othertok" / "tokenizer")
+    (t / "rm_othertok" / "tokenizer_id.json").unlink(missing_ok=True)
     shutil.copytree(w.ckpt, t / "runs" / "exp" / "ckpt-000002")
 
 
@@ -338,6 +346,34 @@ CASES = [
     case("sft-run-under-file", "sft --checkpoint {ckpt} --data {t}/sft.jsonl train.out_dir={t}/file",
          "regular file"),
     case("sft-lr-nan", "sft --checkpoint {ckpt} --data {t}/sft.jsonl optim.lr=nan", "optim.lr"),
+    # ---- ppo ----
+    case("ppo-no-checkpoint", "ppo --reward-model {t}/rm_scalar --prompts {t}/prompts.jsonl "
+         "train.out_dir={t}", "checkpoint is not set"),
+    case("ppo-no-reward-model", "ppo --checkpoint {ckpt} --prompts {t}/prompts.jsonl train.out_dir={t}",
+         "reward_model is not set"),
+    case("ppo-reward-model-lm-head", "ppo --checkpoint {ckpt} --reward-model {ckpt} --prompts "
+         "{t}/prompts.jsonl train.out_dir={t}", "head 'lm'"),
+    case("ppo-reward-model-other-tokenizer", "ppo --checkpoint {ckpt} --reward-model {t}/rm_othertok "
+         "--prompts {t}/prompts.jsonl train.out_dir={t}", "policy's SFT checkpoint"),
+    case("ppo-missing-prompts", "ppo --checkpoint {ckpt} --reward-model {t}/rm_scalar --prompts "
+         "{t}/nope.jsonl train.out_dir={t} ppo.response_length=8", "nope.jsonl"),
+    case("ppo-prompt-past-context", "ppo --checkpoint {ckpt} --reward-model {t}/rm_scalar --prompts "
+         "{t}/long_prompt.jsonl train.out_dir={t} ppo.response_length=8", "shorten the prompt"),
+    case("ppo-no-room-to-respond", "ppo --checkpoint {ckpt} --reward-model {t}/rm_scalar --prompts "
+         "{t}/prompts.jsonl train.out_dir={t} ppo.response_length=40", "ppo.response_length=40"),
+    case("ppo-batch-does-not-split", "ppo --checkpoint {ckpt} --reward-model {t}/rm_scalar --prompts "
+         "{t}/prompts.jsonl train.out_dir={t} ppo.response_length=8 ppo.rollout_batch_size=6 "
+         "ppo.num_mini_batches=4", "multiple of"),
+    case("ppo-bad-kl-estimator", "ppo --checkpoint {ckpt} ppo.kl_estimator=k2", "ppo.kl_estimator"),
+    # ---- grpo ----
+    case("grpo-no-checkpoint", "grpo --prompts {t}/prompts.jsonl train.out_dir={t}", "checkpoint is not set"),
+    case("grpo-reward-model-other-tokenizer", "grpo --checkpoint {ckpt} --reward-model {t}/rm_othertok "
+         "--prompts {t}/prompts.jsonl train.out_dir={t}", "policy's SFT checkpoint"),
+    case("grpo-prompt-past-context", "grpo --checkpoint {ckpt} --reward-model {t}/rm_scalar --prompts "
+         "{t}/long_prompt.jsonl train.out_dir={t} grpo.max_completion_length=8", "shorten the prompt"),
+    case("grpo-grader-prompts-without-task", "grpo --checkpoint {ckpt} --prompts {t}/long_prompt.jsonl "
+         "train.out_dir={t} grpo.max_completion_length=8", "no field task"),
+    case("grpo-bad-baseline", "grpo --checkpoint {ckpt} grpo.baseline=mean", "grpo.baseline"),
     # ---- plot ----
     case("plot-missing-dir", "plot {t}/nope", "metrics.jsonl"),
     case("plot-no-metrics", "plot {t}/run_nometrics", "metrics.jsonl"),

@@ -16,8 +16,8 @@ from llmlab import __version__
 from llmlab.errors import LLMLabError
 
 # Modules under llmlab.cli, in the order their verbs appear in `llmlab --help`.
-VERB_MODULES: list[str] = ["tokenizer", "data", "generate", "serve", "train", "sft", "align", "hf", "quant",
-                            "evals", "speedrun"]
+VERB_MODULES: list[str] = ["tokenizer", "data", "generate", "serve", "train", "sft", "align", "rl", "hf",
+                            "quant", "evals", "speedrun"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
