@@ -5,7 +5,12 @@ the right 4xx while the server keeps serving, and a client that goes away frees 
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -15,9 +20,19 @@ import openai
 import pytest
 import torch
 
+from llmlab.cli import main
 from llmlab.infer import generate
 from llmlab.infer.engine import Engine
-from llmlab.infer.server import BackgroundServer, Limits, SpecialText, chat_prompt, create_app
+from llmlab.infer.quant import quantize
+from llmlab.infer.server import (
+    BackgroundServer,
+    Limits,
+    SpecialText,
+    chat_prompt,
+    chat_reply,
+    create_app,
+    load_engine,
+)
 from llmlab.model import ModelConfig, Transformer
 from llmlab.tokenizer import Tokenizer
 
@@ -353,3 +368,46 @@ def test_a_full_queue_answers_429_with_retry_after(slow):
     assert (stats["running"], stats["waiting"], stats["blocks_used"]) == (0, 0, 0)
     short = {**LONG, "stream": False, "max_tokens": 2}
     assert slow.http.post("/v1/completions", json=short).status_code == 200
+
+
+# ----- the commands -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def int8_ckpt(tmp_path_factory):
+    """A quantized (RTN int8) checkpoint with its tokenizer."""
+    tok = tokenizer()
+    model = quantize(tiny_model(tok), "rtn", bits=8, progress=False)
+    path = tmp_path_factory.mktemp("int8") / "ckpt"
+    model.save(path)
+    tok.save(path / "tokenizer")
+    return path
+
+
+def test_llmlab_serve_serves_a_quantized_checkpoint(int8_ckpt):
+    cmd = [sys.executable, "-m", "llmlab", "serve", str(int8_ckpt), "--port", "0", "--api-key", "k",
+           "--log-level", "warning", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stderr.readline() for _ in range(1)]
+        while "serving" not in lines[-1] and lines[-1]:
+            lines.append(proc.stderr.readline())
+        url = re.search(r"http://[\d.]+:\d+", lines[-1]).group(0)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["ckpt"]
+        r = client.chat.completions.create(model="ckpt", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode in (0, 130), proc.stderr.read()
+
+
+def test_llmlab_chat_streams_replies_with_the_server_template(int8_ckpt, capsys, monkeypatch):
+    engine, tok = load_engine(int8_ckpt, device="cpu")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat?"}]
+    expected = "".join(chat_reply(engine, tok, messages, {"temperature": 0, "max_tokens": 6})[1])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the cat?\n/reset\nthe cat?\n"))
+    code = main(["chat", str(int8_ckpt), "--system", "be brief", "--temperature", "0", "--max-tokens", "6",
+                 "--device", "cpu"])
+    assert code == 0
+    assert capsys.readouterr().out == f"{expected}\n{expected}\n"  # /reset: the same question, same reply

@@ -40,7 +40,7 @@ import time
 import uuid
 from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -290,12 +290,9 @@ class Job:
     prompt: list[int]
     handle: Any = None
     text: str = ""
-    token_ids: list[int] | None = None
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] | None = None
     finish_reason: str | None = None
-
-    def __post_init__(self):
-        self.token_ids = []
 
 
 class Service:
@@ -438,7 +435,8 @@ def _record(job: Job, out) -> None:
     job.text += out.text
     job.token_ids += list(out.token_ids)
     if out.logprobs:
-        job.logprobs = (job.logprobs or []) + list(out.logprobs)
+        job.logprobs = job.logprobs or []
+        job.logprobs.extend(out.logprobs)
     if out.finish_reason is not None:
         job.finish_reason = out.finish_reason
 
@@ -854,7 +852,8 @@ def serve(engine: Engine, tok, *, model_name: str, host: str = "127.0.0.1", port
 
 # ----- the terminal chat's text stream ----------------------------------------------------------------------
 def chat_reply(engine: Engine, tok, messages: list[dict[str, str]], params: dict):
-    """(handle, iterator over the reply's text pieces) for `llmlab chat`, rendered as the server does."""
+    """(handle, iterator over the reply's text pieces) for `llmlab chat`: the prompt rendered and the reply
+    filtered as /v1/chat/completions does."""
     prompt, stop_ids, stops = chat_prompt(tok, messages)
     room = engine.model.config.block_size - len(prompt)
     if room < 1:
@@ -864,7 +863,8 @@ def chat_reply(engine: Engine, tok, messages: list[dict[str, str]], params: dict
     max_tokens = min(params.pop("max_tokens", None) or room, room)
     handle = engine.submit(prompt, SamplingParams(max_tokens=max_tokens, stop=stops, stop_token_ids=stop_ids,
                                                   **params))
-    return handle, (out.text for out in handle)
+    special = SpecialText(tok)
+    return handle, (special.feed(out.text, final=out.finish_reason is not None) for out in handle)
 
 
 __all__ = ["APIError", "BackgroundServer", "Limits", "chat_prompt", "chat_reply", "create_app", "listen",
