@@ -179,3 +179,40 @@ def test_llmlab_ppo_writes_a_run_whose_checkpoint_is_a_policy(chat_models, tmp_p
     assert policy.config.head == "lm" and value.config.head == "scalar"
     records = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert all("objective/kl" in r and "policy/clipfrac_avg" in r for r in records if "loss" in r)
+
+
+def ppo_config(root, out, *overrides):
+    from llmlab.align.ppo import PPORunConfig
+    from llmlab.config import load_config
+
+    return load_config(PPORunConfig, None, [
+        f"checkpoint={root / 'policy'}", f"reward_model={root / 'rm'}",
+        f"data.prompts={root / 'prompts.jsonl'}",
+        f"train.out_dir={out}", "ppo.rollout_batch_size=4", "ppo.num_ppo_epochs=2", "ppo.num_mini_batches=2",
+        "ppo.response_length=6", "optim.lr=3e-3", "optim.max_steps=6", "train.ckpt_every=3",
+        "train.progress=false", "train.plot=false", "train.device=cpu", *overrides])
+
+
+def test_a_resumed_ppo_run_equals_the_uninterrupted_one(chat_models, tmp_path):
+    """Stopped after its first update (mid rollout batch: the buffer, the queue and beta are restored)."""
+    from safetensors.torch import load_file
+
+    from llmlab.align.ppo import run_ppo
+
+    straight = run_ppo(ppo_config(chat_models, tmp_path / "a", "ppo.target_kl=0.5"))
+    stopped = run_ppo(ppo_config(chat_models, tmp_path / "b", "ppo.target_kl=0.5", "train.max_minutes=1e-9"))
+    assert stopped["step"] % 4  # inside a rollout batch's 2 epochs x 2 minibatches
+    resumed = run_ppo(ppo_config(chat_models, tmp_path / "b", "ppo.target_kl=0.5"), resume="auto")
+    assert straight["step"] == resumed["step"] == 6
+    for part in ("model.safetensors", "value/model.safetensors"):
+        a = load_file(Path(straight["checkpoint"]) / part)
+        b = load_file(Path(resumed["checkpoint"]) / part)
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (part, k)
+
+    def losses(run_dir):
+        records = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+        return [(r["loss"], r["objective/beta"]) for r in records if "loss" in r]
+
+    assert losses(straight["run_dir"]) == losses(resumed["run_dir"])
