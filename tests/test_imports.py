@@ -33,7 +33,7 @@ LAYERS = {
     "train": 3,
     "infer": 4,
     "evals": 5, "align": 5, "scaling": 5,
-    "speedrun": 6, "experiments": 6,
+    "speedrun": 6, "speedrun_chat": 6, "experiments": 6,
     "cli": 7, "__main__": 7, "": 7,
 }
 

@@ -46,7 +46,8 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 and n the bounds are exactly 0 and 1; computed, they come out a rounding error inside.
+    return (0.0 if correct == 0 else centre - half), (1.0 if correct == n else centre + half)
 
 
 def complete_chats(model, tok, conversations: Sequence[list[dict]], max_new_tokens: int,
@@ -93,16 +94,18 @@ def answer_budget(tok, examples: Sequence[TaskExample]) -> int:
 
 @torch.no_grad()
 def evaluate_tasks(model, tok, examples: Sequence[TaskExample], batch_size: int = 64,
-                   max_new_tokens: int | None = None) -> dict:
+                   max_new_tokens: int | None = None, details: bool = False) -> dict:
     """Greedy accuracy per task: {"tasks": {task: {n, correct, accuracy, ci95}}, "overall": {...},
-    "samples": [{task, prompt, answer, response, correct}, ...] (the first few per task)}."""
+    "samples": [{task, prompt, answer, response, correct}, ...] (the first few per task)}; with `details`
+    also "graded": each example's correctness in order (for paired comparisons of models)."""
     budget = answer_budget(tok, examples) if max_new_tokens is None else max_new_tokens
     replies = complete_chats(model, tok, [e.prompt_messages() for e in examples], budget,
                              batch_size=batch_size)
     per_task: dict[str, list[int]] = {}
-    samples = []
+    samples, graded = [], []
     for e, reply in zip(examples, replies, strict=True):
         ok = grade(e.task, e, reply)
+        graded.append(ok)
         counts = per_task.setdefault(e.task, [0, 0])
         counts[0] += ok
         counts[1] += 1
@@ -111,7 +114,8 @@ def evaluate_tasks(model, tok, examples: Sequence[TaskExample], batch_size: int 
                             "correct": ok})
     tasks = {t: _accuracy(c, n) for t, (c, n) in per_task.items()}
     total = sum(c for c, _ in per_task.values()), len(examples)
-    return {"tasks": tasks, "overall": _accuracy(*total), "max_new_tokens": budget, "samples": samples}
+    result = {"tasks": tasks, "overall": _accuracy(*total), "max_new_tokens": budget, "samples": samples}
+    return {**result, "graded": graded} if details else result
 
 
 def _accuracy(correct: int, n: int) -> dict:
