@@ -8,6 +8,7 @@ an HF directory) are made once per module and shared read-only; `build_world` is
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -47,12 +48,21 @@ def build_world(root: Path) -> SimpleNamespace:
         "train.progress=false", "train.plot=false"])
     ckpt = Path(run_pretrain(cfg)["checkpoint"])
     export_hf(ckpt, root / "hf")
+    make_reward_model(ckpt, root / "rm")
     preset = root / "speedrun.toml"
     preset.write_text(f'pretrain_config = "tiny"\n[tokenizer]\nvocab_size = 280\n[corpus]\n'
                       f'sources = ["{docs}/*.txt"]\n')
     return SimpleNamespace(root=root, docs=docs, doc=docs / "d00.txt", tok=root / "tok",
                            tok_noeos=root / "tok_noeos", shards=root / "shards", run=root / "runs" / "exp",
-                           runs=root / "runs", ckpt=ckpt, hf=root / "hf", preset=preset)
+                           runs=root / "runs", ckpt=ckpt, hf=root / "hf", preset=preset, rm=root / "rm")
+
+
+def make_reward_model(ckpt: Path, out: Path) -> None:
+    """A reward model (scalar head, no LM head) of CKPT's shape, with a copy of CKPT's tokenizer."""
+    from llmlab.model.transformer import Transformer, read_config
+
+    Transformer(dataclasses.replace(read_config(ckpt), head="scalar")).save(out)
+    shutil.copytree(ckpt / "tokenizer", out / "tokenizer")
 
 
 def tree_digest(root: Path) -> str:
@@ -277,6 +287,8 @@ CASES = [
     case("generate-top-p-2", "generate {ckpt} --top-p 2", "--top-p", USAGE),
     case("generate-max-new-0", "generate {ckpt} --max-new-tokens 0", "--max-new-tokens", USAGE),
     case("generate-top-k-neg", "generate {ckpt} --top-k -1", "--top-k", USAGE),
+    case("generate-reward-model", "generate {rm}", "reward model (scalar head"),
+    case("generate-reward-model-draft", "generate {ckpt} --draft {rm}", "reward model (scalar head"),
     # ---- serve / chat ----
     case("serve-missing-ckpt", "serve {t}/nope --port 0", "does not exist"),
     case("serve-no-weights", "serve {t}/no_weights --port 0", "model.safetensors"),
@@ -413,6 +425,7 @@ CASES = [
     case("quant-out-taken", "quantize {ckpt} --out {t}/taken", "non-empty"),
     case("quant-out-under-file", "quantize {ckpt} --out {t}/file/o", "regular file"),
     case("quant-no-out", "quantize {ckpt}", "--out", USAGE),
+    case("quant-reward-model", "quantize {rm} --out {t}/o", "reward model (scalar head"),
     # ---- eval ppl ----
     case("ppl-missing-ckpt", "eval ppl {t}/nope --data {shards}", "nope"),
     case("ppl-missing-data", "eval ppl {ckpt} --data {t}/nope", "nope"),
@@ -422,6 +435,7 @@ CASES = [
     case("ppl-block-0", "eval ppl {ckpt} --data {shards} --block-size 0", "--block-size", USAGE),
     case("ppl-bad-split", "eval ppl {ckpt} --data {shards} --split test", "test", USAGE),
     case("ppl-no-action", "eval", "missing EVAL", USAGE),
+    case("ppl-reward-model", "eval ppl {ckpt} {rm} --data {shards}", "reward model (scalar head"),
     # ---- eval tasks ----
     case("evtasks-missing-ckpt", "eval tasks {t}/nope --n 1", "nope"),
     case("evtasks-unknown-task", "eval tasks {ckpt} --tasks add,div", "'div'"),

@@ -102,7 +102,7 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, spli
     """
     from llmlab.device import resolve_device
     from llmlab.infer.cpu_linear import route_cpu_linears
-    from llmlab.infer.quant import load_model
+    from llmlab.infer.quant import load_model, require_lm_head
     from llmlab.model.transformer import WEIGHTS_FILE, read_config
 
     if not checkpoints:
@@ -111,6 +111,7 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, spli
     configs = [read_config(Path(c)) for c in checkpoints]
     shards_id = shards_tokenizer(shards, read_meta(shards))
     for path, config in zip(checkpoints, configs, strict=True):
+        require_lm_head(config, path)
         require_same_tokenizer(checkpoint_tokenizer(path, config.vocab_size), shards_id,
                                "evaluate on shards made with the model's tokenizer")
     block = block_size if block_size is not None else min(c.block_size for c in configs)

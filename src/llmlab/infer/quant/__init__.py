@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.infer.quant.linear import BITS, QuantLinear, check_scheme, set_kernel
+from llmlab.model.config import ModelConfig
 from llmlab.model.transformer import CONFIG_FILE, WEIGHTS_FILE, Transformer
 from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 
@@ -130,14 +131,25 @@ def _quantize_rtn(model: nn.Module, bits: int, group_size: int | None, include_h
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype=None) -> Transformer:
-    """Transformer.load for any llmlab checkpoint, quantized or not (same arguments)."""
+    """Transformer.load for any llmlab language-model checkpoint, quantized or not (same arguments). A reward
+    model (scalar head) is refused: every caller generates, scores or quantizes through the LM head."""
     source = Path(path) / CONFIG_FILE
 
     def prepare(model: nn.Module, meta: dict) -> None:
+        require_lm_head(model.config, path)
         if meta.get(QUANT_KEY):
             prepare_quantized(model, meta[QUANT_KEY], source)
 
     return Transformer.load(path, device=device, dtype=dtype, prepare=prepare)
+
+
+def require_lm_head(config: ModelConfig, path: str | Path) -> None:
+    """Refuse a reward/value model (head "scalar": no LM head) where text is generated or scored."""
+    if config.head == "scalar":
+        raise CheckpointError(f"checkpoint {path} is a reward model (scalar head, no LM head): it cannot "
+                              "generate, score or quantize text as a language model; score completions "
+                              f"with `llmlab reward score {path} --data FILE --out FILE`, or pass a "
+                              "language-model checkpoint")
 
 
 def prepare_quantized(model: nn.Module, entry: dict, source: str | Path = "config.json") -> nn.Module:
@@ -218,5 +230,5 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
             "bytes_out": (out / WEIGHTS_FILE).stat().st_size}
 
 
-__all__ = ["quantize", "load_model", "prepare_quantized", "quantize_checkpoint", "QuantLinear", "set_kernel",
-           "METHODS", "is_quantized", "target_layers"]
+__all__ = ["quantize", "load_model", "require_lm_head", "prepare_quantized", "quantize_checkpoint",
+           "QuantLinear", "set_kernel", "METHODS", "is_quantized", "target_layers"]
