@@ -145,7 +145,8 @@ class GRPOObjective(Objective):
 
     def prepare_step(self, trainer) -> None:
         if self.batches.empty:
-            self.collect(trainer.model)
+            with trainer.autocast():  # the rollout's log-probs in the update's precision: ratio 1 at start
+                self.collect(trainer.model)
 
     @torch.no_grad()
     def collect(self, policy: nn.Module) -> None:
@@ -179,7 +180,8 @@ class GRPOObjective(Objective):
         return {k: float(v) for k, v in stats.items()}
 
     def loss(self, model: nn.Module, rows: torch.Tensor) -> LossOutput:
-        cfg, b = self.cfg, {k: v[rows] for k, v in self.buffer.items()}
+        device = next(unwrap(model).parameters()).device  # a restored buffer may sit elsewhere
+        cfg, b = self.cfg, {k: v[rows.to(v.device)].to(device) for k, v in self.buffer.items()}
         mb = Rollout(**{k: b.get(k) for k in Rollout.__dataclass_fields__})
         mask = mb.mask
         logprobs = response_logprobs(model, mb)

@@ -165,7 +165,8 @@ class PPOObjective(Objective):
     # ----- collecting a rollout batch -----
     def prepare_step(self, trainer) -> None:
         if self.batches.empty:
-            self.collect(trainer.model)
+            with trainer.autocast():  # the rollout's log-probs in the update's precision: ratio 1 at start
+                self.collect(trainer.model)
 
     @torch.no_grad()
     def collect(self, model: nn.Module) -> None:
@@ -198,7 +199,8 @@ class PPOObjective(Objective):
 
     # ----- one micro-batch of an update -----
     def loss(self, model: nn.Module, rows: torch.Tensor) -> LossOutput:
-        cfg, b = self.cfg, {k: v[rows] for k, v in self.buffer.items()}
+        device = next(unwrap(model).parameters()).device  # a restored buffer may sit elsewhere
+        cfg, b = self.cfg, {k: v[rows.to(v.device)].to(device) for k, v in self.buffer.items()}
         mb = Rollout(**{k: b.get(k) for k in Rollout.__dataclass_fields__})
         mask = mb.mask
         logprobs = response_logprobs(partial(model, which="policy"), mb)
