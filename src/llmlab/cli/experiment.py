@@ -1,0 +1,38 @@
+"""`llmlab experiment NAME`: experiments that compose the library and write a report (one subcommand each)."""
+
+from __future__ import annotations
+
+
+def register(sub, formatter_class) -> None:
+    e = sub.add_parser("experiment", formatter_class=formatter_class,
+                       help="run an experiment end to end and write its report",
+                       description="Experiments: each writes OUT/report.md (+ JSON and PNG) and resumes when "
+                                   "rerun with the same OUT.")
+    esub = e.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    _register_chinchilla(esub, formatter_class)
+
+
+def _register_chinchilla(esub, formatter_class) -> None:
+    c = esub.add_parser(
+        "chinchilla", formatter_class=formatter_class,
+        help="IsoFLOP sweep, Kaplan/Chinchilla fits and sizing on the built-in corpus",
+        description="Train a small tokenizer and shards on the corpus, run an IsoFLOP sweep of real "
+                    "pretraining runs\n(capped by sweep.max_minutes; rerun to continue), fit Kaplan's "
+                    "laws and Chinchilla's three\napproaches, and plan compute- and inference-optimal "
+                    "runs: OUT/report.md, report.json, fit/*.png.\nOverrides address ChinchillaConfig, "
+                    "e.g. sweep.budgets=[1e12,1e13] sweep.jobs=2 vocab_size=1024.\n\n"
+                    "examples:\n  llmlab experiment chinchilla --out runs/chinchilla\n"
+                    "  llmlab experiment chinchilla --out runs/smoke --smoke")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (TOML literals)")
+    c.add_argument("--out", default="runs/chinchilla", help="output directory (resumed when rerun)")
+    c.add_argument("--smoke", action="store_true", help="the seconds-long size the tests use")
+    c.set_defaults(func=_chinchilla)
+
+
+def _chinchilla(args) -> int:
+    from llmlab.experiments.chinchilla import run_chinchilla
+
+    report = run_chinchilla(args.out, args.overrides, smoke=args.smoke)
+    print(f"{report['done']}/{report['points']} points in {report['wall_s'] / 60:.1f} min -> "
+          f"{args.out}/report.md")
+    return 0
