@@ -92,6 +92,8 @@ def make_scratch(t: Path, w: SimpleNamespace) -> None:
     (t / "empty.txt").write_text("")
     (t / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
     (t / "bad.jsonl").write_text("{not json\n")
+    (t / "small.csv").write_text("N,D,loss\n1e6,1e9,3.1\n2e6,1e9,3.0\n")
+    (t / "badnum.csv").write_text("N,D,loss\n1e6,1e9,3.1\n2e6,lots,3.0\n" + "3e6,1e9,2.9\n" * 4)
     (t / "prompts.jsonl").write_text('{"prompt": "What is 1 + 2?", "task": "add"}\n')
     (t / "sft.jsonl").write_text('{"prompt": "What is 1 + 2?", "completion": "3"}\n' * 4)
     (t / "tok_bad").mkdir()
@@ -492,6 +494,43 @@ CASES = [
     case("speedrun-out-taken", "speedrun --preset {preset} --out {t}/taken", "non-empty"),
     case("speedrun-out-is-corpus", "speedrun --preset {preset} --out {docs} --overwrite",
          "contains the input"),
+    case("speedrun-chat-unknown-task", "speedrun --preset cpu-chat --out {t}/o tasks.tasks=['div']", "'div'"),
+    case("speedrun-chat-missing-base", "speedrun --preset cpu-chat --out {t}/o base.checkpoint={t}/nope",
+         "nope"),
+    case("speedrun-chat-bad-rater", "speedrun --preset cpu-chat --out {t}/o preferences.rater='loud'",
+         "preferences.rater"),
+    case("speedrun-chat-noise", "speedrun --preset cpu-chat --out {t}/o preferences.noise=0.9",
+         "preferences.noise"),
+    case("speedrun-chat-out-taken", "speedrun --preset cpu-chat --out {t}/taken base.checkpoint={ckpt}",
+         "non-empty"),
+    # ---- scaling ----
+    case("scaling-no-action", "scaling", "missing ACTION", USAGE),
+    case("scaling-flops-missing-config", "scaling flops --config {t}/nope.toml", "nope"),
+    case("scaling-flops-no-vocab", "scaling flops --config tiny", "model.vocab_size"),
+    case("scaling-flops-bad-model", "scaling flops --config tiny model.vocab_size=64 model.n_head=3",
+         "n_head"),
+    case("scaling-flops-seq-0", "scaling flops --config tiny --seq-len 0", "--seq-len", USAGE),
+    case("scaling-sweep-missing-shards", "scaling sweep --out {t}/o pretrain.data.shards={t}/nope", "nope"),
+    case("scaling-sweep-no-points", "scaling sweep --out {t}/o pretrain.data.shards={shards} budgets=[]",
+         "no points"),
+    case("scaling-sweep-unknown-key", "scaling sweep --out {t}/o budget=[1e12]", "budget"),
+    case("scaling-sweep-out-taken", "scaling sweep --out {t}/taken pretrain.data.shards={shards} "
+         "budgets=[1e8] depths=[1] min_steps=1", "taken"),
+    case("scaling-fit-missing", "scaling fit {t}/nope.csv", "does not exist"),
+    case("scaling-fit-not-csv", "scaling fit {t}/file", "lacks column"),
+    case("scaling-fit-too-small", "scaling fit {t}/small.csv", "at least 5"),
+    case("scaling-fit-bad-number", "scaling fit {t}/badnum.csv", "line 3"),
+    case("scaling-fit-bootstrap-neg", "scaling fit {t}/small.csv --bootstrap -1", "--bootstrap", USAGE),
+    case("scaling-plan-budget-0", "scaling plan --budget 0", "--budget", USAGE),
+    case("scaling-plan-missing-law", "scaling plan --budget 1e21 --law {t}/nope.json", "nope.json"),
+    case("scaling-plan-bad-law", "scaling plan --budget 1e21 --law {t}/file", "fit.json"),
+    # ---- experiment ----
+    case("experiment-no-name", "experiment", "missing EXPERIMENT", USAGE),
+    case("experiment-chinchilla-unknown-key", "experiment chinchilla --out {t}/o vocab=3", "vocab"),
+    case("experiment-chinchilla-bad-value", "experiment chinchilla --out {t}/o sweep.depths=[0]",
+         "sweep.depths"),
+    case("experiment-chinchilla-out-under-file", "experiment chinchilla --out {t}/file/o --smoke",
+         "regular file"),
 ]
 
 

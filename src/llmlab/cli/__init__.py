@@ -17,7 +17,7 @@ from llmlab.errors import LLMLabError
 
 # Modules under llmlab.cli, in the order their verbs appear in `llmlab --help`.
 VERB_MODULES: list[str] = ["tokenizer", "data", "generate", "serve", "train", "sft", "align", "rl", "hf",
-                            "quant", "evals", "speedrun"]
+                            "quant", "evals", "speedrun", "scaling", "experiment"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
