@@ -56,6 +56,7 @@ from llmlab.train.spike import SpikeConfig
 from llmlab.train.trainer import TrainConfig
 
 REF_KEYS = ("ref_chosen", "ref_rejected")
+IGNORE = -100
 
 
 @dataclass
@@ -84,7 +85,9 @@ def sequence_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     """[2B]: each sequence's summed log-probability of its completion tokens given what precedes them."""
     ids = batch["input_ids"]
     extra = {"segment_ids": batch["segment_ids"][:, :-1]} if "segment_ids" in batch else {}
-    per_token = model(ids[:, :-1], targets=ids[:, 1:], output="logprobs", **extra)
+    # Only completion targets count; the others are marked ignored (their log-probs come back 0).
+    targets = ids[:, 1:].masked_fill(batch["owner"] == 2 * batch["n_pairs"], IGNORE)
+    per_token = model(ids[:, :-1], targets=targets, output="logprobs", **extra)
     return completion_logps(per_token.float(), batch)
 
 
