@@ -144,10 +144,30 @@ def test_llmlab_grpo_with_the_graders_writes_a_run(tmp_path, capsys):
                              tmp_path / "prompts.jsonl", f"train.out_dir={tmp_path}",
                              "grpo.prompts_per_rollout=2",
                              "grpo.num_generations=2", "grpo.max_completion_length=6", "optim.max_steps=2",
-                             "train.progress=false", "train.plot=false", "train.device=cpu")
+                             "train.progress=false", "train.plot=false", "train.device=cpu",
+                             f"data.eval_prompts={tmp_path / 'prompts.jsonl'}", "train.eval_every=1")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["step"] == 2 and summary["prompts"] == 4
+    best = json.loads((tmp_path / "grpo" / "best.json").read_text())
+    assert best["metric"] == "val_accuracy" and 0 <= best["val_accuracy"] <= 1
     assert Transformer.load(summary["checkpoint"]).config.head == "lm"
     records = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert all("objective/scores" in r for r in records if "loss" in r)
+
+
+def test_task_eval_reports_accuracy_length_and_endings_in_batches():
+    from llmlab.align.rollout import TaskEval
+
+    tok = Tokenizer.train(["What is 12 + 45? 57."], vocab_size=268, progress=False, workers=1)
+    examples = make_split("add", "test", 3, seed=0)
+    prompts = [tok.apply_chat_template(ex.prompt_messages(), add_generation_prompt=True)[0]
+               for ex in examples]
+    policy = tiny(0, vocab=tok.vocab_size)
+    template = tok.chat_template
+    evaluator = TaskEval(tok, examples, prompts, stop_ids=template.stop_ids, pad_id=template.pad_id,
+                         max_new_tokens=4, batch_size=2)
+    result = evaluator(policy)
+    assert set(result) == {"val_accuracy", "val_length", "val_ended"}
+    assert result["val_accuracy"] == 0.0  # an untrained model does not add
+    assert 1 <= result["val_length"] <= 4

@@ -27,7 +27,7 @@ policy/kl_avg (the k3 term, token mean).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ from torch import nn
 
 from llmlab.align import rl
 from llmlab.align.ppo import (
+    Evaluator,
     PromptDataConfig,
     check_models,
     check_split,
@@ -43,19 +44,22 @@ from llmlab.align.ppo import (
     load_frozen,
     pad_id_of,
     policy_tokenizer,
+    task_eval,
 )
 from llmlab.align.rollout import (
     MinibatchQueue,
     PromptStream,
+    RewardFn,
     Rollout,
     encode_prompts,
+    grader_reward,
     last_token_scores,
     read_prompt_messages,
     response_logprobs,
     rollout,
+    task_prompts,
 )
 from llmlab.config import NonNegativeFloat, PositiveFloat, PositiveInt, check_config
-from llmlab.data.tasks import TaskExample, grade, read_prompt_set
 from llmlab.errors import ConfigError
 from llmlab.model import Transformer
 from llmlab.train.checkpoint import unwrap
@@ -65,8 +69,6 @@ from llmlab.train.objective import LossOutput, Objective
 from llmlab.train.optim import OptimConfig
 from llmlab.train.spike import SpikeConfig
 from llmlab.train.trainer import TrainConfig
-
-RewardFn = Callable[[list[int], Rollout], torch.Tensor]   # (prompt index per row, rollout) -> rewards [B]
 
 
 @dataclass
@@ -84,20 +86,6 @@ class GRPOConfig:
     baseline: Literal["group", "loo"] = "group"
     scale_rewards: bool = True                # "group": divide by the group's std
     seed: int = 0
-
-
-def grader_reward(tok, examples: Sequence[TaskExample]) -> RewardFn:
-    """1.0 for a response whose text (up to its end-of-turn) grades as correct for its example, else 0."""
-    stop_ids = set(tok.chat_template.stop_ids)
-
-    def reward(indices: list[int], ro: Rollout) -> torch.Tensor:
-        values = []
-        for b, i in enumerate(indices):
-            ids = [t for t in ro.responses[b, : int(ro.lengths[b])].tolist() if t not in stop_ids]
-            values.append(float(grade(examples[i].task, examples[i], tok.decode(ids))))
-        return torch.tensor(values, device=ro.responses.device)
-
-    return reward
 
 
 def model_reward(reward_model: nn.Module, missing_eos_penalty: float | None = None) -> RewardFn:
@@ -125,17 +113,18 @@ class GRPOObjective(Objective):
     `reward_fn`; see the module docstring. `objective.batches` is the trainer's batch source."""
 
     name = "grpo"
-    best_metric = "objective/scores"
+    best_metric = "val_accuracy"          # with an evaluator (held-out task prompts); none otherwise
     higher_is_better = True
 
     def __init__(self, prompts: Sequence[Sequence[int]], reference: nn.Module, reward_fn: RewardFn,
-                 cfg: GRPOConfig, *, stop_ids: Sequence[int], pad_id: int, accum_steps: int = 1):
+                 cfg: GRPOConfig, *, stop_ids: Sequence[int], pad_id: int, accum_steps: int = 1,
+                 evaluator: Evaluator | None = None):
         cfg = check_config(cfg, "grpo.")
         check_samples(cfg, accum_steps)
         if cfg.baseline == "loo" and cfg.num_generations < 2:
             raise ConfigError("grpo.baseline='loo' needs grpo.num_generations >= 2; raise it")
         self.prompts = [list(p) for p in prompts]
-        self.reference, self.reward_fn = reference, reward_fn
+        self.reference, self.reward_fn, self.evaluator = reference, reward_fn, evaluator
         self.cfg, self.stop_ids, self.pad_id, self.accum = cfg, list(stop_ids), pad_id, accum_steps
         self.stream = PromptStream(len(self.prompts), cfg.prompts_per_rollout, cfg.seed)
         self.batches = MinibatchQueue()
@@ -199,6 +188,9 @@ class GRPOObjective(Objective):
         return LossOutput(loss_sum, weight, {k: v.detach() if isinstance(v, torch.Tensor) else v
                                              for k, v in metrics.items()})
 
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return self.evaluator(unwrap(model)) if self.evaluator is not None else {}
+
     def state_dict(self) -> dict:
         return {"rollouts": self.rollouts, "buffer": {k: v for k, v in self.buffer.items() if v is not None},
                 "stats": dict(self.stats)}
@@ -237,24 +229,25 @@ def run_grpo(cfg: GRPORunConfig, resume: str | None = None) -> dict[str, Any]:
     def resolve(cfg: GRPORunConfig) -> Plan:
         check_models(cfg.checkpoint, cfg.reward_model if cfg.reward == "model" else None, "train")
         check_samples(cfg.grpo, cfg.train.accum_steps)
-        return Plan(cfg, inputs=[cfg.checkpoint, cfg.reward_model, cfg.data.prompts, cfg.data.tokenizer])
+        return Plan(cfg, inputs=[cfg.checkpoint, cfg.reward_model, cfg.data.prompts, cfg.data.eval_prompts,
+                                 cfg.data.tokenizer])
 
     def build(run: Run) -> Built:
         cfg = run.config
         policy = Transformer.load(cfg.checkpoint, device=run.device, dtype="fp32")
         tok = policy_tokenizer(cfg.checkpoint, cfg.data.tokenizer, policy.config.vocab_size)
         template = tok.chat_template
-        items = read_prompt_messages(cfg.data.prompts)
+        length = (policy.config.block_size, cfg.grpo.max_completion_length, "grpo.max_completion_length")
         if cfg.reward == "grader":
-            examples = read_prompt_set(cfg.data.prompts)
-            items = [(where, ex.prompt_messages()) for (where, _), ex in zip(items, examples, strict=True)]
+            examples, prompts = task_prompts(tok, cfg.data.prompts, *length)
             reward_fn = grader_reward(tok, examples)
-        prompts = encode_prompts(tok, items, policy.config.block_size, cfg.grpo.max_completion_length,
-                                 "grpo.max_completion_length")
-        if cfg.reward == "model":
+        else:
+            prompts = encode_prompts(tok, read_prompt_messages(cfg.data.prompts), *length)
             reward_fn = model_reward(load_frozen(cfg.reward_model, run.device), cfg.missing_eos_penalty)
+        evaluator = task_eval(tok, cfg.data.eval_prompts, *length)
         objective = GRPOObjective(prompts, frozen(policy), reward_fn, cfg.grpo, stop_ids=template.stop_ids,
-                                  pad_id=pad_id_of(template), accum_steps=cfg.train.accum_steps)
+                                  pad_id=pad_id_of(template), accum_steps=cfg.train.accum_steps,
+                                  evaluator=evaluator)
         return Built(policy, objective, objective.batches, flops_per_token=policy.flops_per_token(),
                      tokenizer=tok, summary={"prompts": len(prompts)})
 

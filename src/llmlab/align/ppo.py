@@ -35,7 +35,7 @@ its update steps (the trainer's weighted mean of a constant is that constant).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,11 +49,13 @@ from llmlab.align.rollout import (
     MinibatchQueue,
     PromptStream,
     Rollout,
+    TaskEval,
     encode_prompts,
     read_prompt_messages,
     response_logprobs,
     response_values,
     rollout,
+    task_prompts,
 )
 from llmlab.config import Fraction, NonEmptyStr, NonNegativeFloat, PositiveFloat, PositiveInt, check_config
 from llmlab.errors import CheckpointError, ConfigError
@@ -107,6 +109,9 @@ def check_split(samples: int, what: str, num_mini_batches: int, accum_steps: int
                           f"train.accum_steps = {need}; change one of them")
 
 
+Evaluator = Callable[[nn.Module], dict]   # policy -> held-out metrics (llmlab.align.rollout.TaskEval)
+
+
 class PolicyAndValue(nn.Module):
     """The policy and the value model as one module for the trainer: model(idx, which="policy"|"value",
     **kwargs) calls one of them, so a DDP/FSDP wrapper around this module sees every forward."""
@@ -144,16 +149,17 @@ class PPOObjective(Objective):
     docstring. `objective.batches` is the trainer's batch source."""
 
     name = "ppo"
-    best_metric = "objective/scores"
+    best_metric = "val_accuracy"          # with an evaluator (held-out task prompts); none otherwise
     higher_is_better = True
 
     def __init__(self, prompts: Sequence[Sequence[int]], reference: nn.Module, reward_model: nn.Module,
-                 cfg: PPOConfig, *, stop_ids: Sequence[int], pad_id: int, accum_steps: int = 1):
+                 cfg: PPOConfig, *, stop_ids: Sequence[int], pad_id: int, accum_steps: int = 1,
+                 evaluator: Evaluator | None = None):
         cfg = check_config(cfg, "ppo.")
         check_split(cfg.rollout_batch_size, "ppo.rollout_batch_size", cfg.num_mini_batches, accum_steps,
                     "ppo")
         self.prompts = [list(p) for p in prompts]
-        self.reference, self.reward_model = reference, reward_model
+        self.reference, self.reward_model, self.evaluator = reference, reward_model, evaluator
         self.cfg, self.stop_ids, self.pad_id, self.accum = cfg, list(stop_ids), pad_id, accum_steps
         self.stream = PromptStream(len(self.prompts), cfg.rollout_batch_size, cfg.seed)
         self.kl_ctl = cfg.controller()
@@ -219,6 +225,9 @@ class PPOObjective(Objective):
                    "n_tokens": mb.sequences.numel()}
         return LossOutput(loss_sum, weight, {k: _detached(v) for k, v in metrics.items()})
 
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return self.evaluator(parts(model)[0]) if self.evaluator is not None else {}
+
     # ----- state -----
     def state_dict(self) -> dict:
         return {"rollouts": self.rollouts, "kl_ctl": self.kl_ctl.state_dict(),
@@ -253,6 +262,8 @@ def _detached(v):
 @dataclass
 class PromptDataConfig:
     prompts: NonEmptyStr = "data/tasks/train_prompts.jsonl"  # {"prompt": text | [messages]} per line
+    eval_prompts: str = ""         # a task prompt set (`llmlab data tasks`): greedy answers graded at each
+                                   # evaluation (val_accuracy, the best checkpoint's metric); "": none
     tokenizer: str = ""            # "" -> the policy checkpoint's tokenizer/ copy
 
 
@@ -327,6 +338,16 @@ def check_models(checkpoint: str, reward_model: str | None, what: str) -> ModelC
     return policy
 
 
+def task_eval(tok, path: str, block_size: int, max_new_tokens: int, length_key: str) -> TaskEval | None:
+    """The held-out accuracy evaluator of a task prompt set (None for path "")."""
+    if not path:
+        return None
+    examples, prompts = task_prompts(tok, path, block_size, max_new_tokens, length_key)
+    template = tok.chat_template
+    return TaskEval(tok, examples, prompts, stop_ids=template.stop_ids, pad_id=pad_id_of(template),
+                    max_new_tokens=max_new_tokens)
+
+
 def load_frozen(path: str, device) -> Transformer:
     model = Transformer.load(path, device=device, dtype="fp32")
     model.requires_grad_(False)
@@ -342,7 +363,8 @@ def run_ppo(cfg: PPORunConfig, resume: str | None = None) -> dict[str, Any]:
         check_models(cfg.checkpoint, cfg.reward_model, "improve")
         check_split(cfg.ppo.rollout_batch_size, "ppo.rollout_batch_size", cfg.ppo.num_mini_batches,
                     cfg.train.accum_steps, "ppo")
-        return Plan(cfg, inputs=[cfg.checkpoint, cfg.reward_model, cfg.data.prompts, cfg.data.tokenizer])
+        return Plan(cfg, inputs=[cfg.checkpoint, cfg.reward_model, cfg.data.prompts, cfg.data.eval_prompts,
+                                 cfg.data.tokenizer])
 
     def build(run: Run) -> Built:
         cfg = run.config
@@ -352,8 +374,11 @@ def run_ppo(cfg: PPORunConfig, resume: str | None = None) -> dict[str, Any]:
         prompts = encode_prompts(tok, read_prompt_messages(cfg.data.prompts), policy.config.block_size,
                                  cfg.ppo.response_length, "ppo.response_length")
         reward_model = load_frozen(cfg.reward_model, run.device)
+        evaluator = task_eval(tok, cfg.data.eval_prompts, policy.config.block_size, cfg.ppo.response_length,
+                              "ppo.response_length")
         objective = PPOObjective(prompts, frozen(policy), reward_model, cfg.ppo, stop_ids=template.stop_ids,
-                                 pad_id=pad_id_of(template), accum_steps=cfg.train.accum_steps)
+                                 pad_id=pad_id_of(template), accum_steps=cfg.train.accum_steps,
+                                 evaluator=evaluator)
         model = PolicyAndValue(policy, value_from(reward_model))
         return Built(model, objective, objective.batches, flops_per_token=policy.flops_per_token(),
                      tokenizer=tok, checkpointer=PPOCheckpointer, summary={"prompts": len(prompts)})

@@ -22,13 +22,14 @@ trainable pass during the update goes through `response_logprobs` with the same 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from llmlab.data.chat_data import iter_records
+from llmlab.data.tasks import TaskExample, grade, read_prompt_set
 from llmlab.errors import ConfigError, DataError, LLMLabError, ModelError
 from llmlab.infer.generate import generate
 from llmlab.train.checkpoint import unwrap
@@ -268,3 +269,59 @@ def encode_prompts(tok, items: Sequence[tuple[str, list[dict]]], block_size: int
                             f"shorten the prompt or lower {length_key}")
         out.append(ids)
     return out
+
+
+# ----- rewards a program can check -----
+RewardFn = Callable[[list[int], Rollout], torch.Tensor]   # (prompt index per row, rollout) -> rewards [B]
+
+
+def grader_reward(tok, examples: Sequence[TaskExample]) -> RewardFn:
+    """1.0 for a response whose text (up to its end-of-turn) grades as correct for its example, else 0."""
+    stop_ids = set(tok.chat_template.stop_ids)
+
+    def reward(indices: list[int], ro: Rollout) -> torch.Tensor:
+        values = []
+        for b, i in enumerate(indices):
+            ids = [t for t in ro.responses[b, : int(ro.lengths[b])].tolist() if t not in stop_ids]
+            values.append(float(grade(examples[i].task, examples[i], tok.decode(ids))))
+        return torch.tensor(values, device=ro.responses.device)
+
+    return reward
+
+
+class TaskEval:
+    """The true accuracy a reward model only stands in for: greedy answers to held-out task prompts, graded.
+
+    Called with the policy -> {"val_accuracy": share graded correct, "val_length": mean response tokens,
+    "val_ended": share of responses that ended on a stop id}."""
+
+    def __init__(self, tok, examples: Sequence[TaskExample], prompts: Sequence[Sequence[int]], *,
+                 stop_ids: Sequence[int], pad_id: int, max_new_tokens: int, batch_size: int = 64):
+        if len(examples) != len(prompts) or not prompts:
+            raise ValueError(f"{len(examples)} examples, {len(prompts)} prompts: give one prompt per example")
+        self.grader, self.prompts = grader_reward(tok, examples), [list(p) for p in prompts]
+        self.stop_ids, self.pad_id = list(stop_ids), pad_id
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    @torch.no_grad()
+    def __call__(self, policy: nn.Module) -> dict[str, float]:
+        correct = length = ended = 0.0
+        for start in range(0, len(self.prompts), self.batch_size):
+            chunk = self.prompts[start:start + self.batch_size]
+            sampled = sample_responses(policy, chunk, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                                       max_new_tokens=self.max_new_tokens, temperature=0)
+            ro = Rollout(**sampled, logprobs=torch.zeros_like(sampled["mask"]))
+            correct += float(self.grader(list(range(start, start + len(chunk))), ro).sum())
+            length += float(ro.mask.sum())
+            ended += float(ro.ended.sum())
+        n = len(self.prompts)
+        return {"val_accuracy": correct / n, "val_length": length / n, "val_ended": ended / n}
+
+
+def task_prompts(tok, path, block_size: int, max_new_tokens: int, length_key: str
+                 ) -> tuple[list[TaskExample], list[list[int]]]:
+    """A task prompt set (`llmlab data tasks`) -> (examples, encoded prompts), checked as encode_prompts."""
+    examples = read_prompt_set(path)
+    items = [(where, ex.prompt_messages()) for (where, _), ex in
+             zip(read_prompt_messages(path), examples, strict=True)]
+    return examples, encode_prompts(tok, items, block_size, max_new_tokens, length_key)
