@@ -69,7 +69,7 @@ def _default_pretrain() -> PretrainConfig:
 
 @dataclass
 class SweepConfig:
-    budgets: list[PositiveFloat] = field(default_factory=lambda: [1e12, 3e12, 1e13])  # FLOPs per profile
+    budgets: list[PositiveFloat] = field(default_factory=lambda: [3e11, 1e12, 3e12])  # FLOPs per profile
     depths: list[PositiveInt] = field(default_factory=lambda: [1, 2, 3, 4, 5])        # the dial
     aspect: PositiveInt = 32             # d_model = aspect * depth
     head_dim: PositiveInt = 32           # n_head = d_model / head_dim
@@ -249,9 +249,11 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike, overwrite: bool = False,
     deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes else None
     jobs = min(_jobs(cfg), max(1, len(todo)))
 
+    stopped: list[str] = []  # a point cut short by a signal: start no more
+
     def one(point: Point) -> None:
         minutes = None if deadline is None else (deadline - time.perf_counter()) / 60
-        if minutes is not None and minutes <= 0:
+        if stopped or (minutes is not None and minutes <= 0):
             return
         pcfg = point_config(cfg, point, out, minutes)
         if jobs == 1:
@@ -261,8 +263,12 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike, overwrite: bool = False,
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, to_toml(pcfg))
             summary = _run_point_process(path)
-        if summary["step"] < point.steps:  # stopped by the time budget: resumed by the next run
-            log(f"{point.name}: stopped at step {summary['step']}/{point.steps} (time budget)")
+        if summary["step"] < point.steps:  # stopped early: the next run resumes it from its checkpoint
+            timed_out = deadline is not None and time.perf_counter() >= deadline - 1
+            if not timed_out:
+                stopped.append(point.name)
+            log(f"{point.name}: stopped at step {summary['step']}/{point.steps} "
+                f"({'time budget' if timed_out else 'signal'})")
             return
         result = _result(point, summary, summary["wall_s"], train_tokens)
         write_text_atomic(out / "points" / point.name / "result.json", json.dumps(result, indent=2) + "\n")
