@@ -25,8 +25,8 @@ point; OUT/curves.csv holds every finished point's training-loss curve (for Chin
 
 Parallel points. With jobs > 1 each point runs in its own process (`python -m llmlab.scaling.sweep
 POINT.toml`) with train.threads = threads, so `jobs` x `threads` should not exceed the cores; jobs = 0 picks
-cores // threads on CPU and 1 on a GPU. On GPUs the same sweep runs one point at a time; launch it under
-torchrun to spread each point over several GPUs (README).
+cores // threads on CPU and 1 on a GPU. Under torchrun every rank runs the same sweep, one point at a time,
+each point a DDP (or FSDP) run across the ranks, and only rank 0 writes the sweep's files (README).
 """
 
 from __future__ import annotations
@@ -187,7 +187,14 @@ def _run_point_process(config_path: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _torchrun() -> tuple[int, int]:
+    """(rank, world size) torchrun gave this process; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def _jobs(cfg: SweepConfig) -> int:
+    if _torchrun()[1] > 1:
+        return 1  # every rank takes part in each point, one point at a time
     if cfg.jobs:
         return cfg.jobs
     if cfg.pretrain.train.device not in ("cpu",):
@@ -237,12 +244,14 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike, overwrite: bool = False,
             log(f"{p.name}: N={param_counts(p.model)['total']:,} D={p.tokens:,} C={p.flops:.3g} "
                 f"steps={p.steps}")
         return {"points": [p.name for p in points], "done": 0, "left": len(points), "left_out": left_out}
-    _check_out(cfg, out, overwrite)
-    if overwrite and out.is_dir():
-        for child in ("points", "results.csv", "curves.csv", "sweep.json"):
-            remove_path(out / child)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "sweep.json", json.dumps(_stamp(cfg), indent=2) + "\n")
+    rank0 = _torchrun()[0] == 0  # under torchrun only rank 0 writes the sweep's own files
+    if rank0:
+        _check_out(cfg, out, overwrite)
+        if overwrite and out.is_dir():
+            for child in ("points", "results.csv", "curves.csv", "sweep.json"):
+                remove_path(out / child)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "sweep.json", json.dumps(_stamp(cfg), indent=2) + "\n")
     train_tokens = _split_tokens(cfg)
     todo = [p for p in points if not (out / "points" / p.name / "result.json").is_file()]
     log(f"sweep: {len(points)} points, {len(points) - len(todo)} already done, {len(todo)} to run")
@@ -270,6 +279,8 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike, overwrite: bool = False,
             log(f"{point.name}: stopped at step {summary['step']}/{point.steps} "
                 f"({'time budget' if timed_out else 'signal'})")
             return
+        if not rank0:
+            return
         result = _result(point, summary, summary["wall_s"], train_tokens)
         write_text_atomic(out / "points" / point.name / "result.json", json.dumps(result, indent=2) + "\n")
         log(f"{point.name}: N={result['N']:,} D={result['D']:,} C={result['C']:.3g} "
@@ -283,7 +294,7 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike, overwrite: bool = False,
         with ThreadPoolExecutor(jobs) as pool:
             for future in [pool.submit(one, p) for p in todo]:
                 future.result()
-    results = write_results(out, points)
+    results = write_results(out, points) if rank0 else []
     left = len(points) - len(results)
     log(f"sweep: {len(results)}/{len(points)} points done -> {out / 'results.csv'}"
         + (f"; {left} left, rerun to continue" if left else ""))
