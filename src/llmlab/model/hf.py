@@ -57,6 +57,7 @@ from llmlab.tokenizer.chat import resolve_format
 from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = "tokenizer.json", "tokenizer_config.json", \
     "special_tokens_map.json"
 
@@ -520,8 +521,8 @@ def _bar(items, progress: bool, desc: str):
 
 def save_hf(model: Transformer, path: str | Path, tokenizer=None) -> None:
     """Write PATH as a HF model directory: config.json, model.safetensors and, with a tokenizer,
-    tokenizer.json, tokenizer_config.json and special_tokens_map.json. PATH is written atomically (replaced
-    whole)."""
+    tokenizer.json, tokenizer_config.json and special_tokens_map.json (plus generation_config.json when the
+    tokenizer has a chat template, see generation_config). PATH is written atomically (replaced whole)."""
     cfg = model.config
     if cfg.head != "lm":
         raise ModelError(f"cannot export: the model has head={cfg.head!r} (a reward or value model); "
@@ -542,6 +543,9 @@ def save_hf(model: Transformer, path: str | Path, tokenizer=None) -> None:
         write_safetensors(tmp / SAFETENSORS, _hf_tensors(slots, state), metadata={"producer": "llmlab"})
         if tokenizer is not None:
             save_hf_tokenizer(tokenizer, tmp, model_max_length=cfg.block_size)
+        generation = generation_config(tokenizer)
+        if generation is not None:
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def _hf_tensors(slots: list[Slot], state: dict[str, torch.Tensor]):
@@ -632,6 +636,18 @@ def save_hf_tokenizer(tokenizer, directory: str | Path, model_max_length: int | 
               **({"chat_template": chat.template} if chat is not None else {})}
     (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (directory / SPECIAL_TOKENS_MAP).write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+
+
+def generation_config(tokenizer) -> dict[str, Any] | None:
+    """generation_config.json for a tokenizer that chats (the one whose template save_hf_tokenizer exports),
+    else None. transformers' generate stops at any of eos_token_id, so the template's stop ids (end of turn
+    first) go there: an assistant's reply ends with the end-of-turn token, often not the tokenizer's eos."""
+    if tokenizer is None or resolve_format(tokenizer.chat_format, tokenizer.special_tokens) is None:
+        return None
+    chat = tokenizer.chat_template
+    pad = chat.pad_id if chat.pad_id is not None else tokenizer.pad_id
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(chat.stop_ids), "pad_token_id": pad}
+    return {k: v for k, v in ids.items() if v is not None}
 
 
 def _special_ids(tokenizer) -> dict[str, int | None]:
