@@ -114,6 +114,10 @@ def test_prefix_cache_reuses_blocks_and_changes_no_output():
     assert stats["prefix_hits"] == 5 * 5  # 40 shared tokens = 5 full blocks of 8, for each later request
     assert stats["prompt_tokens"] - prefilled == 5 * 3  # only the 3 new tokens of each were computed
     assert stats["blocks_used"] == 0 and stats["blocks_cached"] > 0
+    engine.clear_prefix_cache()  # e.g. after the weights change
+    assert engine.stats()["blocks_cached"] == 0
+    assert engine.submit(prompts[0], greedy(12)).result().token_ids == first
+    assert engine.stats()["prefix_hits"] == stats["prefix_hits"]
 
 
 def test_requests_admitted_together_share_a_prefix_once_it_is_computed():

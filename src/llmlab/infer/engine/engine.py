@@ -6,15 +6,17 @@
     for out in handle: print(out.text, end="")            # or `async for` with engine.start()
 
 A step (scheduler.py) runs one forward over the decode token of every running request whose prompt is done
-(a batch of rows of different lengths over their block tables, paged.py) and one forward per prompt chunk,
-then samples each request with its own settings. Rows never mix: each attends only to its own keys, at its
-own positions, so a request's tokens do not depend on what else runs (up to the last bits of a batched
-matmul; the tests compare greedy outputs with llmlab.infer.generate on a model with clear margins).
+(a batch of rows of different lengths over their block tables, paged.py) and padded multi-row forwards over
+the step's prompt chunks (prefill_groups), then samples each request with its own settings. Rows never mix:
+each attends only to its own keys, at its own positions, so a request's tokens do not depend on what else
+runs (up to the last bits of a batched matmul; the tests compare greedy outputs with llmlab.infer.generate
+on a model with clear margins).
 
 Threads: start() runs steps on a background thread while there is work; submit(), cancel() and the handles
 are safe to use from other threads and from asyncio. One lock covers a step, so cancel() from another
 thread frees the request's blocks at once when the engine is idle, else at the end of the current step.
-A forward that raises fails only the requests in it (their handles raise EngineError); the engine goes on.
+A forward that raises is retried row by row, and fails only the request that causes it (its handle raises
+EngineError); the engine goes on. prompt_logprobs() takes the same lock: from asyncio, call it in a thread.
 """
 
 from __future__ import annotations
