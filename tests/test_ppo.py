@@ -169,7 +169,7 @@ def test_llmlab_ppo_writes_a_run_whose_checkpoint_is_a_policy(chat_models, tmp_p
                              "--prompts", root / "prompts.jsonl", f"train.out_dir={tmp_path}",
                              "ppo.rollout_batch_size=4", "ppo.num_ppo_epochs=1", "ppo.num_mini_batches=2",
                              "ppo.response_length=6", "optim.max_steps=4", "train.progress=false",
-                             "train.plot=false", "train.device=cpu")
+                             "train.device=cpu")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["step"] == 4 and summary["prompts"] == 6
@@ -179,6 +179,7 @@ def test_llmlab_ppo_writes_a_run_whose_checkpoint_is_a_policy(chat_models, tmp_p
     assert policy.config.head == "lm" and value.config.head == "scalar"
     records = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert all("objective/kl" in r and "policy/clipfrac_avg" in r for r in records if "loss" in r)
+    assert (tmp_path / "ppo" / "plots" / "rl.png").stat().st_size > 1000
 
 
 def ppo_config(root, out, *overrides):

@@ -43,6 +43,7 @@ from llmlab.align.ppo import (
     frozen,
     load_frozen,
     pad_id_of,
+    plot_at_finish,
     policy_tokenizer,
     task_eval,
 )
@@ -249,6 +250,6 @@ def run_grpo(cfg: GRPORunConfig, resume: str | None = None) -> dict[str, Any]:
                                   pad_id=pad_id_of(template), accum_steps=cfg.train.accum_steps,
                                   evaluator=evaluator)
         return Built(policy, objective, objective.batches, flops_per_token=policy.flops_per_token(),
-                     tokenizer=tok, summary={"prompts": len(prompts)})
+                     tokenizer=tok, summary={"prompts": len(prompts)}, finish=plot_at_finish)
 
     return launch(cfg, build, resume, resolve=resolve)

@@ -27,14 +27,17 @@ beta is fixed (`kl_coef`) or adapted toward `target_kl` (Ziegler et al.'s contro
 Metrics (TRL's names): per rollout batch objective/kl (summed over a response's tokens, mean over responses),
 objective/entropy (-sum log pi of the sampled tokens), objective/non_score_reward (-beta * KL summed),
 objective/rlhf_reward (score + non-score reward), objective/scores, objective/beta, val/num_eos_tokens
-(responses that ended on a stop id); per update (token means) policy/approxkl_avg, policy/clipfrac_avg,
-loss/policy_avg, loss/value_avg, val/clipfrac_avg, val/ratio. A rollout batch's metrics are logged at each of
-its update steps (the trainer's weighted mean of a constant is that constant).
+(responses that ended on a stop id), completions/mean_length; per update (token means) policy/approxkl_avg,
+policy/clipfrac_avg, loss/policy_avg, loss/value_avg, val/clipfrac_avg, val/ratio. A rollout batch's metrics
+are logged at each of its update steps (the trainer's weighted mean of a constant is that constant). With
+data.eval_prompts (a task prompt set) each evaluation grades greedy answers: val_accuracy, the true accuracy a
+reward model only stands in for, picks the best checkpoint. RUN_DIR/plots/rl.png plots them all (plot_rl).
 """
 
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -59,6 +62,7 @@ from llmlab.align.rollout import (
 )
 from llmlab.config import Fraction, NonEmptyStr, NonNegativeFloat, PositiveFloat, PositiveInt, check_config
 from llmlab.errors import CheckpointError, ConfigError
+from llmlab.fsutil import write_bytes_atomic
 from llmlab.model import ModelConfig, Transformer
 from llmlab.model.transformer import read_config
 from llmlab.tokenizer import Tokenizer
@@ -66,6 +70,7 @@ from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer,
 from llmlab.train.checkpoint import Checkpointer, read_model, unwrap, write_model
 from llmlab.train.distributed import ParallelConfig
 from llmlab.train.launch import Built, Plan, Run, launch
+from llmlab.train.metrics import read_metrics
 from llmlab.train.objective import LossOutput, Objective
 from llmlab.train.optim import OptimConfig
 from llmlab.train.spike import SpikeConfig
@@ -249,7 +254,8 @@ def rollout_stats(ro: Rollout, kl: torch.Tensor, non_score: torch.Tensor, beta: 
              "objective/rlhf_reward": (ro.scores + non_score_sum).mean(),
              "objective/scores": ro.scores.mean(),
              "objective/beta": beta,
-             "val/num_eos_tokens": ro.ended.sum()}
+             "val/num_eos_tokens": ro.ended.sum(),
+             "completions/mean_length": ro.mask.sum(dim=1).mean()}
     return {k: float(v) for k, v in stats.items()}
 
 
@@ -381,7 +387,8 @@ def run_ppo(cfg: PPORunConfig, resume: str | None = None) -> dict[str, Any]:
                                  evaluator=evaluator)
         model = PolicyAndValue(policy, value_from(reward_model))
         return Built(model, objective, objective.batches, flops_per_token=policy.flops_per_token(),
-                     tokenizer=tok, checkpointer=PPOCheckpointer, summary={"prompts": len(prompts)})
+                     tokenizer=tok, checkpointer=PPOCheckpointer, summary={"prompts": len(prompts)},
+                     finish=plot_at_finish)
 
     return launch(cfg, build, resume, resolve=resolve)
 
@@ -389,3 +396,57 @@ def run_ppo(cfg: PPORunConfig, resume: str | None = None) -> dict[str, Any]:
 def pad_id_of(template) -> int:
     """The template's pad id, else its end-of-turn id (padding is masked out either way)."""
     return template.pad_id if template.pad_id is not None else template.end_of_turn_id
+
+
+# ---------------------------------------------------------------- plots
+
+RL_PANELS = (
+    ("objective/scores", "reward (score)"),
+    ("val_accuracy", "held-out task accuracy"),
+    ("objective/kl", "KL to the reference (per response)"),
+    ("completions/mean_length", "response length (tokens)"),
+    ("objective/entropy", "entropy (per response)"),
+    ("objective/rlhf_reward", "RLHF reward"),
+    ("policy/clipfrac_avg", "policy clip fraction"),
+    ("policy/approxkl_avg", "approx. KL per update"),
+    ("loss/policy_avg", "policy loss"),
+    ("loss/value_avg", "value loss"),
+    ("objective/beta", "beta (KL coefficient)"),
+    ("val/num_eos_tokens", "responses ended"),
+)
+
+
+def plot_rl(run_dir: str | Path) -> Path | None:
+    """RUN_DIR/plots/rl.png: the RL metrics the run logged (those of RL_PANELS it has), one panel each
+    over optimizer steps; None when it logged none."""
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "step" in r]
+    panels = [(k, label) for k, label in RL_PANELS if any(r.get(k) is not None for r in records)]
+    if not panels:
+        return None
+    cols = 3
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
+    for i, (key, label) in enumerate(panels, start=1):
+        ax = fig.add_subplot(rows, cols, i)
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 20 else None, linewidth=1)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    path = run_dir / "plots" / "rl.png"
+    write_bytes_atomic(path, buf.getvalue())
+    return path
+
+
+def plot_at_finish(trainer, summary: dict) -> None:
+    """Built.finish for RL runs: rl.png beside the trainer's plots (rank 0, when train.plot is on)."""
+    if trainer.is_main and trainer.cfg.plot and trainer.run_dir is not None:
+        path = plot_rl(trainer.run_dir)
+        if path is not None:
+            summary["plot"] = str(path)
