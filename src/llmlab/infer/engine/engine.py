@@ -21,6 +21,7 @@ EngineError); the engine goes on. prompt_logprobs() takes the same lock: from as
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -169,15 +170,11 @@ class Engine:
             plan = self.scheduler.plan()
             if not plan.decode and not plan.prefill:
                 return False
-            was_training = self.model.training
-            self.model.eval()
-            try:
+            with _eval_mode(self.model):
                 if plan.decode:
                     self._run(plan.decode, [1] * len(plan.decode))
                 for group in prefill_groups(plan.prefill):
                     self._run([r for r, _ in group], [n for _, n in group])
-            finally:
-                self.model.train(was_training)
             self._sweep_cancelled()
             self.counters["steps"] += 1
             return True
@@ -321,12 +318,8 @@ class Engine:
         """
         prompt = self._check_prompt(ids)
         with self._lock, torch.inference_mode():
-            was_training = self.model.training
-            self.model.eval()
-            try:
+            with _eval_mode(self.model):
                 logits = self.model(torch.tensor([prompt], device=self.kv.device))[0, :-1]
-            finally:
-                self.model.train(was_training)
             logprobs = logits.float().log_softmax(dim=-1)
             if top is None:
                 chosen = logprobs.gather(1, torch.tensor(prompt[1:], device=logits.device)[:, None])
@@ -357,6 +350,20 @@ def _logprob_entry(logprobs: torch.Tensor, tok: int, top: int) -> dict:
         values, ids = logprobs.topk(min(top, logprobs.shape[-1]))
         entry["top"] = dict(zip(ids.tolist(), values.tolist(), strict=True))
     return entry
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode (dropout off) for the block, as it was after; a no-op when already in eval
+    mode (setting every module's flag each step is not free)."""
+    if not model.training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 def prefill_groups(chunks: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
