@@ -171,3 +171,49 @@ def test_task_eval_reports_accuracy_length_and_endings_in_batches():
     assert set(result) == {"val_accuracy", "val_length", "val_ended"}
     assert result["val_accuracy"] == 0.0  # an untrained model does not add
     assert 1 <= result["val_length"] <= 4
+
+
+def test_ranks_roll_out_different_prompts_with_different_seeds():
+    policy = tiny(0)
+    cfg = GRPOConfig(prompts_per_rollout=2, num_generations=2, max_completion_length=4)
+    rows = []
+    for rank in (0, 1):
+        objective = GRPOObjective(PROMPTS, frozen(policy), count_reward, cfg, stop_ids=[STOP], pad_id=PAD,
+                                  rank=rank, world_size=2)
+        objective.collect(policy)
+        rows.append(objective.buffer["sequences"].tolist())
+    assert rows[0] != rows[1]
+    single = GRPOObjective(PROMPTS, frozen(policy), count_reward, cfg, stop_ids=[STOP], pad_id=PAD)
+    single.collect(policy)
+    assert single.buffer["sequences"].tolist() == rows[0]  # rank 0 of 2 starts as a single process does
+
+
+def test_a_resumed_grpo_run_equals_the_uninterrupted_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from llmlab.align.grpo import GRPORunConfig, run_grpo
+    from llmlab.config import load_config
+
+    tok = Tokenizer.train(["What is 12 + 45? 57."], vocab_size=268, progress=False, workers=1)
+    torch.manual_seed(0)
+    Transformer(ModelConfig.preset("llama", "tiny", vocab_size=tok.vocab_size, block_size=48, d_model=32,
+                                   n_layer=2, n_head=2)).save(tmp_path / "policy")
+    tok.save(tmp_path / "policy" / "tokenizer")
+    examples = make_split("add", "train", 4, seed=0)
+    lines = [json.dumps({"prompt": ex.prompt, "task": ex.task}) for ex in examples]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+
+    def config(out, *extra):
+        return load_config(GRPORunConfig, None, [
+            f"checkpoint={tmp_path / 'policy'}", f"data.prompts={tmp_path / 'prompts.jsonl'}",
+            f"train.out_dir={out}", "grpo.prompts_per_rollout=2", "grpo.num_generations=2",
+            "grpo.num_iterations=2", "grpo.max_completion_length=5", "optim.lr=3e-3", "optim.max_steps=4",
+            "train.ckpt_every=2", "train.progress=false", "train.plot=false", "train.device=cpu", *extra])
+
+    straight = run_grpo(config(tmp_path / "a"))
+    stopped = run_grpo(config(tmp_path / "b", "train.max_minutes=1e-9"))
+    assert stopped["step"] == 1  # inside the first rollout batch's two passes
+    resumed = run_grpo(config(tmp_path / "b"), resume="auto")
+    a = load_file(f"{straight['checkpoint']}/model.safetensors")
+    b = load_file(f"{resumed['checkpoint']}/model.safetensors")
+    assert resumed["step"] == 4 and all(torch.equal(a[k], b[k]) for k in a)

@@ -42,9 +42,11 @@ from llmlab.align.ppo import (
     check_split,
     frozen,
     load_frozen,
+    mean_over_ranks,
     pad_id_of,
     plot_at_finish,
     policy_tokenizer,
+    refuse_fsdp,
     task_eval,
 )
 from llmlab.align.rollout import (
@@ -119,7 +121,7 @@ class GRPOObjective(Objective):
 
     def __init__(self, prompts: Sequence[Sequence[int]], reference: nn.Module, reward_fn: RewardFn,
                  cfg: GRPOConfig, *, stop_ids: Sequence[int], pad_id: int, accum_steps: int = 1,
-                 evaluator: Evaluator | None = None):
+                 evaluator: Evaluator | None = None, rank: int = 0, world_size: int = 1):
         cfg = check_config(cfg, "grpo.")
         check_samples(cfg, accum_steps)
         if cfg.baseline == "loo" and cfg.num_generations < 2:
@@ -129,9 +131,14 @@ class GRPOObjective(Objective):
         self.cfg, self.stop_ids, self.pad_id, self.accum = cfg, list(stop_ids), pad_id, accum_steps
         self.stream = PromptStream(len(self.prompts), cfg.prompts_per_rollout, cfg.seed)
         self.batches = MinibatchQueue()
+        self.rank, self.world_size = rank, world_size
         self.rollouts = 0
         self.buffer: dict[str, torch.Tensor] = {}
         self.stats: dict[str, float] = {}
+
+    def _index(self) -> int:
+        """This rank's rollout number: under DDP every rank rolls out its own prompts and seeds."""
+        return self.rollouts * self.world_size + self.rank
 
     def prepare_step(self, trainer) -> None:
         if self.batches.empty:
@@ -143,10 +150,10 @@ class GRPOObjective(Objective):
         """Sample G responses per prompt, reward them, compute group-relative advantages, queue updates."""
         cfg = self.cfg
         G = cfg.num_generations
-        indices = [i for i in self.stream.batch(self.rollouts) for _ in range(G)]  # prompt-major groups
+        indices = [i for i in self.stream.batch(self._index()) for _ in range(G)]  # prompt-major groups
         ro = rollout(policy, [self.prompts[i] for i in indices], stop_ids=self.stop_ids, pad_id=self.pad_id,
                      max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                     seed=cfg.seed * 1_000_003 + self.rollouts, reference=self.reference)
+                     seed=cfg.seed * 1_000_003 + self._index(), reference=self.reference)
         rewards = self.reward_fn(indices, ro).float()
         if cfg.baseline == "loo":
             advantages = rl.leave_one_out_advantages(rewards, G)
@@ -154,9 +161,9 @@ class GRPOObjective(Objective):
             advantages = rl.group_advantages(rewards, G, scale=cfg.scale_rewards)
         ro.scores = rewards
         self.buffer = {**vars(ro), "advantages": advantages}
-        self.stats = self._rollout_stats(ro, rewards)
+        self.stats = mean_over_ranks(self._rollout_stats(ro, rewards))
         self.batches.fill(len(indices), cfg.num_iterations, cfg.num_mini_batches, self.accum,
-                          seed=cfg.seed * 1_000_003 + self.rollouts)
+                          seed=cfg.seed * 1_000_003 + self._index())
         self.rollouts += 1
 
     def _rollout_stats(self, ro: Rollout, rewards: torch.Tensor) -> dict[str, float]:
@@ -229,6 +236,7 @@ def run_grpo(cfg: GRPORunConfig, resume: str | None = None) -> dict[str, Any]:
 
     def resolve(cfg: GRPORunConfig) -> Plan:
         check_models(cfg.checkpoint, cfg.reward_model if cfg.reward == "model" else None, "train")
+        refuse_fsdp(cfg.parallel, "GRPO")
         check_samples(cfg.grpo, cfg.train.accum_steps)
         return Plan(cfg, inputs=[cfg.checkpoint, cfg.reward_model, cfg.data.prompts, cfg.data.eval_prompts,
                                  cfg.data.tokenizer])
@@ -248,7 +256,7 @@ def run_grpo(cfg: GRPORunConfig, resume: str | None = None) -> dict[str, Any]:
         evaluator = task_eval(tok, cfg.data.eval_prompts, *length)
         objective = GRPOObjective(prompts, frozen(policy), reward_fn, cfg.grpo, stop_ids=template.stop_ids,
                                   pad_id=pad_id_of(template), accum_steps=cfg.train.accum_steps,
-                                  evaluator=evaluator)
+                                  evaluator=evaluator, rank=run.rank, world_size=run.world_size)
         return Built(policy, objective, objective.batches, flops_per_token=policy.flops_per_token(),
                      tokenizer=tok, summary={"prompts": len(prompts)}, finish=plot_at_finish)
 

@@ -15,6 +15,8 @@ and the batch's rows are queued for `num_ppo_epochs` passes, each a fresh shuffl
 `num_mini_batches` minibatches. Trainer semantics: one minibatch = one optimizer step, made of the trainer's
 `accum_steps` micro-batches; so rollout_batch_size must be a multiple of num_mini_batches * accum_steps, and
 optim.max_steps counts minibatch updates (rollouts = max_steps / (num_ppo_epochs * num_mini_batches)).
+Under DDP every rank rolls out its own prompts with its own seed (a step learns from world_size times as
+many responses), and the rollout statistics (so the adaptive beta) are averaged over ranks; FSDP is refused.
 
 Loss per response token (summed, weight = response tokens, so a minibatch's loss is the token mean however it
 is split into micro-batches, as TRL's masked means):
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from llmlab.align import rl
@@ -68,7 +71,7 @@ from llmlab.model.transformer import read_config
 from llmlab.tokenizer import Tokenizer
 from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 from llmlab.train.checkpoint import Checkpointer, read_model, unwrap, write_model
-from llmlab.train.distributed import ParallelConfig
+from llmlab.train.distributed import ParallelConfig, world
 from llmlab.train.launch import Built, Plan, Run, launch
 from llmlab.train.metrics import read_metrics
 from llmlab.train.objective import LossOutput, Objective
@@ -159,7 +162,7 @@ class PPOObjective(Objective):
 
     def __init__(self, prompts: Sequence[Sequence[int]], reference: nn.Module, reward_model: nn.Module,
                  cfg: PPOConfig, *, stop_ids: Sequence[int], pad_id: int, accum_steps: int = 1,
-                 evaluator: Evaluator | None = None):
+                 evaluator: Evaluator | None = None, rank: int = 0, world_size: int = 1):
         cfg = check_config(cfg, "ppo.")
         check_split(cfg.rollout_batch_size, "ppo.rollout_batch_size", cfg.num_mini_batches, accum_steps,
                     "ppo")
@@ -169,11 +172,16 @@ class PPOObjective(Objective):
         self.stream = PromptStream(len(self.prompts), cfg.rollout_batch_size, cfg.seed)
         self.kl_ctl = cfg.controller()
         self.batches = MinibatchQueue()
+        self.rank, self.world_size = rank, world_size
         self.rollouts = 0                      # rollout batches collected so far
         self.buffer: dict[str, torch.Tensor] = {}
         self.stats: dict[str, float] = {}
 
     # ----- collecting a rollout batch -----
+    def _index(self) -> int:
+        """This rank's rollout number: under DDP every rank rolls out its own prompts and seeds."""
+        return self.rollouts * self.world_size + self.rank
+
     def prepare_step(self, trainer) -> None:
         if self.batches.empty:
             with trainer.autocast():  # the rollout's log-probs in the update's precision: ratio 1 at start
@@ -184,10 +192,10 @@ class PPOObjective(Objective):
         """Roll out the next batch of prompts, compute rewards and advantages, queue the updates."""
         cfg = self.cfg
         policy, value = parts(model)
-        prompts = [self.prompts[i] for i in self.stream.batch(self.rollouts)]
+        prompts = [self.prompts[i] for i in self.stream.batch(self._index())]
         ro = rollout(policy, prompts, stop_ids=self.stop_ids, pad_id=self.pad_id,
                      max_new_tokens=cfg.response_length, temperature=cfg.temperature,
-                     seed=cfg.seed * 1_000_003 + self.rollouts, reference=self.reference,
+                     seed=cfg.seed * 1_000_003 + self._index(), reference=self.reference,
                      reward_model=self.reward_model, missing_eos_penalty=cfg.missing_eos_penalty)
         was_training = value.training
         value.eval()
@@ -202,10 +210,10 @@ class PPOObjective(Objective):
         advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         advantages = rl.whiten(advantages, mask) if mask.sum() > 1 else advantages
         self.buffer = {**vars(ro), "values": values, "advantages": advantages, "returns": returns}
-        self.stats = rollout_stats(ro, kl, non_score, beta)
+        self.stats = mean_over_ranks(rollout_stats(ro, kl, non_score, beta))
         self.kl_ctl.update(self.stats["objective/kl"], len(prompts))
         self.batches.fill(len(prompts), cfg.num_ppo_epochs, cfg.num_mini_batches, self.accum,
-                          seed=cfg.seed * 1_000_003 + self.rollouts)
+                          seed=cfg.seed * 1_000_003 + self._index())
         self.rollouts += 1
 
     # ----- one micro-batch of an update -----
@@ -243,6 +251,16 @@ class PPOObjective(Objective):
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.buffer = dict(state["buffer"])
         self.stats = {k: float(v) for k, v in state["stats"].items()}
+
+
+def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
+    """Each rollout statistic averaged over the ranks (so the adaptive beta stays the same on all)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    values = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(stats, (values / dist.get_world_size()).tolist(), strict=True))
 
 
 def rollout_stats(ro: Rollout, kl: torch.Tensor, non_score: torch.Tensor, beta: float) -> dict[str, float]:
@@ -321,6 +339,13 @@ def policy_tokenizer(checkpoint: str, tokenizer: str, vocab_size: int) -> Tokeni
     return tok
 
 
+def refuse_fsdp(parallel: ParallelConfig, section: str) -> None:
+    """Rollouts generate with the whole policy on each rank: FSDP's sharded parameters cannot."""
+    if parallel.resolved_strategy(world()[1]) == "fsdp":
+        raise ConfigError(f"{section} with parallel.strategy=fsdp is not supported (rollouts need the whole "
+                          "policy on each rank); use parallel.strategy=ddp or one process")
+
+
 def check_models(checkpoint: str, reward_model: str | None, what: str) -> ModelConfig:
     """The policy's ModelConfig, after checking both checkpoints exist, the policy has an LM head, the reward
     model a scalar head and the policy's tokenizer (CheckpointError / TokenizerError, one line)."""
@@ -367,6 +392,7 @@ def run_ppo(cfg: PPORunConfig, resume: str | None = None) -> dict[str, Any]:
 
     def resolve(cfg: PPORunConfig) -> Plan:
         check_models(cfg.checkpoint, cfg.reward_model, "improve")
+        refuse_fsdp(cfg.parallel, "PPO")
         check_split(cfg.ppo.rollout_batch_size, "ppo.rollout_batch_size", cfg.ppo.num_mini_batches,
                     cfg.train.accum_steps, "ppo")
         return Plan(cfg, inputs=[cfg.checkpoint, cfg.reward_model, cfg.data.prompts, cfg.data.eval_prompts,
@@ -384,7 +410,7 @@ def run_ppo(cfg: PPORunConfig, resume: str | None = None) -> dict[str, Any]:
                               "ppo.response_length")
         objective = PPOObjective(prompts, frozen(policy), reward_model, cfg.ppo, stop_ids=template.stop_ids,
                                  pad_id=pad_id_of(template), accum_steps=cfg.train.accum_steps,
-                                 evaluator=evaluator)
+                                 evaluator=evaluator, rank=run.rank, world_size=run.world_size)
         model = PolicyAndValue(policy, value_from(reward_model))
         return Built(model, objective, objective.batches, flops_per_token=policy.flops_per_token(),
                      tokenizer=tok, checkpointer=PPOCheckpointer, summary={"prompts": len(prompts)},
