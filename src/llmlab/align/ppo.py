@@ -42,7 +42,6 @@ import copy
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,9 +55,9 @@ from llmlab.align.rollout import (
     PromptStream,
     Rollout,
     TaskEval,
+    at_response,
     encode_prompts,
     read_prompt_messages,
-    response_logprobs,
     response_values,
     rollout,
     task_prompts,
@@ -121,15 +120,16 @@ Evaluator = Callable[[nn.Module], dict]   # policy -> held-out metrics (llmlab.a
 
 
 class PolicyAndValue(nn.Module):
-    """The policy and the value model as one module for the trainer: model(idx, which="policy"|"value",
-    **kwargs) calls one of them, so a DDP/FSDP wrapper around this module sees every forward."""
+    """The policy and the value model as one module for the trainer. One forward runs both, so a DDP wrapper
+    sees every parameter used once per backward:
+        model(idx, targets) -> (the policy's log p(targets | idx) [B, T], the value model's scores [B, T])"""
 
     def __init__(self, policy: nn.Module, value: nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
 
-    def forward(self, idx: torch.Tensor, *, which: str = "policy", **kwargs):
-        return (self.policy if which == "policy" else self.value)(idx, **kwargs)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy(idx, targets=targets, output="logprobs"), self.value(idx, output="scores").float()
 
 
 def value_from(reward_model: nn.Module) -> nn.Module:
@@ -222,8 +222,9 @@ class PPOObjective(Objective):
         cfg, b = self.cfg, {k: v[rows.to(v.device)].to(device) for k, v in self.buffer.items()}
         mb = Rollout(**{k: b.get(k) for k in Rollout.__dataclass_fields__})
         mask = mb.mask
-        logprobs = response_logprobs(partial(model, which="policy"), mb)
-        values = response_values(partial(model, which="value"), mb)
+        seq = mb.sequences
+        per_position = model(seq[:, :-1], seq[:, 1:])
+        logprobs, values = (at_response(x, mb) * mask for x in per_position)
         pg = rl.policy_loss_terms(logprobs, mb.logprobs, b["advantages"], cfg.cliprange)
         vf = rl.value_loss_terms(values, b["values"], b["returns"], cfg.cliprange_value)
         loss_sum = rl.masked_sum(pg["loss"] + cfg.vf_coef * vf["loss"], mask)

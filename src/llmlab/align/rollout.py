@@ -75,14 +75,14 @@ def response_logprobs(model: nn.Module, ro: Rollout) -> torch.Tensor:
     Goes through model(...), so it is the trainable pass under DDP/FSDP too (no_grad is the caller's)."""
     seq = ro.sequences
     logprobs = model(seq[:, :-1], targets=seq[:, 1:], output="logprobs")
-    return _at_columns(logprobs, ro) * ro.mask
+    return at_response(logprobs, ro) * ro.mask
 
 
 def response_values(model: nn.Module, ro: Rollout) -> torch.Tensor:
     """[B, R] a scalar-head model's value of each response token's state: its output at the position that
     predicts the token (the prompt's last token for t = 0), 0 on padding."""
     values = model(ro.sequences[:, :-1], output="scores")
-    return _at_columns(values.float(), ro) * ro.mask
+    return at_response(values.float(), ro) * ro.mask
 
 
 def last_token_scores(model: nn.Module, ro: Rollout) -> torch.Tensor:
@@ -92,7 +92,8 @@ def last_token_scores(model: nn.Module, ro: Rollout) -> torch.Tensor:
     return scores[torch.arange(scores.shape[0], device=scores.device), last]
 
 
-def _at_columns(per_position: torch.Tensor, ro: Rollout) -> torch.Tensor:
+def at_response(per_position: torch.Tensor, ro: Rollout) -> torch.Tensor:
+    """[B, R]: a forward's per-position output over sequences[:, :-1] [B, W-1] read at ro.columns."""
     columns = ro.columns.clamp(max=per_position.shape[1] - 1)  # padding columns past the end: masked anyway
     return per_position.gather(1, columns)
 
