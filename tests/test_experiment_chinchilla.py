@@ -19,6 +19,11 @@ def test_smoke_experiment_writes_its_report_and_resumes(tmp_path, capsys):
     assert all(r["val_coverage"] == 1.0 for r in report["results"])
     assert [m["depth"] for m in report["family"]] == [1, 2, 3]
     assert report["family"][0]["embedding_share"] > report["family"][2]["embedding_share"]
+    best = report["best_points"]
+    assert [b["budget"] for b in best] == [1e9, 3e9]
+    for b in best:  # the lowest loss of its budget, with its tokens per parameter
+        same = [r for r in report["results"] if r["budget"] == b["budget"]]
+        assert b["loss"] == min(r["loss"] for r in same) and b["ratio"] == b["D"] / b["N"]
     text = (out / "report.md").read_text()
     for heading in ("## Points", "## Exponents", "## Tokens per parameter", "## Plans", "## What differs"):
         assert heading in text

@@ -136,11 +136,18 @@ def _report_data(cfg, sweep_cfg, sweep, fit, shards: Path, wall_s: float) -> dic
             "results": results, "max_epochs": max((r["epochs"] for r in results), default=0.0),
             "tokens_per_param": [{"C": m["C"], "N_opt": m["N_opt"], "D_opt": m["D_opt"],
                                   "ratio": m["D_opt"] / m["N_opt"], "inside": m["inside"]} for m in minima],
+            "best_points": _best_points(results),
             "fit": fit, "plans": plans, "llama3": llama3_case(CHINCHILLA)}
 
 
-def _fmt(v, spec: str = ".3g") -> str:
-    return "–" if v is None else format(v, spec)
+def _best_points(results: list[dict]) -> list[dict]:
+    """The lowest-loss point of each IsoFLOP budget, with its tokens per parameter (no parabola needed)."""
+    best: dict[float, dict] = {}
+    for r in results:
+        if r["kind"] == "isoflop" and (r["budget"] not in best or r["loss"] < best[r["budget"]]["loss"]):
+            best[r["budget"]] = r
+    return [{"budget": b, "name": r["name"], "N": r["N"], "D": r["D"], "loss": r["loss"],
+             "ratio": r["D"] / r["N"]} for b, r in sorted(best.items())]
 
 
 def _ci(fit: dict, *keys: str) -> str:
@@ -191,6 +198,10 @@ def render_report(r: dict) -> str:
                      f"{'yes' if t['inside'] else 'no (extrapolated)'} |")
     if not r["tokens_per_param"]:
         lines.append("| – | – | – | – | 20 | no profile had a minimum |")
+    lines += ["", "The best point actually trained at each budget (no parabola):", "",
+              "| budget | point | N | D | D / N | Chinchilla |", "|---|---|---|---|---|---|"]
+    for b in r["best_points"]:
+        lines.append(f"| {b['budget']:.3g} | {b['name']} | {b['N']:,} | {b['D']:,} | {b['ratio']:.1f} | 20 |")
     lines += ["", "## Plans (C = 6ND)", "",
               "| budget C | fitted law: N, D, D/N | Chinchilla's law: N, D, D/N |",
               "|---|---|---|"]
