@@ -57,7 +57,7 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # config.json entries beside the ModelConfig fields, each describing modules a plain Transformer does not
 # have, with the loader that builds them. Transformer.load refuses such a checkpoint unless its caller
 # handles the entry (the `prepare` hook); the model itself knows nothing of what the entry means.
-EXTENSIONS = {"quantization": "llmlab.infer.quant.load_model"}
+EXTENSIONS = {"quantization": "llmlab.infer.quant.load_model", "lora": "llmlab.align.lora.load_lora"}
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
