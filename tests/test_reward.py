@@ -197,3 +197,15 @@ def test_pair_records_carry_their_margin(tok, tmp_path):
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     data = prepare_pairs(PairDataConfig(train=str(tmp_path / "m.jsonl"), val_fraction=0.0), tok, 64)
     assert data.train_margin.tolist() == [float(i) for i in range(6)] and data.val == []
+
+
+def test_preference_runs_train_without_dropout():
+    from llmlab.align.pairs import without_dropout
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("gpt2", "tiny", vocab_size=50, block_size=16, dropout=0.2))
+    plain = without_dropout(model).train()
+    x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert plain.config.dropout == 0.0 and torch.equal(plain(x), plain(x))
+        torch.testing.assert_close(plain(x), model.eval()(x))

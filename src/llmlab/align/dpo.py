@@ -3,9 +3,10 @@
     llmlab dpo --checkpoint runs/sft/ckpt-000300 --data prefs_train.jsonl train.run_name=dpo dpo.beta=0.1
     llmlab dpo --checkpoint runs/sft/ckpt-000300 --data prefs.jsonl dpo.loss_type=ipo lora.rank=8
 
-The policy starts from the checkpoint, and so does the reference. Per pair the objective needs the summed
-log-probabilities of the chosen and rejected completions (the prompt's tokens excluded) under both; the
-losses (sigmoid, IPO, label smoothing = conservative DPO) and TRL's metrics are llmlab.align.losses'.
+The policy starts from the checkpoint, and so does the reference (dropout off for both, as in TRL). Per
+pair the objective needs the summed log-probabilities of the chosen and rejected completions (the prompt's
+tokens excluded) under both; the losses (sigmoid, IPO, label smoothing = conservative DPO) and TRL's metrics
+are llmlab.align.losses'.
 
 Reference log-probs. By default (dpo.reference = "precomputed") they are computed once, before training, for
 every training and held-out pair, and stored with the pairs (PairBatches extras), so each step runs the

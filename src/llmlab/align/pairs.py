@@ -43,7 +43,14 @@ from llmlab.align.sft import load_model, load_tokenizer
 from llmlab.config import Fraction, NonEmptyStr, NonNegativeInt, PositiveInt, check_config
 from llmlab.data.chat_data import encode_preference, read_preferences
 from llmlab.errors import CheckpointError, ConfigError, DataError
-from llmlab.model.transformer import CONFIG_FILE, config_from_meta, read_config, read_meta, refuse_extensions
+from llmlab.model.transformer import (
+    CONFIG_FILE,
+    Transformer,
+    config_from_meta,
+    read_config,
+    read_meta,
+    refuse_extensions,
+)
 from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 
 STATE_VERSION = 1
@@ -335,6 +342,7 @@ def load_start(cfg, device: torch.device | str = "cpu", say=None):
                                "point data.tokenizer at the tokenizer the checkpoint was trained with, or "
                                "drop it")
     model, chat_tok, message = load_model(cfg.checkpoint, tok, device)
+    model = without_dropout(model)
     data = prepare_pairs(cfg.data, chat_tok, cfg.data.block_size)
     notes = [message] if message else []
     if data.dropped:
@@ -343,6 +351,17 @@ def load_start(cfg, device: torch.device | str = "cpu", say=None):
     for line in notes:
         (say or (lambda _: None))(line)
     return model, chat_tok, data
+
+
+def without_dropout(model: Transformer) -> Transformer:
+    """The model with dropout 0 (TRL's disable_dropout, on by default for its reward and DPO trainers): a
+    pairwise loss compares two forward passes, and DPO compares them with a reference computed without
+    dropout, so random masks would only add noise to the differences it learns from."""
+    if not model.config.dropout:
+        return model
+    plain = Transformer(dataclasses.replace(model.config, dropout=0.0)).to(next(model.parameters()).device)
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def pair_batches(pairs: Sequence[EncodedPair], cfg: PairDataConfig, pad_id: int, rank: int = 0,

@@ -3,10 +3,11 @@
     llmlab reward train --checkpoint runs/sft/ckpt-000300 --data prefs_train.jsonl train.run_name=rm
     llmlab reward score runs/rm/ckpt-000200 --data completions.jsonl --out scored.jsonl
 
-The backbone is the SFT checkpoint's Transformer; its LM head is replaced by a fresh Linear(d_model, 1)
-(`ModelConfig.head = "scalar"`, so the checkpoint records it and loads back with one call). The reward of a
-sequence is the head's output at its last non-pad token, the end-of-turn token that closes the answer, which
-has attended to the whole conversation (TRL's AutoModelForSequenceClassification reads the same place).
+The backbone is the SFT checkpoint's Transformer (dropout off, as in TRL's trainers); its LM head is
+replaced by a fresh Linear(d_model, 1) (`ModelConfig.head = "scalar"`, so the checkpoint records it and
+loads back with one call). The reward of a sequence is the head's output at its last non-pad token, the
+end-of-turn token that closes the answer, which has attended to the whole conversation (TRL's
+AutoModelForSequenceClassification reads the same place).
 
 Loss per pair (llmlab.align.losses.bradley_terry_loss): -log sigmoid(r_chosen - r_rejected - margin), plus
 center * (r_chosen + r_rejected)^2 with reward.center_coefficient; `margin` comes from a record's "margin"
