@@ -217,3 +217,37 @@ def test_a_resumed_ppo_run_equals_the_uninterrupted_one(chat_models, tmp_path):
         return [(r["loss"], r["objective/beta"]) for r in records if "loss" in r]
 
     assert losses(straight["run_dir"]) == losses(resumed["run_dir"])
+
+
+def _ddp_rank(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        policy = tiny(0)
+        cfg = PPOConfig(rollout_batch_size=4, num_ppo_epochs=1, num_mini_batches=2, response_length=6,
+                        kl_coef=0.1, target_kl=0.01, kl_horizon=100)
+        objective = PPOObjective(PROMPTS, frozen(policy), CountReward(), cfg, stop_ids=[STOP], pad_id=PAD,
+                                 rank=rank, world_size=2)
+        model = nn.parallel.DistributedDataParallel(PolicyAndValue(policy, tiny(1, head="scalar")))
+        optim = OptimConfig(lr=3e-3, warmup_steps=0, max_steps=4, weight_decay=0.0, min_lr_ratio=1.0)
+        Trainer(model, objective, objective.batches, optim,
+                TrainConfig(progress=False, plot=False, eval_every=0, device="cpu")).fit()
+        torch.save({"policy": policy.state_dict(), "beta": objective.kl_ctl.beta,
+                    "prompts": objective.buffer["sequences"]}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_roll_out_different_prompts_and_stay_in_step(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank"
+    mp.spawn(_ddp_rank, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    a, b = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
+    assert not torch.equal(a["prompts"], b["prompts"])  # each rank rolled out its own prompts
+    assert a["beta"] == b["beta"] != 0.1  # averaged statistics: the same adaptive beta on both ranks
+    for k in a["policy"]:
+        assert torch.equal(a["policy"][k], b["policy"][k]), k
+    assert any(not torch.equal(a["policy"][k], v) for k, v in tiny(0).state_dict().items())
