@@ -29,6 +29,7 @@ import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -49,6 +50,7 @@ from llmlab.align.sft import load_tokenizer, write_merged
 from llmlab.config import PositiveFloat, Range, check_config
 from llmlab.device import resolve_dtype
 from llmlab.errors import ConfigError
+from llmlab.model.transformer import read_config
 from llmlab.train.distributed import ParallelConfig, world
 from llmlab.train.launch import Built, Plan, Run, launch
 from llmlab.train.objective import LossOutput, Objective
@@ -200,6 +202,10 @@ def _autocast(dtype: torch.dtype, device: torch.device):
 def resolve_config(cfg: DPOConfig) -> DPOConfig:
     """Check every value and fill data.block_size from the checkpoint; nothing is written."""
     cfg = resolve_pair_config(cfg)
+    head = read_config(Path(cfg.checkpoint)).head
+    if head != "lm":
+        raise ConfigError(f"checkpoint {cfg.checkpoint} has head={head!r} (a reward or value model); DPO "
+                          "trains a language model: pass --checkpoint an SFT checkpoint")
     if cfg.lora.enabled and cfg.parallel.resolved_strategy(world()[1]) == "fsdp":
         raise ConfigError("lora.rank > 0 with parallel.strategy=fsdp is not supported; use "
                           "parallel.strategy=ddp (adapters are small) or full fine-tuning (lora.rank=0)")
