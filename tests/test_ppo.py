@@ -231,7 +231,7 @@ def _ddp_rank(rank: int, store: str, out: str) -> None:
         objective = PPOObjective(PROMPTS, frozen(policy), CountReward(), cfg, stop_ids=[STOP], pad_id=PAD,
                                  rank=rank, world_size=2)
         model = nn.parallel.DistributedDataParallel(PolicyAndValue(policy, tiny(1, head="scalar")))
-        optim = OptimConfig(lr=3e-3, warmup_steps=0, max_steps=4, weight_decay=0.0, min_lr_ratio=1.0)
+        optim = OptimConfig(lr=3e-3, warmup_steps=0, max_steps=2, weight_decay=0.0, min_lr_ratio=1.0)
         Trainer(model, objective, objective.batches, optim,
                 TrainConfig(progress=False, plot=False, eval_every=0, device="cpu")).fit()
         torch.save({"policy": policy.state_dict(), "beta": objective.kl_ctl.beta,
