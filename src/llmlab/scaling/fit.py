@@ -27,9 +27,7 @@ budget for approach 2; resamples too degenerate to fit are dropped).
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import ctypes
 import io
 import json
 import math
@@ -38,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import least_squares, minimize
+from threadpoolctl import threadpool_limits
 
 from llmlab.errors import DataError
 from llmlab.fsutil import write_bytes_atomic, write_text_atomic
@@ -360,32 +359,11 @@ def _grid_starts(logn, logd, logl, count: int) -> np.ndarray:
     return grid[np.argsort(values)[:count]]
 
 
-@contextlib.contextmanager
-def _one_blas_thread():
-    """Run scipy's OpenBLAS on one thread meanwhile. L-BFGS-B calls it on 5-element vectors, where extra
-    threads only spin, and on a busy machine that spinning made each call milliseconds instead of
-    microseconds. A no-op where scipy does not bundle its own OpenBLAS."""
-    from pathlib import Path as _Path
-
-    import scipy
-
-    libs = sorted((_Path(scipy.__file__).parent.parent / "scipy.libs").glob("libscipy_openblas*.so"))
-    try:
-        lib = ctypes.CDLL(str(libs[0]))
-        before = lib.scipy_openblas_get_num_threads()
-        lib.scipy_openblas_set_num_threads(1)
-    except (IndexError, OSError, AttributeError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        lib.scipy_openblas_set_num_threads(before)
-
-
 def _lbfgs(starts, logn, logd, logl) -> np.ndarray:
     best = None
-    with _one_blas_thread():
+    # L-BFGS-B calls BLAS on 5-element vectors, where extra BLAS threads only spin; on a busy machine that
+    # spinning turned microsecond calls into milliseconds. One thread meanwhile (threadpoolctl).
+    with threadpool_limits(limits=1, user_api="blas"):
         for p0 in starts:
             fit = minimize(_objective, p0, args=(logn, logd, logl), jac=True, method="L-BFGS-B",
                            bounds=EXPONENT_BOUNDS, options={"maxiter": 1000, "gtol": 1e-8, "ftol": 1e-12})
