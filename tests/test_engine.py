@@ -325,6 +325,8 @@ def test_stop_cancels_what_is_left_and_a_failing_forward_fails_only_its_requests
     (lambda e: e.submit([], greedy(3)), "prompt is empty"),
     (lambda e: e.submit([1, 999], greedy(3)), "outside the model's vocabulary"),
     (lambda e: e.submit("hello", greedy(3)), "list of token ids"),
+    (lambda e: e.submit(7, greedy(3)), "list of token ids"),
+    (lambda e: Engine(e.model, max_running=0), "max_running=0"),
     (lambda e: e.submit([1] * 100, greedy(40)), "exceeds the model's context"),
     (lambda e: e.submit([1], greedy(3, stop=["x"])), "needs the engine to have a tokenizer"),
     (lambda e: SamplingParams(temperature=-1), "temperature"),

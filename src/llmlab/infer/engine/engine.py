@@ -62,8 +62,9 @@ class Engine:
             raise ConfigError("speculative decoding is not supported by the batching engine; serve without "
                               "a draft model (llmlab generate --draft speculates for single prompts)")
         for name, value in (("block_size", block_size), ("max_running", max_running),
-                            ("prefill_chunk", prefill_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                            ("prefill_chunk", prefill_chunk), ("kv_budget_bytes", kv_budget_bytes),
+                            ("max_waiting", max_waiting)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         self.model, self.tokenizer, self.max_waiting = model, tokenizer, max_waiting
         per_block = KVPool.bytes_per_block(model, block_size)
@@ -72,7 +73,7 @@ class Engine:
             if next(model.parameters()).device.type == "cpu":
                 num_blocks = max(2, min(num_blocks, CPU_DEFAULT_BUDGET // per_block))
         else:
-            num_blocks = int(kv_budget_bytes) // per_block
+            num_blocks = kv_budget_bytes // per_block
             if num_blocks < 2:
                 raise ConfigError(f"kv_budget_bytes={kv_budget_bytes} holds fewer than 2 KV blocks of "
                                   f"{per_block} bytes (block_size={block_size}); give at least "
@@ -129,7 +130,7 @@ class Engine:
     def _check_prompt(self, prompt_ids) -> list[int]:
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.tolist()
-        if isinstance(prompt_ids, (str, bytes)) or not all(
+        if not isinstance(prompt_ids, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in prompt_ids):
             raise ModelError("the prompt must be a list of token ids (ints); encode text with the tokenizer "
                              "first")
