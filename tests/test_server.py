@@ -277,6 +277,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
     ({**CHAT, "messages": []}, 400, "messages"),
     ({**CHAT, "messages": [{"role": "user", "content": "<|end|>"}]}, 400, "messages"),
     ({**CHAT, "stop": 7}, 400, "stop"),
+    ({**CHAT, "stop": ["a"] * 17}, 400, "stop"),
     ({**CHAT, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ({"messages": CHAT["messages"]}, 400, "model"),
     ({**CHAT, "model": "gpt-4"}, 404, "model"),

@@ -56,6 +56,7 @@ from llmlab.infer.engine import Engine, EngineFull, SamplingParams
 
 WEB_DIR = Path(__file__).parent / "web"
 PLAIN_STOPS = ("\nuser:",)  # the plain chat template's turn marker (see the module docstring)
+MAX_STOPS = 16  # OpenAI allows 4; evaluation harnesses' tasks may pass more (vLLM sets no limit)
 
 
 # ----- limits and errors ------------------------------------------------------------------------------------
@@ -355,8 +356,8 @@ class Service:
     def params(self, body: _Body, max_tokens: int, seed_offset: int, stop_ids: tuple[int, ...],
                stops: tuple[str, ...], logprobs: int | None) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        if len(stop) > 4 or any(not s for s in stop):
-            raise APIError(400, "stop takes up to 4 non-empty strings", "stop")
+        if len(stop) > MAX_STOPS or any(not s for s in stop):
+            raise APIError(400, f"stop takes up to {MAX_STOPS} non-empty strings", "stop")
         top_k = body.top_k if body.top_k and body.top_k > 0 else None
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=top_k, seed=None if body.seed is None else body.seed + seed_offset,
