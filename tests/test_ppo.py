@@ -103,6 +103,7 @@ def test_metrics_carry_trl_names_and_stay_constant_within_a_rollout(free_run):
              "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens"]
     for name in names:
         assert all(name in r for r in records), name
+    assert all(r["time/sample_s"] > 0 and r["time/score_s"] > 0 for r in records)
     # Steps 1-4 update on the first rollout batch: its metrics are logged unchanged at each.
     assert len({round(r["objective/scores"], 9) for r in records[:4]}) == 1
     # The first update starts on-policy: ratio 1, no clipping, no approximate KL.

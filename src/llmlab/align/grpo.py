@@ -27,6 +27,7 @@ policy/kl_avg (the k3 term, token mean).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -151,17 +152,21 @@ class GRPOObjective(Objective):
         cfg = self.cfg
         G = cfg.num_generations
         indices = [i for i in self.stream.batch(self._index()) for _ in range(G)]  # prompt-major groups
+        timings: dict[str, float] = {}
         ro = rollout(policy, [self.prompts[i] for i in indices], stop_ids=self.stop_ids, pad_id=self.pad_id,
                      max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                     seed=cfg.seed * 1_000_003 + self._index(), reference=self.reference)
+                     seed=cfg.seed * 1_000_003 + self._index(), reference=self.reference,
+                     timings=timings)
+        start = time.perf_counter()
         rewards = self.reward_fn(indices, ro).float()
+        timings["time/score_s"] += time.perf_counter() - start
         if cfg.baseline == "loo":
             advantages = rl.leave_one_out_advantages(rewards, G)
         else:
             advantages = rl.group_advantages(rewards, G, scale=cfg.scale_rewards)
         ro.scores = rewards
         self.buffer = {**vars(ro), "advantages": advantages}
-        self.stats = mean_over_ranks(self._rollout_stats(ro, rewards))
+        self.stats = mean_over_ranks({**self._rollout_stats(ro, rewards), **timings})
         self.batches.fill(len(indices), cfg.num_iterations, cfg.num_mini_batches, self.accum,
                           seed=cfg.seed * 1_000_003 + self._index())
         self.rollouts += 1

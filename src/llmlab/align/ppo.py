@@ -31,15 +31,17 @@ objective/entropy (-sum log pi of the sampled tokens), objective/non_score_rewar
 objective/rlhf_reward (score + non-score reward), objective/scores, objective/beta, val/num_eos_tokens
 (responses that ended on a stop id), completions/mean_length; per update (token means) policy/approxkl_avg,
 policy/clipfrac_avg, loss/policy_avg, loss/value_avg, val/clipfrac_avg, val/ratio. A rollout batch's metrics
-are logged at each of its update steps (the trainer's weighted mean of a constant is that constant). With
-data.eval_prompts (a task prompt set) each evaluation grades greedy answers: val_accuracy, the true accuracy a
-reward model only stands in for, picks the best checkpoint. RUN_DIR/plots/rl.png plots them all (plot_rl).
+are logged at each of its update steps (the trainer's weighted mean of a constant is that constant), with
+time/sample_s and time/score_s: the rollout's seconds spent sampling and scoring. With data.eval_prompts (a
+task prompt set) each evaluation grades greedy answers: val_accuracy, the true accuracy a reward model only
+stands in for, picks the best checkpoint. RUN_DIR/plots/rl.png plots them all (plot_rl).
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,14 +195,18 @@ class PPOObjective(Objective):
         cfg = self.cfg
         policy, value = parts(model)
         prompts = [self.prompts[i] for i in self.stream.batch(self._index())]
+        timings: dict[str, float] = {}
         ro = rollout(policy, prompts, stop_ids=self.stop_ids, pad_id=self.pad_id,
                      max_new_tokens=cfg.response_length, temperature=cfg.temperature,
                      seed=cfg.seed * 1_000_003 + self._index(), reference=self.reference,
-                     reward_model=self.reward_model, missing_eos_penalty=cfg.missing_eos_penalty)
+                     reward_model=self.reward_model, missing_eos_penalty=cfg.missing_eos_penalty,
+                     timings=timings)
+        start = time.perf_counter()
         was_training = value.training
         value.eval()
         values = response_values(value, ro)
         value.train(was_training)
+        timings["time/score_s"] += time.perf_counter() - start
         mask = ro.mask
         kl = rl.kl_estimate(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * mask
         beta = self.kl_ctl.beta
@@ -210,7 +216,7 @@ class PPOObjective(Objective):
         advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         advantages = rl.whiten(advantages, mask) if mask.sum() > 1 else advantages
         self.buffer = {**vars(ro), "values": values, "advantages": advantages, "returns": returns}
-        self.stats = mean_over_ranks(rollout_stats(ro, kl, non_score, beta))
+        self.stats = mean_over_ranks({**rollout_stats(ro, kl, non_score, beta), **timings})
         self.kl_ctl.update(self.stats["objective/kl"], len(prompts))
         self.batches.fill(len(prompts), cfg.num_ppo_epochs, cfg.num_mini_batches, self.accum,
                           seed=cfg.seed * 1_000_003 + self._index())

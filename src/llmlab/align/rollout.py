@@ -22,6 +22,7 @@ trainable pass during the update goes through `response_logprobs` with the same 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -133,13 +134,17 @@ def sample_responses(policy: nn.Module, prompts: Sequence[Sequence[int]], *, sto
 def rollout(policy: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Sequence[int], pad_id: int,
             max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
             top_p: float | None = None, seed: int | None = None, reference: nn.Module | None = None,
-            reward_model: nn.Module | None = None, missing_eos_penalty: float | None = None) -> Rollout:
+            reward_model: nn.Module | None = None, missing_eos_penalty: float | None = None,
+            timings: dict[str, float] | None = None) -> Rollout:
     """Sample a response to each prompt and score it: the policy's (and the reference's) log-probs of the
     sampled tokens, and the reward model's score at the last real token, minus `missing_eos_penalty` for a
-    response that reached max_new_tokens without a stop id (TRL's missing_eos_penalty)."""
+    response that reached max_new_tokens without a stop id (TRL's missing_eos_penalty). `timings`, if given,
+    receives the seconds spent sampling ("time/sample_s") and scoring ("time/score_s")."""
+    start = time.perf_counter()
     sampled = sample_responses(policy, prompts, stop_ids=stop_ids, pad_id=pad_id,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed)
+    sampled_at = time.perf_counter()
     ro = Rollout(**sampled, logprobs=torch.empty(0))
     with _eval_mode(policy):
         ro.logprobs = response_logprobs(unwrap(policy), ro)
@@ -152,6 +157,9 @@ def rollout(policy: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Se
         if missing_eos_penalty:
             scores = scores - missing_eos_penalty * (~ro.ended).float()
         ro.scores = scores
+    if timings is not None:
+        timings["time/sample_s"] = sampled_at - start
+        timings["time/score_s"] = time.perf_counter() - sampled_at
     return ro
 
 
