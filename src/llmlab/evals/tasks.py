@@ -24,7 +24,15 @@ from pathlib import Path
 
 import torch
 
-from llmlab.data.tasks import TaskExample, grade, mixture, parse_difficulty, parse_task_names, read_prompt_set
+from llmlab.data.tasks import (
+    TASKS,
+    TaskExample,
+    grade,
+    mixture,
+    parse_difficulty,
+    parse_task_names,
+    read_prompt_set,
+)
 from llmlab.device import resolve_device
 from llmlab.errors import CheckpointError, ModelError
 from llmlab.fsutil import write_bytes_atomic
@@ -112,7 +120,7 @@ def evaluate_tasks(model, tok, examples: Sequence[TaskExample], batch_size: int 
         if counts[1] <= SAMPLES_PER_TASK:
             samples.append({"task": e.task, "prompt": e.prompt, "answer": e.answer, "response": reply,
                             "correct": ok})
-    tasks = {t: _accuracy(c, n) for t, (c, n) in per_task.items()}
+    tasks = {t: _accuracy(*per_task[t]) for t in sorted(per_task, key=list(TASKS).index)}  # registry order
     total = sum(c for c, _ in per_task.values()), len(examples)
     result = {"tasks": tasks, "overall": _accuracy(*total), "max_new_tokens": budget, "samples": samples}
     return {**result, "graded": graded} if details else result
