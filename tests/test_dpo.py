@@ -79,7 +79,7 @@ def test_completion_logps_equal_the_brute_force_sum(packed):
     model = tiny(50).eval()
     pairs = ragged_pairs(5, 50)
     with torch.no_grad():
-        got = sequence_logps(model, collate(pairs, packed=packed, row_tokens=32))
+        got = sequence_logps(model, collate(pairs, packed=packed))
     torch.testing.assert_close(got, brute_force_logps(model, pairs), atol=1e-4, rtol=0)
 
 
@@ -133,8 +133,8 @@ def test_dpo_raises_the_held_out_margin(tok):
     train, val = encode(tok, sum_records("train", 64)), encode(tok, sum_records("test", 16, seed=1))
     model = tiny(tok.vocab_size)
     reference = frozen_reference(model)
-    batches = PairBatches(train, 8, seed=0, packed=True, row_tokens=64)
-    held_out = PairBatches(val, 16, shuffle=False, packed=True, row_tokens=64)
+    batches = PairBatches(train, 8, seed=0, packed=True)
+    held_out = PairBatches(val, 16, shuffle=False, packed=True)
     for pairs in (batches, held_out):
         pairs.extras = reference_logps(reference, pairs)
     objective = dpo_objective(beta=0.1, val=held_out)

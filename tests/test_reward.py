@@ -63,7 +63,7 @@ def ragged_pairs(n: int, vocab: int, seed: int = 0) -> list[EncodedPair]:
 def test_score_is_read_at_each_sequences_last_token(packed):
     model = tiny(50, head="scalar").eval()
     pairs = ragged_pairs(6, 50)
-    batch = collate(pairs, packed=packed, row_tokens=32)
+    batch = collate(pairs, packed=packed)
     assert len({int(n) for n in batch["lengths"]}) > 1  # ragged
     with torch.no_grad():
         got = sequence_scores(model, batch)
@@ -76,7 +76,7 @@ def test_score_is_read_at_each_sequences_last_token(packed):
 def test_last_token_values_picks_the_last_non_pad_position():
     pairs = [EncodedPair((1, 2, 3), (4, 5), (6,)), EncodedPair((7, 8), (9,), (10, 11))]
     for packed in (False, True):
-        batch = collate(pairs, pad_id=0, packed=packed, row_tokens=9)
+        batch = collate(pairs, pad_id=0, packed=packed)
         assert last_token_values(batch["input_ids"], batch).tolist() == [5, 9, 6, 11]
 
 
@@ -113,10 +113,10 @@ def test_bradley_terry_objective_by_hand():
 def test_reward_model_separates_held_out_pairs(tok):
     train, val = encode(tok, sum_records("train", 64)), encode(tok, sum_records("test", 16, seed=1))
     model = with_scalar_head(tiny(tok.vocab_size))
-    held_out = PairBatches(val, 16, shuffle=False, packed=True, row_tokens=64)
+    held_out = PairBatches(val, 16, shuffle=False, packed=True)
     objective = reward_objective(held_out)
     before = objective.evaluate(model.eval())
-    batches = PairBatches(train, 8, seed=0, packed=True, row_tokens=64)
+    batches = PairBatches(train, 8, seed=0, packed=True)
     optim = OptimConfig(lr=3e-3, warmup_steps=5, max_steps=60, weight_decay=0.0)
     train = TrainConfig(eval_every=60, ckpt_every=0, progress=False, plot=False, device="cpu")
     summary = Trainer(model.train(), objective, batches, optim, train).fit()

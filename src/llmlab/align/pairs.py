@@ -7,10 +7,9 @@ prompt + chosen and prompt + rejected.
 A micro-batch of B pairs holds 2B sequences, numbered as TRL orders them: 0..B-1 the chosen ones, B..2B-1 the
 rejected ones of the same pairs. They sit in rows of `input_ids` [R, L], right-padded:
     padded   one sequence per row (R = 2B), like TRL's batches;
-    packed   the sequences, in the order chosen 0, rejected 0, chosen 1, ..., laid into rows of at most
-             row_tokens tokens, each its own segment (`segment_ids` [R, L]: the model attends within a
-             segment and restarts positions there), so no compute goes to padding. Both give the same
-             numbers.
+    packed   several sequences to a row, each its own segment (`segment_ids` [R, L]: the model attends
+             within a segment and restarts positions there), rows as wide as the longest sequence (see
+             layout), so little compute goes to padding. Both give the same numbers.
 Per sequence: `lengths`, `prompt_lengths`, `seq_row`, `seq_start` (where it sits); per target position
 (predicting token t + 1 from position t, [R, L-1]): `owner`, the sequence whose completion that target
 belongs to (2B: none). completion_logps() sums per-token log-probs by owner; last_token_values() reads a
@@ -152,32 +151,35 @@ def fingerprint(pairs: Sequence[EncodedPair]) -> str:
     return h.hexdigest()[:16]
 
 
-def layout(lengths: Sequence[int], packed: bool, row_tokens: int) -> list[list[int]]:
-    """Which sequences share a row. Padded: one per row. Packed: sequences in the order chosen 0, rejected 0,
-    chosen 1, ... (a pair's two side by side where they fit) laid into rows of at most row_tokens tokens."""
-    n = len(lengths) // 2
+def layout(lengths: Sequence[int], packed: bool) -> list[list[int]]:
+    """Which sequences share a row. Padded: one per row. Packed: first-fit decreasing into rows as wide as the
+    longest sequence, so rows are no wider than padding would make them (attention costs the square of a
+    row's width) and there are fewer of them (the linear layers cost each position of a row)."""
     if not packed:
-        return [[i] for i in range(2 * n)]
+        return [[i] for i in range(len(lengths))]
+    width = max(lengths)
     rows: list[list[int]] = []
-    used = row_tokens + 1
-    for i in (i for pair in range(n) for i in (pair, n + pair)):
-        if used + lengths[i] > row_tokens:
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if row is None:
             rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += lengths[i]
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= lengths[i]
     return rows
 
 
 def collate(pairs: Sequence[EncodedPair], extras: dict[str, torch.Tensor] | None = None,
             index: Sequence[int] | None = None, pad_id: int = 0, device: torch.device | str = "cpu",
-            packed: bool = False, row_tokens: int = 0) -> dict:
+            packed: bool = False) -> dict:
     """The batch of `pairs` (see the module docstring); extras[k][index] ride along."""
     n = len(pairs)
     seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
     prompt_lengths = np.array([len(p.prompt) for p in pairs] * 2, dtype=np.int64)
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    rows = layout(lengths, packed, max(row_tokens, int(lengths.max())))
+    rows = layout(lengths.tolist(), packed)
     width = max(int(lengths[r].sum()) for r in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     segments = np.zeros((len(rows), width), dtype=np.int64)
@@ -229,14 +231,13 @@ class PairBatches:
 
     def __init__(self, pairs: Sequence[EncodedPair], batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu", pad_id: int = 0,
-                 extras: dict[str, torch.Tensor] | None = None, packed: bool = False, row_tokens: int = 0,
-                 shuffle: bool = True):
+                 extras: dict[str, torch.Tensor] | None = None, packed: bool = False, shuffle: bool = True):
         if not pairs:
             raise DataError("no preference pairs to train on; give a file with at least one record")
         self.pairs, self.batch_size = list(pairs), int(batch_size)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.device, self.pad_id = torch.device(device), pad_id
-        self.packed, self.row_tokens, self.shuffle = packed, row_tokens, shuffle
+        self.packed, self.shuffle = packed, shuffle
         self.extras = dict(extras or {})
         self.fingerprint = fingerprint(self.pairs)
         self.step = 0
@@ -261,7 +262,7 @@ class PairBatches:
 
     def batch_of(self, index: Sequence[int]) -> dict:
         return collate([self.pairs[i] for i in index], self.extras, index, self.pad_id, self.device,
-                       self.packed, self.row_tokens)
+                       self.packed)
 
     def _skip_forward(self, step: int) -> int:
         moved = True
@@ -371,5 +372,4 @@ def pair_batches(pairs: Sequence[EncodedPair], cfg: PairDataConfig, pad_id: int,
     rank 0 of 1)."""
     extras = {"margin": margin} if margin is not None else None
     return PairBatches(pairs, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
-                       device=device, pad_id=pad_id, extras=extras, packed=cfg.packing,
-                       row_tokens=cfg.block_size, shuffle=shuffle)
+                       device=device, pad_id=pad_id, extras=extras, packed=cfg.packing, shuffle=shuffle)
