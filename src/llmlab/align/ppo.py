@@ -22,8 +22,12 @@ Loss per response token (summed, weight = response tokens, so a minibatch's loss
 is split into micro-batches, as TRL's masked means):
     clipped surrogate(ratio = pi / pi_rollout, cliprange) + vf_coef * clipped value loss(cliprange_value)
 
-The value model is a separate scalar-head Transformer, initialised from the reward model as in InstructGPT and
-TRL; policy and value train together in PolicyAndValue under one optimizer (TRL's PolicyAndValueWrapper).
+The value model (ppo.value_model) is by default ("reward") a separate scalar-head Transformer, initialised
+from the reward model as in InstructGPT and TRL; or ("policy_head") a Linear(d_model, 1) head on the policy's
+final hidden states (PolicyValueHead, zero-initialised): no second network to run or store, one forward
+gives both log-probs and values, and the value loss (times vf_coef) also trains the policy's trunk. Either
+way policy and value train together in PolicyAndValue under one optimizer (TRL's PolicyAndValueWrapper)
+and the checkpoint keeps the value model (or head) in its value/ subdirectory.
 beta is fixed (`kl_coef`) or adapted toward `target_kl` (Ziegler et al.'s controller, horizon `kl_horizon`).
 
 Metrics (TRL's names): per rollout batch objective/kl (summed over a response's tokens, mean over responses),
@@ -60,7 +64,6 @@ from llmlab.align.rollout import (
     at_response,
     encode_prompts,
     read_prompt_messages,
-    response_values,
     rollout,
     task_prompts,
 )
@@ -68,6 +71,7 @@ from llmlab.config import Fraction, NonEmptyStr, NonNegativeFloat, PositiveFloat
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.fsutil import write_bytes_atomic
 from llmlab.model import ModelConfig, Transformer
+from llmlab.model.loss import linear_token_logprobs
 from llmlab.model.transformer import read_config
 from llmlab.tokenizer import Tokenizer
 from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
@@ -102,6 +106,8 @@ class PPOConfig:
     whiten_rewards: bool = False
     missing_eos_penalty: NonNegativeFloat | None = None  # subtracted from the score of a response that
                                              # reached response_length without an end-of-turn
+    value_model: Literal["reward", "policy_head"] = "reward"  # a copy of the reward model, or a head on the
+                                             # policy's hidden states (PolicyValueHead)
     seed: int = 0
 
     def controller(self) -> rl.FixedKLController:
@@ -121,17 +127,50 @@ def check_split(samples: int, what: str, num_mini_batches: int, accum_steps: int
 Evaluator = Callable[[nn.Module], dict]   # policy -> held-out metrics (llmlab.align.rollout.TaskEval)
 
 
+class PolicyValueHead(nn.Module):
+    """A value head on the policy: hidden states [B, T, d_model] -> values [B, T] (float32). Zero-initialised,
+    so every value starts at 0 and the policy's first update is the policy loss alone."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.score = nn.Linear(d_model, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden).squeeze(-1).float()
+
+
 class PolicyAndValue(nn.Module):
     """The policy and the value model as one module for the trainer. One forward runs both, so a DDP wrapper
     sees every parameter used once per backward:
-        model(idx, targets) -> (the policy's log p(targets | idx) [B, T], the value model's scores [B, T])"""
+        model(idx, targets) -> (the policy's log p(targets | idx) [B, T], the values [B, T])
+    With a PolicyValueHead the policy runs once: log-probs and values come from the same hidden states."""
 
     def __init__(self, policy: nn.Module, value: nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.value, PolicyValueHead):
+            hidden = self.policy(idx, output="hidden")
+            return token_logprobs(self.policy, hidden, targets), self.value(hidden)
         return self.policy(idx, targets=targets, output="logprobs"), self.value(idx, output="scores").float()
+
+
+def token_logprobs(policy: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) [B, T] from the policy's final hidden states, as policy(..., output="logprobs")."""
+    if isinstance(policy.lm_head, nn.Linear):
+        return linear_token_logprobs(hidden, policy.lm_head.weight, targets)
+    logits = policy.head(hidden).float()  # a swapped-in head (e.g. quantized): the plain way
+    return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def state_values(policy: nn.Module, value: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """[B, T] the value of each position's state: the value model's scores, or the head on the policy's."""
+    if isinstance(value, PolicyValueHead):
+        return value(unwrap(policy)(idx, output="hidden"))
+    return value(idx, output="scores").float()
 
 
 def value_from(reward_model: nn.Module) -> nn.Module:
@@ -139,6 +178,13 @@ def value_from(reward_model: nn.Module) -> nn.Module:
     value = copy.deepcopy(unwrap(reward_model))
     value.requires_grad_(True)
     return value.train()
+
+
+def make_value(kind: str, policy: nn.Module, reward_model: nn.Module) -> nn.Module:
+    """The value model ppo.value_model asks for: "reward" (value_from) or "policy_head" (PolicyValueHead)."""
+    if kind == "policy_head":
+        return PolicyValueHead(unwrap(policy).config.d_model).to(next(policy.parameters()).device)
+    return value_from(reward_model)
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -202,10 +248,12 @@ class PPOObjective(Objective):
                      reward_model=self.reward_model, missing_eos_penalty=cfg.missing_eos_penalty,
                      timings=timings)
         start = time.perf_counter()
-        was_training = value.training
-        value.eval()
-        values = response_values(value, ro)
-        value.train(was_training)
+        modes = [(m, m.training) for m in (policy, value)]
+        for m, _ in modes:
+            m.eval()
+        values = at_response(state_values(policy, value, ro.sequences[:, :-1]), ro) * ro.mask
+        for m, was_training in modes:
+            m.train(was_training)
         timings["time/score_s"] += time.perf_counter() - start
         mask = ro.mask
         kl = rl.kl_estimate(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * mask
@@ -314,8 +362,8 @@ class PPORunConfig:
 
 class PPOCheckpointer(Checkpointer):
     """Checkpoints of PolicyAndValue: the policy as a plain checkpoint (every verb reads it) and the value
-    model in its value/ subdirectory; the rest (train_state.pt with both models' optimizer state and the
-    objective's controller and rollout buffer, tokenizer/) as for any run."""
+    model (or the PolicyValueHead's weights) in its value/ subdirectory; the rest (train_state.pt with both
+    models' optimizer state and the objective's controller and rollout buffer, tokenizer/) as for any run."""
 
     def write_model(self, model: nn.Module, directory: Path) -> None:
         write_model(model.policy, directory)
@@ -418,7 +466,7 @@ def run_ppo(cfg: PPORunConfig, resume: str | None = None) -> dict[str, Any]:
         objective = PPOObjective(prompts, frozen(policy), reward_model, cfg.ppo, stop_ids=template.stop_ids,
                                  pad_id=pad_id_of(template), accum_steps=cfg.train.accum_steps,
                                  evaluator=evaluator, rank=run.rank, world_size=run.world_size)
-        model = PolicyAndValue(policy, value_from(reward_model))
+        model = PolicyAndValue(policy, make_value(cfg.ppo.value_model, policy, reward_model))
         return Built(model, objective, objective.batches, flops_per_token=policy.flops_per_token(),
                      tokenizer=tok, checkpointer=PPOCheckpointer, summary={"prompts": len(prompts)},
                      finish=plot_at_finish)
