@@ -68,8 +68,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr_groups: list[dict] | 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig,
                     lr_groups: list[dict] | None = None) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, ..., lr_groups)`; fused on CUDA and CPU, foreach elsewhere. The LR is set each
-    step (times each group's lr_mult)."""
+    """AdamW over `param_groups(model, ..., lr_groups)`; fused on CUDA and CPU, foreach elsewhere. The LR is
+    set each step (times each group's lr_mult)."""
     device = next(model.parameters()).device
     fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, lr_groups), lr=cfg.lr,
