@@ -539,6 +539,13 @@ CASES = [
          "sweep.depths"),
     case("experiment-chinchilla-out-under-file", "experiment chinchilla --out {t}/file/o --smoke",
          "regular file"),
+    case("experiment-rlhf-unknown-key", "experiment rlhf --out {t}/o rollout=3", "rollout"),
+    case("experiment-rlhf-bad-value", "experiment rlhf --out {t}/o rollouts=0", "rollouts"),
+    case("experiment-rlhf-group-split", "experiment rlhf --out {t}/o responses_per_rollout=6 group_size=4",
+         "group_size"),
+    case("experiment-rlhf-missing-base", "experiment rlhf --out {t}/o chat_run={t}/nochat "
+         "base_checkpoint={t}/nope", "nope"),
+    case("experiment-rlhf-out-under-file", "experiment rlhf --out {t}/file/o --smoke", "regular file"),
 ]
 
 

@@ -10,6 +10,7 @@ def register(sub, formatter_class) -> None:
                                    "rerun with the same OUT.")
     esub = e.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     _register_chinchilla(esub, formatter_class)
+    _register_rlhf(esub, formatter_class)
 
 
 def _register_chinchilla(esub, formatter_class) -> None:
@@ -34,5 +35,32 @@ def _chinchilla(args) -> int:
 
     report = run_chinchilla(args.out, args.overrides, smoke=args.smoke)
     print(f"{report['done']}/{report['points']} points in {report['wall_s'] / 60:.1f} min -> "
+          f"{args.out}/report.md")
+    return 0
+
+
+def _register_rlhf(esub, formatter_class) -> None:
+    r = esub.add_parser(
+        "rlhf", formatter_class=formatter_class,
+        help="reward hacking: PPO with beta 0 and with a KL term, DPO and GRPO from one SFT model",
+        description="From the SFT model of a cpu-chat speedrun (chat_run=runs/chat; else its stages run "
+                    "here): preferences\nfrom the length-biased rater, a reward model, then PPO with beta 0 "
+                    "and with beta kl_coef, DPO\nand GRPO on the graded reward, each measured on held-out "
+                    "prompts: OUT/report.md, report.json,\nrlhf.png. Overrides address RLHFConfig, e.g. "
+                    "rollouts=20 kl_coef=0.05 lr=1e-5.\n\n"
+                    "examples:\n  llmlab experiment rlhf --out runs/rlhf\n"
+                    "  llmlab experiment rlhf --out runs/smoke --smoke base_checkpoint=runs/demo/ckpt-000500")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (TOML literals)")
+    r.add_argument("--out", default="runs/rlhf", help="output directory (resumed when rerun)")
+    r.add_argument("--smoke", action="store_true", help="the seconds-long size the tests use")
+    r.set_defaults(func=_rlhf)
+
+
+def _rlhf(args) -> int:
+    from llmlab.experiments.rlhf import run_rlhf
+
+    report = run_rlhf(args.out, args.overrides, smoke=args.smoke)
+    finals = ", ".join(f"{arm} {a['final']['accuracy']:.1%}" for arm, a in report["arms"].items())
+    print(f"true accuracy: SFT {report['arms']['ppo_beta0']['curve'][0]['accuracy']:.1%}, {finals} -> "
           f"{args.out}/report.md")
     return 0
