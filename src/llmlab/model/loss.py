@@ -81,8 +81,20 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}; use 'mean' or 'sum'")
-    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                     ignore_index, reduction == "mean")
+    h, t, _ = _kept_rows(hidden, targets, ignore_index)
+    return _LinearCrossEntropy.apply(h, weight, t, ignore_index, reduction == "mean")
+
+
+def _kept_rows(hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+    """Flattened hidden rows and targets, only those whose target counts, and their row indices (None when
+    all count). SFT and DPO ignore prompt tokens, often most of a row: the head's [N, V] matmul, the costly
+    part, then runs only where it matters."""
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    kept = t != ignore_index
+    if bool(kept.all()):
+        return h, t, None
+    rows = kept.nonzero().squeeze(1)
+    return h.index_select(0, rows), t.index_select(0, rows), rows
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
@@ -143,6 +155,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     hidden [..., d], targets [...] (same leading shape), weight [V, d]; returns targets' shape. Equal to
     log_softmax(hidden @ weight.T).gather(-1, targets) without the [N, V] logits or log-probabilities.
     """
-    out = _LinearTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                     ignore_index)
+    h, t, rows = _kept_rows(hidden, targets, ignore_index)
+    out = _LinearTokenLogprobs.apply(h, weight, t, ignore_index)
+    if rows is not None:
+        out = out.new_zeros(targets.numel()).index_copy(0, rows, out)
     return out.view(targets.shape)
