@@ -1,6 +1,7 @@
 """`llmlab experiment rlhf` at smoke size: from a tiny base checkpoint every stage runs (SFT included, as
 when no cpu-chat run is there), the report has its sections and every arm's metrics are finite, a rerun
-reuses every stage, and the interval helpers match hand-computed values."""
+reuses every stage, a cpu-chat run's SFT model is reused, and the interval helpers match hand-computed
+values."""
 
 from __future__ import annotations
 
@@ -81,6 +82,20 @@ def test_smoke_run_reports_every_arm_and_resumes(base, tmp_path, capsys):
     assert "ppo_kl: PPO against the reward model, beta 0.5" in stdout
     for stage in ("sft", "preferences", "reward", "ppo_beta0", "dpo", "grpo"):
         assert f"{stage}: reusing" in stdout, stage
+
+
+def test_reuses_a_chat_runs_sft_model(base, tmp_path, capsys):
+    """Given a cpu-chat run (its sft/summary.json and tasks/), the experiment starts from its SFT model."""
+    first = tmp_path / "first"
+    assert run_cli(capsys, *_args(first, base, tmp_path))[0] == 0
+    chat = first / "chat"               # laid out as a cpu-chat run: sft/summary.json, tasks/
+    code, stdout, err = run_cli(capsys, "experiment", "rlhf", "--out", tmp_path / "second", "--smoke",
+                                f"chat_run='{chat}'")
+    assert code == 0, err
+    assert f"[1/8] sft: reusing the {chat} run's" in stdout
+    sft = json.loads((chat / "sft" / "summary.json").read_text())["checkpoint"]
+    assert json.loads((tmp_path / "second" / "report.json").read_text())["sft_checkpoint"] == sft
+    assert not (tmp_path / "second" / "chat").exists()
 
 
 def test_intervals_by_hand():
