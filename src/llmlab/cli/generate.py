@@ -12,7 +12,7 @@ def register(sub, formatter_class) -> None:
                        help="continue a prompt with a checkpoint (KV-cached sampling)",
                        description="Load CKPT (config.json + model.safetensors) and its tokenizer, continue "
                                    "--prompt, print the text. Temperature 0 is greedy decoding.")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory, e.g. runs/demo/ckpt-final")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory, e.g. runs/demo/ckpt-000500")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=COUNT, default=None,
                    help="tokens to generate; None = up to 256, within the model's context")

@@ -36,7 +36,7 @@ def register(sub, formatter_class) -> None:
                                    "transformers' AutoModelForCausalLM.from_pretrained(OUT) and "
                                    "AutoTokenizer load it offline.")
     p.add_argument("checkpoint", metavar="CKPT",
-                   help="llmlab checkpoint directory, e.g. runs/demo/ckpt-final")
+                   help="llmlab checkpoint directory, e.g. runs/demo/ckpt-000500")
     p.add_argument("out", metavar="OUT", help="Hugging Face directory to write (a new or empty one)")
     p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     p.add_argument("--tokenizer", default=None,

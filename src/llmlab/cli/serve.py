@@ -11,7 +11,7 @@ from llmlab.cli.options import COUNT, SEED, TEMPERATURE, real, whole
 
 def _engine_options(p) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized), e.g. "
-                                                      "runs/demo/ckpt-final")
+                                                      "runs/demo/ckpt-000500")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory; None = CKPT/tokenizer")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), fp32, bf16, fp16")

@@ -1,10 +1,10 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine, with a chat page at /.
 
-    llmlab serve runs/demo/ckpt-final              # http://127.0.0.1:8000, OpenAI API under /v1
+    llmlab serve runs/demo/ckpt-000500              # http://127.0.0.1:8000, OpenAI API under /v1
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")
-    client.chat.completions.create(model="ckpt-final", messages=[{"role": "user", "content": "hi"}])
+    client.chat.completions.create(model="ckpt-000500", messages=[{"role": "user", "content": "hi"}])
 
     app = create_app(engine, tok, model_name="demo")   # a FastAPI app; its lifespan starts/stops the engine
     with BackgroundServer(app) as url: ...             # uvicorn in a thread on a free loopback port
