@@ -4,7 +4,8 @@
     llmlab experiment rlhf --out runs/rlhf --smoke         # the seconds-long size the tests run
 
 Stages, each reusing its output when it is complete and made with the same settings (a stage's stamp
-OUT/NAME.settings.json chains the digests of its settings and of every earlier stage's):
+OUT/NAME.settings.json chains the digests of its settings and of every earlier stage's; an interrupted
+stage starts over, and each measured checkpoint is cached in OUT/eval/):
   1. the SFT model: chat_run's (a `llmlab speedrun --preset cpu-chat` run: sft/summary.json, tasks/), else
      the cpu-chat preset's base, task-data and SFT stages run here into OUT/chat/
   2. preferences: the SFT model's own samples on train prompts, labelled by the `length` rater (it prefers
@@ -72,17 +73,17 @@ class RLHFConfig:
     device: str = "cpu"
     seed: NonNegativeInt = 0
     # preferences (length rater)
-    prompts_per_task: PositiveInt = 50
+    prompts_per_task: PositiveInt = 150
     samples: PositiveInt = 4
     noise: float = 0.1
     pref_max_new_tokens: PositiveInt = 24
     heldout_fraction: float = 0.15
     # reward model
-    reward_steps: PositiveInt = 60
+    reward_steps: PositiveInt = 100
     reward_lr: PositiveFloat = 3e-4
     pair_batch_size: PositiveInt = 16
     # the arms: the same optimizer steps (rollouts * epochs) and the same sampled responses for PPO and GRPO
-    rollouts: PositiveInt = 20
+    rollouts: PositiveInt = 64
     responses_per_rollout: PositiveInt = 16  # PPO: prompts per rollout; GRPO: prompts * group_size
     group_size: PositiveInt = 4              # GRPO's G
     epochs: PositiveInt = 2                  # passes over each rollout batch (PPO epochs, GRPO iterations)
@@ -94,8 +95,8 @@ class RLHFConfig:
     max_minutes: PositiveFloat = 8.0         # safety cap per arm (a capped arm reports the steps it made)
     run_plots: bool = True                   # each run's own PNG plots (loss, rl.png) beside its checkpoints
     # evaluation
-    eval_points: PositiveInt = 4             # checkpoints measured per arm, evenly spaced, plus the start
-    eval_per_task: PositiveInt = 20          # held-out test prompts per task
+    eval_points: PositiveInt = 8             # checkpoints measured per arm, evenly spaced, plus the start
+    eval_per_task: PositiveInt = 40          # held-out test prompts per task
     eval_batch_size: PositiveInt = 64
 
 
@@ -442,7 +443,9 @@ def run_rlhf(out: str | Path, overrides: list[str] | tuple = (), smoke: bool = F
               "preferences": prefs, "reward_model": _reward_figures(reward),
               "arms": {a: _arm_figures(cfg, a, arms[a], curves[a]) for a in ARMS},
               "seconds": {**stages.seconds, "total": time.perf_counter() - started}}
-    report["findings"] = findings(report)
+    start = curves["ppo_beta0"][0]["per_prompt"]
+    report["findings"] = {**findings(report),
+                          "sft_score_length_r": correlation(start["score"], start["length"])}
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     plot_curves(report, out / "rlhf.png")
     write_text_atomic(out / "report.md", render_report(report))
@@ -476,6 +479,15 @@ def findings(r: dict) -> dict:
                            and b0["length"]["change"] > 0)
     out["kl_holds"] = out["ppo_kl"]["accuracy"]["change"] >= 0 or not out["ppo_kl"]["accuracy"]["separated"]
     return out
+
+
+def correlation(x: list[float], y: list[float]) -> float | None:
+    """Pearson's r (None when either side is constant)."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
 
 
 def _separated(a: list[float], b: list[float]) -> bool:
@@ -587,8 +599,15 @@ def _what_happened(r: dict) -> list[str]:
         lines += ["The expected reward hacking did not appear as stated (RM score up, accuracy down, longer "
                   "answers all at once at beta = 0). Why, from the measurements:"] + _why_not(r)
     lines.append("")
-    held = "held or rose (no fall beyond the intervals)." if f["kl_holds"] else "fell beyond the intervals."
-    lines.append(f"With the KL term true accuracy {held}")
+    change = f"{f['ppo_kl']['accuracy']['change']:+.1%}"
+    held = "no fall beyond the 95% intervals" if f["kl_holds"] else "a fall beyond the 95% intervals"
+    lines.append(f"With the KL term (beta = {r['config']['kl_coef']}) true accuracy changed by {change}: "
+                 f"{held}.")
+    corr = f.get("sft_score_length_r")
+    if corr is not None:
+        lines += ["", f"On the SFT model's sampled answers to the held-out prompts the reward model's score "
+                      f"correlates with answer length at r = {corr:.2f}: how much of the length bias the "
+                      "policy could find to exploit."]
     return lines
 
 
@@ -612,4 +631,8 @@ def _why_not(r: dict) -> list[str]:
     if last["length"] <= first["length"]:
         why.append(f"- answers did not lengthen ({first['length']:.1f} -> {last['length']:.1f} tokens; "
                    f"the limit is {c['response_length']})")
+    corr = r["findings"].get("sft_score_length_r")
+    if corr is not None and corr <= 0.1:
+        why.append(f"- on the SFT model's own answers the reward model's score does not grow with length "
+                   f"(r = {corr:.2f}), so lengthening is not what it rewards there")
     return why or ["- none of the usual causes shows; the curves above are the evidence"]
