@@ -362,3 +362,22 @@ def test_queue_limit_and_max_tokens_zero():
     assert empty.token_ids == [] and empty.finish_reason == "length"
     with pytest.raises(ModelError):
         engine.submit([1] * 129, greedy(0))
+
+
+@pytest.mark.parametrize("mode", ["slots", "gather", "over_budget"])
+def test_decode_slots_change_no_output(mode):
+    """Decoding from contiguous per-request slots (compacted as requests leave and join), from the pool's
+    blocks, or falling back to the blocks when the slots would exceed their budget: the same greedy tokens."""
+    model = tiny("llama")
+    requests = mixed_requests(20, seed=3)
+    engine = Engine(model, block_size=8, max_running=6, prefill_chunk=32, contiguous_decode=mode != "gather")
+    if mode == "over_budget":
+        engine.slots.budget = 0
+    handles = [engine.submit(p, greedy(n)) for p, n in requests]
+    outs = [h.result().token_ids for h in handles]
+    assert outs == [reference(model, p, n) for p, n in requests]
+    assert engine.pool.used == 0
+    if mode == "slots":
+        assert engine.slots.rows > 0 and not engine._slotted  # used, and every request left its slot
+    elif mode == "over_budget":
+        assert engine.slots.rows == 0

@@ -6,7 +6,8 @@
     for out in handle: print(out.text, end="")            # or `async for` with engine.start()
 
 A step (scheduler.py) runs one forward over the decode token of every running request whose prompt is done
-(a batch of rows of different lengths over their block tables, paged.py) and padded multi-row forwards over
+(reading contiguous per-request copies of their keys/values, paged.DecodeSlots, or else gathering them from
+their block tables) and padded multi-row forwards over
 the step's prompt chunks (prefill_groups), then samples each request with its own settings. Rows never mix:
 each attends only to its own keys, at its own positions, so a request's tokens do not depend on what else
 runs (up to the last bits of a batched matmul; the tests compare greedy outputs with llmlab.infer.generate
@@ -31,8 +32,8 @@ import torch
 
 from llmlab.errors import ConfigError, LLMLabError, ModelError
 from llmlab.infer.engine.blocks import BlockPool
-from llmlab.infer.engine.handle import RequestHandle
-from llmlab.infer.engine.paged import KVPool, PagedBatch
+from llmlab.infer.engine.handle import RequestHandle, notify_waiters
+from llmlab.infer.engine.paged import DecodeSlots, KVPool, PagedBatch, SlotBatch
 from llmlab.infer.engine.params import SamplingParams, StepOutput
 from llmlab.infer.engine.scheduler import Request, Scheduler
 from llmlab.infer.sampling import next_token, seeded_generator
@@ -52,12 +53,14 @@ class Engine:
     context, so admission never waits for memory; at most 1 GiB on CPU). block_size: tokens per KV block.
     max_running: requests decoded together. prefill_chunk: prompt tokens processed per step. max_waiting:
     queued requests beyond which submit raises EngineFull (None: no limit). prefix_caching: reuse cached
-    prompt-prefix blocks. draft: speculative decoding is refused (ConfigError).
+    prompt-prefix blocks. contiguous_decode: decode from contiguous per-request copies of the keys/values
+    (paged.DecodeSlots; up to as much memory again as the pool) instead of gathering blocks every step.
+    draft: speculative decoding is refused (ConfigError).
     """
 
     def __init__(self, model, tokenizer=None, kv_budget_bytes: int | None = None, block_size: int = 16,
                  max_running: int = 64, prefill_chunk: int = 256, *, max_waiting: int | None = None,
-                 prefix_caching: bool = True, draft=None):
+                 prefix_caching: bool = True, contiguous_decode: bool = True, draft=None):
         if draft is not None:
             raise ConfigError("speculative decoding is not supported by the batching engine; serve without "
                               "a draft model (llmlab generate --draft speculates for single prompts)")
@@ -80,6 +83,9 @@ class Engine:
                                   f"{2 * per_block} bytes")
         self.pool = BlockPool(num_blocks, block_size)
         self.kv = KVPool(model, num_blocks, block_size)
+        self.slots = DecodeSlots(self.kv, max_running, model.config.block_size,
+                                 num_blocks * per_block) if contiguous_decode else None
+        self._slotted: list[Request] = []  # decoding requests by slot (row of self.slots)
         self.scheduler = Scheduler(self.pool, max_running, prefill_chunk, prefix_caching)
         self._lock = threading.Lock()  # held for a whole step (and prompt_logprobs' forward)
         self._wake = threading.Condition()  # guards the inbox; wakes the engine thread
@@ -87,6 +93,8 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._stepping: int | None = None  # the thread inside step(): its handles' wake-ups wait for the end
+        self._wakeups: list = []
         self._stopping = False
         self.counters = dict(steps=0, prompt_tokens=0, tokens_generated=0,
                              requests_finished=0, requests_failed=0)
@@ -165,33 +173,84 @@ class Engine:
         """One iteration: admit, decode every running request by one token, prefill a budget of prompt
         tokens. False if there was nothing to run."""
         with self._lock, torch.inference_mode():
-            self._drain_inbox()
-            self._sweep_cancelled()
-            self.scheduler.admit()
-            plan = self.scheduler.plan()
-            if not plan.decode and not plan.prefill:
-                return False
-            with _eval_mode(self.model):
-                if plan.decode:
-                    self._run(plan.decode, [1] * len(plan.decode))
-                for group in prefill_groups(plan.prefill):
-                    self._run([r for r, _ in group], [n for _, n in group])
-            self._sweep_cancelled()
-            self.counters["steps"] += 1
-            return True
+            self._stepping = threading.get_ident()
+            try:
+                return self._step()
+            finally:
+                self._stepping = None
+                wakeups, self._wakeups = self._wakeups, []
+                notify_waiters(wakeups)
+
+    def _step(self) -> bool:
+        self._drain_inbox()
+        self._sweep_cancelled()
+        self.scheduler.admit()
+        plan = self.scheduler.plan()
+        if not plan.decode and not plan.prefill:
+            return False
+        with _eval_mode(self.model):
+            if plan.decode:
+                self._decode(plan.decode)
+            for group in prefill_groups(plan.prefill):
+                self._run([r for r, _ in group], [n for _, n in group])
+        self._sweep_cancelled()
+        if not self.scheduler.running:
+            self._slotted.clear()  # drop finished requests now rather than at the next decode
+        self.counters["steps"] += 1
+        return True
+
+    def _notify(self, waiters: list) -> None:
+        """Wake asyncio consumers: at the end of the step when called from inside one (one thread-safe call
+        per event loop per step instead of one per token), else now."""
+        if self._stepping == threading.get_ident():
+            self._wakeups += waiters
+        else:
+            notify_waiters(waiters)
 
     def step_or_raise(self) -> None:
         if not self.step() and self._pending():
             raise RuntimeError("the engine has requests it cannot schedule")
 
-    def _run(self, reqs: list[Request], ns: list[int]) -> None:
+    def _decode(self, reqs: list[Request]) -> None:
+        """One token for each decoding request: from their slots when they fit, else from the pool."""
+        if self._place_in_slots(reqs):
+            self._run(list(self._slotted), [1] * len(reqs), slotted=True)
+        else:
+            self._slotted.clear()
+            self._run(reqs, [1] * len(reqs))
+
+    def _place_in_slots(self, reqs: list[Request]) -> bool:
+        """Keep slots dense over the decoding requests: a leaver's slot takes the last one's contents,
+        a newcomer takes the next slot and its keys/values are copied from its blocks."""
+        width = max(len(r.prompt) + r.max_tokens for r in reqs)
+        if self.slots is None or not self.slots.reserve(len(reqs), width):
+            return False
+        live = {r.id for r in reqs}
+        slotted, i = self._slotted, 0
+        while i < len(slotted):
+            if slotted[i].id in live:
+                i += 1
+            elif i == len(slotted) - 1 or slotted[-1].id not in live:
+                slotted.pop()
+            else:
+                self.slots.move(len(slotted) - 1, i)
+                slotted[i] = slotted.pop()
+        held = {r.id for r in slotted}
+        for req in reqs:
+            if req.id not in held:
+                self.slots.load(len(slotted), req.table, req.computed)
+                slotted.append(req)
+        return True
+
+    def _run(self, reqs: list[Request], ns: list[int], slotted: bool = False) -> None:
         """One forward over the next ns[b] tokens of each request; sample those whose prompt is then done.
 
         A forward that raises is retried request by request, so only the request that causes it fails.
         """
         try:
-            hidden = self._forward(reqs, ns)
+            hidden = self._forward(reqs, ns, slotted)
         except Exception as e:  # a failing request must not take the engine (or the server) down
+            self._slotted.clear()  # the slots may hold partial writes: reload them from the pool
             if len(reqs) > 1:
                 for req, n in zip(reqs, ns, strict=True):
                     self._run([req], [n])
@@ -210,12 +269,14 @@ class Engine:
         except Exception as e:
             self._fail([r for r in reqs if r in self.scheduler.running], e)
 
-    def _forward(self, reqs: list[Request], ns: list[int]) -> torch.Tensor:
+    def _forward(self, reqs: list[Request], ns: list[int], slotted: bool = False) -> torch.Tensor:
         """Hidden states [B, max(ns), d_model] for the requests' next tokens (shorter rows padded)."""
         for req, n in zip(reqs, ns, strict=True):
             self.scheduler.grow(req, n)
         T = max(ns)
-        batch = PagedBatch(self.kv, [r.table for r in reqs], [r.computed for r in reqs], T, ns)
+        tables, starts = [r.table for r in reqs], [r.computed for r in reqs]
+        batch = (SlotBatch(self.slots, tables, starts) if slotted
+                 else PagedBatch(self.kv, tables, starts, T, ns))
         idx = torch.tensor([r.tokens[r.computed:r.computed + n] + [0] * (T - n)
                             for r, n in zip(reqs, ns, strict=True)], device=self.kv.device)
         return self.model(idx, cache=batch, return_hidden=True)

@@ -2,7 +2,8 @@
 
 The engine thread puts outputs; the consumer iterates. `for out in handle` blocks (and, when no engine thread
 is running, drives engine.step() itself, so scripts and tests need no thread); `async for out in handle`
-awaits without blocking the event loop (outputs are handed over with loop.call_soon_threadsafe).
+awaits without blocking the event loop (outputs are handed over with loop.call_soon_threadsafe; the engine
+batches a step's wake-ups into one call per event loop, notify_waiters).
 """
 
 from __future__ import annotations
@@ -13,6 +14,23 @@ from collections import deque
 
 from llmlab.errors import LLMLabError
 from llmlab.infer.engine.params import StepOutput
+
+
+def notify_waiters(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
+    """Set each waiting consumer's event on its own loop: one thread-safe call per loop, not per event."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+    for loop, event in waiters:
+        by_loop.setdefault(loop, []).append(event)
+    for loop, events in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, events)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is waiting any more
+            pass
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 class EngineError(LLMLabError):
@@ -59,12 +77,9 @@ class RequestHandle:
 
     def _wake(self) -> None:
         self._cond.notify_all()
-        for loop, event in self._waiters:
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the consumer's event loop is closed: nobody is waiting any more
-                pass
-        self._waiters.clear()
+        if self._waiters:
+            self._engine._notify(self._waiters)
+            self._waiters = []
 
     # ----- consumer side -----
     def _next_ready(self) -> StepOutput | None:

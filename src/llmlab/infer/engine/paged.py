@@ -13,6 +13,13 @@ One gather per layer per forward is the cost of paging on devices without a page
 whole blocks (one contiguous run of block_size * n_kv_head * head_dim values each) into scratch buffers that
 are reused from layer to layer and step to step (a fresh multi-megabyte tensor per layer costs page faults
 on CPU); the indices are computed once per forward, in begin, and shared by every layer.
+
+Decode steps avoid that gather (DecodeSlots): every decoding request owns a row ("slot") of a contiguous
+copy of its keys/values, filled from its blocks once when it starts decoding and then grown by one token per
+step, written to the pool and the slot alike. Slots are kept dense (a leaving request's row is filled by the
+last one), so a step over B decoding rows reads rows 0..B-1 in place, as a static KVCache is read. The pool
+stays the source of truth (prefix caching, prefills, reloads); the copies cost at most as much memory again
+as the pool and are not used when they would need more.
 """
 
 from __future__ import annotations
@@ -111,3 +118,91 @@ class PagedBatch:
     def commit(self, step: CacheStep) -> None:
         """Nothing to advance: the engine moves each request's position itself."""
 
+
+
+class DecodeSlots:
+    """Contiguous keys/values [n_layer, rows, n_kv_head, width, head_dim] of the decoding requests, row i
+    holding the request in slot i (module docstring). They grow on demand, rows up to max_rows and width
+    (rounded up to whole blocks) up to the model's context, and never take more than budget_bytes: reserve()
+    says False instead, and the engine gathers from the pool."""
+
+    def __init__(self, pool: KVPool, max_rows: int, context: int, budget_bytes: int):
+        self.pool, self.max_rows, self.context, self.budget = pool, max_rows, context, budget_bytes
+        n_layer, _, _, kv, hd = pool.k.shape
+        self.bytes_per_row_position = 2 * n_layer * kv * hd * pool.k.element_size()
+        self.k = self.v = None
+        self.rows = self.width = 0
+
+    def reserve(self, rows: int, width: int) -> bool:
+        """Room for `rows` slots of `width` positions, copying what is held when growing; False if the
+        budget does not allow it. Rows grow geometrically (requests join a few at a time), width to the
+        longest request's whole blocks."""
+        if rows <= self.rows and width <= self.width:
+            return True
+        bs = self.pool.block_size
+        width = min(self.context, max(self.width, -(-width // bs) * bs))
+        fits = [n for n in (min(self.max_rows, max(rows, 2 * self.rows)), rows)
+                if n * width * self.bytes_per_row_position <= self.budget]
+        if not fits:
+            return False
+        rows = fits[0]
+        n_layer, _, _, kv, hd = self.pool.k.shape
+        # Zeros: masked positions still enter SDPA's matmul, and 0 * NaN would poison the sum.
+        k = self.pool.k.new_zeros(n_layer, rows, kv, width, hd)
+        v = torch.zeros_like(k)
+        if self.k is not None:
+            k[:, :self.rows, :, :self.width] = self.k
+            v[:, :self.rows, :, :self.width] = self.v
+        self.k, self.v, self.rows, self.width = k, v, rows, width
+        return True
+
+    def load(self, slot: int, table: Sequence[int], length: int) -> None:
+        """Copy a request's first `length` positions from its blocks into its slot, all layers at once."""
+        bs = self.pool.block_size
+        blocks = torch.tensor(table[:-(-length // bs)], device=self.pool.device)
+        for src, dst in ((self.pool.k, self.k), (self.pool.v, self.v)):
+            n_layer, _, _, kv, hd = src.shape
+            rows = src.index_select(1, blocks).view(n_layer, -1, kv, hd)[:, :length]
+            dst[:, slot, :, :length] = rows.transpose(1, 2)
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot src's contents into slot dst (a leaving request's row is refilled by the last one)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+
+class SlotBatch:
+    """One decode forward (T=1) over slots 0..B-1: row b writes its new key/value at position starts[b] of
+    its slot and of its block table's pool slot, and attends to its slot's first starts[b] + 1 positions."""
+
+    def __init__(self, slots: DecodeSlots, tables: Sequence[Sequence[int]], starts: Sequence[int]):
+        self.slots, self.tables, self.starts = slots, tables, list(starts)
+        self.write = self.rows = self.positions = None
+
+    def begin(self, B: int, T: int) -> CacheStep:
+        if B != len(self.tables) or T != 1:
+            raise ModelError(f"a decode batch planned for {len(self.tables)} rows of 1 token got input "
+                             f"[{B}, {T}]")
+        device, bs = self.slots.pool.device, self.slots.pool.block_size
+        self.write = torch.tensor([t[s // bs] * bs + s % bs for t, s in zip(self.tables, self.starts,
+                                                                            strict=True)], device=device)
+        self.rows = torch.arange(B, device=device)
+        self.positions = torch.tensor(self.starts, device=device)
+        L = max(self.starts) + 1
+        first = self.starts[0]
+        if all(s == first for s in self.starts):
+            return CacheStep(1, first, None, L, None, False, slice(first, first + 1))
+        mask = (torch.arange(L, device=device) <= self.positions[:, None])[:, None, None]  # [B, 1, 1, L]
+        return CacheStep(1, None, None, L, mask, False, self.positions[:, None])
+
+    def update(self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, n_kv_head, 1, head_dim] to the pool and the slots; return the slots' rows 0..B-1."""
+        B, KV, _, hd = k.shape
+        pool, slots = self.slots.pool, self.slots
+        for new, paged, rows in ((k, pool.k[layer], slots.k[layer]), (v, pool.v[layer], slots.v[layer])):
+            paged.view(-1, KV, hd).index_copy_(0, self.write, new[:, :, 0])
+            rows[self.rows, :, self.positions] = new[:, :, 0]
+        return slots.k[layer, :B, :, :step.keylen], slots.v[layer, :B, :, :step.keylen]
+
+    def commit(self, step: CacheStep) -> None:
+        """Nothing to advance: the engine moves each request's position itself."""
