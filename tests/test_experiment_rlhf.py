@@ -82,6 +82,14 @@ def test_smoke_run_reports_every_arm_and_resumes(base, tmp_path, capsys):
     assert "ppo_kl: PPO against the reward model, beta 0.5" in stdout
     for stage in ("sft", "preferences", "reward", "ppo_beta0", "dpo", "grpo"):
         assert f"{stage}: reusing" in stdout, stage
+    changed = json.loads((out / "report.json").read_text())["arms"]
+    assert changed["ppo_beta0"] == report["arms"]["ppo_beta0"]
+
+    # Measuring differently measures every checkpoint again, training nothing.
+    code, stdout, err = run_cli(capsys, *_args(out, base, tmp_path), "kl_coef=0.5", "eval_per_task=2")
+    assert code == 0, err
+    assert stdout.count(": reusing") == 7
+    assert all(a["final"]["n"] == 4 for a in json.loads((out / "report.json").read_text())["arms"].values())
 
 
 def test_reuses_a_chat_runs_sft_model(base, tmp_path, capsys):

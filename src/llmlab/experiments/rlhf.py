@@ -394,7 +394,8 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _stage_eval(cfg: RLHFConfig, out: Path, sft: str, rm: str, tasks: Path, stages: Stages) -> dict:
-    """{arm: [{"step", ...measure()}]}, each point cached in OUT/eval/ under its stage's chain."""
+    """{arm: [{"step", ...measure()}]}, each point cached in OUT/eval/ under its stage's chain and the
+    measuring settings."""
     stages.log(f"[8/{stages.count}] eval: {cfg.eval_per_task} held-out prompts per task at every arm's "
                "checkpoints, and the report")
     t0 = time.perf_counter()
@@ -402,7 +403,11 @@ def _stage_eval(cfg: RLHFConfig, out: Path, sft: str, rm: str, tasks: Path, stag
     reward_model = load_frozen(rm, resolve_device(cfg.device))
     examples, prompts = eval_prompts(cfg, tok, tasks)
 
+    settings = json.dumps({k: getattr(cfg, k) for k in ("eval_per_task", "response_length", "seed",
+                                                         "eval_batch_size")}, sort_keys=True)
+
     def cached(path: Path, chain: str, model_path: str) -> dict:
+        chain = hashlib.sha256(f"{chain}\n{settings}".encode()).hexdigest()  # the measuring settings too
         if path.is_file():
             record = json.loads(path.read_text())
             if record.get("chain") == chain:
