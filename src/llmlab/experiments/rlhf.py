@@ -250,7 +250,7 @@ def _text(messages: list[dict]) -> str:
 
 
 # ----- stages 3-7: the reward model and the arms -----
-def _train(cfg: RLHFConfig, out: Path, name: str, steps: int, ckpt_every: int) -> TrainConfig:
+def _train(cfg: RLHFConfig, out: Path, name: str, ckpt_every: int) -> TrainConfig:
     return TrainConfig(device=cfg.device, seed=cfg.seed, out_dir=str(out), run_name=name, overwrite=True,
                        progress=False, plot=cfg.run_plots, eval_every=0, ckpt_every=ckpt_every, keep_last=0,
                        keep_best=False, max_minutes=cfg.max_minutes, dtype="fp32")
@@ -274,7 +274,7 @@ def _stage_reward(cfg: RLHFConfig, out: Path, sft: str, stages: Stages) -> dict:
     base = RewardConfig()
     rm = dataclasses.replace(
         base, checkpoint=sft, optim=_optim(cfg.reward_lr, cfg.reward_steps, min(10, cfg.reward_steps // 5)),
-        data=_pairs(base.data, prefs, cfg), train=_train(cfg, out, "reward", cfg.reward_steps, 0))
+        data=_pairs(base.data, prefs, cfg), train=_train(cfg, out, "reward", 0))
     return stages.run(3, "reward", dataclasses.asdict(rm), out / "reward" / "summary.json",
                       lambda: run_reward(rm), f"a reward model on the SFT backbone, {cfg.reward_steps} steps")
 
@@ -286,7 +286,7 @@ def _ppo_config(cfg: RLHFConfig, out: Path, name: str, sft: str, rm: str, tasks:
     return PPORunConfig(checkpoint=sft, reward_model=rm,
                         data=PromptDataConfig(prompts=str(tasks / "train_prompts.jsonl")), ppo=ppo,
                         optim=_optim(cfg.lr, steps_per_arm(cfg)),
-                        train=_train(cfg, out, name, steps_per_arm(cfg), _ckpt_every(cfg)))
+                        train=_train(cfg, out, name, _ckpt_every(cfg)))
 
 
 def _grpo_config(cfg: RLHFConfig, out: Path, sft: str, tasks: Path) -> GRPORunConfig:
@@ -296,7 +296,7 @@ def _grpo_config(cfg: RLHFConfig, out: Path, sft: str, tasks: Path) -> GRPORunCo
     return GRPORunConfig(checkpoint=sft, reward="grader",
                          data=PromptDataConfig(prompts=str(tasks / "train_prompts.jsonl")), grpo=grpo,
                          optim=_optim(cfg.lr, steps_per_arm(cfg)),
-                         train=_train(cfg, out, "grpo", steps_per_arm(cfg), _ckpt_every(cfg)))
+                         train=_train(cfg, out, "grpo", _ckpt_every(cfg)))
 
 
 def _dpo_config(cfg: RLHFConfig, out: Path, sft: str) -> DPOConfig:
@@ -304,7 +304,7 @@ def _dpo_config(cfg: RLHFConfig, out: Path, sft: str) -> DPOConfig:
     return dataclasses.replace(
         base, checkpoint=sft, dpo=dataclasses.replace(base.dpo, beta=cfg.dpo_beta),
         data=_pairs(base.data, prefs, cfg), optim=_optim(cfg.lr, steps_per_arm(cfg)),
-        train=_train(cfg, out, "dpo", steps_per_arm(cfg), _ckpt_every(cfg)))
+        train=_train(cfg, out, "dpo", _ckpt_every(cfg)))
 
 
 def _stage_arms(cfg: RLHFConfig, out: Path, sft: str, rm: str, tasks: Path, stages: Stages) -> dict:
