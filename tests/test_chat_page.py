@@ -56,10 +56,6 @@ def test_page_streams_a_reply_and_stop_cancels(page_server):
     page = browser.new_page()
     page.goto(url)
     page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
-    # count the assistant bubble's text updates, to see the reply arrive in pieces
-    page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
-        .observe(document.getElementById('messages'),
-                 {subtree: true, childList: true, characterData: true}); }""")
     page.fill("#system", "be brief")
     page.fill("#temperature", "0")
     page.fill("#max_tokens", "24")
@@ -72,7 +68,6 @@ def test_page_streams_a_reply_and_stop_cancels(page_server):
     api = httpx.post(f"{url}/v1/chat/completions", json=body).json()
     reply = api["choices"][0]["message"]["content"]
     assert reply and shown.startswith(reply)
-    assert page.evaluate("window.updates") > 3  # the user bubble, then the reply in several pieces
     assert page.is_enabled("#send") and not page.is_enabled("#stop")
 
     before = engine.stats()["tokens_generated"]
@@ -81,6 +76,11 @@ def test_page_streams_a_reply_and_stop_cancels(page_server):
     page.fill("#prompt", "the cat?")
     page.click("#send")
     page.wait_for_function("document.querySelector('.message.assistant').textContent.length > 0")
+    # Streamed: the reply grows on the page while it is still being generated (a short reply can arrive
+    # in one network read, so this long one is where streaming shows).
+    shown = len(page.text_content(".message.assistant"))
+    page.wait_for_function("""(n) => { const m = document.querySelector('.message.assistant');
+        return m.classList.contains('streaming') && m.textContent.length > n; }""", arg=shown)
     page.click("#stop")
     page.wait_for_selector(".message.assistant .note")
     assert "[stopped]" in page.inner_text(".message.assistant")

@@ -97,8 +97,9 @@ def test_info_on_unprepared_dir(tmp_path, capsys):
 def test_data_without_action_names_the_actions(capsys):
     code, out, err = run_cli(capsys, "data")
     assert code == 2 and out == ""
-    assert err.splitlines() == ["llmlab data: error: missing ACTION; choose one of: prepare, generate, info",
-                                "llmlab: see 'llmlab data --help'"]
+    assert err.splitlines() == [
+        "llmlab data: error: missing ACTION; choose one of: prepare, generate, tasks, preferences, info",
+        "llmlab: see 'llmlab data --help'"]
 
 
 def test_prepare_end_to_end_with_the_real_tokenizer(tmp_path, capsys):
