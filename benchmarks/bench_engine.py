@@ -13,7 +13,8 @@ requests for every mode:
                  its longest request is done (only requested tokens count);
   continuous     llmlab.infer.engine.Engine(max_running=--concurrency), stepped until every request is done.
 Figures: tokens/s (requested new tokens / time), time to first token (from arrival) p50/p99, per-token
-latency (a request's time from first to last token / (tokens - 1)) p50/p99, peak KV blocks. Time is the
+latency (a request's time from first to last token / (tokens - 1)) p50/p99, peak KV blocks and the final
+size of the engine's contiguous decode copies (decode_slots_mb, on top of the pool). Time is the
 process's CPU time by default (--clock cpu, with --threads 1): everything runs in this one thread, so it is
 a clock that other processes' load on a shared machine does not stretch; --clock wall for real latency.
 Shared-prefix variant: --concurrency requests that share a --system-len token system prompt, run by the
@@ -129,7 +130,10 @@ def run_continuous(model, requests, concurrency: int, prefill_chunk: int,
     tpot = [(e - f) / (n - 1) for f, e, (_, n) in zip(first, last, requests, strict=True) if n > 1]
     result = summary(sum(n for _, n in requests), wall, ttft, tpot)
     stats = engine.stats()
+    slots = engine.slots
+    slots_mb = slots.rows * slots.width * slots.bytes_per_row_position / 2**20 if slots else 0.0
     result.update(peak_kv_blocks=peak, peak_kv_mb=peak * KVPool.bytes_per_block(model, 16) / 2**20,
+                  decode_slots_mb=slots_mb,
                   steps=stats["steps"], prefix_hit_tokens=stats["prefix_hit_tokens"])
     return result, outs
 
