@@ -76,6 +76,35 @@ def test_one_request_alone_and_requests_joining_mid_flight():
     assert engine.stats()["running"] == 0 and engine.stats()["blocks_used"] == 0
 
 
+def run_recording_batches(policy: str, requests) -> tuple[list[list[int]], list[set[int]]]:
+    """Outputs, and the ids running after each step, of requests[:3] submitted first and the rest after
+    one step, on an engine with 3 slots."""
+    engine = Engine(tiny("llama"), block_size=8, max_running=3, policy=policy)
+    handles = [engine.submit(p, greedy(n)) for p, n in requests[:3]]
+    engine.step()
+    handles += [engine.submit(p, greedy(n)) for p, n in requests[3:]]
+    batches = []
+    while engine.step():
+        batches.append({r.id for r in engine.scheduler.running})
+    assert engine.pool.used == 0
+    return [h.result().token_ids for h in handles], batches
+
+
+def test_static_policy_drains_the_batch_before_admitting_the_next():
+    requests = mixed_requests(5, seed=3)  # outputs 24, 6, 13 then 19, 10: the first batch thins out
+    first, later = {0, 1, 2}, {3, 4}
+    static_out, static_batches = run_recording_batches("static", requests)
+    continuous_out, continuous_batches = run_recording_batches("continuous", requests)
+    assert static_out == continuous_out
+    assert continuous_out == [reference(tiny("llama"), p, n) for p, n in requests]
+    assert any(b & first and b & later for b in continuous_batches)  # continuous: joins mid-batch
+    assert not any(b & first and b & later for b in static_batches)
+    first_done = max(i for i, b in enumerate(static_batches) if b & first)
+    assert all(not b & later for b in static_batches[:first_done + 1])
+    assert any(0 < len(b) < 3 for b in static_batches[:first_done])  # leavers' slots stayed empty
+    assert any(b == later for b in static_batches)
+
+
 def test_chunked_prefill_keeps_decodes_going_and_changes_nothing():
     model = tiny("llama")
     engine = Engine(model, block_size=4, prefill_chunk=16)
@@ -337,6 +366,7 @@ def test_stop_cancels_what_is_left_and_a_failing_forward_fails_only_its_requests
     (lambda e: SamplingParams(logprobs=True), "logprobs"),
     (lambda e: Engine(e.model, draft=e.model), "speculative decoding is not supported"),
     (lambda e: Engine(e.model, kv_budget_bytes=10), "kv_budget_bytes=10"),
+    (lambda e: Engine(e.model, policy="fifo"), "policy='fifo'"),
 ])
 def test_bad_input_one_line(call, fragment):
     engine = Engine(tiny("gpt2"), block_size=8)

@@ -35,7 +35,7 @@ from llmlab.infer.engine.blocks import BlockPool
 from llmlab.infer.engine.handle import RequestHandle, notify_waiters
 from llmlab.infer.engine.paged import DecodeSlots, KVPool, PagedBatch, SlotBatch
 from llmlab.infer.engine.params import SamplingParams, StepOutput
-from llmlab.infer.engine.scheduler import Request, Scheduler
+from llmlab.infer.engine.scheduler import POLICIES, Request, Scheduler
 from llmlab.infer.sampling import next_token, seeded_generator
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,17 @@ class Engine:
     queued requests beyond which submit raises EngineFull (None: no limit). prefix_caching: reuse cached
     prompt-prefix blocks. contiguous_decode: decode from contiguous per-request copies of the keys/values
     (paged.DecodeSlots; up to as much memory again as the pool) instead of gathering blocks every step.
+    policy: "continuous" (requests join and leave at every step) or "static" (request-level batching: a
+    batch is admitted only when none runs and drains completely; scheduler.py), the baseline to compare with.
     draft: speculative decoding is refused (ConfigError).
     """
 
     def __init__(self, model, tokenizer=None, kv_budget_bytes: int | None = None, block_size: int = 16,
                  max_running: int = 64, prefill_chunk: int = 256, *, max_waiting: int | None = None,
-                 prefix_caching: bool = True, contiguous_decode: bool = True, draft=None):
+                 prefix_caching: bool = True, contiguous_decode: bool = True, policy: str = "continuous",
+                 draft=None):
+        if policy not in POLICIES:
+            raise ConfigError(f"policy={policy!r} is not a scheduling policy; use one of {list(POLICIES)}")
         if draft is not None:
             raise ConfigError("speculative decoding is not supported by the batching engine; serve without "
                               "a draft model (llmlab generate --draft speculates for single prompts)")
@@ -86,7 +91,7 @@ class Engine:
         self.slots = DecodeSlots(self.kv, max_running, model.config.block_size,
                                  num_blocks * per_block) if contiguous_decode else None
         self._slotted: list[Request] = []  # decoding requests by slot (row of self.slots)
-        self.scheduler = Scheduler(self.pool, max_running, prefill_chunk, prefix_caching)
+        self.scheduler = Scheduler(self.pool, max_running, prefill_chunk, prefix_caching, policy)
         self._lock = threading.Lock()  # held for a whole step (and prompt_logprobs' forward)
         self._wake = threading.Condition()  # guards the inbox; wakes the engine thread
         self._inbox: deque[Request] = deque()

@@ -11,6 +11,11 @@ Every engine step the scheduler
   3. after the forwards, registers newly completed blocks in the prefix cache, and retires finished requests,
      whose blocks go back to the pool at once.
 No step waits for the batch to drain: a request that finishes leaves, and the next waiting one joins.
+
+policy="static" is classic request-level batching instead, the peer continuous batching is measured against
+(benchmarks/bench_serve.py): waiting requests are admitted only when none runs, up to max_running at once,
+and that batch drains completely (finished requests leave it, nothing joins) before the next is admitted.
+Everything else (paged KV, chunked prefill, prefix caching, sampling) is the same.
 """
 
 from __future__ import annotations
@@ -63,15 +68,21 @@ class StepPlan:
     prefill: list[tuple[Request, int]]  # (request, number of prompt tokens this step)
 
 
+POLICIES = ("continuous", "static")
+
+
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_running: int, prefill_chunk: int, prefix_caching: bool = True):
+    def __init__(self, pool: BlockPool, max_running: int, prefill_chunk: int, prefix_caching: bool = True,
+                 policy: str = "continuous"):
         self.pool, self.max_running, self.prefill_chunk = pool, max_running, prefill_chunk
-        self.prefix_caching = prefix_caching
+        self.prefix_caching, self.policy = prefix_caching, policy
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.prefix_hit_blocks = 0
 
     def admit(self) -> None:
+        if self.policy == "static" and self.running:
+            return  # the running batch drains first
         bs = self.pool.block_size
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
