@@ -323,7 +323,11 @@ def test_api_key_is_required_and_checked(srv):
 def slow():
     """A second server with one decoding slot and one waiting place, whose long requests outlast a client."""
     tok = tokenizer(["<|eos|>"])  # no chat tokens: chats use the plain template
-    model = tiny_model(tok, block_size=1024)
+    # Wide enough that 1,000 tokens take seconds even on a fast idle CPU: these tests disconnect or queue
+    # behind a request that must still be running when the client acts (the engine does not wait for it).
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=4, n_head=4, d_model=256,
+                                    block_size=1024)).eval()
     engine = Engine(model, tok, block_size=16, max_running=1, prefill_chunk=64)
     app = create_app(engine, tok, model_name="tiny", limits=Limits(max_waiting=1, max_tokens=1000))
     with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=30) as http:
