@@ -46,12 +46,12 @@ from llmlab.align.pairs import (
     pair_batches,
     resolve_pair_config,
 )
-from llmlab.align.sft import load_tokenizer, write_merged
+from llmlab.align.sft import load_tokenizer, refuse_lora_with_fsdp, write_merged
 from llmlab.config import PositiveFloat, Range, check_config
 from llmlab.device import resolve_dtype
 from llmlab.errors import ConfigError
 from llmlab.model.transformer import read_config
-from llmlab.train.distributed import ParallelConfig, world
+from llmlab.train.distributed import ParallelConfig
 from llmlab.train.launch import Built, Plan, Run, launch
 from llmlab.train.objective import LossOutput, Objective
 from llmlab.train.optim import OptimConfig
@@ -206,9 +206,7 @@ def resolve_config(cfg: DPOConfig) -> DPOConfig:
     if head != "lm":
         raise ConfigError(f"checkpoint {cfg.checkpoint} has head={head!r} (a reward or value model); DPO "
                           "trains a language model: pass --checkpoint an SFT checkpoint")
-    if cfg.lora.enabled and cfg.parallel.resolved_strategy(world()[1]) == "fsdp":
-        raise ConfigError("lora.rank > 0 with parallel.strategy=fsdp is not supported; use "
-                          "parallel.strategy=ddp (adapters are small) or full fine-tuning (lora.rank=0)")
+    refuse_lora_with_fsdp(cfg)
     if cfg.dpo.label_smoothing and cfg.dpo.loss_type != "sigmoid":
         raise ConfigError(f"dpo.label_smoothing={cfg.dpo.label_smoothing} applies to the sigmoid loss only; "
                           f"set dpo.label_smoothing=0 with dpo.loss_type={cfg.dpo.loss_type}")

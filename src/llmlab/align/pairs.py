@@ -37,18 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmlab.align.lora import META_KEY
-from llmlab.align.sft import load_model, load_tokenizer
+from llmlab.align.sft import load_model, load_tokenizer, with_start_block_size
 from llmlab.config import Fraction, NonEmptyStr, NonNegativeInt, PositiveInt, check_config
 from llmlab.data.chat_data import encode_preference, read_preferences
-from llmlab.errors import CheckpointError, ConfigError, DataError
+from llmlab.errors import DataError
 from llmlab.model.transformer import (
-    CONFIG_FILE,
     Transformer,
-    config_from_meta,
     read_config,
-    read_meta,
-    refuse_extensions,
 )
 from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 
@@ -313,22 +308,8 @@ class PairBatches:
 def resolve_pair_config(cfg):
     """Check every value of a reward/DPO config and fill data.block_size from the checkpoint's model;
     nothing is written. (cfg has .checkpoint and .data: PairDataConfig.)"""
-    cfg = check_config(cfg)
-    if not cfg.checkpoint:
-        raise ConfigError("checkpoint is not set; pass --checkpoint CKPT (an SFT checkpoint, or any "
-                          "ckpt-STEP or import-hf directory)")
-    path = Path(cfg.checkpoint)
-    meta = read_meta(path)  # CheckpointError naming the directory when it is missing or broken
-    if META_KEY in meta:
-        raise CheckpointError(f"checkpoint {path} holds LoRA adapters only; start from its merged model "
-                              "(RUN_DIR/merged of that run) instead")
-    refuse_extensions(path, meta)
-    model = config_from_meta(meta, path / CONFIG_FILE)
-    block = cfg.data.block_size or model.block_size
-    if block > model.block_size:
-        raise ConfigError(f"data.block_size={block} is longer than the checkpoint's block_size "
-                          f"{model.block_size}; lower data.block_size or leave it unset")
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, block_size=block))
+    return with_start_block_size(check_config(cfg), "an SFT checkpoint, or any ckpt-STEP or import-hf "
+                                 "directory", "start from")
 
 
 def load_start(cfg, device: torch.device | str = "cpu", say=None):

@@ -355,14 +355,22 @@ def prepare_data(cfg: SFTConfig, tok: Tokenizer, block_size: int) -> SFTData:
 
 def resolve_config(cfg: SFTConfig) -> SFTConfig:
     """Check every value and fill data.block_size from the checkpoint's model; nothing is written."""
-    cfg = check_config(cfg)
+    cfg = with_start_block_size(check_config(cfg),
+                                "a ckpt-STEP directory, or one written by llmlab import-hf", "fine-tune")
+    refuse_lora_with_fsdp(cfg)
+    return cfg
+
+
+def with_start_block_size(cfg, kinds: str, verb: str):
+    """cfg (with .checkpoint and .data.block_size) with data.block_size filled from the starting checkpoint's
+    model, which must be a full model (not LoRA adapters) that a block this long fits; nothing is written.
+    `kinds` names the checkpoints a run starts from and `verb` what it does with one, for the messages."""
     if not cfg.checkpoint:
-        raise ConfigError("checkpoint is not set; pass --checkpoint CKPT (a ckpt-STEP directory, or one "
-                          "written by llmlab import-hf)")
+        raise ConfigError(f"checkpoint is not set; pass --checkpoint CKPT ({kinds})")
     path = Path(cfg.checkpoint)
     meta = read_meta(path)  # CheckpointError naming the directory when it is missing or broken
     if META_KEY in meta:
-        raise CheckpointError(f"checkpoint {path} holds LoRA adapters only; fine-tune its merged model "
+        raise CheckpointError(f"checkpoint {path} holds LoRA adapters only; {verb} its merged model "
                               "(RUN_DIR/merged of that run) instead")
     refuse_extensions(path, meta)
     model = config_from_meta(meta, path / CONFIG_FILE)
@@ -370,10 +378,14 @@ def resolve_config(cfg: SFTConfig) -> SFTConfig:
     if block > model.block_size:
         raise ConfigError(f"data.block_size={block} is longer than the checkpoint's block_size "
                           f"{model.block_size}; lower data.block_size or leave it unset")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, block_size=block))
+
+
+def refuse_lora_with_fsdp(cfg) -> None:
+    """ConfigError for LoRA under FSDP2 (cfg has .lora and .parallel): adapters are not sharded."""
     if cfg.lora.enabled and cfg.parallel.resolved_strategy(world()[1]) == "fsdp":
         raise ConfigError("lora.rank > 0 with parallel.strategy=fsdp is not supported; use "
                           "parallel.strategy=ddp (adapters are small) or full fine-tuning (lora.rank=0)")
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, block_size=block))
 
 
 def load_model(checkpoint: str | Path, tok: Tokenizer, device: torch.device | str = "cpu"
