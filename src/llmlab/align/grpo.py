@@ -55,6 +55,7 @@ from llmlab.align.rollout import (
     PromptStream,
     RewardFn,
     Rollout,
+    RolloutObjective,
     encode_prompts,
     grader_reward,
     last_token_scores,
@@ -69,7 +70,7 @@ from llmlab.model import Transformer
 from llmlab.train.checkpoint import unwrap
 from llmlab.train.distributed import ParallelConfig
 from llmlab.train.launch import Built, Plan, Run, launch
-from llmlab.train.objective import LossOutput, Objective
+from llmlab.train.objective import LossOutput
 from llmlab.train.optim import OptimConfig
 from llmlab.train.spike import SpikeConfig
 from llmlab.train.trainer import TrainConfig
@@ -112,7 +113,7 @@ def check_samples(cfg: GRPOConfig, accum_steps: int) -> None:
                 "grpo.prompts_per_rollout * grpo.num_generations", cfg.num_mini_batches, accum_steps, "grpo")
 
 
-class GRPOObjective(Objective):
+class GRPOObjective(RolloutObjective):
     """GRPO on rollouts from `prompts` (token-id lists ending with the assistant header), rewarded by
     `reward_fn`; see the module docstring. `objective.batches` is the trainer's batch source."""
 
@@ -136,15 +137,6 @@ class GRPOObjective(Objective):
         self.rollouts = 0
         self.buffer: dict[str, torch.Tensor] = {}
         self.stats: dict[str, float] = {}
-
-    def _index(self) -> int:
-        """This rank's rollout number: under DDP every rank rolls out its own prompts and seeds."""
-        return self.rollouts * self.world_size + self.rank
-
-    def prepare_step(self, trainer) -> None:
-        if self.batches.empty:
-            with trainer.autocast():  # the rollout's log-probs in the update's precision: ratio 1 at start
-                self.collect(trainer.model)
 
     @torch.no_grad()
     def collect(self, policy: nn.Module) -> None:
@@ -204,14 +196,6 @@ class GRPOObjective(Objective):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return self.evaluator(unwrap(model)) if self.evaluator is not None else {}
 
-    def state_dict(self) -> dict:
-        return {"rollouts": self.rollouts, "buffer": {k: v for k, v in self.buffer.items() if v is not None},
-                "stats": dict(self.stats)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rollouts = int(state["rollouts"])
-        self.buffer = dict(state["buffer"])
-        self.stats = {k: float(v) for k, v in state["stats"].items()}
 
 
 # ---------------------------------------------------------------- the run: `llmlab grpo`

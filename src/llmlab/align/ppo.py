@@ -60,6 +60,7 @@ from llmlab.align.rollout import (
     MinibatchQueue,
     PromptStream,
     Rollout,
+    RolloutObjective,
     TaskEval,
     at_response,
     encode_prompts,
@@ -79,7 +80,7 @@ from llmlab.train.checkpoint import Checkpointer, read_model, unwrap, write_mode
 from llmlab.train.distributed import ParallelConfig, world
 from llmlab.train.launch import Built, Plan, Run, launch
 from llmlab.train.metrics import read_metrics
-from llmlab.train.objective import LossOutput, Objective
+from llmlab.train.objective import LossOutput
 from llmlab.train.optim import OptimConfig
 from llmlab.train.spike import SpikeConfig
 from llmlab.train.trainer import TrainConfig
@@ -200,7 +201,7 @@ def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return inner.policy, inner.value
 
 
-class PPOObjective(Objective):
+class PPOObjective(RolloutObjective):
     """PPO on rollouts from `prompts` (token-id lists ending with the assistant header); see the module
     docstring. `objective.batches` is the trainer's batch source."""
 
@@ -226,15 +227,6 @@ class PPOObjective(Objective):
         self.stats: dict[str, float] = {}
 
     # ----- collecting a rollout batch -----
-    def _index(self) -> int:
-        """This rank's rollout number: under DDP every rank rolls out its own prompts and seeds."""
-        return self.rollouts * self.world_size + self.rank
-
-    def prepare_step(self, trainer) -> None:
-        if self.batches.empty:
-            with trainer.autocast():  # the rollout's log-probs in the update's precision: ratio 1 at start
-                self.collect(trainer.model)
-
     @torch.no_grad()
     def collect(self, model: nn.Module) -> None:
         """Roll out the next batch of prompts, compute rewards and advantages, queue the updates."""
@@ -298,14 +290,11 @@ class PPOObjective(Objective):
 
     # ----- state -----
     def state_dict(self) -> dict:
-        return {"rollouts": self.rollouts, "kl_ctl": self.kl_ctl.state_dict(),
-                "buffer": {k: v for k, v in self.buffer.items() if v is not None}, "stats": dict(self.stats)}
+        return {**super().state_dict(), "kl_ctl": self.kl_ctl.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rollouts = int(state["rollouts"])
+        super().load_state_dict(state)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.buffer = dict(state["buffer"])
-        self.stats = {k: float(v) for k, v in state["stats"].items()}
 
 
 def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:

@@ -34,6 +34,7 @@ from llmlab.data.tasks import TaskExample, grade, read_prompt_set
 from llmlab.errors import ConfigError, DataError, LLMLabError, ModelError
 from llmlab.infer.generate import generate
 from llmlab.train.checkpoint import unwrap
+from llmlab.train.objective import Objective
 
 
 @dataclass
@@ -238,6 +239,30 @@ class MinibatchQueue:
     def load_state_dict(self, state: dict) -> None:
         self.items = list(state["items"])
 
+
+
+class RolloutObjective(Objective):
+    """What PPO and GRPO share as objectives: each rank's rollout numbering, refilling the minibatch queue
+    with a fresh rollout batch when it runs dry, and the state that resumes mid-batch. Subclasses set
+    rollouts, world_size, rank, batches, buffer and stats, and implement collect(model)."""
+
+    def _index(self) -> int:
+        """This rank's rollout number: under DDP every rank rolls out its own prompts and seeds."""
+        return self.rollouts * self.world_size + self.rank
+
+    def prepare_step(self, trainer) -> None:
+        if self.batches.empty:
+            with trainer.autocast():  # the rollout's log-probs in the update's precision: ratio 1 at start
+                self.collect(trainer.model)
+
+    def state_dict(self) -> dict:
+        return {"rollouts": self.rollouts, "buffer": {k: v for k, v in self.buffer.items() if v is not None},
+                "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollouts = int(state["rollouts"])
+        self.buffer = dict(state["buffer"])
+        self.stats = {k: float(v) for k, v in state["stats"].items()}
 
 # ----- prompt files -----
 def read_prompt_messages(path) -> list[tuple[str, list[dict]]]:
