@@ -13,9 +13,18 @@ def register(sub, formatter_class) -> None:
     _register_rlhf(esub, formatter_class)
 
 
+def _add_experiment(esub, formatter_class, name: str, func, **texts) -> None:
+    """`llmlab experiment NAME [KEY=VALUE ...] --out OUT [--smoke]`: the arguments every experiment takes."""
+    p = esub.add_parser(name, formatter_class=formatter_class, **texts)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (TOML literals)")
+    p.add_argument("--out", default=f"runs/{name}", help="output directory (resumed when rerun)")
+    p.add_argument("--smoke", action="store_true", help="the seconds-long size the tests use")
+    p.set_defaults(func=func)
+
+
 def _register_chinchilla(esub, formatter_class) -> None:
-    c = esub.add_parser(
-        "chinchilla", formatter_class=formatter_class,
+    _add_experiment(
+        esub, formatter_class, "chinchilla", _chinchilla,
         help="IsoFLOP sweep, Kaplan/Chinchilla fits and sizing on the built-in corpus",
         description="Train a small tokenizer and shards on the corpus, run an IsoFLOP sweep of real "
                     "pretraining runs\n(capped by sweep.max_minutes; rerun to continue), fit Kaplan's "
@@ -24,10 +33,6 @@ def _register_chinchilla(esub, formatter_class) -> None:
                     "e.g. sweep.budgets=[1e12,1e13] sweep.jobs=2 vocab_size=1024.\n\n"
                     "examples:\n  llmlab experiment chinchilla --out runs/chinchilla\n"
                     "  llmlab experiment chinchilla --out runs/smoke --smoke")
-    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (TOML literals)")
-    c.add_argument("--out", default="runs/chinchilla", help="output directory (resumed when rerun)")
-    c.add_argument("--smoke", action="store_true", help="the seconds-long size the tests use")
-    c.set_defaults(func=_chinchilla)
 
 
 def _chinchilla(args) -> int:
@@ -40,8 +45,8 @@ def _chinchilla(args) -> int:
 
 
 def _register_rlhf(esub, formatter_class) -> None:
-    r = esub.add_parser(
-        "rlhf", formatter_class=formatter_class,
+    _add_experiment(
+        esub, formatter_class, "rlhf", _rlhf,
         help="reward hacking: PPO with beta 0 and with a KL term, DPO and GRPO from one SFT model",
         description="From the SFT model of a cpu-chat speedrun (chat_run=runs/chat; else its stages run "
                     "here): preferences\nfrom the length-biased rater, a reward model, then PPO with beta 0 "
@@ -50,10 +55,6 @@ def _register_rlhf(esub, formatter_class) -> None:
                     "rollouts=20 kl_coef=0.05 lr=1e-5.\n\n"
                     "examples:\n  llmlab experiment rlhf --out runs/rlhf\n"
                     "  llmlab experiment rlhf --out runs/smoke --smoke base_checkpoint=runs/demo/ckpt-000500")
-    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (TOML literals)")
-    r.add_argument("--out", default="runs/rlhf", help="output directory (resumed when rerun)")
-    r.add_argument("--smoke", action="store_true", help="the seconds-long size the tests use")
-    r.set_defaults(func=_rlhf)
 
 
 def _rlhf(args) -> int:
