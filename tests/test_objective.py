@@ -109,6 +109,9 @@ def _rank_main(rank: int, store: str, accum: int, out: str) -> None:
         grab = step_gradient(model, Rows(per=half // accum, lo=rank * half, hi=(rank + 1) * half), accum)
         if rank == 0:
             torch.save({"grads": grab.grads, "loss": grab.loss}, out)
+        # Neither rank may tear gloo down while the other still has work in flight: an early destroy
+        # aborted the other process now and then ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
