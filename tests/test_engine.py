@@ -76,33 +76,52 @@ def test_one_request_alone_and_requests_joining_mid_flight():
     assert engine.stats()["running"] == 0 and engine.stats()["blocks_used"] == 0
 
 
-def run_recording_batches(policy: str, requests) -> tuple[list[list[int]], list[set[int]]]:
-    """Outputs, and the ids running after each step, of requests[:3] submitted first and the rest after
-    one step, on an engine with 3 slots."""
+def run_recording_batches(policy: str, requests):
+    """Outputs, the ids running after each step, the blocks in use after each step and the step at which
+    each request's stream ended, of requests[:3] submitted first and the rest after one step, on an engine
+    with 3 slots."""
     engine = Engine(tiny("llama"), block_size=8, max_running=3, policy=policy)
     handles = [engine.submit(p, greedy(n)) for p, n in requests[:3]]
     engine.step()
     handles += [engine.submit(p, greedy(n)) for p, n in requests[3:]]
-    batches = []
+    batches, blocks, ended = [], [], {}
     while engine.step():
         batches.append({r.id for r in engine.scheduler.running})
-    assert engine.pool.used == 0
-    return [h.result().token_ids for h in handles], batches
+        blocks.append(engine.pool.used)
+        ended.update({h.request_id: len(batches) - 1 for h in handles if h.done and h.request_id not in ended})
+    assert engine.pool.used == 0 and engine.stats()["running"] == 0
+    return [h.result().token_ids for h in handles], batches, blocks, ended
 
 
-def test_static_policy_drains_the_batch_before_admitting_the_next():
-    requests = mixed_requests(5, seed=3)  # outputs 24, 6, 13 then 19, 10: the first batch thins out
-    first, later = {0, 1, 2}, {3, 4}
-    static_out, static_batches = run_recording_batches("static", requests)
-    continuous_out, continuous_batches = run_recording_batches("continuous", requests)
+FIRST, LATER = {0, 1, 2}, {3, 4}  # mixed_requests(5, seed=3): outputs 24, 6, 13 then 19, 10
+
+
+@pytest.mark.parametrize("policy", ["static", "static_shrinking"])
+def test_request_level_policies_drain_the_batch_before_admitting_the_next(policy):
+    requests = mixed_requests(5, seed=3)
+    static_out, static_batches, _, _ = run_recording_batches(policy, requests)
+    continuous_out, continuous_batches, _, _ = run_recording_batches("continuous", requests)
     assert static_out == continuous_out
     assert continuous_out == [reference(tiny("llama"), p, n) for p, n in requests]
-    assert any(b & first and b & later for b in continuous_batches)  # continuous: joins mid-batch
-    assert not any(b & first and b & later for b in static_batches)
-    first_done = max(i for i, b in enumerate(static_batches) if b & first)
-    assert all(not b & later for b in static_batches[:first_done + 1])
-    assert any(0 < len(b) < 3 for b in static_batches[:first_done])  # leavers' slots stayed empty
-    assert any(b == later for b in static_batches)
+    assert any(b & FIRST and b & LATER for b in continuous_batches)  # continuous: joins mid-batch
+    assert not any(b & FIRST and b & LATER for b in static_batches)
+    first_done = max(i for i, b in enumerate(static_batches) if b & FIRST)
+    assert all(not b & LATER for b in static_batches[:first_done + 1])
+    assert any(b == LATER for b in static_batches)
+
+
+def test_static_policy_keeps_finished_rows_in_the_batch_until_its_longest_is_done():
+    """Request-level batching (Orca's baseline): a finished request's stream ends at once, but its row and
+    blocks stay in the batch until the batch's longest request is done; then the pool is empty again."""
+    _, batches, blocks, ended = run_recording_batches("static", mixed_requests(5, seed=3))
+    longest = ended[0]  # 24 new tokens, the first batch's longest
+    assert ended[1] < ended[2] < longest  # streams end as their requests finish
+    assert all(b == FIRST for b in batches[:longest])  # finished rows keep their slots
+    assert blocks[:longest] == sorted(blocks[:longest])  # and their blocks: none go back meanwhile
+    assert batches[longest] == set()  # the whole batch left with its longest request
+    assert ended[3] > ended[4] > longest  # then the next batch ran
+    _, shrinking, _, shrinking_ended = run_recording_batches("static_shrinking", mixed_requests(5, seed=3))
+    assert shrinking[shrinking_ended[1]] == {0, 2}  # the variant: a finished request leaves at once
 
 
 def test_chunked_prefill_keeps_decodes_going_and_changes_nothing():

@@ -55,8 +55,10 @@ class Engine:
     queued requests beyond which submit raises EngineFull (None: no limit). prefix_caching: reuse cached
     prompt-prefix blocks. contiguous_decode: decode from contiguous per-request copies of the keys/values
     (paged.DecodeSlots; up to as much memory again as the pool) instead of gathering blocks every step.
-    policy: "continuous" (requests join and leave at every step) or "static" (request-level batching: a
-    batch is admitted only when none runs and drains completely; scheduler.py), the baseline to compare with.
+    policy: "continuous" (requests join and leave at every step), or a request-level peer to compare with
+    (scheduler.py): "static" (Orca's request-level batching: a batch is admitted only when none runs, and
+    its finished requests' rows are still computed, as padding, until its longest request is done) or
+    "static_shrinking" (the same, but finished requests leave the batch at once).
     draft: speculative decoding is refused (ConfigError).
     """
 
@@ -265,9 +267,11 @@ class Engine:
         try:
             self.counters["prompt_tokens"] += sum(n for r, n in zip(reqs, ns, strict=True) if r.prefilling)
             for req, n in zip(reqs, ns, strict=True):
-                req.computed += n
-                self.scheduler.register_full_blocks(req)
-            rows = [b for b, r in enumerate(reqs) if not r.prefilling]  # decodes, and prompts just done
+                if not req.padding:
+                    req.computed += n
+                    self.scheduler.register_full_blocks(req)
+            # Decodes and prompts just done; a padding row's outputs are discarded.
+            rows = [b for b, r in enumerate(reqs) if not r.prefilling and not r.padding]
             if rows:
                 last = hidden[torch.tensor(rows), torch.tensor([ns[b] - 1 for b in rows])]
                 self._sample([reqs[b] for b in rows], self.model.head(last))
@@ -275,23 +279,29 @@ class Engine:
             self._fail([r for r in reqs if r in self.scheduler.running], e)
 
     def _forward(self, reqs: list[Request], ns: list[int], slotted: bool = False) -> torch.Tensor:
-        """Hidden states [B, max(ns), d_model] for the requests' next tokens (shorter rows padded)."""
+        """Hidden states [B, max(ns), d_model] for the requests' next tokens (shorter rows padded).
+
+        A padding row (a finished request of a static batch) recomputes its last position, writing its
+        keys/values to the null block: the row costs what a decode row costs and changes nothing."""
         for req, n in zip(reqs, ns, strict=True):
-            self.scheduler.grow(req, n)
+            if not req.padding:
+                self.scheduler.grow(req, n)
         T = max(ns)
-        tables, starts = [r.table for r in reqs], [r.computed for r in reqs]
-        batch = (SlotBatch(self.slots, tables, starts) if slotted
-                 else PagedBatch(self.kv, tables, starts, T, ns))
-        idx = torch.tensor([r.tokens[r.computed:r.computed + n] + [0] * (T - n)
-                            for r, n in zip(reqs, ns, strict=True)], device=self.kv.device)
+        tables, starts = [r.table for r in reqs], [r.computed - r.padding for r in reqs]
+        discard = [r.padding for r in reqs]
+        batch = (SlotBatch(self.slots, tables, starts, discard) if slotted
+                 else PagedBatch(self.kv, tables, starts, T, ns, discard))
+        rows = zip(reqs, starts, ns, strict=True)
+        idx = torch.tensor([r.tokens[s:s + n] + [0] * (T - n) for r, s, n in rows], device=self.kv.device)
         return self.model(idx, cache=batch, return_hidden=True)
 
     def _fail(self, reqs: list[Request], error: Exception) -> None:
         log.error("engine forward failed for requests %s", [r.id for r in reqs], exc_info=error)
         for req in reqs:
             self._finish(req)
-            self.counters["requests_failed"] += 1
-            req.handle._fail(error)
+            if not req.padding:  # a padding row's request has already finished
+                self.counters["requests_failed"] += 1
+                req.handle._fail(error)
 
     # ----- sampling and outputs -----
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
@@ -316,16 +326,19 @@ class Engine:
         text, stopped = req.text.add(None if stop_id else tok, final)
         reason = "stop" if stop_id or stopped else "length" if final else None
         if reason is not None:
-            self._finish(req)
+            self.scheduler.finish(req)
+            self._requests.pop(req.id, None)
             self.counters["requests_finished"] += 1
         req.handle._put(StepOutput([tok], text, None if entry is None else [entry], reason))
 
     def _finish(self, req: Request) -> None:
+        """A cancelled or failed request leaves the batch (and the engine) at once."""
         self.scheduler.retire(req)
         self._requests.pop(req.id, None)
 
     def _sweep_cancelled(self) -> None:
-        for req in [r for r in (*self.scheduler.waiting, *self.scheduler.running) if r.cancel_requested]:
+        queued = (*self.scheduler.waiting, *self.scheduler.running)
+        for req in [r for r in queued if r.cancel_requested and not r.padding]:
             self._finish(req)
             req.handle._put(StepOutput([], "", None, "cancelled"))
 

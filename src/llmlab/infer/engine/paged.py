@@ -65,12 +65,14 @@ class KVPool:
 class PagedBatch:
     """One forward over B rows of T input positions: row b continues its block table at starts[b] with
     lengths[b] <= T real tokens (default T). A shorter row's padding repeats its last position, writes to the
-    null block and attends like its last token; the caller ignores its outputs."""
+    null block and attends like its last token; the caller ignores its outputs. A row with discard[b] writes
+    all its keys/values to the null block (a static batch's padding row)."""
 
     def __init__(self, pool: KVPool, tables: Sequence[Sequence[int]], starts: Sequence[int], T: int,
-                 lengths: Sequence[int] | None = None):
+                 lengths: Sequence[int] | None = None, discard: Sequence[bool] | None = None):
         self.pool, self.tables, self.starts, self.T = pool, tables, list(starts), T
         self.lengths = [T] * len(tables) if lengths is None else list(lengths)
+        self.discard = [False] * len(tables) if discard is None else list(discard)
         self.write = self.read = None
 
     def begin(self, B: int, T: int) -> CacheStep:
@@ -85,7 +87,8 @@ class PagedBatch:
         width = max(len(t) for t in self.tables)
         table = torch.tensor([list(t) + [NULL_BLOCK] * (width - len(t)) for t in self.tables], device=device)
         slots = table.gather(1, positions // bs) * bs + positions % bs
-        self.write = torch.where(offsets < lengths, slots, NULL_BLOCK * bs).flatten()
+        kept = (offsets < lengths) & ~torch.tensor(self.discard, device=device)[:, None]
+        self.write = torch.where(kept, slots, NULL_BLOCK * bs).flatten()
         if B == 1 and self.starts[0] == 0 and self.lengths[0] == T:  # a prompt's first chunk: causal
             return CacheStep(T, 0, None, T, None, True, slice(0, T))
         L = max(s + n for s, n in zip(self.starts, self.lengths, strict=True))
@@ -173,10 +176,13 @@ class DecodeSlots:
 
 class SlotBatch:
     """One decode forward (T=1) over slots 0..B-1: row b writes its new key/value at position starts[b] of
-    its slot and of its block table's pool slot, and attends to its slot's first starts[b] + 1 positions."""
+    its slot and of its block table's pool slot (the null block's with discard[b]: a static batch's padding
+    row), and attends to its slot's first starts[b] + 1 positions."""
 
-    def __init__(self, slots: DecodeSlots, tables: Sequence[Sequence[int]], starts: Sequence[int]):
+    def __init__(self, slots: DecodeSlots, tables: Sequence[Sequence[int]], starts: Sequence[int],
+                 discard: Sequence[bool] | None = None):
         self.slots, self.tables, self.starts = slots, tables, list(starts)
+        self.discard = [False] * len(tables) if discard is None else list(discard)
         self.write = self.rows = self.positions = None
 
     def begin(self, B: int, T: int) -> CacheStep:
@@ -184,8 +190,9 @@ class SlotBatch:
             raise ModelError(f"a decode batch planned for {len(self.tables)} rows of 1 token got input "
                              f"[{B}, {T}]")
         device, bs = self.slots.pool.device, self.slots.pool.block_size
-        self.write = torch.tensor([t[s // bs] * bs + s % bs for t, s in zip(self.tables, self.starts,
-                                                                            strict=True)], device=device)
+        self.write = torch.tensor([NULL_BLOCK * bs if d else t[s // bs] * bs + s % bs
+                                   for t, s, d in zip(self.tables, self.starts, self.discard, strict=True)],
+                                  device=device)
         self.rows = torch.arange(B, device=device)
         self.positions = torch.tensor(self.starts, device=device)
         L = max(self.starts) + 1

@@ -12,10 +12,18 @@ Every engine step the scheduler
      whose blocks go back to the pool at once.
 No step waits for the batch to drain: a request that finishes leaves, and the next waiting one joins.
 
-policy="static" is classic request-level batching instead, the peer continuous batching is measured against
-(benchmarks/bench_serve.py): waiting requests are admitted only when none runs, up to max_running at once,
-and that batch drains completely (finished requests leave it, nothing joins) before the next is admitted.
-Everything else (paged KV, chunked prefill, prefix caching, sampling) is the same.
+The peers continuous batching is measured against (benchmarks/bench_serve.py) are request-level policies:
+a batch of up to max_running waiting requests is admitted only when none runs, and nothing joins it until
+its last request is done.
+  policy="static" is request-level batching as Orca (Yu et al. 2022) describes it and as FasterTransformer,
+     transformers' generate and llmlab.infer.stream do it: a request that finishes keeps its row in the
+     batch as padding (its stream ends at once, but its row is still computed every decode step, on a
+     dummy input whose outputs are discarded, and its blocks stay held) until the batch's longest request
+     is done; then the whole batch's blocks go back to the pool and the next batch is admitted.
+  policy="static_shrinking" is a stronger variant, reported beside it: a finished request leaves the
+     batch at once (no padded rows, its blocks freed), but still nothing joins until the batch has drained.
+Cancelled and failed requests leave at once under every policy. Everything else (paged KV, chunked
+prefill, prefix caching, sampling) is the same.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ class Request:
         self.registered = 0  # leading blocks offered to the prefix cache
         self.generated = 0
         self.cancel_requested = False
+        self.padding = False  # finished, but its row stays in a static batch until the batch is done
         self.text = TextStream(tokenizer, params.stop)
 
     @property
@@ -68,7 +77,7 @@ class StepPlan:
     prefill: list[tuple[Request, int]]  # (request, number of prompt tokens this step)
 
 
-POLICIES = ("continuous", "static")
+POLICIES = ("continuous", "static", "static_shrinking")
 
 
 class Scheduler:
@@ -81,7 +90,7 @@ class Scheduler:
         self.prefix_hit_blocks = 0
 
     def admit(self) -> None:
-        if self.policy == "static" and self.running:
+        if self.policy != "continuous" and self.running:
             return  # the running batch drains first
         bs = self.pool.block_size
         while self.waiting and len(self.running) < self.max_running:
@@ -152,11 +161,30 @@ class Scheduler:
             self.pool.register(req.table[req.registered], req.key(req.registered, bs))
             req.registered += 1
 
+    def finish(self, req: Request) -> None:
+        """A request is done: it leaves now, or under policy="static" stays as a padding row until every
+        request of its batch is done (module docstring)."""
+        if self.policy == "static":
+            req.padding = True
+            self._release_drained_batch()
+        else:
+            self.retire(req)
+
     def retire(self, req: Request) -> None:
-        """Return a finished, cancelled or failed request's blocks and reservation."""
+        """Return a cancelled or failed (or, unless padded, finished) request's blocks and reservation."""
         if req in self.running:
-            self.running.remove(req)
-            self.pool.release(req.table, req.reserved)
-            req.table, req.reserved = [], 0
+            self._leave(req)
+            self._release_drained_batch()
         elif req in self.waiting:
             self.waiting.remove(req)
+
+    def _leave(self, req: Request) -> None:
+        self.running.remove(req)
+        self.pool.release(req.table, req.reserved)
+        req.table, req.reserved = [], 0
+
+    def _release_drained_batch(self) -> None:
+        """Once only padding rows run, the static batch is done: every row leaves."""
+        if self.running and all(r.padding for r in self.running):
+            for req in list(self.running):
+                self._leave(req)
