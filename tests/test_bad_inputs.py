@@ -414,6 +414,7 @@ CASES = [
     case("export-out-under-file", "export-hf {ckpt} {t}/file/o", "regular file"),
     case("export-missing-tok", "export-hf {ckpt} {t}/o --tokenizer {t}/nope", "nope"),
     case("export-bad-dtype", "export-hf {ckpt} {t}/o --dtype fp7", "fp7"),
+    case("export-reward-no-tokenizer", "export-hf {rm} {t}/o --no-tokenizer", "pad_token_id"),
     case("export-bad-chat-template", "export-hf {t}/ckpt_badchat {t}/o", "also ends a turn"),
     # ---- quantize ----
     case("quant-missing", "quantize {t}/nope --out {t}/o", "nope"),

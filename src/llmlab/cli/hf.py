@@ -3,6 +3,8 @@
 import-hf turns a local HF GPT-2 / Llama / Mistral / Qwen2 directory into an llmlab checkpoint (config.json,
 model.safetensors, tokenizer/) that generate, sft, quantize and serve read like a trained one; export-hf
 writes a checkpoint back as a directory transformers' AutoModelForCausalLM / AutoTokenizer load offline.
+Reward models (scalar head) go both ways as *ForSequenceClassification models with one label (see
+llmlab.model.hf), so `ppo --reward-model` takes an imported one and TRL's trainers take an exported one.
 Both follow llmlab.fsutil.check_output: a non-empty OUT only with --overwrite, never one holding the input.
 """
 
@@ -20,7 +22,9 @@ def register(sub, formatter_class) -> None:
                                    "index, or pytorch_model.bin; tokenizer.json if present) and write the "
                                    "llmlab checkpoint OUT (config.json, model.safetensors, tokenizer/). "
                                    "Supported model_type: gpt2, llama, mistral, qwen2; options llmlab cannot "
-                                   "reproduce exactly (rope scaling, sliding windows, MoE) are refused.")
+                                   "reproduce exactly (rope scaling, sliding windows, MoE) are refused. A "
+                                   "*ForSequenceClassification model with one label imports as a reward "
+                                   "model (scalar head).")
     p.add_argument("src", metavar="DIR", help="local Hugging Face model directory")
     p.add_argument("out", metavar="OUT", help="llmlab checkpoint directory to write (a new or empty one)")
     p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
@@ -34,7 +38,10 @@ def register(sub, formatter_class) -> None:
                                    "fields), model.safetensors and, when the checkpoint has a tokenizer, "
                                    "tokenizer.json, tokenizer_config.json and special_tokens_map.json; "
                                    "transformers' AutoModelForCausalLM.from_pretrained(OUT) and "
-                                   "AutoTokenizer load it offline.")
+                                   "AutoTokenizer load it offline. A reward model (scalar head) is written "
+                                   "as *ForSequenceClassification with one label and its tokenizer's pad id "
+                                   "(AutoModelForSequenceClassification loads it), so it needs the "
+                                   "tokenizer.")
     p.add_argument("checkpoint", metavar="CKPT",
                    help="llmlab checkpoint directory, e.g. runs/demo/ckpt-000500")
     p.add_argument("out", metavar="OUT", help="Hugging Face directory to write (a new or empty one)")
@@ -66,5 +73,6 @@ def run_export(args) -> int:
 
 def _summary(verb: str, src: str, out: str, info: dict) -> str:
     tok = "with tokenizer" if info["tokenizer"] else "no tokenizer"
-    return (f"{verb} {info['model_type']} model ({info['params'] / 1e6:.1f}M params, {info['dtype']}, "
+    kind = "reward model" if info["head"] == "scalar" else "model"
+    return (f"{verb} {info['model_type']} {kind} ({info['params'] / 1e6:.1f}M params, {info['dtype']}, "
             f"{tok}): {src} -> {out}")

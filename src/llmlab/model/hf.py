@@ -6,6 +6,14 @@ back.
     model, _ = load_hf("gpt2-dir", dtype="bf16", tokenizer=False)
     save_hf(model, "out-dir", tokenizer=tok)            # AutoModelForCausalLM / AutoTokenizer load it offline
 
+Reward models. A Transformer with a scalar head (ModelConfig.head="scalar", see llmlab.align.reward) is
+written as GPT2ForSequenceClassification / LlamaForSequenceClassification / Qwen2ForSequenceClassification
+with one label: the backbone's tensors as for a language model plus `score.weight` [1, d_model] (no bias, in
+both), and config.json's pad_token_id set to the tokenizer's padding id, because transformers reads the score
+at the last token that is not pad_token_id, which is where llmlab reads it (the last real token). A
+*ForSequenceClassification directory with one label loads back with head="scalar", so HF reward models import
+like language models.
+
 Supported (model_type in config.json): gpt2, llama, mistral and qwen2, which covers GPT-2, Llama 1/2/3, Llama
 3.1/3.2 (their "llama3" rope scaling is reproduced), TinyLlama, SmolLM (tied embeddings), Mistral without a
 sliding window in use and Qwen2/2.5 (biases on q/k/v only). Tokenizers come through Tokenizer.from_hf, which
@@ -41,6 +49,7 @@ returned in eval mode, so it only matters when fine-tuning.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +72,8 @@ TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = "tokenizer.json", "tokeni
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 SUPPORTED = ("gpt2", *LLAMA_FAMILY)
+SEQUENCE_CLASSIFICATION = "ForSequenceClassification"  # the architectures suffix of a reward-model export
+SCORE = "score.weight"                                  # its head, top-level in HF files as in llmlab's state
 
 # Model types people will try, with the reason they do not map onto this Transformer.
 UNSUPPORTED_TYPES = {
@@ -136,10 +147,24 @@ def config_from_hf(hf: dict[str, Any], source: str = CONFIG) -> ModelConfig:
                          f"{', '.join(SUPPORTED)} (GPT-2 and Llama-family checkpoints)")
     _refuse_moe(hf, source)
     cfg = _gpt2_config(hf, source) if model_type == "gpt2" else _llama_config(hf, source)
+    cfg = dataclasses.replace(cfg, head=_head(hf, source))
     try:
         return cfg.validate()
     except ModelError as e:
         raise ModelError(f"{source}: {e}") from e
+
+
+def _head(hf: dict, source: str) -> str:
+    """"scalar" for a *ForSequenceClassification model with one label (a reward model), else "lm"."""
+    if not any(str(a).endswith(SEQUENCE_CLASSIFICATION) for a in hf.get("architectures") or []):
+        return "lm"
+    labels = hf.get("id2label")
+    # transformers reads the count from id2label, else num_labels, else its default of 2.
+    n = len(labels) if isinstance(labels, dict) else hf.get("num_labels", 2)
+    if n != 1:
+        raise _refuse(source, "num_labels", n, "llmlab's scalar head gives one score per sequence, as a "
+                      "reward model does; a classifier with several labels has no llmlab equivalent")
+    return "scalar"
 
 
 def _need(hf: dict, key: str, source: str) -> Any:
@@ -278,20 +303,23 @@ def _check_sliding_window(hf: dict, source: str, block_size: int) -> None:
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, specials: dict[str, int | None]) -> dict[str, Any]:
     """HF config.json fields for a Transformer (GPT2Config, LlamaConfig or Qwen2Config); ModelError when the
-    combination of options has no Hugging Face architecture."""
+    combination of options has no Hugging Face architecture. A scalar head names the
+    *ForSequenceClassification architecture, with one label."""
     dtype_name = str(dtype).removeprefix("torch.")
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
               # transformers 5 reads "dtype", 4.x "torch_dtype"; both accept the other's file.
               "dtype": dtype_name, "torch_dtype": dtype_name, **specials}
+    if cfg.head == "scalar":  # as transformers writes num_labels=1
+        common.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     if _flavour(cfg) == "gpt2":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layer,
+        return {"architectures": [_architecture(cfg, "GPT2")], "model_type": "gpt2", "n_layer": cfg.n_layer,
                 "n_head": cfg.n_head, "n_embd": cfg.d_model,
                 "n_inner": None if cfg.ffn_dim == 4 * cfg.d_model else cfg.ffn_dim,
                 "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "activation_function": "gelu_new",
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                 "attn_pdrop": cfg.dropout, "scale_attn_weights": True, **common}
     qwen2 = hf_model_type(cfg) == "qwen2"
-    out = {"architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+    out = {"architectures": [_architecture(cfg, "Qwen2" if qwen2 else "Llama")],
            "model_type": "qwen2" if qwen2 else "llama", "num_hidden_layers": cfg.n_layer,
            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "hidden_size": cfg.d_model,
            "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_dim,
@@ -307,6 +335,13 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, specials: dict[str, int |
     else:
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     return out
+
+
+def _architecture(cfg: ModelConfig, family: str) -> str:
+    """The HF class a config exports as: the family's LM class, or its sequence classifier (scalar head)."""
+    if cfg.head == "scalar":
+        return family + SEQUENCE_CLASSIFICATION
+    return "GPT2LMHeadModel" if family == "GPT2" else f"{family}ForCausalLM"
 
 
 def _hf_rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
@@ -387,7 +422,8 @@ class Slot:
 
 def tensor_map(model: Transformer, prefix: str) -> list[Slot]:
     """A Slot for every tensor the model stores (the tied LM head excluded), HF names under `prefix`
-    ("transformer." / "model." in LMHead / ForCausalLM files, "" in bare-model files)."""
+    ("transformer." / "model." in LMHead / ForCausalLM / ForSequenceClassification files, "" in bare-model
+    files); a scalar head's score.weight keeps its name, top-level."""
     cfg = model.config
     gpt2 = cfg.position == "learned"
     layer_map, top, layers = (GPT2_LAYER, GPT2_TOP, "h") if gpt2 else (LLAMA_LAYER, LLAMA_TOP, "layers")
@@ -396,6 +432,9 @@ def tensor_map(model: Transformer, prefix: str) -> list[Slot]:
         if name == "lm_head.weight":
             if not cfg.tie_embeddings:
                 slots.append(Slot(name, tuple(t.shape), ["lm_head.weight"]))
+            continue
+        if name == SCORE:
+            slots.append(Slot(name, tuple(t.shape), [SCORE]))
             continue
         module, leaf = name.rsplit(".", 1)
         if module.startswith("blocks."):
@@ -484,13 +523,14 @@ def _assemble(cfg: ModelConfig, weights: HFWeights, dtype, device, progress: boo
     prefix = _detect_prefix(names, "wte", ("transformer.", "")) if cfg.position == "learned" else \
         _detect_prefix(names, "embed_tokens", ("model.", ""))
     slots = tensor_map(model, prefix)
-    check_weights(weights, slots, cfg.tie_embeddings)
+    tied = cfg.tie_embeddings and cfg.head == "lm"  # a scalar head has no LM head to tie
+    check_weights(weights, slots, tied)
     dtype = dtype or weights.dtype(slots[0].sources[0])  # the embedding table's: the checkpoint's dtype
     scratch = Scratch()
     state = {slot.name: _build(slot, weights, dtype, device, scratch)
              for slot in _bar(slots, progress, "loading")}
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
+    if tied:
         model.lm_head.weight = model.tok_emb.weight
     model._make_rope(device)
     model.to(dtype)  # the rope tables follow the weights' dtype, as in Transformer.load
@@ -522,11 +562,10 @@ def _bar(items, progress: bool, desc: str):
 def save_hf(model: Transformer, path: str | Path, tokenizer=None) -> None:
     """Write PATH as a HF model directory: config.json, model.safetensors and, with a tokenizer,
     tokenizer.json, tokenizer_config.json and special_tokens_map.json (plus generation_config.json when the
-    tokenizer has a chat template, see generation_config). PATH is written atomically (replaced whole)."""
+    tokenizer has a chat template, see generation_config). PATH is written atomically (replaced whole).
+    A scalar-head model (a reward model) is written as a *ForSequenceClassification model and needs the
+    tokenizer for its padding id (module docstring)."""
     cfg = model.config
-    if cfg.head != "lm":
-        raise ModelError(f"cannot export: the model has head={cfg.head!r} (a reward or value model); "
-                         "export-hf writes language models, export the checkpoint its backbone came from")
     dtype = model.tok_emb.weight.dtype
     _flavour(cfg)  # refuse early, before writing anything
     state = model.state_dict()
@@ -538,14 +577,30 @@ def save_hf(model: Transformer, path: str | Path, tokenizer=None) -> None:
                          "(quantized or modified model?); export the unquantized checkpoint")
     slots = tensor_map(model, "transformer." if cfg.position == "learned" else "model.")
     specials = _special_ids(tokenizer)
+    if cfg.head == "scalar":
+        _check_reward_padding(tokenizer, specials)
     with atomic_dir(path) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config_to_hf(cfg, dtype, specials), indent=2) + "\n")
         write_safetensors(tmp / SAFETENSORS, _hf_tensors(slots, state), metadata={"producer": "llmlab"})
         if tokenizer is not None:
             save_hf_tokenizer(tokenizer, tmp, model_max_length=cfg.block_size)
-        generation = generation_config(tokenizer)
+        generation = generation_config(tokenizer) if cfg.head == "lm" else None
         if generation is not None:
             (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def _check_reward_padding(tokenizer, specials: dict[str, int | None]) -> None:
+    """ModelError unless a reward model's export gets a padding id that ends no sequence: transformers reads
+    the score at the last token that is not pad_token_id, so without one it cannot score a padded batch, and
+    with pad = eos it would read the token before the eos."""
+    pad, eos = specials["pad_token_id"], specials["eos_token_id"]
+    if tokenizer is not None and pad is not None and pad != eos:
+        return
+    why = "it comes without a tokenizer" if tokenizer is None else \
+        "its tokenizer has no padding token" if pad is None else f"its tokenizer pads with its eos id {eos}"
+    raise ModelError(f"cannot export the reward model (head 'scalar'): {why}, and transformers reads the "
+                     "score at the last token that is not pad_token_id; export it with its tokenizer (not "
+                     "--no-tokenizer), one with a pad token distinct from eos such as llmlab's <|pad|>")
 
 
 def _hf_tensors(slots: list[Slot], state: dict[str, torch.Tensor]):
@@ -675,7 +730,7 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, tokeni
 
 
 def _summary(model_type: str, model: Transformer, tok) -> dict:
-    return {"model_type": model_type, "params": model.num_params(),
+    return {"model_type": model_type, "head": model.config.head, "params": model.num_params(),
             "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."), "tokenizer": tok is not None}
 
 
