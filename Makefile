@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: demo test bench lint clean setup
+.PHONY: demo test bench bench-peers lint clean setup
 
 setup: $(STAMP)
 
@@ -27,7 +27,13 @@ test: $(STAMP)
 # runs/bench/NAME.json, then summary.py prints one table of all targets and fails if one was missed.
 MODEL_BENCH := benchmarks/bench_quant.py benchmarks/bench_speculative.py
 BENCH_OUT := runs/bench
-bench: $(STAMP)
+# bench_rl.py's PPO peer: trl 1.12, the last TRL with a PPOTrainer, beside (not over) the trl the project pins;
+# bench_rl runs it in its own process with this directory first on PYTHONPATH.
+TRL_PPO_PEER := benchmarks/.peers/trl-1.12
+bench-peers: $(STAMP)
+	test -d $(TRL_PPO_PEER)/trl || $(BIN)/python -m pip install -q --no-deps --target $(TRL_PPO_PEER) trl==1.12.0
+
+bench: $(STAMP) bench-peers
 	rm -rf $(BENCH_OUT) && mkdir -p $(BENCH_OUT)
 	for b in $(filter-out $(MODEL_BENCH),$(wildcard benchmarks/bench_*.py)); do \
 		echo "== $$b"; $(BIN)/python $$b --no-check | tee $(BENCH_OUT)/$$(basename $$b .py).json; done
@@ -37,4 +43,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info $(TRL_PPO_PEER)
