@@ -14,7 +14,9 @@ computed chunk by chunk from the hidden states (loss.py), never holding the [B*T
 
 Packed rows: `segment_ids` [B, T] marks examples packed into one row (a new segment starts wherever the
 id changes). A token attends only to earlier tokens of its own segment and positions restart at 0 in each,
-so every example is computed exactly as if it were alone in its row.
+so every example is computed exactly as if it were alone in its row. For layouts segments cannot
+express (RL packs one prompt once with several responses that each see it, not each other), `attn_mask`
+[B, T, T] (True: query t may attend key s) and `positions` [B, T] give the mask and positions directly.
 
 Attention is causal self-attention through torch's scaled_dot_product_attention (flash / memory-efficient
 kernels where the device has them) with the explicit softmax(QK^T/sqrt(d) + mask)V kept beside it for checking
@@ -235,15 +237,18 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False,
                 targets: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean", *,
-                segment_ids: torch.Tensor | None = None, output: str | None = None):
+                segment_ids: torch.Tensor | None = None, output: str | None = None,
+                attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                temperature: float = 1.0):
         """idx LongTensor [B, T] -> what `output` names (module docstring): "logits" [B, T, vocab] (the
         default for an LM head), "scores" [B, T] (the default for a scalar head), "hidden" [B, T, d_model]
         (also return_hidden=True), "loss" (the default with `targets`: cross-entropy against targets [B, T],
         ignore_index skipped, `reduction` "mean" or "sum") or "logprobs" (log p(targets) [B, T], float32,
-        0 at ignore_index).
+        0 at ignore_index; of the tempered softmax(logits / temperature) when temperature is not 1).
 
         With `cache`, idx continues each row at cache.pos (see kv_cache.py) and the cache advances by T.
-        With `segment_ids` [B, T] (no cache), packed examples do not see each other (module docstring).
+        With `segment_ids` [B, T] (no cache), packed examples do not see each other (module docstring);
+        `attn_mask` [B, T, T] with `positions` [B, T] (no cache) lay out packed rows explicitly.
         """
         output = output or ("loss" if targets is not None else "hidden" if return_hidden else
                             "scores" if self.config.head == "scalar" else "logits")
@@ -254,13 +259,16 @@ class Transformer(nn.Module):
                 raise ModelError(f"input of {T} tokens is longer than the model's block_size "
                                  f"{self.config.block_size}; shorten it to at most {self.config.block_size} "
                                  "tokens")
-            step, positions = None, slice(0, T)
+            step = None
             if segment_ids is not None:
                 step = segment_step(segment_ids)
-                positions = step.positions
+            elif attn_mask is not None or positions is not None:
+                step = packed_step(attn_mask, positions)
+            positions = slice(0, T) if step is None else step.positions
         else:
-            if segment_ids is not None:
-                raise ModelError("segment_ids apply to training passes without a KV cache; drop one of them")
+            if segment_ids is not None or attn_mask is not None or positions is not None:
+                raise ModelError("segment_ids / attn_mask / positions apply to passes without a KV cache; "
+                                 "drop one of them")
             step = cache.begin(B, T)
             positions = step.positions
         x = self.tok_emb(idx)
@@ -281,8 +289,8 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if output == "loss":
             return self._cross_entropy(x, targets, ignore_index, reduction)
-        if output == "logprobs":
-            return self._token_logprobs(x, targets, ignore_index)
+        if output == "logprobs":  # (h / T) @ W.T = logits / T
+            return self._token_logprobs(x if temperature == 1 else x / temperature, targets, ignore_index)
         return x if output == "hidden" else self.head(x)
 
     def _check_output(self, output: str, targets: torch.Tensor | None) -> None:
@@ -441,6 +449,15 @@ def segment_step(segment_ids: torch.Tensor) -> CacheStep:
     mask = (runs[:, :, None] == runs[:, None, :]) & causal
     # No cache: a CacheStep here only carries the mask and the positions to the attention layers.
     return CacheStep(T, 0, None, T, mask[:, None], False, positions)
+
+
+def packed_step(attn_mask: torch.Tensor, positions: torch.Tensor | None) -> CacheStep:
+    """An explicit layout of packed rows: attn_mask [B, T, T] (True: may attend), positions [B, T]."""
+    if attn_mask is None or positions is None or attn_mask.dim() != 3 or \
+            attn_mask.shape[1:] != positions.shape[1:] * 2 or attn_mask.shape[:2] != positions.shape:
+        raise ModelError("attn_mask [B, T, T] needs positions [B, T] of the input's shape; pass both")
+    T = positions.shape[1]
+    return CacheStep(T, 0, None, T, attn_mask[:, None], False, positions)
 
 
 def read_meta(path: Path) -> dict:
