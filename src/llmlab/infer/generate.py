@@ -15,6 +15,10 @@ row thus sees exactly the positions and keys it would see alone.
 
 Determinism: `seed` seeds a private torch.Generator, so the same seed gives the same tokens on the same
 machine, whatever else uses torch's global RNG.
+
+`sample_with_logprobs` is generate() that also returns what the sampler computed anyway: each new token's
+log-probability under softmax(logits / temperature) and the hidden state it was drawn from. RL fine-tuning
+needs both (the old policy's log-probs, a value head's input) and would otherwise run the policy again.
 """
 
 from __future__ import annotations
@@ -61,6 +65,34 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
     return assemble(prompt, lengths, new, pad_id, single, stop)
 
 
+def sample_with_logprobs(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                         top_p: float | None = None, seed: int | None = None,
+                         stop: int | Iterable[int] | None = None, pad_id: int = -1, hidden: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """-> (generate()'s output, the new tokens' log-probs, their hidden states or None) for the same
+    arguments and seed; the same tokens as generate().
+
+    log-probs [B, N] (N new-token columns, [N] for one prompt): log softmax(logits / temperature) of each new
+    token (the raw logits at temperature 0), the distribution sampled from before top-k/top-p; 0 after a
+    row's end. With hidden=True also the final-normed hidden states [B, N, d_model] whose logits drew each
+    token (0 after a row's end)."""
+    prompt, lengths, single = prepare_prompts(model, ids, max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
+    steps = list(_decode(model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                         pad_id, extras=True))
+    B = prompt.shape[0]
+    if steps:
+        tokens, logprobs, states = (torch.stack(part, dim=1) for part in zip(*steps, strict=True))
+    else:
+        tokens, logprobs = prompt.new_empty(B, 0), torch.zeros(B, 0, device=prompt.device)
+        states = torch.zeros(B, 0, model.config.d_model, device=prompt.device)
+    out = assemble(prompt, lengths, tokens, pad_id, single, stop)
+    states = states if hidden else None
+    if single:
+        return out, logprobs[0], None if states is None else states[0]
+    return out, logprobs, states
+
+
 def stream(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None, stop: int | Iterable[int] | None = None,
            pad_id: int = -1) -> Iterator:
@@ -75,8 +107,10 @@ def stream(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int
 
 
 @torch.inference_mode()
-def _decode(model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, seed, stop, pad_id):
-    """Yield one LongTensor [B] per step (pad_id for rows that already ended)."""
+def _decode(model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, seed, stop, pad_id,
+            extras: bool = False):
+    """Yield one LongTensor [B] per step (pad_id for rows that already ended); with extras, (those tokens,
+    their log-probs [B] float32, the hidden states [B, d_model] they were drawn from), 0 for ended rows."""
     if max_new_tokens == 0:
         return
     B, P = prompt.shape
@@ -97,17 +131,32 @@ def _decode(model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, s
         ended = torch.zeros(B, dtype=torch.bool, device=device) if stop_ids is not None else None
         for i in range(max_new_tokens):
             tok = next_token(logits, temperature, top_k, top_p, generator)
-            if ended is None:
-                yield tok
+            out = tok if ended is None else tok.masked_fill(ended, pad_id)
+            if extras:
+                yield (out, *_token_extras(logits, tok, hidden, temperature, ended))
             else:
-                yield tok.masked_fill(ended, pad_id)
+                yield out
+            if ended is not None:
                 ended = ended | torch.isin(tok, stop_ids)
                 if bool(ended.all()):
                     return
             if i + 1 < max_new_tokens:
-                logits = model(tok[:, None], cache=cache)[:, -1]
+                if extras:  # the hidden state is wanted too: the head runs here, on it
+                    hidden = model(tok[:, None], cache=cache, return_hidden=True)[:, -1]
+                    logits = model.head(hidden)
+                else:
+                    logits = model(tok[:, None], cache=cache)[:, -1]
     finally:
         model.train(was_training)
+
+
+def _token_extras(logits, tok, hidden, temperature, ended) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(logits / temperature)[tok] [B], hidden [B, d]), zeroed on ended rows."""
+    scaled = logits.float() / temperature if temperature else logits.float()
+    logprob = scaled.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+    if ended is None:
+        return logprob, hidden
+    return logprob.masked_fill(ended, 0.0), hidden.masked_fill(ended[:, None], 0.0)
 
 
 # ----- text in, text out (the `llmlab generate` command) -----
