@@ -77,6 +77,12 @@ def test_grpo_raises_the_mean_reward(baseline):
     assert records[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_the_first_update_is_on_policy_at_a_sampling_temperature():
+    records = train_grpo(steps=1, temperature=0.7)[2]
+    assert records[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert records[0]["policy/approxkl_avg"] < 1e-9
+
+
 def test_advantages_are_relative_to_each_prompts_own_group():
     policy = tiny(0)
     cfg = GRPOConfig(prompts_per_rollout=4, num_generations=4, max_completion_length=8)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from llmlab.align import rl
-from llmlab.align.ppo import PolicyAndValue, PolicyValueHead, PPOConfig, PPOObjective, frozen, state_values
-from llmlab.align.rollout import Rollout, at_response, rollout
+from llmlab.align.ppo import PolicyAndValue, PolicyValueHead, PPOConfig, PPOObjective, frozen
+from llmlab.align.rollout import Rollout, rollout
 from llmlab.errors import ConfigError
 from llmlab.model import ModelConfig, Transformer
 from llmlab.train import OptimConfig, TrainConfig, Trainer
@@ -100,9 +100,9 @@ def test_ppo_with_a_value_head_on_the_policy_raises_the_mean_reward():
     # The zero-initialised head has learnt the returns: on the last rollout batch it is closer to them than
     # the all-zero values it started with.
     b = objective.buffer
-    ro = Rollout(**{k: b[k] for k in Rollout.__dataclass_fields__})
+    ro = Rollout(**{k: b.get(k) for k in Rollout.__dataclass_fields__})
     with torch.no_grad():
-        values = at_response(state_values(policy, head, ro.sequences[:, :-1]), ro)
+        values = head(policy(ro.sequences[:, :-1], output="hidden")).gather(1, ro.columns) * ro.mask
     error = rl.masked_mean((values - b["returns"]) ** 2, ro.mask)
     assert error < 0.8 * rl.masked_mean(b["returns"] ** 2, ro.mask), error
 
@@ -130,6 +130,16 @@ def test_metrics_carry_trl_names_and_stay_constant_within_a_rollout(free_run):
     # beta = 0: no non-score reward, the RLHF reward is the score.
     assert records[0]["objective/non_score_reward"] == 0
     assert records[0]["objective/rlhf_reward"] == pytest.approx(records[0]["objective/scores"])
+
+
+@pytest.mark.parametrize("value", ["model", "head"])
+def test_the_first_update_is_on_policy_at_any_temperature(value):
+    # The rollout's log-probs come from the sampler, the update's from a packed forward; both are of the
+    # tempered distribution the tokens were drawn from, so the first minibatch's ratio is 1.
+    head = PolicyValueHead(32) if value == "head" else None
+    records = train_ppo(kl_coef=0.1, steps=1, temperature=0.7, value=head)[3]
+    assert records[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert records[0]["policy/approxkl_avg"] < 1e-9 and records[0]["policy/clipfrac_avg"] == 0
 
 
 def test_micro_batches_give_the_same_update_as_whole_minibatches():

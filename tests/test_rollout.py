@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmlab.align.rollout import MinibatchQueue, PromptStream, response_values, rollout
+from llmlab.align.rollout import (
+    MinibatchQueue,
+    PromptStream,
+    at_response,
+    last_token_scores,
+    pack,
+    response_logprobs,
+    response_values,
+    rollout,
+)
 from llmlab.errors import ConfigError, ModelError
 from llmlab.infer import generate
 from llmlab.model import ModelConfig, Transformer
@@ -118,3 +127,84 @@ def test_minibatch_queue_holds_epochs_of_shuffled_micro_batches():
     assert sorted(torch.cat(items[4:]).tolist()) == list(range(8))
     with pytest.raises(ConfigError, match="multiple of 4"):
         queue.fill(6, epochs=1, num_minibatches=2, accum=2, seed=0)
+
+
+def tempered_logprobs(model, ro, temperature: float) -> torch.Tensor:
+    """[B, R] log softmax(logits / temperature) of each response token from a padded full forward."""
+    with torch.no_grad():
+        logits = model(ro.sequences[:, :-1]).float() / temperature
+    picked = logits.log_softmax(-1).gather(-1, ro.sequences[:, 1:, None]).squeeze(-1)
+    return picked.gather(1, ro.columns.clamp(max=picked.shape[1] - 1)) * ro.mask
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampler_logprobs_equal_a_full_forward_at_the_sampling_temperature(temperature):
+    policy, ref = tiny("llama", 0), tiny("llama", 1)
+    kwargs = dict(stop_ids=[3, 4], pad_id=PAD, max_new_tokens=8, temperature=temperature, seed=5)
+    ro = rollout(policy, PROMPTS, reference=ref, hidden=True, **kwargs)
+    assert not bool(ro.mask.all())  # some row ended early: padding is covered too
+    # The old policy's log-probs come from the sampler, the reference's from a packed forward: both are
+    # the tempered distribution the tokens were drawn from, as a padded full forward computes it.
+    torch.testing.assert_close(ro.logprobs, tempered_logprobs(policy, ro, temperature), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ro.ref_logprobs, tempered_logprobs(ref, ro, temperature), atol=1e-5, rtol=0)
+    # The same tokens as plain generation with the same seed.
+    out = generate(policy, PROMPTS, 8, temperature=temperature, seed=5, stop=[3, 4], pad_id=PAD)
+    assert torch.equal(out[:, : ro.sequences.shape[1]], ro.sequences)
+    # The hidden states that drew each token: the full forward's at the predicting positions.
+    with torch.no_grad():
+        full = policy(ro.sequences[:, :-1], output="hidden")
+    columns = ro.columns.clamp(max=full.shape[1] - 1)
+    expected = full.gather(1, columns[..., None].expand(-1, -1, full.shape[-1])) * ro.mask[..., None]
+    torch.testing.assert_close(ro.hidden, expected, atol=1e-5, rtol=0)
+
+
+SHARED = [[5, 6, 7, 8, 9], [10, 11], [5, 6, 7, 8, 9], [19], [5, 6, 7, 8, 9], [12, 13, 14, 15, 16, 17, 18],
+          [10, 11]]
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+@pytest.mark.parametrize("capacity", [1, 16, 32])
+def test_packed_forwards_equal_padded_ones(flavour, capacity):
+    policy, rm = tiny(flavour, 0), tiny(flavour, 2, head="scalar")
+    ro = rollout(policy, SHARED, stop_ids=[3], pad_id=PAD, max_new_tokens=7, seed=2)
+    for with_last in (False, True):
+        packed = pack(ro, capacity, with_last=with_last)
+        if capacity == 1:  # no room to share: every response in its own row, with its own prompt copy
+            assert packed.idx.shape[0] == len(SHARED)
+        assert packed.idx.shape[1] <= max(capacity, int((ro.prompt_lengths + ro.lengths).max()))
+        with torch.no_grad():
+            torch.testing.assert_close(response_logprobs(policy, ro, 0.8, packed),
+                                       tempered_logprobs(policy, ro, 0.8), atol=1e-5, rtol=0)
+            padded_values = at_response(rm(ro.sequences[:, :-1]), ro) * ro.mask
+            torch.testing.assert_close(response_values(rm, ro, packed), padded_values, atol=1e-5, rtol=0)
+            if with_last:
+                padded = rm(ro.sequences)[torch.arange(len(SHARED)), ro.prompt_lengths + ro.lengths - 1]
+                torch.testing.assert_close(last_token_scores(rm, ro, packed), padded, atol=1e-5, rtol=0)
+    assert pack(ro, 32).idx.numel() < ro.sequences.numel()  # the point: fewer positions than padding
+
+
+def test_packed_gradients_equal_padded_ones():
+    policy = tiny("llama", 0).train()
+    ro = rollout(policy, SHARED, stop_ids=[3], pad_id=PAD, max_new_tokens=7, seed=2)
+    weights = torch.linspace(-1, 1, ro.mask.numel()).view_as(ro.mask)
+
+    def grads(logprobs):
+        policy.zero_grad()
+        (logprobs * weights).sum().backward()
+        return [p.grad.clone() for p in policy.parameters()]
+
+    padded = policy(ro.sequences[:, :-1], targets=ro.sequences[:, 1:], output="logprobs")
+    expected = grads(padded.gather(1, ro.columns.clamp(max=padded.shape[1] - 1)) * ro.mask)
+    got = grads(response_logprobs(policy, ro, 1.0, pack(ro, 32)))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+def test_attn_mask_needs_positions_of_the_inputs_shape():
+    model = tiny("gpt2", 0)
+    idx = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ModelError, match="positions") as info:
+        model(idx, attn_mask=torch.ones(1, 3, 3, dtype=torch.bool))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelError, match="positions"):
+        model(idx, attn_mask=torch.ones(1, 3, 3, dtype=torch.bool), positions=torch.zeros(1, 2).long())

@@ -59,6 +59,8 @@ from llmlab.align.rollout import (
     encode_prompts,
     grader_reward,
     last_token_scores,
+    pack,
+    pack_capacity,
     read_prompt_messages,
     response_logprobs,
     rollout,
@@ -157,7 +159,7 @@ class GRPOObjective(RolloutObjective):
         else:
             advantages = rl.group_advantages(rewards, G, scale=cfg.scale_rewards)
         ro.scores = rewards
-        self.buffer = {**vars(ro), "advantages": advantages}
+        self.buffer = {**ro.tensors(), "advantages": advantages}
         self.stats = mean_over_ranks({**self._rollout_stats(ro, rewards), **timings})
         self.batches.fill(len(indices), cfg.num_iterations, cfg.num_mini_batches, self.accum,
                           seed=cfg.seed * 1_000_003 + self._index())
@@ -178,7 +180,8 @@ class GRPOObjective(RolloutObjective):
         cfg, b = self.cfg, {k: v[rows.to(v.device)].to(device) for k, v in self.buffer.items()}
         mb = Rollout(**{k: b.get(k) for k in Rollout.__dataclass_fields__})
         mask = mb.mask
-        logprobs = response_logprobs(model, mb)
+        packed = pack(mb, pack_capacity(model, mb))
+        logprobs = response_logprobs(model, mb, cfg.temperature, packed)
         pg = rl.policy_loss_terms(logprobs, mb.logprobs, b["advantages"], cfg.epsilon)
         kl = rl.kl_estimate(logprobs, mb.ref_logprobs, "k3")
         weight = mask.sum()
@@ -188,7 +191,7 @@ class GRPOObjective(RolloutObjective):
                    "policy/kl_avg": rl.masked_sum(kl, mask),
                    "val/ratio": rl.masked_sum(pg["ratio"], mask),
                    **{k: v * weight for k, v in self.stats.items()},
-                   "n_tokens": mb.sequences.numel()}
+                   "n_tokens": packed.idx.numel()}
         loss_sum = rl.masked_sum(pg["loss"] + cfg.beta * kl, mask)
         return LossOutput(loss_sum, weight, {k: v.detach() if isinstance(v, torch.Tensor) else v
                                              for k, v in metrics.items()})

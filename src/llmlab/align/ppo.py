@@ -6,9 +6,11 @@
 
 Every `num_ppo_epochs * num_mini_batches` optimizer steps, prepare_step collects a rollout batch of
 `rollout_batch_size` prompts (llmlab.align.rollout): responses sampled from the policy and ended at the chat
-template's end-of-turn, their log-probs under the policy and the frozen reference, the frozen reward model's
-score at the last real token (minus missing_eos_penalty for a response cut at the length limit), and the
-value model's values. Then, with llmlab.align.rl:
+template's end-of-turn, their log-probs under the policy (from the sampler) and the frozen reference, the
+frozen reward model's score at the last real token (minus missing_eos_penalty for a response cut at the
+length limit), and the value model's values (for the value head: from the sampler's hidden states, so no
+second policy forward). Every forward after sampling, and the update's, runs on packed rows
+(llmlab.align.rollout.pack). Then, with llmlab.align.rl:
     rewards    = -beta * KL estimate (k1 or k3) per token, + the score at the last token
     advantages = GAE(gamma, lam) over the response tokens, whitened over the batch; returns = A + V
 and the batch's rows are queued for `num_ppo_epochs` passes, each a fresh shuffle split into
@@ -57,14 +59,17 @@ from torch import nn
 
 from llmlab.align import rl
 from llmlab.align.rollout import (
+    IGNORE,
     MinibatchQueue,
     PromptStream,
     Rollout,
     RolloutObjective,
     TaskEval,
-    at_response,
     encode_prompts,
+    pack,
+    pack_capacity,
     read_prompt_messages,
+    response_values,
     rollout,
     task_prompts,
 )
@@ -145,33 +150,42 @@ class PolicyValueHead(nn.Module):
 class PolicyAndValue(nn.Module):
     """The policy and the value model as one module for the trainer. One forward runs both, so a DDP wrapper
     sees every parameter used once per backward:
-        model(idx, targets) -> (the policy's log p(targets | idx) [B, T], the values [B, T])
-    With a PolicyValueHead the policy runs once: log-probs and values come from the same hidden states."""
+        model(idx, targets, temperature, **layout) -> (the policy's log p(targets | idx) [B, T] at
+                                                       `temperature` (0 at IGNORE), the values [B, T])
+    `layout` is a packed layout's attn_mask and positions (llmlab.align.rollout.Packed.layout). With a
+    PolicyValueHead the policy runs once: log-probs and values come from the same hidden states."""
 
     def __init__(self, policy: nn.Module, value: nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                **layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.value, PolicyValueHead):
-            hidden = self.policy(idx, output="hidden")
-            return token_logprobs(self.policy, hidden, targets), self.value(hidden)
-        return self.policy(idx, targets=targets, output="logprobs"), self.value(idx, output="scores").float()
+            hidden = self.policy(idx, output="hidden", **layout)
+            return token_logprobs(self.policy, hidden / temperature, targets), self.value(hidden)
+        logprobs = self.policy(idx, targets=targets, output="logprobs", ignore_index=IGNORE,
+                               temperature=temperature, **layout)
+        return logprobs, self.value(idx, output="scores", **layout).float()
 
 
 def token_logprobs(policy: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets) [B, T] from the policy's final hidden states, as policy(..., output="logprobs")."""
+    """log p(targets) [B, T] from the policy's final hidden states, as policy(..., output="logprobs"), 0
+    where targets is IGNORE."""
     if isinstance(policy.lm_head, nn.Linear):
-        return linear_token_logprobs(hidden, policy.lm_head.weight, targets)
+        return linear_token_logprobs(hidden, policy.lm_head.weight, targets, IGNORE)
     logits = policy.head(hidden).float()  # a swapped-in head (e.g. quantized): the plain way
-    return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    kept = targets != IGNORE
+    picked = logits.log_softmax(-1).gather(-1, targets.masked_fill(~kept, 0)[..., None]).squeeze(-1)
+    return picked.masked_fill(~kept, 0.0)
 
 
-def state_values(policy: nn.Module, value: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    """[B, T] the value of each position's state: the value model's scores, or the head on the policy's."""
+def rollout_values(value: nn.Module, ro: Rollout) -> torch.Tensor:
+    """[B, R] the value of each response token's state: a value head on the sampler's hidden states
+    (ro.hidden), or the value model's scores on packed rows; 0 on padding."""
     if isinstance(value, PolicyValueHead):
-        return value(unwrap(policy)(idx, output="hidden"))
-    return value(idx, output="scores").float()
+        return value(ro.hidden) * ro.mask
+    return response_values(value, ro)
 
 
 def value_from(reward_model: nn.Module) -> nn.Module:
@@ -234,18 +248,18 @@ class PPOObjective(RolloutObjective):
         policy, value = parts(model)
         prompts = [self.prompts[i] for i in self.stream.batch(self._index())]
         timings: dict[str, float] = {}
+        head = isinstance(value, PolicyValueHead)
         ro = rollout(policy, prompts, stop_ids=self.stop_ids, pad_id=self.pad_id,
                      max_new_tokens=cfg.response_length, temperature=cfg.temperature,
                      seed=cfg.seed * 1_000_003 + self._index(), reference=self.reference,
                      reward_model=self.reward_model, missing_eos_penalty=cfg.missing_eos_penalty,
-                     timings=timings)
+                     timings=timings, hidden=head)
         start = time.perf_counter()
-        modes = [(m, m.training) for m in (policy, value)]
-        for m, _ in modes:
-            m.eval()
-        values = at_response(state_values(policy, value, ro.sequences[:, :-1]), ro) * ro.mask
-        for m, was_training in modes:
-            m.train(was_training)
+        was_training = value.training
+        value.eval()
+        values = rollout_values(value, ro)
+        value.train(was_training)
+        ro.hidden = None  # used up: the buffer does not keep it
         timings["time/score_s"] += time.perf_counter() - start
         mask = ro.mask
         kl = rl.kl_estimate(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * mask
@@ -255,7 +269,7 @@ class PPOObjective(RolloutObjective):
             rewards = rl.whiten(rewards, mask, shift_mean=False)
         advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         advantages = rl.whiten(advantages, mask) if mask.sum() > 1 else advantages
-        self.buffer = {**vars(ro), "values": values, "advantages": advantages, "returns": returns}
+        self.buffer = {**ro.tensors(), "values": values, "advantages": advantages, "returns": returns}
         self.stats = mean_over_ranks({**rollout_stats(ro, kl, non_score, beta), **timings})
         self.kl_ctl.update(self.stats["objective/kl"], len(prompts))
         self.batches.fill(len(prompts), cfg.num_ppo_epochs, cfg.num_mini_batches, self.accum,
@@ -268,9 +282,9 @@ class PPOObjective(RolloutObjective):
         cfg, b = self.cfg, {k: v[rows.to(v.device)].to(device) for k, v in self.buffer.items()}
         mb = Rollout(**{k: b.get(k) for k in Rollout.__dataclass_fields__})
         mask = mb.mask
-        seq = mb.sequences
-        per_position = model(seq[:, :-1], seq[:, 1:])
-        logprobs, values = (at_response(x, mb) * mask for x in per_position)
+        packed = pack(mb, pack_capacity(parts(model)[0], mb))
+        per_position = model(packed.idx, packed.targets, cfg.temperature, **packed.layout)
+        logprobs, values = (packed.gather(x) * mask for x in per_position)
         pg = rl.policy_loss_terms(logprobs, mb.logprobs, b["advantages"], cfg.cliprange)
         vf = rl.value_loss_terms(values, b["values"], b["returns"], cfg.cliprange_value)
         loss_sum = rl.masked_sum(pg["loss"] + cfg.vf_coef * vf["loss"], mask)
@@ -282,7 +296,7 @@ class PPOObjective(RolloutObjective):
                    "val/clipfrac_avg": rl.masked_sum(vf["clipped"], mask),
                    "val/ratio": rl.masked_sum(pg["ratio"], mask),
                    **{k: v * weight for k, v in self.stats.items()},
-                   "n_tokens": mb.sequences.numel()}
+                   "n_tokens": packed.idx.numel()}
         return LossOutput(loss_sum, weight, {k: _detached(v) for k, v in metrics.items()})
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:

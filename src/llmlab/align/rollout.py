@@ -7,17 +7,27 @@
 Sampling uses the KV-cache generator (llmlab.infer.generate) on prompts of any lengths: it right-pads them,
 prefills once and rolls each row back to its own length, so a row samples exactly what it would alone. A
 response ends right after its first stop id (the chat template's end-of-turn, kept in the response) or at
-max_new_tokens; `ended` says which rows ended on a stop id.
+max_new_tokens; `ended` says which rows ended on a stop id. The sampler hands back each sampled token's
+log-probability under the policy that drew it, so the old policy's log-probs cost no second forward.
 
-Layout for the forward passes that follow: row b of `sequences` [B, W] is prompt_b followed by response_b,
-then `pad_id` (right padding, so plain causal attention computes each row as if alone). The response's token
-t sits in column prompt_lengths[b] + t and is predicted from the column before, so per-token log-probs and
-values are read at `columns` [B, R] = prompt_lengths[:, None] - 1 + t of a forward over sequences[:, :-1].
-Response-aligned tensors [B, R] follow llmlab.align.rl's layout: `mask` is 1 on the n_b real tokens of row b.
+Layout. Row b of `sequences` [B, W] is prompt_b followed by response_b, then `pad_id`; response-aligned
+tensors [B, R] follow llmlab.align.rl's layout (`mask` is 1 on the n_b real tokens of row b). The response's
+token t is predicted from the token before it: the prompt's last token for t = 0.
 
-Log-probabilities are the models' raw distributions (temperature 1, no top-k/top-p): sample at temperature 1
-for the importance ratios of PPO to be on-policy. Every forward here runs without gradients; the policy's
-trainable pass during the update goes through `response_logprobs` with the same layout.
+Packed forwards. The forwards after sampling (reference, reward and value models; the policy's trainable
+pass in the update) do not run on the padded `sequences`: `pack` lays the rows out densely. Rows with the same
+prompt (GRPO's group) share one copy of it: a packed item is prompt[:-1] followed by one segment per response,
+[prompt[-1], response tokens], each segment seeing the shared prefix and itself only, positions continuing
+from the prompt's, so every token is computed exactly as in its own padded row (llmlab.model.transformer's
+attn_mask / positions). Items are bin-packed into rows of at most `capacity` tokens (longer rows make
+attention dearer; padding is the waste avoided). A module that is not an llmlab Transformer (a hand-written
+reward function) gets the padded rows instead.
+
+Log-probabilities are those of the distribution the tokens were sampled from before any top-k/top-p:
+softmax(logits / temperature), for the sampler, the reference and the update alike (as TRL), so PPO's ratio
+starts at 1 and the KL compares like with like; temperature 0 (greedy) means the raw logits. Every forward
+here runs without gradients; the policy's trainable pass during the update goes through
+`response_logprobs` with the same layout.
 """
 
 from __future__ import annotations
@@ -32,9 +42,12 @@ from torch import nn
 from llmlab.data.chat_data import iter_records
 from llmlab.data.tasks import TaskExample, grade, read_prompt_set
 from llmlab.errors import ConfigError, DataError, LLMLabError, ModelError
-from llmlab.infer.generate import generate
+from llmlab.infer.generate import generate, sample_with_logprobs
+from llmlab.model import Transformer
 from llmlab.train.checkpoint import unwrap
 from llmlab.train.objective import Objective
+
+IGNORE = -100          # a packed position that predicts no response token
 
 
 @dataclass
@@ -49,6 +62,8 @@ class Rollout:
     logprobs: torch.Tensor             # [B, R] policy log p of each sampled token (0 on padding)
     ref_logprobs: torch.Tensor | None = None   # [B, R] the reference model's (0 on padding)
     scores: torch.Tensor | None = None         # [B] reward-model score at the last real token (+ penalty)
+    hidden: torch.Tensor | None = None         # [B, R, d_model] the sampler's hidden states that drew each
+                                               # token (rollout(..., hidden=True); 0 on padding)
 
     @property
     def columns(self) -> torch.Tensor:
@@ -59,6 +74,10 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         """[B] response lengths in tokens."""
         return self.mask.sum(dim=1).long()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name (what an objective's buffer keeps)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     def select(self, rows: torch.Tensor) -> Rollout:
         """The rollout restricted to `rows` (a minibatch), every per-row tensor indexed alike."""
@@ -71,27 +90,148 @@ def response_columns(prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:
     return prompt_lengths[:, None] - 1 + torch.arange(width, device=prompt_lengths.device)
 
 
-def response_logprobs(model: nn.Module, ro: Rollout) -> torch.Tensor:
-    """[B, R] log p(response token t | prompt, earlier response tokens) under `model` (0 on padding).
+# ----- packed rows -----
+@dataclass
+class Packed:
+    """A rollout's rows laid out densely (module docstring): the inputs of one forward, and where to read
+    its per-position outputs back."""
 
-    Goes through model(...), so it is the trainable pass under DDP/FSDP too (no_grad is the caller's)."""
-    seq = ro.sequences
-    logprobs = model(seq[:, :-1], targets=seq[:, 1:], output="logprobs")
-    return at_response(logprobs, ro) * ro.mask
+    idx: torch.Tensor          # [Bp, T] tokens
+    targets: torch.Tensor      # [Bp, T] the response token each position predicts, IGNORE elsewhere
+    attn_mask: torch.Tensor    # [Bp, T, T] True where a query may attend a key
+    positions: torch.Tensor    # [Bp, T]
+    where: torch.Tensor        # [B, R] flat index (into Bp * T) of the position predicting response token t
+    last: torch.Tensor | None  # [B] flat index of each response's last token (pack(..., with_last=True))
+
+    @property
+    def layout(self) -> dict[str, torch.Tensor]:
+        """The forward's keyword arguments for this layout."""
+        return {"attn_mask": self.attn_mask, "positions": self.positions}
+
+    def gather(self, per_position: torch.Tensor) -> torch.Tensor:
+        """[B, R]: a forward's per-position output [Bp, T] at the positions predicting response tokens."""
+        return per_position.reshape(-1)[self.where]
 
 
-def response_values(model: nn.Module, ro: Rollout) -> torch.Tensor:
+def pack(ro: Rollout, capacity: int, with_last: bool = False) -> Packed:
+    """The rows of `ro` packed into rows of at most max(capacity, the longest item) tokens, each distinct
+    prompt once per item (module docstring). with_last keeps each response's last token in the input
+    (a reward model reads its score there); without it the input ends at the last predicting position."""
+    extra = int(with_last)
+    seqs = ro.sequences.tolist()
+    plens, rlens = ro.prompt_lengths.tolist(), ro.lengths.tolist()
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for b, (seq, p) in enumerate(zip(seqs, plens, strict=True)):
+        groups.setdefault(tuple(seq[: p - 1]), []).append(b)
+    items: list[tuple[int, list[int]]] = []  # (length, rows), each item = one prefix + its rows' segments
+    for prefix, rows in groups.items():
+        length, members = len(prefix), []
+        for b in rows:
+            need = rlens[b] + extra
+            if members and length + need > capacity:
+                items.append((length, members))
+                length, members = len(prefix), []
+            length, members = length + need, members + [b]
+        items.append((length, members))
+    bins: list[list[int]] = []   # first-fit decreasing: item indices per packed row
+    fill: list[int] = []
+    for i in sorted(range(len(items)), key=lambda i: -items[i][0]):
+        row = next((r for r, used in enumerate(fill) if used + items[i][0] <= capacity), None)
+        if row is None:
+            bins.append([])
+            fill.append(0)
+            row = len(bins) - 1
+        bins[row].append(i)
+        fill[row] += items[i][0]
+    T = max(fill)
+    tokens = [[] for _ in bins]
+    targets, positions, item_ids, segment_ids = ([[] for _ in bins] for _ in range(4))
+    starts, lasts = [0] * len(seqs), [0] * len(seqs)
+    for row, members in enumerate(bins):
+        for i in members:
+            rows = items[i][1]
+            p = plens[rows[0]]
+            pieces = [(0, seqs[rows[0]][: p - 1], [IGNORE] * (p - 1), 0)]
+            for k, b in enumerate(rows, start=1):
+                n = rlens[b]
+                response = seqs[b][p: p + n]
+                segment = [seqs[b][p - 1]] + response[: n - 1 + extra]
+                pieces.append((b, segment, response + [IGNORE] * extra, k))
+            for b, segment, predicted, k in pieces:
+                if k:
+                    starts[b] = row * T + len(tokens[row])
+                    lasts[b] = starts[b] + len(segment) - 1
+                tokens[row] += segment
+                targets[row] += predicted
+                positions[row] += range(p - 1, p - 1 + len(segment)) if k else range(len(segment))
+                item_ids[row] += [i] * len(segment)
+                segment_ids[row] += [k] * len(segment)
+    for row in range(len(bins)):
+        pad = T - len(tokens[row])
+        tokens[row] += [0] * pad
+        targets[row] += [IGNORE] * pad
+        positions[row] += [0] * pad
+        item_ids[row] += range(-1, -1 - pad, -1)  # an item of its own: a pad token sees only itself
+        segment_ids[row] += [-1] * pad
+    device = ro.sequences.device
+    item = torch.tensor(item_ids, device=device)
+    seg = torch.tensor(segment_ids, device=device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    same_item = item[:, :, None] == item[:, None, :]
+    visible = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+    where = torch.tensor(starts, device=device)[:, None] + torch.arange(ro.mask.shape[1], device=device)
+    where = torch.where(ro.mask.bool(), where, 0)
+    return Packed(torch.tensor(tokens, device=device), torch.tensor(targets, device=device),
+                  same_item & visible & causal, torch.tensor(positions, device=device), where,
+                  torch.tensor(lasts, device=device) if with_last else None)
+
+
+PACK_SPAN = 2
+
+
+def pack_capacity(model: nn.Module, ro: Rollout) -> int:
+    """The packed row length for `model`: PACK_SPAN times the padded row, within its context."""
+    return min(unwrap(model).config.block_size, PACK_SPAN * ro.sequences.shape[1])
+
+
+def packable(model: nn.Module) -> bool:
+    """Whether `model` takes packed rows (an llmlab Transformer; a hand-written scorer gets padded ones)."""
+    return isinstance(unwrap(model), Transformer)
+
+
+# ----- scoring -----
+def response_logprobs(model: nn.Module, ro: Rollout, temperature: float = 1.0,
+                      packed: Packed | None = None) -> torch.Tensor:
+    """[B, R] log p(response token t | prompt, earlier response tokens) under `model` at `temperature`
+    (0 on padding), from packed rows (`packed`, or packed here).
+
+    Goes through model(...), so it is the trainable pass under DDP too (no_grad is the caller's)."""
+    temperature = temperature or 1.0
+    packed = packed if packed is not None else pack(ro, pack_capacity(model, ro))
+    logprobs = model(packed.idx, targets=packed.targets, output="logprobs", ignore_index=IGNORE,
+                     temperature=temperature, **packed.layout)
+    return packed.gather(logprobs) * ro.mask
+
+
+def response_values(model: nn.Module, ro: Rollout, packed: Packed | None = None) -> torch.Tensor:
     """[B, R] a scalar-head model's value of each response token's state: its output at the position that
     predicts the token (the prompt's last token for t = 0), 0 on padding."""
-    values = model(ro.sequences[:, :-1], output="scores")
-    return at_response(values.float(), ro) * ro.mask
+    if not packable(model):
+        values = model(ro.sequences[:, :-1], output="scores")
+        return at_response(values.float(), ro) * ro.mask
+    packed = packed if packed is not None else pack(ro, pack_capacity(model, ro))
+    return packed.gather(model(packed.idx, output="scores", **packed.layout).float()) * ro.mask
 
 
-def last_token_scores(model: nn.Module, ro: Rollout) -> torch.Tensor:
-    """[B] a scalar-head model's output at each sequence's last real token (the response's last token)."""
-    scores = model(ro.sequences, output="scores").float()
-    last = ro.prompt_lengths + ro.lengths - 1
-    return scores[torch.arange(scores.shape[0], device=scores.device), last]
+def last_token_scores(model: nn.Module, ro: Rollout, packed: Packed | None = None) -> torch.Tensor:
+    """[B] a scalar-head model's output at each sequence's last real token (the response's last token);
+    `packed` must come from pack(..., with_last=True)."""
+    if not packable(model):
+        scores = model(ro.sequences, output="scores").float()
+        last = ro.prompt_lengths + ro.lengths - 1
+        return scores[torch.arange(scores.shape[0], device=scores.device), last]
+    packed = packed if packed is not None else pack(ro, pack_capacity(model, ro), with_last=True)
+    return model(packed.idx, output="scores", **packed.layout).float().reshape(-1)[packed.last]
 
 
 def at_response(per_position: torch.Tensor, ro: Rollout) -> torch.Tensor:
@@ -102,8 +242,11 @@ def at_response(per_position: torch.Tensor, ro: Rollout) -> torch.Tensor:
 
 def sample_responses(policy: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Sequence[int],
                      pad_id: int, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                     top_p: float | None = None, seed: int | None = None) -> dict[str, torch.Tensor]:
-    """Sample one response per prompt -> sequences, prompt_lengths, responses, mask, ended (see Rollout)."""
+                     top_p: float | None = None, seed: int | None = None, logprobs: bool = False,
+                     hidden: bool = False) -> dict[str, torch.Tensor]:
+    """Sample one response per prompt -> sequences, prompt_lengths, responses, mask, ended (see Rollout);
+    with logprobs also the sampled tokens' log-probs [B, R] under the policy (module docstring), with
+    hidden also the hidden states [B, R, d_model] that drew them."""
     if not prompts:
         raise ModelError("no prompts to roll out; give at least one")
     if max_new_tokens < 1:
@@ -111,8 +254,13 @@ def sample_responses(policy: nn.Module, prompts: Sequence[Sequence[int]], *, sto
     model = unwrap(policy)
     rows = [list(p) for p in prompts]
     # pad -1 is never a token, so it marks where each row's response ends; replaced by pad_id below.
-    out = generate(model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                   stop=list(stop_ids), pad_id=-1)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=list(stop_ids),
+                   pad_id=-1)
+    if logprobs or hidden:
+        out, token_logprobs, states = sample_with_logprobs(model, rows, max_new_tokens, hidden=hidden,
+                                                           **options)
+    else:
+        out = generate(model, rows, max_new_tokens, **options)
     out = out.clone()  # generate runs in inference mode; a plain tensor can feed autograd passes later
     if out.dim() == 1:
         out = out[None]
@@ -127,8 +275,13 @@ def sample_responses(policy: nn.Module, prompts: Sequence[Sequence[int]], *, sto
     last = responses.gather(1, (n_resp - 1)[:, None]).squeeze(1)
     ended = torch.isin(last, torch.tensor(list(stop_ids), device=device))
     sequences = out.masked_fill(~real, pad_id)[:, : int((prompt_lengths + n_resp).max())]
-    return {"sequences": sequences, "prompt_lengths": prompt_lengths, "responses": responses,
-            "mask": mask.float(), "ended": ended}
+    sampled = {"sequences": sequences, "prompt_lengths": prompt_lengths, "responses": responses,
+               "mask": mask.float(), "ended": ended}
+    if logprobs:
+        sampled["logprobs"] = token_logprobs[:, :width].clone() * mask
+    if hidden:
+        sampled["hidden"] = states[:, :width].clone() * mask[..., None]
+    return sampled
 
 
 @torch.no_grad()
@@ -136,25 +289,29 @@ def rollout(policy: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Se
             max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
             top_p: float | None = None, seed: int | None = None, reference: nn.Module | None = None,
             reward_model: nn.Module | None = None, missing_eos_penalty: float | None = None,
-            timings: dict[str, float] | None = None) -> Rollout:
-    """Sample a response to each prompt and score it: the policy's (and the reference's) log-probs of the
-    sampled tokens, and the reward model's score at the last real token, minus `missing_eos_penalty` for a
-    response that reached max_new_tokens without a stop id (TRL's missing_eos_penalty). `timings`, if given,
-    receives the seconds spent sampling ("time/sample_s") and scoring ("time/score_s")."""
+            timings: dict[str, float] | None = None, hidden: bool = False) -> Rollout:
+    """Sample a response to each prompt and score it: the policy's log-probs of the sampled tokens (from
+    the sampler), the reference's, and the reward model's score at the last real token, minus
+    `missing_eos_penalty` for a response that reached max_new_tokens without a stop id (TRL's
+    missing_eos_penalty). `timings`, if given, receives the seconds spent sampling ("time/sample_s") and
+    scoring ("time/score_s"); with `hidden` the rollout keeps the sampler's hidden states (a value head's
+    input)."""
     start = time.perf_counter()
     sampled = sample_responses(policy, prompts, stop_ids=stop_ids, pad_id=pad_id,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed)
+                               top_p=top_p, seed=seed, logprobs=True, hidden=hidden)
     sampled_at = time.perf_counter()
-    ro = Rollout(**sampled, logprobs=torch.empty(0))
-    with _eval_mode(policy):
-        ro.logprobs = response_logprobs(unwrap(policy), ro)
+    ro = Rollout(**sampled)
+    # One layout for both frozen models when both take it (the reward model reads the last token).
+    packed = None
+    if reference is not None and packable(reference):
+        packed = pack(ro, pack_capacity(reference, ro), with_last=reward_model is not None)
     if reference is not None:
         with _eval_mode(reference):
-            ro.ref_logprobs = response_logprobs(unwrap(reference), ro)
+            ro.ref_logprobs = response_logprobs(unwrap(reference), ro, temperature, packed)
     if reward_model is not None:
         with _eval_mode(reward_model):
-            scores = last_token_scores(unwrap(reward_model), ro)
+            scores = last_token_scores(unwrap(reward_model), ro, packed)
         if missing_eos_penalty:
             scores = scores - missing_eos_penalty * (~ro.ended).float()
         ro.scores = scores
