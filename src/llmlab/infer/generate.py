@@ -120,13 +120,16 @@ def _decode(model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, s
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache.for_model(model, B, P + max_new_tokens)
-        hidden = model(prompt, cache=cache, return_hidden=True)
-        if lengths is None:
-            hidden = hidden[:, -1]
-        else:  # each row continues after its own last prompt token; padding gets overwritten
-            cache.set_pos(lengths)
-            hidden = hidden[torch.arange(B, device=device), torch.tensor(lengths, device=device) - 1]
+        if extras:
+            cache, hidden = _prefill_distinct(model, prompt, lengths, P + max_new_tokens)
+        else:
+            cache = KVCache.for_model(model, B, P + max_new_tokens)
+            hidden = model(prompt, cache=cache, return_hidden=True)
+            if lengths is None:
+                hidden = hidden[:, -1]
+            else:  # each row continues after its own last prompt token; padding gets overwritten
+                cache.set_pos(lengths)
+                hidden = hidden[torch.arange(B, device=device), torch.tensor(lengths, device=device) - 1]
         logits = model.head(hidden)
         ended = torch.zeros(B, dtype=torch.bool, device=device) if stop_ids is not None else None
         for i in range(max_new_tokens):
@@ -148,6 +151,39 @@ def _decode(model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, s
                     logits = model(tok[:, None], cache=cache)[:, -1]
     finally:
         model.train(was_training)
+
+
+PREFILL_CHUNK = 8   # distinct prompts per prefill forward (sorted by length: little padding in each)
+
+
+def _prefill_distinct(model, prompt, lengths, max_len) -> tuple[KVCache, torch.Tensor]:
+    """-> (a cache of B rows holding each row's prompt, positioned after it; the hidden states of each
+    row's last prompt token [B, d_model]). Each distinct prompt is computed once (RL samples several
+    responses per prompt), in forwards over PREFILL_CHUNK prompts of similar lengths (less padding than
+    one forward over all)."""
+    B, P = prompt.shape
+    lens = lengths if lengths is not None else [P] * B
+    index: dict[tuple[int, ...], int] = {}
+    source = [index.setdefault(tuple(prompt[b, :n].tolist()), len(index)) for b, n in enumerate(lens)]
+    distinct = sorted(index, key=len)
+    cache = KVCache.for_model(model, B, max_len)
+    hidden = torch.empty(B, model.config.d_model, device=prompt.device, dtype=cache.k.dtype)
+    for start in range(0, len(distinct), PREFILL_CHUNK):
+        chunk = distinct[start:start + PREFILL_CHUNK]
+        width = len(chunk[-1])
+        ids = torch.tensor([list(c) + [0] * (width - len(c)) for c in chunk], device=prompt.device)
+        part = KVCache.for_model(model, len(chunk), width)
+        states = model(ids, cache=part, return_hidden=True)
+        slot = {index[c]: i for i, c in enumerate(chunk)}
+        rows = [b for b in range(B) if source[b] in slot]
+        src = torch.tensor([slot[source[b]] for b in rows], device=prompt.device)
+        dst = torch.tensor(rows, device=prompt.device)
+        cache.k[:, dst, :, :width] = part.k[:, src]
+        cache.v[:, dst, :, :width] = part.v[:, src]
+        last = torch.tensor([len(chunk[i]) - 1 for i in src.tolist()], device=prompt.device)
+        hidden[dst] = states[src, last].to(hidden.dtype)
+    cache.set_pos(lens)
+    return cache, hidden
 
 
 def _token_extras(logits, tok, hidden, temperature, ended) -> tuple[torch.Tensor, torch.Tensor]:
