@@ -35,6 +35,7 @@ import bisect
 import hmac
 import json
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -57,6 +58,10 @@ from llmlab.infer.engine import Engine, EngineFull, SamplingParams
 WEB_DIR = Path(__file__).parent / "web"
 PLAIN_STOPS = ("\nuser:",)  # the plain chat template's turn marker (see the module docstring)
 MAX_STOPS = 16  # OpenAI allows 4; evaluation harnesses' tasks may pass more (vLLM sets no limit)
+# The interpreter's thread switch interval while serving (Python's default: 5 ms). The engine thread lets go
+# of the GIL in every torch call; while the event loop's thread runs Python (streaming tokens), getting it
+# back can take up to this long, which stalls the step that every running request waits for.
+SWITCH_INTERVAL_S = 0.0005
 
 
 # ----- limits and errors ------------------------------------------------------------------------------------
@@ -379,39 +384,36 @@ class Service:
         self.metrics.prompt_tokens += sum(len(j.prompt) for j in jobs)
 
     async def outputs(self, jobs: list[Job]):
-        """(job, StepOutput) as any job produces them, until every job has finished; metrics on the way."""
-        queue: asyncio.Queue = asyncio.Queue()
+        """(job, StepOutput) as the jobs produce them, until every job has finished; metrics on the way.
+
+        One task serves all of a request's jobs: after each wake-up it takes every job's new tokens at once
+        (RequestHandle.drain), so a step's tokens cost one pass here, and a stream that falls behind the
+        engine sends the tokens it missed in one chunk instead of queueing one chunk per token."""
+        loop, engine = asyncio.get_running_loop(), self.engine
         start = time.monotonic()
-
-        async def pump(job: Job) -> None:
-            try:
-                async for out in job.handle:
-                    await queue.put((job, out))
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-                await queue.put((job, e))
-            finally:
-                await queue.put((job, None))
-
-        tasks = [asyncio.create_task(pump(j)) for j in jobs]
         last = {j.index: None for j in jobs}
+        live = list(jobs)
         try:
-            remaining = len(tasks)
-            while remaining:
-                job, out = await queue.get()
-                if out is None:
-                    remaining -= 1
+            while live:
+                event = asyncio.Event()
+                ready = [(job, out) for job in live if (out := job.handle.drain((loop, event))) is not None]
+                # Every request ends with an output that has a finish_reason (or drain raises its failure).
+                ended = {job.index for job, out in ready if out.finish_reason is not None}
+                live = [job for job in live if job.index not in ended]
+                if not ready:
+                    if engine.running:
+                        await event.wait()
+                    else:  # no engine thread (tests driving the app directly): step inline
+                        engine.step_or_raise()
                     continue
-                if isinstance(out, BaseException):
-                    raise out
                 now = time.monotonic()
-                if out.token_ids:
-                    self._observe(last, job.index, len(out.token_ids), start, now)
-                if out.finish_reason is not None:
-                    self.metrics.finished(out.finish_reason)
-                yield job, out
+                for job, out in ready:
+                    if out.token_ids:
+                        self._observe(last, job.index, len(out.token_ids), start, now)
+                    if out.finish_reason is not None:
+                        self.metrics.finished(out.finish_reason)
+                    yield job, out
         finally:
-            for t in tasks:
-                t.cancel()
             cancel(jobs)
 
     def _observe(self, last: dict, index: int, n: int, start: float, now: float) -> None:
@@ -463,8 +465,11 @@ async def collect(service: Service, jobs: list[Job], request: Request) -> None:
         cancel(jobs)
 
 
+_json = json.JSONEncoder(separators=(",", ":")).encode  # compact, and no encoder built per call
+
+
 def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+    return f"data: {data if isinstance(data, str) else _json(data)}\n\n"
 
 
 class SpecialText:
@@ -671,17 +676,18 @@ async def chat_completions(service: Service, request: Request, body: ChatBody):
 def _stream(service: Service, jobs: list[Job], body: _Body, head: dict, prompt_tokens: int,
             choice) -> StreamingResponse:
     """Server-sent events: one chunk per engine output (choice(job, out) builds its choice), an optional
-    usage chunk, then [DONE]. The client going away cancels the generator, and with it the jobs."""
+    usage chunk, then [DONE]. The client going away cancels the generator, and with it the jobs.
+    A chunk's constant part (id, model, ...) is serialised once; only the choice is encoded per chunk."""
     include_usage = bool((body.stream_options or {}).get("include_usage"))
+    before = f"data: {_json(head)[:-1]},\"choices\":["
+    after = "]" + (',"usage":null' if include_usage else "") + "}\n\n"
 
     async def events():
         try:
             async for job, out in service.outputs(jobs):
-                chunk = {**head, "choices": [choice(job, out)]}
+                text = before + _json(choice(job, out)) + after
                 _record(job, out)
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
+                yield text
         except Exception as e:  # headers are sent: the error can only go into the stream, then it ends
             yield sse(APIError(500, f"the request failed ({' '.join(str(e).split())})").body())
             return
@@ -702,11 +708,14 @@ def create_app(engine: Engine, tok, model_name: str = "llmlab", limits: Limits |
 
     @asynccontextmanager
     async def lifespan(app):
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         engine.start()
         try:
             yield
         finally:
             engine.stop()
+            sys.setswitchinterval(switch_interval)
 
     app = FastAPI(title="llmlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service

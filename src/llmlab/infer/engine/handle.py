@@ -3,7 +3,11 @@
 The engine thread puts outputs; the consumer iterates. `for out in handle` blocks (and, when no engine thread
 is running, drives engine.step() itself, so scripts and tests need no thread); `async for out in handle`
 awaits without blocking the event loop (outputs are handed over with loop.call_soon_threadsafe; the engine
-batches a step's wake-ups into one call per event loop, notify_waiters).
+batches a step's wake-ups into one call per event loop, notify_waiters). A consumer that serves many
+requests from one task (the server) calls drain(waiter) instead: everything a request produced since the
+last call, merged into one output, or a wake-up registered on the consumer's own event. A consumer that
+falls behind the engine then gets several steps' tokens at once rather than a backlog of one-token outputs
+(as vLLM's output collector merges them).
 """
 
 from __future__ import annotations
@@ -33,6 +37,16 @@ def _set_all(events: list[asyncio.Event]) -> None:
         event.set()
 
 
+def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
+    """Consecutive outputs of one request as one: tokens, text and logprobs joined, the last finish_reason."""
+    if len(outputs) == 1:
+        return outputs[0]
+    logprobs = [e for out in outputs for e in out.logprobs or []]
+    return StepOutput([t for out in outputs for t in out.token_ids], "".join(out.text for out in outputs),
+                      logprobs if any(out.logprobs is not None for out in outputs) else None,
+                      outputs[-1].finish_reason)
+
+
 class EngineError(LLMLabError):
     """A request failed inside the engine (the exception that caused it is chained)."""
 
@@ -44,7 +58,7 @@ class RequestHandle:
         self._outputs: deque[StepOutput] = deque()
         self._done = False
         self._error: BaseException | None = None
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self.num_generated = 0
         self.finish_reason: str | None = None
 
@@ -77,21 +91,24 @@ class RequestHandle:
 
     def _wake(self) -> None:
         self._cond.notify_all()
-        if self._waiters:
-            self._engine._notify(self._waiters)
-            self._waiters = []
+        if self._waiter is not None:
+            self._engine._notify([self._waiter])
+            self._waiter = None
 
     # ----- consumer side -----
     def _next_ready(self) -> StepOutput | None:
         """The next output, None if there is none yet; StopIteration / EngineError at the end."""
         if self._outputs:
             return self._outputs.popleft()
-        if self._error is not None:
-            error = self._error
-            raise EngineError(f"request {self.request_id} failed in the engine: {error}") from error
+        self._raise_failure()
         if self._done:
             raise StopIteration
         return None
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            error = self._error
+            raise EngineError(f"request {self.request_id} failed in the engine: {error}") from error
 
     def __iter__(self):
         return self
@@ -121,11 +138,26 @@ class RequestHandle:
                     return out
                 if self._engine.running:
                     event = asyncio.Event()
-                    self._waiters.append((asyncio.get_running_loop(), event))
+                    self._waiter = (asyncio.get_running_loop(), event)
             if not self._engine.running:
                 self._engine.step_or_raise()  # no engine thread: step inline (blocks the loop meanwhile)
                 continue
             await event.wait()
+
+    def drain(self, waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event]) -> StepOutput | None:
+        """Every output not yet taken, merged into one (merge_outputs); None if there is none, after
+        registering `waiter` (loop, event): the event is set on its loop at the next output. The last output
+        has a finish_reason; a failed request raises EngineError once the outputs before the failure are
+        taken. One consumer per handle."""
+        with self._cond:
+            if self._outputs:
+                outputs = list(self._outputs)
+                self._outputs.clear()
+                return merge_outputs(outputs)
+            self._raise_failure()
+            if not self._done:
+                self._waiter = waiter
+            return None
 
     def result(self) -> StepOutput:
         """Run to the end; all outputs joined into one (token_ids, text, logprobs, finish_reason)."""
