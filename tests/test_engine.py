@@ -88,7 +88,8 @@ def run_recording_batches(policy: str, requests):
     while engine.step():
         batches.append({r.id for r in engine.scheduler.running})
         blocks.append(engine.pool.used)
-        ended.update({h.request_id: len(batches) - 1 for h in handles if h.done and h.request_id not in ended})
+        ended.update({h.request_id: len(batches) - 1 for h in handles
+                      if h.done and h.request_id not in ended})
     assert engine.pool.used == 0 and engine.stats()["running"] == 0
     return [h.result().token_ids for h in handles], batches, blocks, ended
 
@@ -190,7 +191,7 @@ def test_prefix_cache_never_reuses_the_whole_prompt_and_evicts_lru():
     assert again.token_ids == reference(model, prompt, 3)
     assert engine.stats()["prefix_hits"] == 1
     budget = 5 * KVPool.bytes_per_block(model, 8)  # 4 usable blocks (block 0 is the null block)
-    small = Engine(model, kv_budget_bytes=budget, block_size=8)
+    small = Engine(model, kv_budget_bytes=budget, block_size=8, contiguous_decode=False)  # all for the pool
     small.submit(prompt, greedy(3)).result()  # caches 2 blocks
     other = [200 + i for i in range(20)]
     assert small.submit(other, greedy(3)).result().token_ids == reference(model, other, 3)  # evicts
@@ -215,8 +216,8 @@ def test_pool_empties_after_cancel_both_waiting_and_running():
 
 def test_admission_waits_for_memory_and_refuses_what_never_fits():
     model = tiny("llama")
-    budget = 7 * KVPool.bytes_per_block(model, 8)  # 6 usable blocks
-    engine = Engine(model, kv_budget_bytes=budget, block_size=8)
+    budget = 7 * KVPool.bytes_per_block(model, 8)  # 6 usable blocks, no decode slots
+    engine = Engine(model, kv_budget_bytes=budget, block_size=8, contiguous_decode=False)
     requests = [([i + 1] * 10, 14) for i in range(4)]  # 23 positions = 3 blocks each: two fit at a time
     handles = [engine.submit(p, greedy(n)) for p, n in requests]
     engine.step()
@@ -430,3 +431,26 @@ def test_decode_slots_change_no_output(mode):
         assert engine.slots.rows > 0 and not engine._slotted  # used, and every request left its slot
     elif mode == "over_budget":
         assert engine.slots.rows == 0
+
+
+@pytest.mark.parametrize("budget_blocks", [None, 40])
+def test_pool_and_decode_slots_stay_within_the_kv_budget(budget_blocks):
+    """The decode slots' memory comes out of kv_budget_bytes: pool + slots never exceed it (without a budget:
+    room for max_running whole contexts in each), and outputs stay those of generate."""
+    model = tiny("llama")
+    per_block = KVPool.bytes_per_block(model, 8)
+    budget = None if budget_blocks is None else budget_blocks * per_block
+    engine = Engine(model, kv_budget_bytes=budget, block_size=8, max_running=4, prefill_chunk=32)
+    pool_bytes = engine.kv.k.nbytes + engine.kv.v.nbytes
+    whole_context = 4 * (128 // 8) * per_block  # max_running rows of the model's context
+    if budget is None:
+        assert pool_bytes == whole_context + per_block and engine.slots.budget == whole_context
+    else:
+        assert engine.slots.budget == budget // 2 and pool_bytes + engine.slots.budget <= budget
+    requests = mixed_requests(8, seed=5)
+    handles = [engine.submit(p, greedy(n)) for p, n in requests]
+    peak = 0
+    while engine.step():
+        peak = max(peak, 0 if engine.slots.k is None else engine.slots.k.nbytes + engine.slots.v.nbytes)
+    assert [h.result().token_ids for h in handles] == [reference(model, p, n) for p, n in requests]
+    assert 0 < peak <= engine.slots.budget

@@ -49,12 +49,13 @@ class EngineFull(LLMLabError):
 class Engine:
     """Continuous batching over a paged KV pool (module docstring).
 
-    kv_budget_bytes: memory for keys and values (None: room for max_running requests of the model's whole
-    context, so admission never waits for memory; at most 1 GiB on CPU). block_size: tokens per KV block.
+    kv_budget_bytes: memory for keys and values, the block pool and the decode slots together (None: room
+    for max_running requests of the model's whole context in each, so admission never waits for memory; at
+    most 1 GiB on CPU; split_kv_budget). block_size: tokens per KV block.
     max_running: requests decoded together. prefill_chunk: prompt tokens processed per step. max_waiting:
     queued requests beyond which submit raises EngineFull (None: no limit). prefix_caching: reuse cached
     prompt-prefix blocks. contiguous_decode: decode from contiguous per-request copies of the keys/values
-    (paged.DecodeSlots; up to as much memory again as the pool) instead of gathering blocks every step.
+    (paged.DecodeSlots, their memory taken from kv_budget_bytes) instead of gathering blocks every step.
     policy: "continuous" (requests join and leave at every step), or a request-level peer to compare with
     (scheduler.py): "static" (Orca's request-level batching: a batch is admitted only when none runs, and
     its finished requests' rows are still computed, as padding, until its longest request is done) or
@@ -78,20 +79,18 @@ class Engine:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         self.model, self.tokenizer, self.max_waiting = model, tokenizer, max_waiting
         per_block = KVPool.bytes_per_block(model, block_size)
-        if kv_budget_bytes is None:
-            num_blocks = max_running * -(-model.config.block_size // block_size) + 1
-            if next(model.parameters()).device.type == "cpu":
-                num_blocks = max(2, min(num_blocks, CPU_DEFAULT_BUDGET // per_block))
-        else:
-            num_blocks = kv_budget_bytes // per_block
-            if num_blocks < 2:
-                raise ConfigError(f"kv_budget_bytes={kv_budget_bytes} holds fewer than 2 KV blocks of "
-                                  f"{per_block} bytes (block_size={block_size}); give at least "
-                                  f"{2 * per_block} bytes")
+        cpu = next(model.parameters()).device.type == "cpu"
+        context_blocks = -(-model.config.block_size // block_size)
+        num_blocks, slots_bytes = split_kv_budget(kv_budget_bytes, per_block, max_running, context_blocks,
+                                                  contiguous_decode, cpu)
+        if num_blocks < 2:
+            raise ConfigError(f"kv_budget_bytes={kv_budget_bytes} holds fewer than 2 KV blocks of "
+                              f"{per_block} bytes (block_size={block_size}) beside the decode slots; give "
+                              f"at least {4 * per_block} bytes")
         self.pool = BlockPool(num_blocks, block_size)
         self.kv = KVPool(model, num_blocks, block_size)
-        self.slots = DecodeSlots(self.kv, max_running, model.config.block_size,
-                                 num_blocks * per_block) if contiguous_decode else None
+        self.slots = (DecodeSlots(self.kv, max_running, model.config.block_size, slots_bytes)
+                      if contiguous_decode else None)
         self._slotted: list[Request] = []  # decoding requests by slot (row of self.slots)
         self.scheduler = Scheduler(self.pool, max_running, prefill_chunk, prefix_caching, policy)
         self._lock = threading.Lock()  # held for a whole step (and prompt_logprobs' forward)
@@ -421,6 +420,22 @@ class Engine:
                     blocks_total=pool.capacity, blocks_cached=len(pool.by_key), block_size=pool.block_size,
                     prefix_hits=self.scheduler.prefix_hit_blocks,
                     prefix_hit_tokens=self.scheduler.prefix_hit_blocks * pool.block_size, **self.counters)
+
+
+def split_kv_budget(budget: int | None, per_block: int, max_running: int, context_blocks: int,
+                    contiguous_decode: bool, cpu: bool) -> tuple[int, int]:
+    """(pool blocks, decode-slot bytes) that together fit the keys/values budget.
+
+    The slots get what max_running rows of the whole context need, at most half the budget; the pool gets
+    the rest. budget None: room for max_running requests of the whole context in the pool and in the slots
+    (admission never waits for memory and decodes always fit their slots), at most 1 GiB in all on CPU."""
+    slots_max = max_running * context_blocks * per_block if contiguous_decode else 0
+    if budget is None:
+        budget = (max_running * context_blocks + 1) * per_block + slots_max
+        if cpu:
+            budget = max(min(budget, CPU_DEFAULT_BUDGET), 2 * per_block)
+    slots = min(slots_max, budget // 2)
+    return (budget - slots) // per_block, slots
 
 
 def _logprob_entry(logprobs: torch.Tensor, tok: int, top: int) -> dict:

@@ -18,8 +18,9 @@ Decode steps avoid that gather (DecodeSlots): every decoding request owns a row 
 copy of its keys/values, filled from its blocks once when it starts decoding and then grown by one token per
 step, written to the pool and the slot alike. Slots are kept dense (a leaving request's row is filled by the
 last one), so a step over B decoding rows reads rows 0..B-1 in place, as a static KVCache is read. The pool
-stays the source of truth (prefix caching, prefills, reloads); the copies cost at most as much memory again
-as the pool and are not used when they would need more.
+stays the source of truth (prefix caching, prefills, reloads). The slots have a byte budget of their own,
+carved out of the engine's keys/values budget (engine.split_kv_budget), and are not used when a step would
+need more.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ class DecodeSlots:
     """Contiguous keys/values [n_layer, rows, n_kv_head, width, head_dim] of the decoding requests, row i
     holding the request in slot i (module docstring). They grow on demand, rows up to max_rows and width
     (rounded up to whole blocks) up to the model's context, and never take more than budget_bytes: reserve()
-    says False instead, and the engine gathers from the pool."""
+    says False instead, and the engine gathers from the pool. (Growing copies the held rows over, so the old
+    and the new tensors coexist for that moment.)"""
 
     def __init__(self, pool: KVPool, max_rows: int, context: int, budget_bytes: int):
         self.pool, self.max_rows, self.context, self.budget = pool, max_rows, context, budget_bytes
@@ -193,8 +195,10 @@ class SlotBatch:
         self.write = torch.tensor([NULL_BLOCK * bs if d else t[s // bs] * bs + s % bs
                                    for t, s, d in zip(self.tables, self.starts, self.discard, strict=True)],
                                   device=device)
-        self.rows = torch.arange(B, device=device)
         self.positions = torch.tensor(self.starts, device=device)
+        _, _, kv, width, _ = self.slots.k.shape
+        heads = torch.arange(B * kv, device=device).view(B, kv)
+        self.rows = (heads * width + self.positions[:, None]).flatten()  # (row, head, position) flattened
         L = max(self.starts) + 1
         first = self.starts[0]
         if all(s == first for s in self.starts):
@@ -208,7 +212,7 @@ class SlotBatch:
         pool, slots = self.slots.pool, self.slots
         for new, paged, rows in ((k, pool.k[layer], slots.k[layer]), (v, pool.v[layer], slots.v[layer])):
             paged.view(-1, KV, hd).index_copy_(0, self.write, new[:, :, 0])
-            rows[self.rows, :, self.positions] = new[:, :, 0]
+            rows.view(-1, hd).index_copy_(0, self.rows, new[:, :, 0].reshape(B * KV, hd))
         return slots.k[layer, :B, :, :step.keylen], slots.v[layer, :B, :, :step.keylen]
 
     def commit(self, step: CacheStep) -> None:
