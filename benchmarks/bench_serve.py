@@ -37,16 +37,18 @@ Modes, each timed from the moment all requests are sent:
   shared_prefix      a variant where every prompt starts with the same --shared-prefix tokens: the
                      continuous server with the engine's prefix caching on and off.
 
-continuous and static run --repeats times each, alternating, and keep their fastest run (the machine's
-load varies); the others run once. The client is a process of its own, as real clients are.
+The server modes run in --repeats rounds, in alternating order, and each keeps its fastest run (the
+machine's load varies); static_in_process and transformers run once. The client is a process of its own, as
+real clients are.
 
 Figures: throughput (generated tokens / wall time), time to first token (TTFT) and per-token latency
 (TPOT: (last token - first token) / (tokens - 1) per request) p50/p99, and peak resident memory while each
 mode runs (peak CUDA memory on a GPU). Targets: continuous throughput >= 3x one at a time and >= 1.5x
 static (the server's policy="static"); continuous p99 TTFT <= static's; prefix caching >= 2x faster p50
 TTFT on the shared variant. The static_shrinking, static_in_process and transformers ratios are reported,
-not targets. Prints one
-JSON object ending with `targets`; exit 1 on a miss (0 with --no-check).
+not targets, and so is static_row_steps_per_token: the decode rows static batching computes per generated
+token for these requests, the most continuous batching can gain over it when a step costs in proportion to
+its rows. Prints one JSON object ending with `targets`; exit 1 on a miss (0 with --no-check).
 """
 
 from __future__ import annotations
@@ -316,12 +318,21 @@ def parse_args(argv=None):
                     help="torch threads; 1 leaves the second core of a 2-core machine to the client process")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2,
-                    help="runs of continuous and static each (alternating); the fastest of each is kept")
+                    help="rounds over the server modes (alternating order); each keeps its fastest run")
     ap.add_argument("--skip-transformers", action="store_true")
     add_no_check(ap)
     args = ap.parse_args(argv)
     args.static_batch = args.static_batch or args.max_running
     return args
+
+
+def static_row_steps_per_token(reqs: list[Req], batch: int) -> float:
+    """Decode row-steps static batching computes per generated token (continuous: 1): each batch runs all
+    its rows until its longest output is done. What continuous batching can gain over static at most when a
+    step costs in proportion to its rows (less where a step's fixed cost dominates)."""
+    groups = [reqs[b:b + batch] for b in range(0, len(reqs), batch)]
+    return round(sum(len(g) * max(r.max_tokens for r in g) for g in groups)
+                 / sum(r.max_tokens for r in reqs), 3)
 
 
 def same_texts(a: list[str], b: list[str]) -> int:
@@ -338,21 +349,21 @@ def main(argv=None) -> int:
     mixed = make_requests(args, model.config.vocab_size, shared=False)
     shared = make_requests(args, model.config.vocab_size, shared=True)
     modes, texts = {}, {}
-    runs = {"continuous": lambda: run_server(model, tok, mixed, args, args.max_running),
-            "static": lambda: run_server(model, tok, mixed, args, args.max_running, policy="static")}
-    for rep in range(args.repeats):  # the two closest contenders alternate; each keeps its fastest run
+    slots = args.max_running
+    runs = {"continuous": lambda: run_server(model, tok, mixed, args, slots),
+            "static": lambda: run_server(model, tok, mixed, args, slots, policy="static"),
+            "static_shrinking": lambda: run_server(model, tok, mixed, args, slots, policy="static_shrinking"),
+            "one_at_a_time": lambda: run_server(model, tok, mixed, args, 1),
+            "shared_prefix_cached": lambda: run_server(model, tok, shared, args, slots, True),
+            "shared_prefix_uncached": lambda: run_server(model, tok, shared, args, slots, False)}
+    for rep in range(args.repeats):  # rounds in alternating order; each mode keeps its fastest run
         for name in (list(runs) if rep % 2 == 0 else list(reversed(runs))):
             summary, out = runs[name]()
             if name not in modes or summary["tokens_per_s"] > modes[name]["tokens_per_s"]:
                 modes[name], texts[name] = summary, out
-    modes["static_shrinking"], texts["static_shrinking"] = run_server(
-        model, tok, mixed, args, args.max_running, policy="static_shrinking")
-    modes["one_at_a_time"], _ = run_server(model, tok, mixed, args, 1)
     modes["static_in_process"], texts["static_in_process"] = run_static_in_process(model, tok, mixed, args)
     if not args.skip_transformers:
         modes["transformers"] = run_transformers(model, mixed, args)
-    modes["shared_prefix_cached"], _ = run_server(model, tok, shared, args, args.max_running, True)
-    modes["shared_prefix_uncached"], _ = run_server(model, tok, shared, args, args.max_running, False)
     tps = {name: m["tokens_per_s"] for name, m in modes.items()}
     ratios = {
         "continuous_over_one_at_a_time": round(tps["continuous"] / tps["one_at_a_time"], 3),
@@ -363,6 +374,7 @@ def main(argv=None) -> int:
                                                  / modes["static"]["ttft_ms"]["p99"], 3),
         "prefix_cache_ttft_speedup": round(modes["shared_prefix_uncached"]["ttft_ms"]["p50"]
                                            / modes["shared_prefix_cached"]["ttft_ms"]["p50"], 3),
+        "static_row_steps_per_token": static_row_steps_per_token(mixed, args.static_batch),
     }
     if "transformers" in tps:
         ratios["continuous_over_transformers"] = round(tps["continuous"] / tps["transformers"], 3)
