@@ -433,6 +433,19 @@ def test_decode_slots_change_no_output(mode):
         assert engine.slots.rows == 0
 
 
+def test_static_batch_leaves_when_its_last_live_request_is_cancelled():
+    engine = Engine(tiny("gpt2"), block_size=8, max_running=2, policy="static")
+    short, long = engine.submit([1, 2, 3], greedy(2)), engine.submit([4, 5, 6], greedy(40))
+    waiting = engine.submit([7, 8], greedy(3))
+    while not short.done:
+        engine.step()
+    assert engine.stats()["running"] == 2 and engine.stats()["waiting"] == 1  # short pads the batch
+    long.cancel()
+    assert engine.stats()["running"] == 0 and engine.pool.used == 0  # the padding row left with it
+    assert short.result().finish_reason == "length" and long.result().finish_reason == "cancelled"
+    assert waiting.result().token_ids == reference(tiny("gpt2"), [7, 8], 3)
+
+
 @pytest.mark.parametrize("budget_blocks", [None, 40])
 def test_pool_and_decode_slots_stay_within_the_kv_budget(budget_blocks):
     """The decode slots' memory comes out of kv_budget_bytes: pool + slots never exceed it (without a budget:
