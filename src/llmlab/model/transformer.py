@@ -14,9 +14,12 @@ computed chunk by chunk from the hidden states (loss.py), never holding the [B*T
 
 Packed rows: `segment_ids` [B, T] marks examples packed into one row (a new segment starts wherever the
 id changes). A token attends only to earlier tokens of its own segment and positions restart at 0 in each,
-so every example is computed exactly as if it were alone in its row. For layouts segments cannot
-express (RL packs one prompt once with several responses that each see it, not each other), `attn_mask`
-[B, T, T] (True: query t may attend key s) and `positions` [B, T] give the mask and positions directly.
+so every example is computed exactly as if it were alone in its row.
+
+Ragged rows: `layout` (a RaggedLayout) runs sequences of any lengths as one row [1, N] of their tokens, no
+padding: the linears see only real tokens, and attention gathers each sequence's queries and keys into
+rows of their own (so it costs what the sequences cost, not a long packed row). Sequences may share tokens:
+RL lays a prompt out once for the several responses that read it (llmlab.align.rollout.pack).
 
 Attention is causal self-attention through torch's scaled_dot_product_attention (flash / memory-efficient
 kernels where the device has them) with the explicit softmax(QK^T/sqrt(d) + mask)V kept beside it for checking
@@ -144,16 +147,24 @@ class Attention(nn.Module):
             q, k = apply_rope(qk, *rope).split([H, KV], dim=1)  # rotate q and k together: one set of ops
         else:
             q, k, v = qkv.split([H, KV, KV], dim=1)
+        p = self.dropout if self.training else 0.0
+        if isinstance(step, RaggedLayout):
+            y = step.attend(q, k, v, p, self.impl)
+            return self._project(y, B, T)
         mask, causal = (None, True) if step is None else (step.mask, step.is_causal)
         if cache is not None:
             k, v = cache.update(self.layer, step, k, v)
-        p = self.dropout if self.training else 0.0
         if self.impl == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
                                                enable_gqa=KV != H)
         else:
             y = math_attention(q, k, v, mask, causal, p)
-        y = self.proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
+        return self._project(y, B, T)
+
+    def _project(self, y: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """The heads' outputs [B, n_head, T, head_dim] through the output projection (and dropout)."""
+        y = self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        p = self.dropout if self.training else 0.0
         return F.dropout(y, p) if p else y
 
 
@@ -238,8 +249,7 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False,
                 targets: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean", *,
                 segment_ids: torch.Tensor | None = None, output: str | None = None,
-                attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                temperature: float = 1.0):
+                layout: RaggedLayout | None = None, temperature: float = 1.0):
         """idx LongTensor [B, T] -> what `output` names (module docstring): "logits" [B, T, vocab] (the
         default for an LM head), "scores" [B, T] (the default for a scalar head), "hidden" [B, T, d_model]
         (also return_hidden=True), "loss" (the default with `targets`: cross-entropy against targets [B, T],
@@ -248,27 +258,28 @@ class Transformer(nn.Module):
 
         With `cache`, idx continues each row at cache.pos (see kv_cache.py) and the cache advances by T.
         With `segment_ids` [B, T] (no cache), packed examples do not see each other (module docstring);
-        `attn_mask` [B, T, T] with `positions` [B, T] (no cache) lay out packed rows explicitly.
+        with `layout` (no cache), idx [1, N] holds ragged sequences (RaggedLayout).
         """
         output = output or ("loss" if targets is not None else "hidden" if return_hidden else
                             "scores" if self.config.head == "scalar" else "logits")
         self._check_output(output, targets)
         B, T = idx.shape
-        if cache is None:
+        if cache is None and layout is not None:
+            layout.check(idx, self.config.block_size)
+            step, positions = layout, layout.positions
+        elif cache is None:
             if T > self.config.block_size:
                 raise ModelError(f"input of {T} tokens is longer than the model's block_size "
                                  f"{self.config.block_size}; shorten it to at most {self.config.block_size} "
                                  "tokens")
-            step = None
+            step, positions = None, slice(0, T)
             if segment_ids is not None:
                 step = segment_step(segment_ids)
-            elif attn_mask is not None or positions is not None:
-                step = packed_step(attn_mask, positions)
-            positions = slice(0, T) if step is None else step.positions
+                positions = step.positions
         else:
-            if segment_ids is not None or attn_mask is not None or positions is not None:
-                raise ModelError("segment_ids / attn_mask / positions apply to passes without a KV cache; "
-                                 "drop one of them")
+            if segment_ids is not None or layout is not None:
+                raise ModelError("segment_ids and layout apply to passes without a KV cache; drop one of "
+                                 "them")
             step = cache.begin(B, T)
             positions = step.positions
         x = self.tok_emb(idx)
@@ -451,13 +462,61 @@ def segment_step(segment_ids: torch.Tensor) -> CacheStep:
     return CacheStep(T, 0, None, T, mask[:, None], False, positions)
 
 
-def packed_step(attn_mask: torch.Tensor, positions: torch.Tensor | None) -> CacheStep:
-    """An explicit layout of packed rows: attn_mask [B, T, T] (True: may attend), positions [B, T]."""
-    if attn_mask is None or positions is None or attn_mask.dim() != 3 or \
-            attn_mask.shape[1:] != positions.shape[1:] * 2 or attn_mask.shape[:2] != positions.shape:
-        raise ModelError("attn_mask [B, T, T] needs positions [B, T] of the input's shape; pass both")
-    T = positions.shape[1]
-    return CacheStep(T, 0, None, T, attn_mask[:, None], False, positions)
+class RaggedLayout:
+    """Sequences of any lengths as one row of N tokens (module docstring), built by RaggedLayout.build:
+        positions [1, N]   each token's position in its sequence(s)
+        queries [S, Lq]    attention row s's query tokens (indices into the N), padded with 0
+        keys [S, Lk]       the tokens row s's queries may read, padded with 0
+        mask [S, Lq, Lk]   True where a query may attend a key (a real key at a position <= the query's)
+        slot [N]           where each token's query sits in queries.flatten()
+    Every token is a query in exactly one row; a token may be a key in several (a shared prompt)."""
+
+    def __init__(self, positions, queries, keys, mask, slot):
+        self.positions, self.queries, self.keys, self.mask, self.slot = positions, queries, keys, mask, slot
+
+    @classmethod
+    def build(cls, positions: list[int], rows: list[tuple[list[int], list[int]]],
+              device=None) -> RaggedLayout:
+        """From each token's position and, per attention row, (its query tokens, the tokens they may read):
+        a query attends the keys of its row at positions up to its own."""
+        Lq, Lk = max(len(q) for q, _ in rows), max(len(k) for _, k in rows)
+        queries = torch.tensor([q + [0] * (Lq - len(q)) for q, _ in rows], device=device)
+        keys = torch.tensor([k + [0] * (Lk - len(k)) for _, k in rows], device=device)
+        pos = torch.tensor(positions, device=device)
+        real_q = torch.tensor([[i < len(q) for i in range(Lq)] for q, _ in rows], device=device)
+        real_k = torch.tensor([[j < len(k) for j in range(Lk)] for _, k in rows], device=device)
+        mask = real_k[:, None, :] & (pos[keys][:, None, :] <= pos[queries][:, :, None])
+        mask[:, :, 0] |= ~real_q  # a padding query reads one key (its output is dropped): no empty softmax
+        slot = torch.empty(len(positions), dtype=torch.long, device=device)
+        flat = queries.flatten()[real_q.flatten()]
+        slot[flat] = real_q.flatten().nonzero().squeeze(1)
+        return cls(pos[None], queries, keys, mask, slot)
+
+    def check(self, idx: torch.Tensor, block_size: int) -> None:
+        """ModelError unless idx is the one row [1, N] this layout describes, its positions in the context."""
+        if tuple(idx.shape) != tuple(self.positions.shape):
+            raise ModelError(f"input of shape {tuple(idx.shape)} does not match its ragged layout of "
+                             f"{self.positions.shape[1]} tokens; pass idx [1, N] as the layout was built")
+        if int(self.positions.max()) >= block_size:
+            raise ModelError(f"a ragged sequence reaches position {int(self.positions.max())} beyond the "
+                             f"model's block_size {block_size}; shorten it")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+               impl: str) -> torch.Tensor:
+        """q [1, H, N, hd], k and v [1, KV, N, hd] -> attention output [1, H, N, hd], row by row."""
+        def rows(x, index):  # [1, heads, N, hd] -> [S, heads, L, hd]
+            picked = x[0].index_select(1, index.flatten())
+            return picked.view(x.shape[1], *index.shape, x.shape[-1]).transpose(0, 1)
+
+        qs, ks, vs = rows(q, self.queries), rows(k, self.keys), rows(v, self.keys)
+        mask = self.mask[:, None]
+        if impl == "sdpa":
+            y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout_p,
+                                               enable_gqa=ks.shape[1] != qs.shape[1])
+        else:
+            y = math_attention(qs, ks, vs, mask, False, dropout_p)
+        H, hd = q.shape[1], q.shape[-1]
+        return y.transpose(0, 1).reshape(H, -1, hd).index_select(1, self.slot)[None]
 
 
 def read_meta(path: Path) -> dict:
