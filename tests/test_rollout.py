@@ -19,14 +19,16 @@ from llmlab.align.rollout import (
 from llmlab.errors import ConfigError, ModelError
 from llmlab.infer import generate
 from llmlab.model import ModelConfig, Transformer
+from llmlab.model.transformer import RaggedLayout
 
 VOCAB, PAD = 48, 0
 
 
 def tiny(flavour: str, seed: int, head: str = "lm") -> Transformer:
     torch.manual_seed(seed)
-    cfg = ModelConfig.preset(flavour, "tiny", vocab_size=VOCAB, block_size=32, d_model=32, n_layer=2,
-                             n_head=2, head=head)
+    gqa = flavour == "llama-gqa"  # grouped-query attention: one key/value head for two query heads
+    cfg = ModelConfig.preset("llama" if gqa else flavour, "tiny", vocab_size=VOCAB, block_size=32,
+                             d_model=32, n_layer=2, n_head=2, head=head, n_kv_head=1 if gqa else None)
     return Transformer(cfg).eval()
 
 
@@ -162,16 +164,20 @@ SHARED = [[5, 6, 7, 8, 9], [10, 11], [5, 6, 7, 8, 9], [19], [5, 6, 7, 8, 9], [12
           [10, 11]]
 
 
-@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
-@pytest.mark.parametrize("capacity", [1, 16, 32])
-def test_packed_forwards_equal_padded_ones(flavour, capacity):
+@pytest.mark.parametrize("flavour", ["gpt2", "llama", "llama-gqa"])
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_packed_forwards_equal_padded_ones(flavour, impl):
     policy, rm = tiny(flavour, 0), tiny(flavour, 2, head="scalar")
+    policy.attn_impl = rm.attn_impl = impl
     ro = rollout(policy, SHARED, stop_ids=[3], pad_id=PAD, max_new_tokens=7, seed=2)
+    assert not bool(ro.mask.all())
     for with_last in (False, True):
-        packed = pack(ro, capacity, with_last=with_last)
-        if capacity == 1:  # no room to share: every response in its own row, with its own prompt copy
-            assert packed.idx.shape[0] == len(SHARED)
-        assert packed.idx.shape[1] <= max(capacity, int((ro.prompt_lengths + ro.lengths).max()))
+        packed = pack(ro, with_last=with_last)
+        # No padding, and each distinct prompt laid out once: prompt[:-1] per prompt, then one segment
+        # [prompt[-1], response (without its last token unless with_last)] per response.
+        distinct = {tuple(p) for p in SHARED}
+        assert packed.idx.shape == (1, sum(len(p) - 1 for p in distinct) + int(ro.lengths.sum())
+                                    + with_last * len(SHARED))
         with torch.no_grad():
             torch.testing.assert_close(response_logprobs(policy, ro, 0.8, packed),
                                        tempered_logprobs(policy, ro, 0.8), atol=1e-5, rtol=0)
@@ -180,7 +186,6 @@ def test_packed_forwards_equal_padded_ones(flavour, capacity):
             if with_last:
                 padded = rm(ro.sequences)[torch.arange(len(SHARED)), ro.prompt_lengths + ro.lengths - 1]
                 torch.testing.assert_close(last_token_scores(rm, ro, packed), padded, atol=1e-5, rtol=0)
-    assert pack(ro, 32).idx.numel() < ro.sequences.numel()  # the point: fewer positions than padding
 
 
 def test_packed_gradients_equal_padded_ones():
@@ -195,16 +200,15 @@ def test_packed_gradients_equal_padded_ones():
 
     padded = policy(ro.sequences[:, :-1], targets=ro.sequences[:, 1:], output="logprobs")
     expected = grads(padded.gather(1, ro.columns.clamp(max=padded.shape[1] - 1)) * ro.mask)
-    got = grads(response_logprobs(policy, ro, 1.0, pack(ro, 32)))
+    got = grads(response_logprobs(policy, ro, 1.0, pack(ro)))
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
 
 
-def test_attn_mask_needs_positions_of_the_inputs_shape():
+def test_a_ragged_layout_refuses_an_input_of_another_shape():
     model = tiny("gpt2", 0)
-    idx = torch.tensor([[5, 6, 7]])
-    with pytest.raises(ModelError, match="positions") as info:
-        model(idx, attn_mask=torch.ones(1, 3, 3, dtype=torch.bool))
+    layout = RaggedLayout.build([0, 1, 2], [([0, 1, 2], [0, 1, 2])])
+    model(torch.tensor([[5, 6, 7]]), layout=layout)
+    with pytest.raises(ModelError, match="ragged layout") as info:
+        model(torch.tensor([[5, 6]]), layout=layout)
     assert "\n" not in str(info.value)
-    with pytest.raises(ModelError, match="positions"):
-        model(idx, attn_mask=torch.ones(1, 3, 3, dtype=torch.bool), positions=torch.zeros(1, 2).long())

@@ -60,7 +60,6 @@ from llmlab.align.rollout import (
     grader_reward,
     last_token_scores,
     pack,
-    pack_capacity,
     read_prompt_messages,
     response_logprobs,
     rollout,
@@ -180,7 +179,7 @@ class GRPOObjective(RolloutObjective):
         cfg, b = self.cfg, {k: v[rows.to(v.device)].to(device) for k, v in self.buffer.items()}
         mb = Rollout(**{k: b.get(k) for k in Rollout.__dataclass_fields__})
         mask = mb.mask
-        packed = pack(mb, pack_capacity(model, mb))
+        packed = pack(mb)
         logprobs = response_logprobs(model, mb, cfg.temperature, packed)
         pg = rl.policy_loss_terms(logprobs, mb.logprobs, b["advantages"], cfg.epsilon)
         kl = rl.kl_estimate(logprobs, mb.ref_logprobs, "k3")

@@ -67,7 +67,6 @@ from llmlab.align.rollout import (
     TaskEval,
     encode_prompts,
     pack,
-    pack_capacity,
     read_prompt_messages,
     response_values,
     rollout,
@@ -78,7 +77,7 @@ from llmlab.errors import CheckpointError, ConfigError
 from llmlab.fsutil import write_bytes_atomic
 from llmlab.model import ModelConfig, Transformer
 from llmlab.model.loss import linear_token_logprobs
-from llmlab.model.transformer import read_config
+from llmlab.model.transformer import RaggedLayout, read_config
 from llmlab.tokenizer import Tokenizer
 from llmlab.tokenizer.identity import checkpoint_tokenizer, directory_tokenizer, require_same_tokenizer
 from llmlab.train.checkpoint import Checkpointer, read_model, unwrap, write_model
@@ -150,9 +149,9 @@ class PolicyValueHead(nn.Module):
 class PolicyAndValue(nn.Module):
     """The policy and the value model as one module for the trainer. One forward runs both, so a DDP wrapper
     sees every parameter used once per backward:
-        model(idx, targets, temperature, **layout) -> (the policy's log p(targets | idx) [B, T] at
-                                                       `temperature` (0 at IGNORE), the values [B, T])
-    `layout` is a packed layout's attn_mask and positions (llmlab.align.rollout.Packed.layout). With a
+        model(idx, targets, temperature, layout) -> (the policy's log p(targets | idx) [B, T] at
+                                                     `temperature` (0 at IGNORE), the values [B, T])
+    `layout`: ragged rows (llmlab.align.rollout.Packed.layout), or None for plain ones. With a
     PolicyValueHead the policy runs once: log-probs and values come from the same hidden states."""
 
     def __init__(self, policy: nn.Module, value: nn.Module):
@@ -160,13 +159,13 @@ class PolicyAndValue(nn.Module):
         self.policy, self.value = policy, value
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                **layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                layout: RaggedLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.value, PolicyValueHead):
-            hidden = self.policy(idx, output="hidden", **layout)
+            hidden = self.policy(idx, output="hidden", layout=layout)
             return token_logprobs(self.policy, hidden / temperature, targets), self.value(hidden)
         logprobs = self.policy(idx, targets=targets, output="logprobs", ignore_index=IGNORE,
-                               temperature=temperature, **layout)
-        return logprobs, self.value(idx, output="scores", **layout).float()
+                               temperature=temperature, layout=layout)
+        return logprobs, self.value(idx, output="scores", layout=layout).float()
 
 
 def token_logprobs(policy: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -282,8 +281,8 @@ class PPOObjective(RolloutObjective):
         cfg, b = self.cfg, {k: v[rows.to(v.device)].to(device) for k, v in self.buffer.items()}
         mb = Rollout(**{k: b.get(k) for k in Rollout.__dataclass_fields__})
         mask = mb.mask
-        packed = pack(mb, pack_capacity(parts(model)[0], mb))
-        per_position = model(packed.idx, packed.targets, cfg.temperature, **packed.layout)
+        packed = pack(mb)
+        per_position = model(packed.idx, packed.targets, cfg.temperature, packed.layout)
         logprobs, values = (packed.gather(x) * mask for x in per_position)
         pg = rl.policy_loss_terms(logprobs, mb.logprobs, b["advantages"], cfg.cliprange)
         vf = rl.value_loss_terms(values, b["values"], b["returns"], cfg.cliprange_value)

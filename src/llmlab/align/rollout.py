@@ -15,13 +15,12 @@ tensors [B, R] follow llmlab.align.rl's layout (`mask` is 1 on the n_b real toke
 token t is predicted from the token before it: the prompt's last token for t = 0.
 
 Packed forwards. The forwards after sampling (reference, reward and value models; the policy's trainable
-pass in the update) do not run on the padded `sequences`: `pack` lays the rows out densely. Rows with the same
-prompt (GRPO's group) share one copy of it: a packed item is prompt[:-1] followed by one segment per response,
-[prompt[-1], response tokens], each segment seeing the shared prefix and itself only, positions continuing
-from the prompt's, so every token is computed exactly as in its own padded row (llmlab.model.transformer's
-attn_mask / positions). Items are bin-packed into rows of at most `capacity` tokens (longer rows make
-attention dearer; padding is the waste avoided). A module that is not an llmlab Transformer (a hand-written
-reward function) gets the padded rows instead.
+pass in the update) do not run on the padded `sequences`: `pack` lays the rows out as one ragged row without
+padding (llmlab.model.transformer.RaggedLayout). Rows with the same prompt (GRPO's group) share one copy of
+it: prompt[:-1] once, then one segment per response, [prompt[-1], response tokens], each segment attending
+the shared prompt and itself only, positions continuing from the prompt's, so every token is computed
+exactly as in its own padded row. A module that is not an llmlab Transformer (a hand-written reward
+function) gets the padded rows instead.
 
 Log-probabilities are those of the distribution the tokens were sampled from before any top-k/top-p:
 softmax(logits / temperature), for the sampler, the reference and the update alike (as TRL), so PPO's ratio
@@ -44,6 +43,7 @@ from llmlab.data.tasks import TaskExample, grade, read_prompt_set
 from llmlab.errors import ConfigError, DataError, LLMLabError, ModelError
 from llmlab.infer.generate import generate, sample_with_logprobs
 from llmlab.model import Transformer
+from llmlab.model.transformer import RaggedLayout
 from llmlab.train.checkpoint import unwrap
 from llmlab.train.objective import Objective
 
@@ -93,105 +93,55 @@ def response_columns(prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:
 # ----- packed rows -----
 @dataclass
 class Packed:
-    """A rollout's rows laid out densely (module docstring): the inputs of one forward, and where to read
-    its per-position outputs back."""
+    """A rollout's rows laid out as one ragged row without padding (module docstring): the inputs of one
+    forward, and where to read its per-position outputs back."""
 
-    idx: torch.Tensor          # [Bp, T] tokens
-    targets: torch.Tensor      # [Bp, T] the response token each position predicts, IGNORE elsewhere
-    attn_mask: torch.Tensor    # [Bp, T, T] True where a query may attend a key
-    positions: torch.Tensor    # [Bp, T]
-    where: torch.Tensor        # [B, R] flat index (into Bp * T) of the position predicting response token t
+    idx: torch.Tensor          # [1, N] tokens
+    targets: torch.Tensor      # [1, N] the response token each position predicts, IGNORE elsewhere
+    layout: RaggedLayout       # which tokens attend which (the forward's `layout`)
+    where: torch.Tensor        # [B, R] flat index of the position predicting response token t (0: padding)
     last: torch.Tensor | None  # [B] flat index of each response's last token (pack(..., with_last=True))
 
-    @property
-    def layout(self) -> dict[str, torch.Tensor]:
-        """The forward's keyword arguments for this layout."""
-        return {"attn_mask": self.attn_mask, "positions": self.positions}
-
     def gather(self, per_position: torch.Tensor) -> torch.Tensor:
-        """[B, R]: a forward's per-position output [Bp, T] at the positions predicting response tokens."""
+        """[B, R]: a forward's per-position output [1, N] at the positions predicting response tokens."""
         return per_position.reshape(-1)[self.where]
 
 
-def pack(ro: Rollout, capacity: int, with_last: bool = False) -> Packed:
-    """The rows of `ro` packed into rows of at most max(capacity, the longest item) tokens, each distinct
-    prompt once per item (module docstring). with_last keeps each response's last token in the input
-    (a reward model reads its score there); without it the input ends at the last predicting position."""
+def pack(ro: Rollout, with_last: bool = False) -> Packed:
+    """The rows of `ro` as one ragged row, each distinct prompt once (module docstring). with_last keeps
+    each response's last token in the input (a reward model reads its score there); without it a row's
+    input ends at the position predicting its last token."""
     extra = int(with_last)
     seqs = ro.sequences.tolist()
     plens, rlens = ro.prompt_lengths.tolist(), ro.lengths.tolist()
     groups: dict[tuple[int, ...], list[int]] = {}
     for b, (seq, p) in enumerate(zip(seqs, plens, strict=True)):
         groups.setdefault(tuple(seq[: p - 1]), []).append(b)
-    items: list[tuple[int, list[int]]] = []  # (length, rows), each item = one prefix + its rows' segments
-    for prefix, rows in groups.items():
-        length, members = len(prefix), []
-        for b in rows:
-            need = rlens[b] + extra
-            if members and length + need > capacity:
-                items.append((length, members))
-                length, members = len(prefix), []
-            length, members = length + need, members + [b]
-        items.append((length, members))
-    bins: list[list[int]] = []   # first-fit decreasing: item indices per packed row
-    fill: list[int] = []
-    for i in sorted(range(len(items)), key=lambda i: -items[i][0]):
-        row = next((r for r, used in enumerate(fill) if used + items[i][0] <= capacity), None)
-        if row is None:
-            bins.append([])
-            fill.append(0)
-            row = len(bins) - 1
-        bins[row].append(i)
-        fill[row] += items[i][0]
-    T = max(fill)
-    tokens = [[] for _ in bins]
-    targets, positions, item_ids, segment_ids = ([[] for _ in bins] for _ in range(4))
+    tokens: list[int] = []
+    targets: list[int] = []
+    positions: list[int] = []
+    rows: list[tuple[list[int], list[int]]] = []   # per response: (query tokens, key tokens)
     starts, lasts = [0] * len(seqs), [0] * len(seqs)
-    for row, members in enumerate(bins):
-        for i in members:
-            rows = items[i][1]
-            p = plens[rows[0]]
-            pieces = [(0, seqs[rows[0]][: p - 1], [IGNORE] * (p - 1), 0)]
-            for k, b in enumerate(rows, start=1):
-                n = rlens[b]
-                response = seqs[b][p: p + n]
-                segment = [seqs[b][p - 1]] + response[: n - 1 + extra]
-                pieces.append((b, segment, response + [IGNORE] * extra, k))
-            for b, segment, predicted, k in pieces:
-                if k:
-                    starts[b] = row * T + len(tokens[row])
-                    lasts[b] = starts[b] + len(segment) - 1
-                tokens[row] += segment
-                targets[row] += predicted
-                positions[row] += range(p - 1, p - 1 + len(segment)) if k else range(len(segment))
-                item_ids[row] += [i] * len(segment)
-                segment_ids[row] += [k] * len(segment)
-    for row in range(len(bins)):
-        pad = T - len(tokens[row])
-        tokens[row] += [0] * pad
-        targets[row] += [IGNORE] * pad
-        positions[row] += [0] * pad
-        item_ids[row] += range(-1, -1 - pad, -1)  # an item of its own: a pad token sees only itself
-        segment_ids[row] += [-1] * pad
+    for prefix, members in groups.items():
+        shared = list(range(len(tokens), len(tokens) + len(prefix)))
+        tokens += prefix
+        targets += [IGNORE] * len(prefix)
+        positions += range(len(prefix))
+        for k, b in enumerate(members):
+            p, n = plens[b], rlens[b]
+            response = seqs[b][p: p + n]
+            segment = [seqs[b][p - 1]] + response[: n - 1 + extra]
+            own = list(range(len(tokens), len(tokens) + len(segment)))
+            starts[b], lasts[b] = own[0], own[-1]
+            tokens += segment
+            targets += response + [IGNORE] * extra
+            positions += range(p - 1, p - 1 + len(segment))
+            rows.append(((shared if k == 0 else []) + own, shared + own))  # the prompt's queries once
     device = ro.sequences.device
-    item = torch.tensor(item_ids, device=device)
-    seg = torch.tensor(segment_ids, device=device)
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    same_item = item[:, :, None] == item[:, None, :]
-    visible = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
     where = torch.tensor(starts, device=device)[:, None] + torch.arange(ro.mask.shape[1], device=device)
-    where = torch.where(ro.mask.bool(), where, 0)
-    return Packed(torch.tensor(tokens, device=device), torch.tensor(targets, device=device),
-                  same_item & visible & causal, torch.tensor(positions, device=device), where,
+    return Packed(torch.tensor([tokens], device=device), torch.tensor([targets], device=device),
+                  RaggedLayout.build(positions, rows, device), torch.where(ro.mask.bool(), where, 0),
                   torch.tensor(lasts, device=device) if with_last else None)
-
-
-PACK_SPAN = 2
-
-
-def pack_capacity(model: nn.Module, ro: Rollout) -> int:
-    """The packed row length for `model`: PACK_SPAN times the padded row, within its context."""
-    return min(unwrap(model).config.block_size, PACK_SPAN * ro.sequences.shape[1])
 
 
 def packable(model: nn.Module) -> bool:
@@ -207,9 +157,9 @@ def response_logprobs(model: nn.Module, ro: Rollout, temperature: float = 1.0,
 
     Goes through model(...), so it is the trainable pass under DDP too (no_grad is the caller's)."""
     temperature = temperature or 1.0
-    packed = packed if packed is not None else pack(ro, pack_capacity(model, ro))
+    packed = packed if packed is not None else pack(ro)
     logprobs = model(packed.idx, targets=packed.targets, output="logprobs", ignore_index=IGNORE,
-                     temperature=temperature, **packed.layout)
+                     temperature=temperature, layout=packed.layout)
     return packed.gather(logprobs) * ro.mask
 
 
@@ -219,8 +169,8 @@ def response_values(model: nn.Module, ro: Rollout, packed: Packed | None = None)
     if not packable(model):
         values = model(ro.sequences[:, :-1], output="scores")
         return at_response(values.float(), ro) * ro.mask
-    packed = packed if packed is not None else pack(ro, pack_capacity(model, ro))
-    return packed.gather(model(packed.idx, output="scores", **packed.layout).float()) * ro.mask
+    packed = packed if packed is not None else pack(ro)
+    return packed.gather(model(packed.idx, output="scores", layout=packed.layout).float()) * ro.mask
 
 
 def last_token_scores(model: nn.Module, ro: Rollout, packed: Packed | None = None) -> torch.Tensor:
@@ -230,8 +180,8 @@ def last_token_scores(model: nn.Module, ro: Rollout, packed: Packed | None = Non
         scores = model(ro.sequences, output="scores").float()
         last = ro.prompt_lengths + ro.lengths - 1
         return scores[torch.arange(scores.shape[0], device=scores.device), last]
-    packed = packed if packed is not None else pack(ro, pack_capacity(model, ro), with_last=True)
-    return model(packed.idx, output="scores", **packed.layout).float().reshape(-1)[packed.last]
+    packed = packed if packed is not None else pack(ro, with_last=True)
+    return model(packed.idx, output="scores", layout=packed.layout).float().reshape(-1)[packed.last]
 
 
 def at_response(per_position: torch.Tensor, ro: Rollout) -> torch.Tensor:
@@ -305,7 +255,7 @@ def rollout(policy: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Se
     # One layout for both frozen models when both take it (the reward model reads the last token).
     packed = None
     if reference is not None and packable(reference):
-        packed = pack(ro, pack_capacity(reference, ro), with_last=reward_model is not None)
+        packed = pack(ro, with_last=reward_model is not None)
     if reference is not None:
         with _eval_mode(reference):
             ro.ref_logprobs = response_logprobs(unwrap(reference), ro, temperature, packed)
