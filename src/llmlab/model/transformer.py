@@ -150,7 +150,7 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if isinstance(step, RaggedLayout):
             y = step.attend(q, k, v, p, self.impl)
-            return self._project(y, B, T)
+            return self._project(y, B, y.shape[2])
         mask, causal = (None, True) if step is None else (step.mask, step.is_causal)
         if cache is not None:
             k, v = cache.update(self.layer, step, k, v)
@@ -195,7 +195,10 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
 
     def forward(self, x, rope, cache, step):
-        x = x + self.attn(self.attn_norm(x), rope, cache, step)
+        h = self.attn(self.attn_norm(x), rope, cache, step)
+        if isinstance(step, RaggedLayout) and step.outputs is not None:
+            x = x.index_select(1, step.outputs)  # the only positions a later reader wants
+        x = x + h
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -258,7 +261,8 @@ class Transformer(nn.Module):
 
         With `cache`, idx continues each row at cache.pos (see kv_cache.py) and the cache advances by T.
         With `segment_ids` [B, T] (no cache), packed examples do not see each other (module docstring);
-        with `layout` (no cache), idx [1, N] holds ragged sequences (RaggedLayout).
+        with `layout` (no cache), idx [1, N] holds ragged sequences (RaggedLayout); if it names outputs,
+        every result covers those K positions only and targets are [1, K], theirs.
         """
         output = output or ("loss" if targets is not None else "hidden" if return_hidden else
                             "scores" if self.config.head == "scalar" else "logits")
@@ -293,8 +297,9 @@ class Transformer(nn.Module):
             rope = (cos, sin) if cos.dim() == 2 else (cos[:, None], sin[:, None])
         if self.training and self.config.dropout:
             x = F.dropout(x, self.config.dropout)
-        for block in self.blocks:
-            x = block(x, rope, cache, step)
+        for i, block in enumerate(self.blocks):
+            last = layout is not None and i == len(self.blocks) - 1
+            x = block(x, rope, cache, step.final if last else step)
         if cache is not None:
             cache.commit(step)
         x = self.norm(x)
@@ -468,29 +473,32 @@ class RaggedLayout:
         queries [S, Lq]    attention row s's query tokens (indices into the N), padded with 0
         keys [S, Lk]       the tokens row s's queries may read, padded with 0
         mask [S, Lq, Lk]   True where a query may attend a key (a real key at a position <= the query's)
-        slot [N]           where each token's query sits in queries.flatten()
+        slot [M]           where each of the M tokens that go on sits in queries.flatten() (M = N)
+        outputs [K]        None, or (in `final`, the last block's layout) the only tokens whose outputs
+                           are wanted: the last block computes attention outputs and the MLP for those
+                           alone, since no later layer reads the others (their keys are still computed)
+        final              the layout of the last block (self, unless outputs were asked for)
     Every token is a query in exactly one row; a token may be a key in several (a shared prompt)."""
 
-    def __init__(self, positions, queries, keys, mask, slot):
+    def __init__(self, positions, queries, keys, mask, slot, outputs=None, final=None):
         self.positions, self.queries, self.keys, self.mask, self.slot = positions, queries, keys, mask, slot
+        self.outputs, self.final = outputs, final if final is not None else self
 
     @classmethod
-    def build(cls, positions: list[int], rows: list[tuple[list[int], list[int]]],
-              device=None) -> RaggedLayout:
+    def build(cls, positions: list[int], rows: list[tuple[list[int], list[int]]], device=None,
+              outputs: list[int] | None = None) -> RaggedLayout:
         """From each token's position and, per attention row, (its query tokens, the tokens they may read):
-        a query attends the keys of its row at positions up to its own."""
-        Lq, Lk = max(len(q) for q, _ in rows), max(len(k) for _, k in rows)
-        queries = torch.tensor([q + [0] * (Lq - len(q)) for q, _ in rows], device=device)
-        keys = torch.tensor([k + [0] * (Lk - len(k)) for _, k in rows], device=device)
+        a query attends the keys of its row at positions up to its own. With `outputs` (token indices,
+        ascending) the forward returns theirs only, [1, K, ...], and takes targets [1, K] for them."""
         pos = torch.tensor(positions, device=device)
-        real_q = torch.tensor([[i < len(q) for i in range(Lq)] for q, _ in rows], device=device)
-        real_k = torch.tensor([[j < len(k) for j in range(Lk)] for _, k in rows], device=device)
-        mask = real_k[:, None, :] & (pos[keys][:, None, :] <= pos[queries][:, :, None])
-        mask[:, :, 0] |= ~real_q  # a padding query reads one key (its output is dropped): no empty softmax
-        slot = torch.empty(len(positions), dtype=torch.long, device=device)
-        flat = queries.flatten()[real_q.flatten()]
-        slot[flat] = real_q.flatten().nonzero().squeeze(1)
-        return cls(pos[None], queries, keys, mask, slot)
+        layout = cls(pos[None], *_attention_rows(pos, rows, range(len(positions)), device))
+        if outputs is not None:
+            wanted = set(outputs)
+            kept = [([t for t in q if t in wanted], k) for q, k in rows]
+            kept = [(q, k) for q, k in kept if q]
+            layout.final = cls(pos[None], *_attention_rows(pos, kept, outputs, device),
+                               outputs=torch.tensor(outputs, device=device))
+        return layout
 
     def check(self, idx: torch.Tensor, block_size: int) -> None:
         """ModelError unless idx is the one row [1, N] this layout describes, its positions in the context."""
@@ -503,7 +511,8 @@ class RaggedLayout:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
                impl: str) -> torch.Tensor:
-        """q [1, H, N, hd], k and v [1, KV, N, hd] -> attention output [1, H, N, hd], row by row."""
+        """q [1, H, N, hd], k and v [1, KV, N, hd] -> attention output [1, H, M, hd], row by row, for the
+        M tokens that go on (all N, or `outputs`)."""
         def rows(x, index):  # [1, heads, N, hd] -> [S, heads, L, hd]
             picked = x[0].index_select(1, index.flatten())
             return picked.view(x.shape[1], *index.shape, x.shape[-1]).transpose(0, 1)
@@ -517,6 +526,22 @@ class RaggedLayout:
             y = math_attention(qs, ks, vs, mask, False, dropout_p)
         H, hd = q.shape[1], q.shape[-1]
         return y.transpose(0, 1).reshape(H, -1, hd).index_select(1, self.slot)[None]
+
+
+def _attention_rows(pos: torch.Tensor, rows: list[tuple[list[int], list[int]]], going_on, device):
+    """(queries, keys, mask, slot) of RaggedLayout for `rows`; slot follows the tokens `going_on`."""
+    Lq, Lk = max(len(q) for q, _ in rows), max(len(k) for _, k in rows)
+    queries = torch.tensor([q + [0] * (Lq - len(q)) for q, _ in rows], device=device)
+    keys = torch.tensor([k + [0] * (Lk - len(k)) for _, k in rows], device=device)
+    real_q = torch.tensor([[i < len(q) for i in range(Lq)] for q, _ in rows], device=device)
+    real_k = torch.tensor([[j < len(k) for j in range(Lk)] for _, k in rows], device=device)
+    mask = real_k[:, None, :] & (pos[keys][:, None, :] <= pos[queries][:, :, None])
+    mask[:, :, 0] |= ~real_q  # a padding query reads one key (its output is dropped): no empty softmax
+    where = {t: i for i, t in enumerate(going_on)}
+    slot = torch.empty(len(where), dtype=torch.long, device=device)
+    flat = queries.flatten()[real_q.flatten()].tolist()
+    slot[torch.tensor([where[t] for t in flat], device=device)] = real_q.flatten().nonzero().squeeze(1)
+    return queries, keys, mask, slot
 
 
 def read_meta(path: Path) -> dict:
