@@ -171,21 +171,24 @@ def test_packed_forwards_equal_padded_ones(flavour, impl):
     policy.attn_impl = rm.attn_impl = impl
     ro = rollout(policy, SHARED, stop_ids=[3], pad_id=PAD, max_new_tokens=7, seed=2)
     assert not bool(ro.mask.all())
-    for with_last in (False, True):
-        packed = pack(ro, with_last=with_last)
+    distinct = {tuple(p) for p in SHARED}
+    for read in ("predictions", "last"):
+        packed = pack(ro, read)
         # No padding, and each distinct prompt laid out once: prompt[:-1] per prompt, then one segment
-        # [prompt[-1], response (without its last token unless with_last)] per response.
-        distinct = {tuple(p) for p in SHARED}
+        # [prompt[-1], response (without its last token unless read="last")] per response.
         assert packed.idx.shape == (1, sum(len(p) - 1 for p in distinct) + int(ro.lengths.sum())
-                                    + with_last * len(SHARED))
+                                    + (read == "last") * len(SHARED))
         with torch.no_grad():
+            if read == "last":
+                padded = rm(ro.sequences)[torch.arange(len(SHARED)), ro.prompt_lengths + ro.lengths - 1]
+                torch.testing.assert_close(last_token_scores(rm, ro, packed), padded, atol=1e-5, rtol=0)
+                continue
             torch.testing.assert_close(response_logprobs(policy, ro, 0.8, packed),
                                        tempered_logprobs(policy, ro, 0.8), atol=1e-5, rtol=0)
             padded_values = at_response(rm(ro.sequences[:, :-1]), ro) * ro.mask
             torch.testing.assert_close(response_values(rm, ro, packed), padded_values, atol=1e-5, rtol=0)
-            if with_last:
-                padded = rm(ro.sequences)[torch.arange(len(SHARED)), ro.prompt_lengths + ro.lengths - 1]
-                torch.testing.assert_close(last_token_scores(rm, ro, packed), padded, atol=1e-5, rtol=0)
+            # Only the outputs asked for come back: one per response token.
+            assert rm(packed.idx, layout=packed.layout).shape == (1, int(ro.lengths.sum()))
 
 
 def test_packed_gradients_equal_padded_ones():

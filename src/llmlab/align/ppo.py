@@ -59,7 +59,6 @@ from torch import nn
 
 from llmlab.align import rl
 from llmlab.align.rollout import (
-    IGNORE,
     MinibatchQueue,
     PromptStream,
     Rollout,
@@ -150,8 +149,8 @@ class PolicyAndValue(nn.Module):
     """The policy and the value model as one module for the trainer. One forward runs both, so a DDP wrapper
     sees every parameter used once per backward:
         model(idx, targets, temperature, layout) -> (the policy's log p(targets | idx) [B, T] at
-                                                     `temperature` (0 at IGNORE), the values [B, T])
-    `layout`: ragged rows (llmlab.align.rollout.Packed.layout), or None for plain ones. With a
+                                                     `temperature`, the values [B, T])
+    `layout`: ragged rows (llmlab.align.rollout.Packed.layout; then both cover its outputs), or None. With a
     PolicyValueHead the policy runs once: log-probs and values come from the same hidden states."""
 
     def __init__(self, policy: nn.Module, value: nn.Module):
@@ -163,20 +162,17 @@ class PolicyAndValue(nn.Module):
         if isinstance(self.value, PolicyValueHead):
             hidden = self.policy(idx, output="hidden", layout=layout)
             return token_logprobs(self.policy, hidden / temperature, targets), self.value(hidden)
-        logprobs = self.policy(idx, targets=targets, output="logprobs", ignore_index=IGNORE,
-                               temperature=temperature, layout=layout)
+        logprobs = self.policy(idx, targets=targets, output="logprobs", temperature=temperature,
+                               layout=layout)
         return logprobs, self.value(idx, output="scores", layout=layout).float()
 
 
 def token_logprobs(policy: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets) [B, T] from the policy's final hidden states, as policy(..., output="logprobs"), 0
-    where targets is IGNORE."""
+    """log p(targets) [B, T] from the policy's final hidden states, as policy(..., output="logprobs")."""
     if isinstance(policy.lm_head, nn.Linear):
-        return linear_token_logprobs(hidden, policy.lm_head.weight, targets, IGNORE)
+        return linear_token_logprobs(hidden, policy.lm_head.weight, targets)
     logits = policy.head(hidden).float()  # a swapped-in head (e.g. quantized): the plain way
-    kept = targets != IGNORE
-    picked = logits.log_softmax(-1).gather(-1, targets.masked_fill(~kept, 0)[..., None]).squeeze(-1)
-    return picked.masked_fill(~kept, 0.0)
+    return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
 def rollout_values(value: nn.Module, ro: Rollout) -> torch.Tensor:

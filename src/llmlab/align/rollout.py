@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 from torch import nn
@@ -46,8 +47,6 @@ from llmlab.model import Transformer
 from llmlab.model.transformer import RaggedLayout
 from llmlab.train.checkpoint import unwrap
 from llmlab.train.objective import Objective
-
-IGNORE = -100          # a packed position that predicts no response token
 
 
 @dataclass
@@ -94,54 +93,59 @@ def response_columns(prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:
 @dataclass
 class Packed:
     """A rollout's rows laid out as one ragged row without padding (module docstring): the inputs of one
-    forward, and where to read its per-position outputs back."""
+    forward, and where to read its outputs back (the forward returns only the K outputs asked for)."""
 
-    idx: torch.Tensor          # [1, N] tokens
-    targets: torch.Tensor      # [1, N] the response token each position predicts, IGNORE elsewhere
-    layout: RaggedLayout       # which tokens attend which (the forward's `layout`)
-    where: torch.Tensor        # [B, R] flat index of the position predicting response token t (0: padding)
-    last: torch.Tensor | None  # [B] flat index of each response's last token (pack(..., with_last=True))
+    idx: torch.Tensor                 # [1, N] tokens
+    layout: RaggedLayout              # which tokens attend which, and whose outputs are wanted
+    targets: torch.Tensor | None      # [1, K] the response token each output predicts (read="predictions")
+    where: torch.Tensor | None        # [B, R] output index predicting response token t (0 on padding)
+    last: torch.Tensor | None         # [B] output index of each response's last token (read="last")
 
-    def gather(self, per_position: torch.Tensor) -> torch.Tensor:
-        """[B, R]: a forward's per-position output [1, N] at the positions predicting response tokens."""
-        return per_position.reshape(-1)[self.where]
+    def gather(self, outputs: torch.Tensor) -> torch.Tensor:
+        """[B, R]: a forward's outputs [1, K] at the positions predicting response tokens."""
+        return outputs.reshape(-1)[self.where]
 
 
-def pack(ro: Rollout, with_last: bool = False) -> Packed:
-    """The rows of `ro` as one ragged row, each distinct prompt once (module docstring). with_last keeps
-    each response's last token in the input (a reward model reads its score there); without it a row's
-    input ends at the position predicting its last token."""
-    extra = int(with_last)
+def pack(ro: Rollout, read: Literal["predictions", "last"] = "predictions") -> Packed:
+    """The rows of `ro` as one ragged row, each distinct prompt once (module docstring). read="predictions":
+    the input ends at each response's last predicting position and the forward returns the outputs that
+    predict response tokens; read="last": the input holds each response's last token too and the forward
+    returns that token's output alone (where a reward model's score is read)."""
+    last_only = read == "last"
     seqs = ro.sequences.tolist()
     plens, rlens = ro.prompt_lengths.tolist(), ro.lengths.tolist()
     groups: dict[tuple[int, ...], list[int]] = {}
     for b, (seq, p) in enumerate(zip(seqs, plens, strict=True)):
         groups.setdefault(tuple(seq[: p - 1]), []).append(b)
     tokens: list[int] = []
-    targets: list[int] = []
     positions: list[int] = []
+    targets: list[int] = []
+    outputs: list[int] = []
     rows: list[tuple[list[int], list[int]]] = []   # per response: (query tokens, key tokens)
-    starts, lasts = [0] * len(seqs), [0] * len(seqs)
+    first = [0] * len(seqs)                          # each response's first output index
     for prefix, members in groups.items():
         shared = list(range(len(tokens), len(tokens) + len(prefix)))
         tokens += prefix
-        targets += [IGNORE] * len(prefix)
         positions += range(len(prefix))
         for k, b in enumerate(members):
             p, n = plens[b], rlens[b]
             response = seqs[b][p: p + n]
-            segment = [seqs[b][p - 1]] + response[: n - 1 + extra]
+            segment = [seqs[b][p - 1]] + response[: n - 1 + last_only]
             own = list(range(len(tokens), len(tokens) + len(segment)))
-            starts[b], lasts[b] = own[0], own[-1]
             tokens += segment
-            targets += response + [IGNORE] * extra
             positions += range(p - 1, p - 1 + len(segment))
             rows.append(((shared if k == 0 else []) + own, shared + own))  # the prompt's queries once
+            first[b] = len(outputs)
+            outputs += own[-1:] if last_only else own
+            targets += [] if last_only else response
     device = ro.sequences.device
-    where = torch.tensor(starts, device=device)[:, None] + torch.arange(ro.mask.shape[1], device=device)
-    return Packed(torch.tensor([tokens], device=device), torch.tensor([targets], device=device),
-                  RaggedLayout.build(positions, rows, device), torch.where(ro.mask.bool(), where, 0),
-                  torch.tensor(lasts, device=device) if with_last else None)
+    starts = torch.tensor(first, device=device)
+    where = starts[:, None] + torch.arange(ro.mask.shape[1], device=device)
+    return Packed(torch.tensor([tokens], device=device),
+                  RaggedLayout.build(positions, rows, device, outputs=outputs),
+                  None if last_only else torch.tensor([targets], device=device),
+                  None if last_only else torch.where(ro.mask.bool(), where, 0),
+                  starts if last_only else None)
 
 
 def packable(model: nn.Module) -> bool:
@@ -153,13 +157,13 @@ def packable(model: nn.Module) -> bool:
 def response_logprobs(model: nn.Module, ro: Rollout, temperature: float = 1.0,
                       packed: Packed | None = None) -> torch.Tensor:
     """[B, R] log p(response token t | prompt, earlier response tokens) under `model` at `temperature`
-    (0 on padding), from packed rows (`packed`, or packed here).
+    (0 on padding), from ragged rows (`packed`, or packed here).
 
     Goes through model(...), so it is the trainable pass under DDP too (no_grad is the caller's)."""
     temperature = temperature or 1.0
     packed = packed if packed is not None else pack(ro)
-    logprobs = model(packed.idx, targets=packed.targets, output="logprobs", ignore_index=IGNORE,
-                     temperature=temperature, layout=packed.layout)
+    logprobs = model(packed.idx, targets=packed.targets, output="logprobs", temperature=temperature,
+                     layout=packed.layout)
     return packed.gather(logprobs) * ro.mask
 
 
@@ -175,12 +179,12 @@ def response_values(model: nn.Module, ro: Rollout, packed: Packed | None = None)
 
 def last_token_scores(model: nn.Module, ro: Rollout, packed: Packed | None = None) -> torch.Tensor:
     """[B] a scalar-head model's output at each sequence's last real token (the response's last token);
-    `packed` must come from pack(..., with_last=True)."""
+    `packed` must come from pack(ro, read="last")."""
     if not packable(model):
         scores = model(ro.sequences, output="scores").float()
         last = ro.prompt_lengths + ro.lengths - 1
         return scores[torch.arange(scores.shape[0], device=scores.device), last]
-    packed = packed if packed is not None else pack(ro, with_last=True)
+    packed = packed if packed is not None else pack(ro, read="last")
     return model(packed.idx, output="scores", layout=packed.layout).float().reshape(-1)[packed.last]
 
 
@@ -252,16 +256,12 @@ def rollout(policy: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Se
                                top_p=top_p, seed=seed, logprobs=True, hidden=hidden)
     sampled_at = time.perf_counter()
     ro = Rollout(**sampled)
-    # One layout for both frozen models when both take it (the reward model reads the last token).
-    packed = None
-    if reference is not None and packable(reference):
-        packed = pack(ro, with_last=reward_model is not None)
     if reference is not None:
         with _eval_mode(reference):
-            ro.ref_logprobs = response_logprobs(unwrap(reference), ro, temperature, packed)
+            ro.ref_logprobs = response_logprobs(unwrap(reference), ro, temperature)
     if reward_model is not None:
         with _eval_mode(reward_model):
-            scores = last_token_scores(unwrap(reward_model), ro, packed)
+            scores = last_token_scores(unwrap(reward_model), ro)
         if missing_eos_penalty:
             scores = scores - missing_eos_penalty * (~ro.ended).float()
         ro.scores = scores
