@@ -86,7 +86,7 @@ class GRPOConfig:
     num_iterations: PositiveInt = 1           # passes over each rollout batch (TRL's mu)
     num_mini_batches: PositiveInt = 1         # minibatches (optimizer steps) per pass
     max_completion_length: PositiveInt = 32
-    temperature: PositiveFloat = 1.0
+    temperature: PositiveFloat = 1.0          # sampling temperature (log-probs and KL tempered alike)
     beta: NonNegativeFloat = 0.04             # weight of the k3 KL to the reference
     epsilon: PositiveFloat = 0.2              # clip range of the ratio
     baseline: Literal["group", "loo"] = "group"

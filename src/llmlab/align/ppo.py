@@ -9,8 +9,8 @@ Every `num_ppo_epochs * num_mini_batches` optimizer steps, prepare_step collects
 template's end-of-turn, their log-probs under the policy (from the sampler) and the frozen reference, the
 frozen reward model's score at the last real token (minus missing_eos_penalty for a response cut at the
 length limit), and the value model's values (for the value head: from the sampler's hidden states, so no
-second policy forward). Every forward after sampling, and the update's, runs on packed rows
-(llmlab.align.rollout.pack). Then, with llmlab.align.rl:
+second policy forward). Every forward after sampling, and the update's, runs on ragged rows without
+padding, each prompt once (llmlab.align.rollout.pack). Then, with llmlab.align.rl:
     rewards    = -beta * KL estimate (k1 or k3) per token, + the score at the last token
     advantages = GAE(gamma, lam) over the response tokens, whitened over the batch; returns = A + V
 and the batch's rows are queued for `num_ppo_epochs` passes, each a fresh shuffle split into
@@ -97,7 +97,8 @@ class PPOConfig:
     num_ppo_epochs: PositiveInt = 4          # passes over each rollout batch
     num_mini_batches: PositiveInt = 1        # minibatches (optimizer steps) per pass
     response_length: PositiveInt = 32        # max new tokens per response
-    temperature: PositiveFloat = 1.0         # sampling temperature (1: on-policy importance ratios)
+    temperature: PositiveFloat = 1.0         # sampling temperature; log-probs, ratios and KL use the same
+                                             # tempered distribution softmax(logits / temperature)
     kl_coef: NonNegativeFloat = 0.05         # beta: weight of the per-token KL penalty (initial, if adaptive)
     kl_estimator: Literal["k1", "k3"] = "k1"
     target_kl: PositiveFloat | None = None   # adapt beta toward this per-response KL (None: fixed beta)
@@ -177,7 +178,7 @@ def token_logprobs(policy: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 
 def rollout_values(value: nn.Module, ro: Rollout) -> torch.Tensor:
     """[B, R] the value of each response token's state: a value head on the sampler's hidden states
-    (ro.hidden), or the value model's scores on packed rows; 0 on padding."""
+    (ro.hidden), or the value model's scores on ragged rows; 0 on padding."""
     if isinstance(value, PolicyValueHead):
         return value(ro.hidden) * ro.mask
     return response_values(value, ro)

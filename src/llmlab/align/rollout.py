@@ -4,8 +4,9 @@
                  max_new_tokens=64, seed=step, reference=ref, reward_model=rm, missing_eos_penalty=1.0)
     ro.responses [B, R], ro.mask [B, R], ro.logprobs / ro.ref_logprobs [B, R], ro.scores [B], ro.ended [B]
 
-Sampling uses the KV-cache generator (llmlab.infer.generate) on prompts of any lengths: it right-pads them,
-prefills once and rolls each row back to its own length, so a row samples exactly what it would alone. A
+Sampling uses the KV-cache generator (llmlab.infer.generate.sample_with_logprobs) on prompts of any
+lengths: it prefills each distinct prompt once and starts each row after its own prompt, so a row samples
+what it would alone. A
 response ends right after its first stop id (the chat template's end-of-turn, kept in the response) or at
 max_new_tokens; `ended` says which rows ended on a stop id. The sampler hands back each sampled token's
 log-probability under the policy that drew it, so the old policy's log-probs cost no second forward.
@@ -19,8 +20,9 @@ pass in the update) do not run on the padded `sequences`: `pack` lays the rows o
 padding (llmlab.model.transformer.RaggedLayout). Rows with the same prompt (GRPO's group) share one copy of
 it: prompt[:-1] once, then one segment per response, [prompt[-1], response tokens], each segment attending
 the shared prompt and itself only, positions continuing from the prompt's, so every token is computed
-exactly as in its own padded row. A module that is not an llmlab Transformer (a hand-written reward
-function) gets the padded rows instead.
+exactly as in its own padded row. The forward returns only the outputs read (the positions predicting
+response tokens, or each response's last token for a reward model), so its last layer skips the rest. A
+module that is not an llmlab Transformer (a hand-written reward function) gets the padded rows instead.
 
 Log-probabilities are those of the distribution the tokens were sampled from before any top-k/top-p:
 softmax(logits / temperature), for the sampler, the reference and the update alike (as TRL), so PPO's ratio
