@@ -189,6 +189,9 @@ def test_packed_forwards_equal_padded_ones(flavour, impl):
             torch.testing.assert_close(response_values(rm, ro, packed), padded_values, atol=1e-5, rtol=0)
             # Only the outputs asked for come back: one per response token.
             assert rm(packed.idx, layout=packed.layout).shape == (1, int(ro.lengths.sum()))
+            # Rows that read a whole prompt and rows that read only their response attend in groups of
+            # their own sizes.
+            assert len(packed.layout.groups) > 1
 
 
 def test_packed_gradients_equal_padded_ones():

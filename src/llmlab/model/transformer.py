@@ -149,8 +149,7 @@ class Attention(nn.Module):
             q, k, v = qkv.split([H, KV, KV], dim=1)
         p = self.dropout if self.training else 0.0
         if isinstance(step, RaggedLayout):
-            y = step.attend(q, k, v, p, self.impl)
-            return self._project(y, B, y.shape[2])
+            return self._out(step.attend(q, k, v, p, self.impl))
         mask, causal = (None, True) if step is None else (step.mask, step.is_causal)
         if cache is not None:
             k, v = cache.update(self.layer, step, k, v)
@@ -159,11 +158,11 @@ class Attention(nn.Module):
                                                enable_gqa=KV != H)
         else:
             y = math_attention(q, k, v, mask, causal, p)
-        return self._project(y, B, T)
+        return self._out(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
-    def _project(self, y: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """The heads' outputs [B, n_head, T, head_dim] through the output projection (and dropout)."""
-        y = self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        """The heads' merged outputs [B, T, n_head * head_dim] through the output projection (and dropout)."""
+        y = self.proj(y)
         p = self.dropout if self.training else 0.0
         return F.dropout(y, p) if p else y
 
@@ -470,18 +469,21 @@ def segment_step(segment_ids: torch.Tensor) -> CacheStep:
 class RaggedLayout:
     """Sequences of any lengths as one row of N tokens (module docstring), built by RaggedLayout.build:
         positions [1, N]   each token's position in its sequence(s)
-        queries [S, Lq]    attention row s's query tokens (indices into the N), padded with 0
-        keys [S, Lk]       the tokens row s's queries may read, padded with 0
-        mask [S, Lq, Lk]   True where a query may attend a key (a real key at a position <= the query's)
-        slot [M]           where each of the M tokens that go on sits in queries.flatten() (M = N)
+        groups             attention rows of similar sizes, each (queries [S, Lq]: a row's query tokens as
+                           indices into the N, padded with 0; keys [S, Lk]: the tokens its queries may
+                           read, padded with 0; mask [S, Lq, Lk]: True where a query may attend a key, a
+                           real key at a position <= the query's). Grouping by size keeps the padding of
+                           each group's rows, which attention computes, small.
+        slot [M]           where each of the M tokens that go on sits among the groups' queries, flattened
+                           and concatenated (M = N)
         outputs [K]        None, or (in `final`, the last block's layout) the only tokens whose outputs
                            are wanted: the last block computes attention outputs and the MLP for those
                            alone, since no later layer reads the others (their keys are still computed)
         final              the layout of the last block (self, unless outputs were asked for)
     Every token is a query in exactly one row; a token may be a key in several (a shared prompt)."""
 
-    def __init__(self, positions, queries, keys, mask, slot, outputs=None, final=None):
-        self.positions, self.queries, self.keys, self.mask, self.slot = positions, queries, keys, mask, slot
+    def __init__(self, positions, groups, slot, outputs=None, final=None):
+        self.positions, self.groups, self.slot = positions, groups, slot
         self.outputs, self.final = outputs, final if final is not None else self
 
     @classmethod
@@ -511,37 +513,57 @@ class RaggedLayout:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
                impl: str) -> torch.Tensor:
-        """q [1, H, N, hd], k and v [1, KV, N, hd] -> attention output [1, H, M, hd], row by row, for the
-        M tokens that go on (all N, or `outputs`)."""
-        def rows(x, index):  # [1, heads, N, hd] -> [S, heads, L, hd]
-            picked = x[0].index_select(1, index.flatten())
-            return picked.view(x.shape[1], *index.shape, x.shape[-1]).transpose(0, 1)
-
-        qs, ks, vs = rows(q, self.queries), rows(k, self.keys), rows(v, self.keys)
-        mask = self.mask[:, None]
-        if impl == "sdpa":
-            y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout_p,
-                                               enable_gqa=ks.shape[1] != qs.shape[1])
-        else:
-            y = math_attention(qs, ks, vs, mask, False, dropout_p)
+        """q [1, H, N, hd], k and v [1, KV, N, hd] -> attention output [1, M, H * hd] (heads merged), row
+        by row, for the M tokens that go on (all N, or `outputs`)."""
         H, hd = q.shape[1], q.shape[-1]
-        return y.transpose(0, 1).reshape(H, -1, hd).index_select(1, self.slot)[None]
+        by_token = [x[0].transpose(0, 1) for x in (q, k, v)]  # [N, heads, hd]
+
+        def rows(x, index):  # [N, heads, hd] -> [S, heads, L, hd], laid out as [S, L, heads, hd]
+            return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:]).transpose(1, 2)
+
+        outs = []
+        for queries, keys, mask in self.groups:
+            qs, ks, vs = rows(by_token[0], queries), rows(by_token[1], keys), rows(by_token[2], keys)
+            if impl == "sdpa":
+                y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None], dropout_p=dropout_p,
+                                                   enable_gqa=ks.shape[1] != qs.shape[1])
+            else:
+                y = math_attention(qs, ks, vs, mask[:, None], False, dropout_p)
+            outs.append(y.transpose(1, 2).reshape(-1, H * hd))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).index_select(0, self.slot)[None]
+
+
+GROUP_SHRINK = 0.6   # a new group of attention rows starts where a row's size falls below this share
 
 
 def _attention_rows(pos: torch.Tensor, rows: list[tuple[list[int], list[int]]], going_on, device):
-    """(queries, keys, mask, slot) of RaggedLayout for `rows`; slot follows the tokens `going_on`."""
-    Lq, Lk = max(len(q) for q, _ in rows), max(len(k) for _, k in rows)
-    queries = torch.tensor([q + [0] * (Lq - len(q)) for q, _ in rows], device=device)
-    keys = torch.tensor([k + [0] * (Lk - len(k)) for _, k in rows], device=device)
-    real_q = torch.tensor([[i < len(q) for i in range(Lq)] for q, _ in rows], device=device)
-    real_k = torch.tensor([[j < len(k) for j in range(Lk)] for _, k in rows], device=device)
-    mask = real_k[:, None, :] & (pos[keys][:, None, :] <= pos[queries][:, :, None])
-    mask[:, :, 0] |= ~real_q  # a padding query reads one key (its output is dropped): no empty softmax
+    """(groups, slot) of RaggedLayout for `rows`; slot follows the tokens `going_on`."""
+    def size(row):
+        return len(row[0]) * len(row[1])
+
+    buckets: list[list[tuple[list[int], list[int]]]] = []
+    for row in sorted(rows, key=size, reverse=True):
+        if buckets and size(row) >= GROUP_SHRINK * size(buckets[-1][0]):
+            buckets[-1].append(row)
+        else:
+            buckets.append([row])
+    groups, order = [], []
+    for bucket in buckets:
+        Lq, Lk = max(len(q) for q, _ in bucket), max(len(k) for _, k in bucket)
+        queries = torch.tensor([q + [0] * (Lq - len(q)) for q, _ in bucket], device=device)
+        keys = torch.tensor([k + [0] * (Lk - len(k)) for _, k in bucket], device=device)
+        real_q = torch.tensor([[i < len(q) for i in range(Lq)] for q, _ in bucket], device=device)
+        real_k = torch.tensor([[j < len(k) for j in range(Lk)] for _, k in bucket], device=device)
+        mask = real_k[:, None, :] & (pos[keys][:, None, :] <= pos[queries][:, :, None])
+        mask[:, :, 0] |= ~real_q  # a padding query reads one key (its output is dropped): no empty softmax
+        groups.append((queries, keys, mask))
+        order += [q[i] if i < len(q) else None for q, _ in bucket for i in range(Lq)]
     where = {t: i for i, t in enumerate(going_on)}
-    slot = torch.empty(len(where), dtype=torch.long, device=device)
-    flat = queries.flatten()[real_q.flatten()].tolist()
-    slot[torch.tensor([where[t] for t in flat], device=device)] = real_q.flatten().nonzero().squeeze(1)
-    return queries, keys, mask, slot
+    slot = [0] * len(where)
+    for flat, t in enumerate(order):
+        if t is not None:
+            slot[where[t]] = flat
+    return groups, torch.tensor(slot, device=device)
 
 
 def read_meta(path: Path) -> dict:
