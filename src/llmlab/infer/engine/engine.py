@@ -433,7 +433,7 @@ def split_kv_budget(budget: int | None, per_block: int, max_running: int, contex
     if budget is None:
         budget = (max_running * context_blocks + 1) * per_block + slots_max
         if cpu:
-            budget = max(min(budget, CPU_DEFAULT_BUDGET), 2 * per_block)
+            budget = max(min(budget, CPU_DEFAULT_BUDGET), 4 * per_block)  # 2 pool blocks + slots
     slots = min(slots_max, budget // 2)
     return (budget - slots) // per_block, slots
 
