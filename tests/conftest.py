@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so a red CI run always means a change broke something;
+# HYPOTHESIS_PROFILE=explore draws fresh ones (run it when hunting for new counter-examples).
+settings.register_profile("fixed", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 torch.set_num_threads(1)  # also for module-scoped fixtures, which run before the per-test fixture below
 

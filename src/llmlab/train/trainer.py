@@ -518,7 +518,7 @@ class Trainer:
                                   f"({_first_line(e)}); resume with the checkpoint's model config") from e
         try:
             self._apply_state(state)
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as e:
             raise CheckpointError(f"{Path(path) / 'train_state.pt'} holds a training state that cannot be "
                                   f"restored ({type(e).__name__}: {_first_line(e)}); resume from another "
                                   "checkpoint") from e
