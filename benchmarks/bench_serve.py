@@ -200,7 +200,9 @@ async def _load(url: str, reqs: list[Req]) -> list[dict]:
 def client_main(url: str) -> int:
     """The load generator's process (--client URL): requests as JSON on stdin, {wall, rows} on stdout."""
     reqs = [Req(**r) for r in json.load(sys.stdin)]
-    asyncio.run(_load(url, reqs[:4]))  # warm-up: connections, the server's first steps
+    # Warm-up (connections, the server's first steps) on reversed prompts: the timed requests must not find
+    # their own prompts in the prefix cache.
+    asyncio.run(_load(url, [Req(r.prompt[::-1], r.max_tokens) for r in reqs[:4]]))
     start = time.perf_counter()
     rows = asyncio.run(_load(url, reqs))
     json.dump({"wall": time.perf_counter() - start, "rows": rows}, sys.stdout)
