@@ -4,8 +4,12 @@ requests; prefix caching on a shared system prompt; transformers' batched genera
     python benchmarks/bench_serve.py                      # a bounded run: a few minutes on 2 CPU cores
     python benchmarks/bench_serve.py --checkpoint runs/demo/ckpt-final --device cuda
 
-Requests: --requests (64) with mixed prompt lengths (--prompt-len, uniform) and output lengths
-(--output-len, uniform), greedy, every request generating exactly its max_tokens (ignore_eos). Token-id
+Requests: --requests (64) with mixed prompt lengths (--prompt-len, uniform) and output lengths (--output-len,
+drawn by --output-dist), greedy, every request generating exactly its max_tokens (ignore_eos). Output lengths
+are log-uniform by default: most answers short, a few long, the long tail real chat traffic has (e.g.
+ShareGPT, which vLLM's serving benchmarks replay). That tail is what static batching pays for: each batch runs
+until its longest request is done (static_row_steps_per_token below). `--output-dist uniform` draws them
+uniformly instead, a narrow spread that bounds any scheduler's gain over static batching near 1.5x. Token-id
 prompts, so any checkpoint works; without --checkpoint the model is a randomly initialised GPT-2-style
 --layers x --d-model Transformer with a BPE tokenizer trained on the repository's own text (speed does not
 depend on what the weights say).
@@ -39,7 +43,8 @@ Modes, each timed from the moment all requests are sent:
 
 The server modes run in --repeats rounds, in alternating order, and each keeps its fastest run (the
 machine's load varies); static_in_process and transformers run once. The client is a process of its own, as
-real clients are.
+real clients are, streaming through aiohttp (the client of vLLM's serving benchmark): its C HTTP parser keeps
+the load generator's share of the cores small (client_cpu_s per mode in the JSON).
 
 Figures: throughput (generated tokens / wall time), time to first token (TTFT) and per-token latency
 (TPOT: (last token - first token) / (tokens - 1) per request) p50/p99, and peak resident memory while each
@@ -64,7 +69,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import aiohttp
 import numpy as np
 import torch
 
@@ -111,8 +116,15 @@ def make_requests(args, vocab: int, shared: bool) -> list[Req]:
     prefix = rng.integers(0, regular, args.shared_prefix).tolist() if shared else []
     lo, hi = (8, 32) if shared else args.prompt_len
     out_lo, out_hi = (16, 64) if shared else args.output_len
-    return [Req(prefix + rng.integers(0, regular, int(rng.integers(lo, hi + 1))).tolist(),
-                int(rng.integers(out_lo, out_hi + 1))) for _ in range(args.requests)]
+    log_uniform = args.output_dist == "log-uniform" and not shared
+
+    def output_len() -> int:
+        if log_uniform:
+            return min(out_hi, int(np.exp(rng.uniform(np.log(out_lo), np.log(out_hi + 1)))))
+        return int(rng.integers(out_lo, out_hi + 1))
+
+    return [Req(prefix + rng.integers(0, regular, int(rng.integers(lo, hi + 1))).tolist(), output_len())
+            for _ in range(args.requests)]
 
 
 # ----- measuring --------------------------------------------------------------------------------------------
@@ -172,14 +184,15 @@ def percentiles(values: list[float]) -> dict:
 
 
 # ----- the modes --------------------------------------------------------------------------------------------
-async def _one(http: httpx.AsyncClient, req: Req) -> dict:
+async def _one(http: aiohttp.ClientSession, url: str, req: Req) -> dict:
     body = {"model": "bench", "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start, first, usage, text = time.perf_counter(), None, None, []
-    async with http.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
-        async for line in r.aiter_lines():
+    async with http.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
+        async for raw in r.content:  # one SSE line at a time
+            line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -192,20 +205,22 @@ async def _one(http: httpx.AsyncClient, req: Req) -> dict:
 
 
 async def _load(url: str, reqs: list[Req]) -> list[dict]:
-    limits = httpx.Limits(max_connections=len(reqs) + 8, max_keepalive_connections=len(reqs) + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
-        return await asyncio.gather(*(_one(http, r) for r in reqs))
+    connector = aiohttp.TCPConnector(limit=len(reqs) + 8)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as http:
+        return await asyncio.gather(*(_one(http, url, r) for r in reqs))
 
 
 def client_main(url: str) -> int:
-    """The load generator's process (--client URL): requests as JSON on stdin, {wall, rows} on stdout."""
+    """The load generator's process (--client URL): requests as JSON on stdin, {wall, client_cpu_s, rows} on
+    stdout (client_cpu_s: what the load itself cost the client, which shares the machine's cores)."""
     reqs = [Req(**r) for r in json.load(sys.stdin)]
     # Warm-up (connections, the server's first steps) on reversed prompts: the timed requests must not find
     # their own prompts in the prefix cache.
     asyncio.run(_load(url, [Req(r.prompt[::-1], r.max_tokens) for r in reqs[:4]]))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     rows = asyncio.run(_load(url, reqs))
-    json.dump({"wall": time.perf_counter() - start, "rows": rows}, sys.stdout)
+    json.dump({"wall": time.perf_counter() - start, "client_cpu_s": time.process_time() - cpu, "rows": rows},
+              sys.stdout)
     return 0
 
 
@@ -226,7 +241,8 @@ def run_server(model, tok, reqs: list[Req], args, max_running: int, prefix_cachi
         stats = engine.stats()
     out = json.loads(proc.stdout)
     rows, wall = out["rows"], out["wall"]
-    result = summarize(rows, wall) | mem.report() | {"prefix_hit_tokens": stats["prefix_hit_tokens"]}
+    result = (summarize(rows, wall) | mem.report() | {"prefix_hit_tokens": stats["prefix_hit_tokens"],
+                                                     "client_cpu_s": round(out["client_cpu_s"], 2)})
     return result, [r["text"] for r in rows]
 
 
@@ -305,7 +321,9 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint", default=None, help="a checkpoint to serve instead of the random model")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=pair, default=(16, 192), help="LOW,HIGH prompt tokens")
-    ap.add_argument("--output-len", type=pair, default=(16, 128), help="LOW,HIGH new tokens")
+    ap.add_argument("--output-len", type=pair, default=(8, 256), help="LOW,HIGH new tokens")
+    ap.add_argument("--output-dist", choices=("log-uniform", "uniform"), default="log-uniform",
+                    help="how output lengths spread between LOW and HIGH (module docstring)")
     ap.add_argument("--shared-prefix", type=int, default=384, help="tokens of the shared system prompt")
     ap.add_argument("--max-running", type=int, default=16,
                     help="batch slots of the server; fewer than --requests, or no scheduler matters")
@@ -383,6 +401,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": f"serve_{torch.device(args.device).type}", "model": described,
         "requests": args.requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
+        "output_dist": args.output_dist,
         "shared_prefix": args.shared_prefix, "max_running": args.max_running,
         "static_batch": args.static_batch, "prefill_chunk": args.prefill_chunk, "threads": args.threads,
         "torch": torch.__version__,
