@@ -2,7 +2,8 @@ r"""Serving under load: continuous batching vs one request at a time vs static b
 requests; prefix caching on a shared system prompt; transformers' batched generate as the familiar baseline.
 
     python benchmarks/bench_serve.py                      # a bounded run: a few minutes on 2 CPU cores
-    python benchmarks/bench_serve.py --checkpoint runs/demo/ckpt-final --device cuda
+    python benchmarks/bench_serve.py --checkpoint runs/demo/ckpt-000500 \
+        --prompt-len 16,96 --output-len 8,128 --shared-prefix 96   # requests that fit a 256-token context
 
 Requests: --requests (64) with mixed prompt lengths (--prompt-len, uniform) and output lengths (--output-len,
 drawn by --output-dist), greedy, every request generating exactly its max_tokens (ignore_eos). Output lengths
@@ -110,12 +111,15 @@ def build_model(args) -> tuple[Transformer, Tokenizer, str]:
     return Transformer(cfg).to(device).eval(), tok, name
 
 
+SHARED_PROMPT, SHARED_OUTPUT = (8, 32), (16, 64)  # the shared-prefix variant's own part and output lengths
+
+
 def make_requests(args, vocab: int, shared: bool) -> list[Req]:
     rng = np.random.default_rng(args.seed + shared)
     regular = vocab - 16  # stay clear of the special tokens at the end of the vocabulary
     prefix = rng.integers(0, regular, args.shared_prefix).tolist() if shared else []
-    lo, hi = (8, 32) if shared else args.prompt_len
-    out_lo, out_hi = (16, 64) if shared else args.output_len
+    lo, hi = SHARED_PROMPT if shared else args.prompt_len
+    out_lo, out_hi = SHARED_OUTPUT if shared else args.output_len
     log_uniform = args.output_dist == "log-uniform" and not shared
 
     def output_len() -> int:
@@ -346,6 +350,12 @@ def parse_args(argv=None):
     return args
 
 
+def longest_request(args) -> int:
+    """Prompt plus output tokens of the longest request either workload can draw (make_requests)."""
+    shared = args.shared_prefix + SHARED_PROMPT[1] + SHARED_OUTPUT[1]
+    return max(args.prompt_len[1] + args.output_len[1], shared)
+
+
 def static_row_steps_per_token(reqs: list[Req], batch: int) -> float:
     """Decode row-steps static batching computes per generated token (continuous: 1): each batch runs all
     its rows until its longest output is done. What continuous batching can gain over static at most when a
@@ -366,6 +376,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok, described = build_model(args)
+    too_long = longest_request(args) - model.config.block_size
+    if too_long > 0:
+        print(f"bench_serve: requests of up to {longest_request(args)} tokens (prompt and output) do not fit "
+              f"the model's context of {model.config.block_size}; pass smaller --prompt-len, --output-len or "
+              f"--shared-prefix (each request's longest must fit)", file=sys.stderr)
+        return 2
     mixed = make_requests(args, model.config.vocab_size, shared=False)
     shared = make_requests(args, model.config.vocab_size, shared=True)
     modes, texts = {}, {}
