@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from llmlab.cli import main
+from llmlab.model import ModelConfig, Transformer
+from llmlab.tokenizer import Tokenizer
+from llmlab.tokenizer.identity import fingerprint, write_tokenizer_id
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -22,6 +27,30 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("llmlab: error: "), err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Every parameter random (norm gains around 1, biases nonzero), so a mis-mapped tensor cannot hide in a
+    parity test against another implementation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_norm = "norm" in name or "ln_" in name
+            p.copy_(1.0 + 0.2 * noise if is_norm and name.endswith("weight") else 0.15 * noise)
+
+
+def tiny_base_checkpoint(directory: Path) -> Path:
+    """A tiny untrained 'pretrained' checkpoint at directory/ckpt whose tokenizer has no chat tokens (as a
+    real base has): the start of the chat pipelines' tests."""
+    torch.manual_seed(0)
+    tok = Tokenizer.train(["a=1 b=2. What is a? Sort 3 1 2 and 4 5 6 7 8 9 0 " * 3], vocab_size=256 + 16 + 1,
+                          progress=False, workers=1)
+    path = directory / "ckpt"
+    Transformer(ModelConfig.preset("gpt2", "tiny", vocab_size=tok.vocab_size, block_size=64)).save(path)
+    tok.save(path / "tokenizer")
+    write_tokenizer_id(path, fingerprint(tok))
+    return path
 
 
 def hf_greedy(model, prompt: list[list[int]], n: int) -> list[list[int]]:

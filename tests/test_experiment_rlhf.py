@@ -9,28 +9,16 @@ import json
 import math
 
 import pytest
-import torch
 
-from helpers import run_cli
+from helpers import run_cli, tiny_base_checkpoint
 from llmlab.experiments.rlhf import ARMS, mean_interval, summarize
-from llmlab.model import ModelConfig, Transformer
-from llmlab.tokenizer import Tokenizer
-from llmlab.tokenizer.identity import fingerprint, write_tokenizer_id
 
 KEYS = ("score", "accuracy", "kl", "length")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny untrained 'pretrained' checkpoint whose tokenizer has no chat tokens (as a real base has)."""
-    torch.manual_seed(0)
-    tok = Tokenizer.train(["a=1 b=2. What is a? Sort 3 1 2 and 4 5 6 7 8 9 0 " * 3], vocab_size=256 + 16 + 1,
-                          progress=False, workers=1)
-    path = tmp_path_factory.mktemp("base") / "ckpt"
-    Transformer(ModelConfig.preset("gpt2", "tiny", vocab_size=tok.vocab_size, block_size=64)).save(path)
-    tok.save(path / "tokenizer")
-    write_tokenizer_id(path, fingerprint(tok))
-    return path
+    return tiny_base_checkpoint(tmp_path_factory.mktemp("base"))
 
 
 def _args(out, base, tmp_path):

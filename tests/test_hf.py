@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import assert_same_as_hf  # noqa: E402
+from helpers import assert_same_as_hf, randomize  # noqa: E402
 from llmlab.cli import main  # noqa: E402
 from llmlab.errors import CheckpointError, ModelError  # noqa: E402
 from llmlab.infer import generate  # noqa: E402
@@ -40,16 +40,6 @@ def hf_models() -> dict:
         "qwen2-bias": ("Qwen2Config", dict(LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=True), {}),
         "mistral": ("MistralConfig", dict(LLAMA_SHAPE, num_key_value_heads=2, sliding_window=None), {}),
     }
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter random (norm gains around 1, biases nonzero), so a mis-mapped tensor cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            is_norm = "norm" in name or "ln_" in name
-            p.copy_(1.0 + 0.2 * noise if is_norm and name.endswith("weight") else 0.15 * noise)
 
 
 def make_hf(name: str, directory):

@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import assert_same_as_hf  # noqa: E402
+from helpers import assert_same_as_hf, randomize  # noqa: E402
 from llmlab.cli import main  # noqa: E402
 from llmlab.config import load_config, to_toml  # noqa: E402
 from llmlab.errors import ModelError  # noqa: E402
@@ -29,14 +29,6 @@ SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_f
            "original_max_position_embeddings": ORIGINAL}
 PROMPT = [[5, 17, 3, 88, 41, 9, 60, 2], [1, 2, 3, 4, 5, 6, 7, 8]]
 NEW = T - len(PROMPT[0])  # generation runs to position 48 > 32
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.15 * noise)
 
 
 @pytest.fixture(scope="module")

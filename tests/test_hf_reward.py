@@ -14,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import randomize  # noqa: E402
 from llmlab.cli import main  # noqa: E402
 from llmlab.errors import ModelError  # noqa: E402
 from llmlab.model import ModelConfig, Transformer  # noqa: E402
@@ -32,16 +33,6 @@ EXPORTS = {  # name -> (preset flavour, overrides, the class transformers builds
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.train([TEXT], vocab_size=300, progress=False, workers=1)
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter random (norm gains around 1), so a mis-mapped tensor cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            is_norm = "norm" in name or "ln_" in name
-            p.copy_(1.0 + 0.2 * noise if is_norm and name.endswith("weight") else 0.15 * noise)
 
 
 def reward_model(name: str, vocab_size: int) -> Transformer:

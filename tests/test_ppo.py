@@ -223,16 +223,18 @@ def ppo_config(root, out, *overrides):
         "train.progress=false", "train.plot=false", "train.device=cpu", *overrides])
 
 
-def test_a_resumed_ppo_run_equals_the_uninterrupted_one(chat_models, tmp_path):
-    """Stopped after its first update (mid rollout batch: the buffer, the queue and beta are restored)."""
+def stop_and_resume(chat_models, tmp_path, *overrides) -> tuple[dict, dict, dict]:
+    """An uninterrupted PPO run and one stopped after its first update (mid rollout batch: the buffer, the
+    queue and beta are restored) then resumed, with the same overrides; asserts both end on the same weights
+    (policy and value model) and returns (straight, resumed, the value model's final tensors)."""
     from safetensors.torch import load_file
 
     from llmlab.align.ppo import run_ppo
 
-    straight = run_ppo(ppo_config(chat_models, tmp_path / "a", "ppo.target_kl=0.5"))
-    stopped = run_ppo(ppo_config(chat_models, tmp_path / "b", "ppo.target_kl=0.5", "train.max_minutes=1e-9"))
+    straight = run_ppo(ppo_config(chat_models, tmp_path / "a", *overrides))
+    stopped = run_ppo(ppo_config(chat_models, tmp_path / "b", *overrides, "train.max_minutes=1e-9"))
     assert stopped["step"] % 4  # inside a rollout batch's 2 epochs x 2 minibatches
-    resumed = run_ppo(ppo_config(chat_models, tmp_path / "b", "ppo.target_kl=0.5"), resume="auto")
+    resumed = run_ppo(ppo_config(chat_models, tmp_path / "b", *overrides), resume="auto")
     assert straight["step"] == resumed["step"] == 6
     for part in ("model.safetensors", "value/model.safetensors"):
         a = load_file(Path(straight["checkpoint"]) / part)
@@ -240,6 +242,11 @@ def test_a_resumed_ppo_run_equals_the_uninterrupted_one(chat_models, tmp_path):
         assert set(a) == set(b)
         for k in a:
             assert torch.equal(a[k], b[k]), (part, k)
+    return straight, resumed, a
+
+
+def test_a_resumed_ppo_run_equals_the_uninterrupted_one(chat_models, tmp_path):
+    straight, resumed, _ = stop_and_resume(chat_models, tmp_path, "ppo.target_kl=0.5")
 
     def losses(run_dir):
         records = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
@@ -249,23 +256,8 @@ def test_a_resumed_ppo_run_equals_the_uninterrupted_one(chat_models, tmp_path):
 
 
 def test_a_resumed_ppo_run_with_a_policy_value_head_equals_the_uninterrupted_one(chat_models, tmp_path):
-    from safetensors.torch import load_file
-
-    from llmlab.align.ppo import run_ppo
-
-    head = "ppo.value_model=policy_head"
-    straight = run_ppo(ppo_config(chat_models, tmp_path / "a", head))
-    stopped = run_ppo(ppo_config(chat_models, tmp_path / "b", head, "train.max_minutes=1e-9"))
-    assert stopped["step"] % 4
-    resumed = run_ppo(ppo_config(chat_models, tmp_path / "b", head), resume="auto")
-    assert straight["step"] == resumed["step"] == 6
-    for part in ("model.safetensors", "value/model.safetensors"):
-        a = load_file(Path(straight["checkpoint"]) / part)
-        b = load_file(Path(resumed["checkpoint"]) / part)
-        assert set(a) == set(b)
-        for k in a:
-            assert torch.equal(a[k], b[k]), (part, k)
-    assert set(a) == {"score.weight", "score.bias"} and a["score.weight"].abs().sum() > 0  # trained, saved
+    _, _, value = stop_and_resume(chat_models, tmp_path, "ppo.value_model=policy_head")
+    assert set(value) == {"score.weight", "score.bias"} and value["score.weight"].abs().sum() > 0  # trained
 
 
 def _ddp_rank(rank: int, store: str, out: str) -> None:

@@ -6,13 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from helpers import run_cli
-from llmlab.model import ModelConfig, Transformer
+from helpers import run_cli, tiny_base_checkpoint
 from llmlab.speedrun_chat import is_chat_preset, load_chat_preset, mcnemar
-from llmlab.tokenizer import Tokenizer
-from llmlab.tokenizer.identity import fingerprint, write_tokenizer_id
 
 SMOKE = [
     "tasks.tasks=['lookup', 'sort']", "tasks.difficulty={lookup = 2, sort = 3}", "tasks.train_per_task=40",
@@ -31,15 +27,7 @@ SMOKE = [
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny untrained 'pretrained' checkpoint whose tokenizer has no chat tokens (as a real base has)."""
-    torch.manual_seed(0)
-    tok = Tokenizer.train(["a=1 b=2. What is a? Sort 3 1 2 and 4 5 6 7 8 9 0 " * 3], vocab_size=256 + 16 + 1,
-                          progress=False, workers=1)
-    path = tmp_path_factory.mktemp("base") / "ckpt"
-    Transformer(ModelConfig.preset("gpt2", "tiny", vocab_size=tok.vocab_size, block_size=64)).save(path)
-    tok.save(path / "tokenizer")
-    write_tokenizer_id(path, fingerprint(tok))
-    return path
+    return tiny_base_checkpoint(tmp_path_factory.mktemp("base"))
 
 
 def test_the_preset_is_a_chat_pipeline():
