@@ -38,22 +38,13 @@ from pathlib import Path
 import torch
 
 from llmlab.model import ModelConfig, Transformer
+from made_up_text import text
 from targets import add_no_check, finish, goal
 
 DIMS = dict(n_layer=4, d_model=256, n_head=4, block_size=512)
 VOCAB = 1024
 BETA = 0.1
 LR = 1e-5
-# A made-up lexicon: enough distinct words for the BPE to fill its vocabulary.
-_letters = random.Random(3)
-WORDS = ["".join(_letters.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(_letters.randint(2, 5)))
-         for _ in range(800)]
-
-
-def text(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words))
-
-
 def make_models(root: Path):
     """The tokenizer, the llmlab policy and reference, and their HF exports under root."""
     from llmlab.model.hf import save_hf

@@ -61,6 +61,7 @@ from pathlib import Path
 import torch
 
 from llmlab.model import ModelConfig, Transformer
+from made_up_text import text
 from targets import add_no_check, finish, goal
 
 DIMS = dict(n_layer=4, d_model=256, n_head=4, block_size=256)
@@ -76,15 +77,6 @@ MEASURED = ("episodes (sampled responses) and response tokens per CPU second of 
             "(warm-up), each with its updates; per_rollout_cpu_s splits a rollout's CPU time into sample "
             "(generation), score (the rest of the rollout: log-probs, reference, values, reward, GAE) and "
             "update (the optimizer passes)")
-_letters = random.Random(3)
-WORDS = ["".join(_letters.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(_letters.randint(2, 5)))
-         for _ in range(800)]
-
-
-def text(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words))
-
-
 def make_model(root: Path):
     """The llmlab policy and its HF export (with the tokenizer) under root/policy; the reward model beside it
     (make_reward_model)."""
