@@ -51,8 +51,6 @@ from llmlab.align.ppo import (
     task_eval,
 )
 from llmlab.align.rollout import (
-    MinibatchQueue,
-    PromptStream,
     RewardFn,
     Rollout,
     RolloutObjective,
@@ -129,15 +127,9 @@ class GRPOObjective(RolloutObjective):
         check_samples(cfg, accum_steps)
         if cfg.baseline == "loo" and cfg.num_generations < 2:
             raise ConfigError("grpo.baseline='loo' needs grpo.num_generations >= 2; raise it")
-        self.prompts = [list(p) for p in prompts]
-        self.reference, self.reward_fn, self.evaluator = reference, reward_fn, evaluator
-        self.cfg, self.stop_ids, self.pad_id, self.accum = cfg, list(stop_ids), pad_id, accum_steps
-        self.stream = PromptStream(len(self.prompts), cfg.prompts_per_rollout, cfg.seed)
-        self.batches = MinibatchQueue()
-        self.rank, self.world_size = rank, world_size
-        self.rollouts = 0
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.stats: dict[str, float] = {}
+        super().__init__(prompts, reference, cfg, cfg.prompts_per_rollout, stop_ids=stop_ids, pad_id=pad_id,
+                         accum_steps=accum_steps, evaluator=evaluator, rank=rank, world_size=world_size)
+        self.reward_fn = reward_fn
 
     @torch.no_grad()
     def collect(self, policy: nn.Module) -> None:

@@ -59,8 +59,6 @@ from torch import nn
 
 from llmlab.align import rl
 from llmlab.align.rollout import (
-    MinibatchQueue,
-    PromptStream,
     Rollout,
     RolloutObjective,
     TaskEval,
@@ -225,16 +223,9 @@ class PPOObjective(RolloutObjective):
         cfg = check_config(cfg, "ppo.")
         check_split(cfg.rollout_batch_size, "ppo.rollout_batch_size", cfg.num_mini_batches, accum_steps,
                     "ppo")
-        self.prompts = [list(p) for p in prompts]
-        self.reference, self.reward_model, self.evaluator = reference, reward_model, evaluator
-        self.cfg, self.stop_ids, self.pad_id, self.accum = cfg, list(stop_ids), pad_id, accum_steps
-        self.stream = PromptStream(len(self.prompts), cfg.rollout_batch_size, cfg.seed)
-        self.kl_ctl = cfg.controller()
-        self.batches = MinibatchQueue()
-        self.rank, self.world_size = rank, world_size
-        self.rollouts = 0                      # rollout batches collected so far
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.stats: dict[str, float] = {}
+        super().__init__(prompts, reference, cfg, cfg.rollout_batch_size, stop_ids=stop_ids, pad_id=pad_id,
+                         accum_steps=accum_steps, evaluator=evaluator, rank=rank, world_size=world_size)
+        self.reward_model, self.kl_ctl = reward_model, cfg.controller()
 
     # ----- collecting a rollout batch -----
     @torch.no_grad()

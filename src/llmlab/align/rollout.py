@@ -351,9 +351,22 @@ class MinibatchQueue:
 
 
 class RolloutObjective(Objective):
-    """What PPO and GRPO share as objectives: each rank's rollout numbering, refilling the minibatch queue
-    with a fresh rollout batch when it runs dry, and the state that resumes mid-batch. Subclasses set
-    rollouts, world_size, rank, batches, buffer and stats, and implement collect(model)."""
+    """What PPO and GRPO share as objectives: their prompts, reference, sampling ends and evaluator, each
+    rank's rollout numbering, refilling the minibatch queue with a fresh rollout batch when it runs dry, and
+    the state that resumes mid-batch. Subclasses implement collect(model)."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], reference: nn.Module, cfg, prompts_per_rollout: int,
+                 *, stop_ids: Sequence[int], pad_id: int, accum_steps: int, evaluator, rank: int,
+                 world_size: int):
+        self.prompts = [list(p) for p in prompts]
+        self.reference, self.evaluator = reference, evaluator
+        self.cfg, self.stop_ids, self.pad_id, self.accum = cfg, list(stop_ids), pad_id, accum_steps
+        self.stream = PromptStream(len(self.prompts), prompts_per_rollout, cfg.seed)
+        self.batches = MinibatchQueue()
+        self.rank, self.world_size = rank, world_size
+        self.rollouts = 0                      # rollout batches collected so far
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, float] = {}
 
     def _index(self) -> int:
         """This rank's rollout number: under DDP every rank rolls out its own prompts and seeds."""
