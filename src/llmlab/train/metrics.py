@@ -9,9 +9,9 @@ FLOPs per token come from the model (6N for the matmuls of forward+backward plus
 do not count activation recomputation. Peaks are dense bf16 tensor-core figures from NVIDIA's datasheets
 for the GPUs in PEAK_FLOPS. For any other device (the CPU included) there is no honest datasheet number,
 so `peak_flops` measures the best matmul throughput this process achieves in the training dtype once
-(a 1024^3 GEMM, best of a few) and uses that: CPU "MFU" is therefore relative to what this machine's
-BLAS can do with the current thread count, not to a vendor figure. On a machine busy with other work
-the measurement catches a depressed peak and MFU reads too high (even near 100%); set
+(the fastest of the 1024^3 GEMMs run in a quarter of a second) and uses that: CPU "MFU" is therefore
+relative to what this machine's BLAS can do with the current thread count, not to a vendor figure. On a
+machine busy with other work the measurement catches a depressed peak and MFU reads too high; set
 `train.peak_flops` (it overrides both the table and the measurement) for numbers comparable across runs.
 
 With `train.tensorboard = true` the writer also sends the main scalars (TB_SCALARS) to a TensorBoard
@@ -57,19 +57,26 @@ def table_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
     return None
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 4) -> float:
-    """Best achieved FLOP/s of an n x n GEMM on `device` in `dtype` (cached per process and thread count)."""
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, min_seconds: float = 0.25,
+                         min_reps: int = 4, max_reps: int = 64) -> float:
+    """Best achieved FLOP/s of an n x n GEMM on `device` in `dtype` (cached per process and thread count).
+
+    The GEMM repeats for at least min_seconds (and min_reps times, at most max_reps): a handful of ~10 ms
+    products can all land in a moment when other work holds a core (a run's start is busy), which
+    depresses the best one and makes MFU read over 100%."""
     key = (str(device), dtype, torch.get_num_threads())
     if key not in _measured:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        best = math.inf
-        for _ in range(reps + 1):  # the first rep warms up the BLAS threads/kernels
+        torch.mm(a, b)  # warms up the BLAS threads/kernels
+        best, spent, reps = math.inf, 0.0, 0
+        while reps < max_reps and (reps < min_reps or spent < min_seconds):
             synchronize(device)
             t0 = time.perf_counter()
             torch.mm(a, b)
             synchronize(device)
-            best = min(best, time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            best, spent, reps = min(best, took), spent + took, reps + 1
         _measured[key] = 2 * n**3 / best
     return _measured[key]
 
