@@ -260,6 +260,34 @@ def test_metrics_records(tmp_path):
     assert json.loads(line)["step"] == 1  # strict JSON, one object per line
 
 
+def test_cpu_peak_is_the_fastest_product_of_its_timing_window(monkeypatch):
+    """A busy moment at the start (slow products) must not set the peak: the GEMM repeats for min_seconds
+    and at least min_reps times, and the fastest product counts; max_reps bounds it. A fake clock that only
+    the fake products advance makes this exact."""
+    from llmlab.train import metrics
+
+    clock = [0.0]
+    durations = iter([0.5] + [0.04] * 3 + [0.01] * 200)  # warm-up, a busy start, then an idle core
+    products = []
+
+    def fake_mm(a, b):
+        seconds = next(durations)
+        clock[0] += seconds
+        products.append(seconds)
+
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(metrics.torch, "mm", fake_mm)
+    monkeypatch.setattr(metrics, "_measured", {})
+    cpu = torch.device("cpu")
+    peak = metrics.measure_matmul_flops(cpu, torch.float32, n=8, min_seconds=0.1)
+    assert peak == pytest.approx(2 * 8**3 / 0.01)
+    assert products == [0.5, 0.04, 0.04, 0.04, 0.01]  # 0.13 s and 4 products after the warm-up
+    monkeypatch.setattr(metrics, "_measured", {})
+    products.clear()
+    metrics.measure_matmul_flops(cpu, torch.float32, n=8, min_seconds=100.0, max_reps=6)
+    assert len(products) == 1 + 6
+
+
 def test_loss_decreases_on_a_learnable_sequence(tmp_path):
     t = make_trainer(tmp_path, steps=60, micro=8)
     t.optim_cfg.lr = 3e-2
