@@ -143,12 +143,9 @@ def _decode(model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, s
                 ended = ended | torch.isin(tok, stop_ids)
                 if bool(ended.all()):
                     return
-            if i + 1 < max_new_tokens:
-                if extras:  # the hidden state is wanted too: the head runs here, on it
-                    hidden = model(tok[:, None], cache=cache, return_hidden=True)[:, -1]
-                    logits = model.head(hidden)
-                else:
-                    logits = model(tok[:, None], cache=cache)[:, -1]
+            if i + 1 < max_new_tokens:  # the head runs here, so the hidden state is at hand for extras
+                hidden = model(tok[:, None], cache=cache, return_hidden=True)[:, -1]
+                logits = model.head(hidden)
     finally:
         model.train(was_training)
 
